@@ -1,0 +1,12 @@
+//! One module per subcommand: each has its clap `Args` and a `run` function.
+
+pub mod attention;
+pub mod bench;
+pub mod demo;
+pub mod eval;
+pub mod finetune;
+pub mod linear_probe;
+pub mod mask;
+pub mod predict;
+pub mod pretrain;
+pub mod tokenizer;

@@ -1,0 +1,77 @@
+//! `beit-cli`: run, train and inspect BEiT models.
+
+mod commands;
+mod device;
+
+use clap::{Parser, Subcommand};
+
+/// BEiT (BERT Pre-Training of Image Transformers) in Rust.
+///
+/// Loads the published `microsoft/beit-*` checkpoints (Hugging Face layout), pre-trains with masked
+/// image modeling, fine-tunes, evaluates and benchmarks.
+#[derive(Parser)]
+#[command(name = "beit-cli", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info`, `debug`, `beit_train=debug`.
+    #[arg(long, global = true, env = "BEIT_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify images with a BEiT classifier (directory or hub id).
+    Predict(commands::predict::PredictArgs),
+    /// Draw self-attention maps of a query patch (or CLS) over an image.
+    Attention(commands::attention::AttentionArgs),
+    /// Draw blockwise (or random) MIM masks; print them as JSON or a PNG grid.
+    Mask(commands::mask::MaskArgs),
+    /// Visual tokenizer: encode images, reconstruct them, train a dVAE.
+    #[command(subcommand)]
+    Tokenizer(commands::tokenizer::TokenizerCommand),
+    /// Masked-image-modeling pre-training.
+    Pretrain(commands::pretrain::PretrainArgs),
+    /// Fine-tune an image classifier (layer decay, mixup/cutmix, label smoothing).
+    Finetune(commands::finetune::FinetuneArgs),
+    /// Evaluate a classifier: top-1/top-5 and a confusion summary.
+    Eval(commands::eval::EvalArgs),
+    /// Linear probe on frozen, average-pooled features of one block.
+    LinearProbe(commands::linear_probe::LinearProbeArgs),
+    /// The one-command demo: tokenizer -> MIM pre-training -> fine-tuning on Fashion-MNIST.
+    Demo(commands::demo::DemoArgs),
+    /// Throughput benchmark (images/s) of inference or a training step.
+    Bench(commands::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    let result = match cli.command {
+        Command::Predict(a) => commands::predict::run(a),
+        Command::Attention(a) => commands::attention::run(a),
+        Command::Mask(a) => commands::mask::run(a),
+        Command::Tokenizer(c) => commands::tokenizer::run(c),
+        Command::Pretrain(a) => commands::pretrain::run(a),
+        Command::Finetune(a) => commands::finetune::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::LinearProbe(a) => commands::linear_probe::run(a),
+        Command::Demo(a) => commands::demo::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    };
+    if let Err(err) = result {
+        // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
