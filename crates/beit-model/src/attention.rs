@@ -1,0 +1,125 @@
+//! Multi-head self-attention with q and v biases (no k bias) and an additive relative position bias.
+
+use candle::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::BeitConfig;
+use crate::layers::{linear, softmax_last_dim, Dropout, StochasticRng};
+use crate::relative_position::RelativePositionBias;
+
+/// `beit.encoder.layer.{i}.attention`: self-attention followed by its output projection.
+#[derive(Debug)]
+pub struct BeitAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    /// Fused `(3C, C)` weight and `(3C)` bias, precomputed when the weights are not trainable.
+    fused: Option<(Tensor, Tensor)>,
+    output: Linear,
+    relative_position_bias: Option<RelativePositionBias>,
+    num_heads: usize,
+    head_dim: usize,
+    attn_dropout: Dropout,
+}
+
+impl BeitAttention {
+    /// Load under `vb` (= `beit.encoder.layer.{i}.attention`); `per_layer_bias` adds this layer's table.
+    pub fn new(
+        cfg: &BeitConfig,
+        vb: VarBuilder,
+        per_layer_bias: bool,
+        rng: StochasticRng,
+    ) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let avb = vb.pp("attention");
+        let query = linear(c, c, true, avb.pp("query"))?;
+        let key = linear(c, c, false, avb.pp("key"))?;
+        let value = linear(c, c, true, avb.pp("value"))?;
+        let relative_position_bias = if per_layer_bias {
+            let g = cfg.grid_size();
+            Some(RelativePositionBias::new(
+                (g, g),
+                cfg.num_attention_heads,
+                avb.pp("relative_position_bias"),
+            )?)
+        } else {
+            None
+        };
+        let output = linear(c, c, true, vb.pp("output").pp("dense"))?;
+        let trainable = [query.weight(), key.weight(), value.weight()]
+            .iter()
+            .any(|t| t.is_variable())
+            || query.bias().is_some_and(|b| b.is_variable());
+        let mut attn = Self {
+            query,
+            key,
+            value,
+            fused: None,
+            output,
+            relative_position_bias,
+            num_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            attn_dropout: Dropout::new(cfg.attention_probs_dropout_prob, rng),
+        };
+        if !trainable {
+            attn.fused = Some(attn.fused_qkv()?);
+        }
+        Ok(attn)
+    }
+
+    /// This layer's own relative position table, if it has one.
+    pub fn relative_position_bias(&self) -> Option<&RelativePositionBias> {
+        self.relative_position_bias.as_ref()
+    }
+
+    /// One `(3C, C)` projection for q, k, v with bias `cat(q_bias, 0, v_bias)`.
+    fn fused_qkv(&self) -> Result<(Tensor, Tensor)> {
+        let w = Tensor::cat(
+            &[self.query.weight(), self.key.weight(), self.value.weight()],
+            0,
+        )?;
+        let qb = self.query.bias().expect("query has a bias");
+        let vb = self.value.bias().expect("value has a bias");
+        let b = Tensor::cat(&[qb, &qb.zeros_like()?, vb], 0)?;
+        Ok((w, b))
+    }
+
+    /// Attend over `x` `(B, T, C)` with the additive `bias` `(1, H, T, T)` (shared, may be `None`) plus
+    /// this layer's own table. Returns the projected output and, if asked, the attention probabilities.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        shared_bias: Option<&Tensor>,
+        window: (usize, usize),
+        train: bool,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, t, c) = x.dims3()?;
+        let (w, bias) = match &self.fused {
+            Some((w, bias)) => (w.clone(), bias.clone()),
+            None => self.fused_qkv()?,
+        };
+        let qkv = x
+            .reshape((b * t, c))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&bias)?
+            .reshape((b, t, 3, self.num_heads, self.head_dim))?
+            .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, D)
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = (qkv.get(0)? * scale)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(rpb) = &self.relative_position_bias {
+            scores = scores.broadcast_add(&rpb.forward(window)?.to_dtype(scores.dtype())?)?;
+        }
+        if let Some(shared) = shared_bias {
+            scores = scores.broadcast_add(&shared.to_dtype(scores.dtype())?)?;
+        }
+        let probs = softmax_last_dim(&scores)?;
+        let attended = self.attn_dropout.forward_t(&probs, train)?.matmul(&v)?; // (B, H, T, D)
+        let out = attended.transpose(1, 2)?.reshape((b, t, c))?;
+        let out = self.output.forward(&out)?;
+        Ok((out, want_probs.then_some(probs)))
+    }
+}

@@ -1,0 +1,105 @@
+//! A pre-norm transformer block with LayerScale and stochastic depth (`BeitLayer` in `transformers`).
+
+use candle::{Module, ModuleT, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::attention::BeitAttention;
+use crate::config::BeitConfig;
+use crate::layers::{linear, Activation, DropPath, Dropout, LayerNorm, StochasticRng};
+
+/// `beit.encoder.layer.{i}`:
+/// `x += drop_path(lambda_1 * attn(LN(x)))`, then `x += drop_path(lambda_2 * mlp(LN(x)))`.
+#[derive(Debug)]
+pub struct BeitLayer {
+    layernorm_before: LayerNorm,
+    attention: BeitAttention,
+    lambda_1: Option<Tensor>,
+    layernorm_after: LayerNorm,
+    intermediate: Linear,
+    activation: Activation,
+    output: Linear,
+    lambda_2: Option<Tensor>,
+    dropout: Dropout,
+    drop_path: DropPath,
+}
+
+impl BeitLayer {
+    /// Load under `vb` (= `beit.encoder.layer.{i}`) with stochastic-depth rate `drop_path`.
+    pub fn new(
+        cfg: &BeitConfig,
+        vb: VarBuilder,
+        drop_path: f64,
+        rng: StochasticRng,
+    ) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let (lambda_1, lambda_2) = if cfg.layer_scale_init_value > 0.0 {
+            let init = candle_nn::Init::Const(cfg.layer_scale_init_value);
+            (
+                Some(vb.get_with_hints(c, "lambda_1", init)?),
+                Some(vb.get_with_hints(c, "lambda_2", init)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            layernorm_before: LayerNorm::new(c, eps, vb.pp("layernorm_before"))?,
+            attention: BeitAttention::new(
+                cfg,
+                vb.pp("attention"),
+                cfg.use_relative_position_bias,
+                rng.clone(),
+            )?,
+            lambda_1,
+            layernorm_after: LayerNorm::new(c, eps, vb.pp("layernorm_after"))?,
+            intermediate: linear(
+                c,
+                cfg.intermediate_size,
+                true,
+                vb.pp("intermediate").pp("dense"),
+            )?,
+            activation: Activation::parse(&cfg.hidden_act).map_err(candle::Error::Msg)?,
+            output: linear(cfg.intermediate_size, c, true, vb.pp("output").pp("dense"))?,
+            lambda_2,
+            dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
+            drop_path: DropPath::new(drop_path, rng),
+        })
+    }
+
+    /// The attention sub-module.
+    pub fn attention(&self) -> &BeitAttention {
+        &self.attention
+    }
+
+    /// Run the block on `x` `(B, T, C)`; returns the new hidden state and optionally the attention.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        shared_bias: Option<&Tensor>,
+        window: (usize, usize),
+        train: bool,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let h = self.layernorm_before.forward(x)?;
+        let (h, probs) = self
+            .attention
+            .forward(&h, shared_bias, window, train, want_probs)?;
+        let h = self.dropout.forward_t(&h, train)?;
+        let h = scale(&h, self.lambda_1.as_ref())?;
+        let x = (self.drop_path.forward_t(&h, train)? + x)?;
+
+        let h = self.layernorm_after.forward(&x)?;
+        let h = self.activation.forward(&self.intermediate.forward(&h)?)?;
+        let h = self.dropout.forward_t(&self.output.forward(&h)?, train)?;
+        let h = scale(&h, self.lambda_2.as_ref())?;
+        let x = (self.drop_path.forward_t(&h, train)? + x)?;
+        Ok((x, probs))
+    }
+}
+
+fn scale(h: &Tensor, lambda: Option<&Tensor>) -> Result<Tensor> {
+    match lambda {
+        Some(l) => h.broadcast_mul(l),
+        None => Ok(h.clone()),
+    }
+}

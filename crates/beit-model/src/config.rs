@@ -1,0 +1,392 @@
+//! [`BeitConfig`]: the model hyper-parameters, read from a Hugging Face `config.json` as is.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{BeitError, Result};
+
+/// BEiT hyper-parameters with the field names and defaults of `transformers.BeitConfig`.
+///
+/// Unknown fields of a `config.json` (segmentation settings, `torch_dtype`, ...) are kept in
+/// [`BeitConfig::extra`] so that a saved config round-trips, and never cause an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BeitConfig {
+    /// Size of the visual-token vocabulary predicted by the MIM head (8192 for DALL-E).
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: usize,
+    /// Width of the transformer (768 base, 1024 large).
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: usize,
+    /// Number of transformer blocks.
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    /// Number of attention heads; must divide `hidden_size`.
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Width of the MLP hidden layer.
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: usize,
+    /// MLP activation: `gelu` (exact, erf), `gelu_new`/`gelu_pytorch_tanh` (tanh approximation), `relu`.
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: String,
+    /// Dropout after the attention output, the MLP and the embeddings (training only).
+    #[serde(default)]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on the attention probabilities (training only).
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f64,
+    /// Std of the normal init used by `transformers`; from-scratch training uses trunc-normal 0.02.
+    #[serde(default = "defaults::initializer_range")]
+    pub initializer_range: f64,
+    /// LayerNorm epsilon (1e-12 in the hub configs, 1e-6 in unilm/timm).
+    #[serde(default = "defaults::layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// Input resolution the checkpoint was trained at (square). Other resolutions still run.
+    #[serde(default = "defaults::image_size", deserialize_with = "square_size")]
+    pub image_size: usize,
+    /// Patch side (16).
+    #[serde(default = "defaults::patch_size", deserialize_with = "square_size")]
+    pub patch_size: usize,
+    /// Input channels (3).
+    #[serde(default = "defaults::num_channels")]
+    pub num_channels: usize,
+    /// Whether the embeddings carry a learned `[M]` token (pre-training checkpoints).
+    #[serde(default)]
+    pub use_mask_token: bool,
+    /// Whether an absolute position embedding is added (off in all released checkpoints).
+    #[serde(default)]
+    pub use_absolute_position_embeddings: bool,
+    /// One relative position bias table per layer (fine-tuned checkpoints).
+    #[serde(default)]
+    pub use_relative_position_bias: bool,
+    /// One relative position bias table shared by all layers (pre-trained checkpoints).
+    #[serde(default)]
+    pub use_shared_relative_position_bias: bool,
+    /// LayerScale init value; `<= 0` means no `lambda_1/lambda_2` parameters.
+    #[serde(default = "defaults::layer_scale_init_value")]
+    pub layer_scale_init_value: f64,
+    /// Maximal stochastic-depth rate (linear from 0 at the first block to this at the last).
+    #[serde(default = "defaults::drop_path_rate")]
+    pub drop_path_rate: f64,
+    /// Pool by mean of patch tokens + LayerNorm (true) or take the CLS token after a final LayerNorm.
+    #[serde(default = "defaults::use_mean_pooling")]
+    pub use_mean_pooling: bool,
+    /// Class index -> label. `num_labels` is its length, as in `transformers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<BTreeMap<usize, String>>,
+    /// Label -> class index (kept for round trips).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label2id: Option<BTreeMap<String, usize>>,
+    /// Every other field of the file, kept verbatim.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Defaults of `transformers.BeitConfig`.
+mod defaults {
+    pub fn vocab_size() -> usize {
+        8192
+    }
+    pub fn hidden_size() -> usize {
+        768
+    }
+    pub fn num_hidden_layers() -> usize {
+        12
+    }
+    pub fn num_attention_heads() -> usize {
+        12
+    }
+    pub fn intermediate_size() -> usize {
+        3072
+    }
+    pub fn hidden_act() -> String {
+        "gelu".into()
+    }
+    pub fn initializer_range() -> f64 {
+        0.02
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-12
+    }
+    pub fn image_size() -> usize {
+        224
+    }
+    pub fn patch_size() -> usize {
+        16
+    }
+    pub fn num_channels() -> usize {
+        3
+    }
+    pub fn layer_scale_init_value() -> f64 {
+        0.1
+    }
+    pub fn drop_path_rate() -> f64 {
+        0.1
+    }
+    pub fn use_mean_pooling() -> bool {
+        true
+    }
+}
+
+/// Accept `224` or `[224, 224]`; non-square sizes are rejected with a clear message.
+fn square_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        One(usize),
+        Two([usize; 2]),
+    }
+    match Size::deserialize(d)? {
+        Size::One(s) => Ok(s),
+        Size::Two([h, w]) if h == w => Ok(h),
+        Size::Two([h, w]) => Err(serde::de::Error::custom(format!(
+            "non-square size [{h}, {w}] is not supported"
+        ))),
+    }
+}
+
+impl Default for BeitConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+impl BeitConfig {
+    /// Read and validate a `config.json`. Errors name the file and the field.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| BeitError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json_str(&text).map_err(|e| match e {
+            BeitError::Config { message, .. } => BeitError::Config {
+                path: Some(path.to_path_buf()),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse and validate a config from JSON text.
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(text).map_err(|e| BeitError::Config {
+            path: None,
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The `microsoft/beit-base-patch16-224-pt22k` architecture (MIM, shared bias, mask token).
+    pub fn base_patch16_224_pt22k() -> Self {
+        Self {
+            use_mask_token: true,
+            use_shared_relative_position_bias: true,
+            ..Self::default()
+        }
+    }
+
+    /// The `microsoft/beit-base-patch16-224` classifier architecture (per-layer bias, 1000 classes).
+    pub fn base_patch16_224() -> Self {
+        Self {
+            use_relative_position_bias: true,
+            id2label: Some((0..1000).map(|i| (i, format!("LABEL_{i}"))).collect()),
+            ..Self::default()
+        }
+    }
+
+    /// The large (24 layers, 1024 wide, 16 heads) variant of a base config.
+    pub fn into_large(self) -> Self {
+        Self {
+            hidden_size: 1024,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            intermediate_size: 4096,
+            ..self
+        }
+    }
+
+    /// Check the invariants the model relies on; the message names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let err = |message: String| {
+            Err(BeitError::Config {
+                path: None,
+                message,
+            })
+        };
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("num_channels", self.num_channels),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v == 0 {
+                return err(format!("`{name}` must be positive"));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return err(format!(
+                "`hidden_size` ({}) must be divisible by `num_attention_heads` ({})",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return err(format!(
+                "`image_size` ({}) must be divisible by `patch_size` ({})",
+                self.image_size, self.patch_size
+            ));
+        }
+        if !(self.layer_norm_eps > 0.0) {
+            return err(format!(
+                "`layer_norm_eps` must be > 0, got {}",
+                self.layer_norm_eps
+            ));
+        }
+        for (name, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
+            ("drop_path_rate", self.drop_path_rate),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return err(format!("`{name}` must be in [0, 1), got {p}"));
+            }
+        }
+        crate::layers::Activation::parse(&self.hidden_act).map_err(|_| BeitError::Config {
+            path: None,
+            message: format!(
+                "unsupported `hidden_act` {:?}: expected gelu, gelu_new, gelu_pytorch_tanh or relu",
+                self.hidden_act
+            ),
+        })?;
+        Ok(())
+    }
+
+    /// Number of classes of the classification head (length of `id2label`; 2 when absent, as HF).
+    pub fn num_labels(&self) -> usize {
+        self.id2label.as_ref().map_or(2, |m| m.len())
+    }
+
+    /// Set `num_labels` classes with the given names (index order).
+    pub fn set_labels(&mut self, names: &[String]) {
+        self.id2label = Some(names.iter().cloned().enumerate().collect());
+        self.label2id = Some(
+            names
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, n)| (n, i))
+                .collect(),
+        );
+    }
+
+    /// Label of class `index` (`LABEL_i` when the config has no names).
+    pub fn label(&self, index: usize) -> String {
+        self.id2label
+            .as_ref()
+            .and_then(|m| m.get(&index).cloned())
+            .unwrap_or_else(|| format!("LABEL_{index}"))
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Patch grid side at the config's resolution (14 at 224/16).
+    pub fn grid_size(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Number of patches at the config's resolution (196 at 224/16).
+    pub fn num_patches(&self) -> usize {
+        self.grid_size() * self.grid_size()
+    }
+
+    /// Serialize for a `config.json`, with `model_type` and `architectures` set as `transformers` expects.
+    pub fn to_hf_json(&self, architecture: &str) -> Result<String> {
+        let mut cfg = self.clone();
+        cfg.extra.insert(
+            "model_type".into(),
+            serde_json::Value::String("beit".into()),
+        );
+        cfg.extra.insert(
+            "architectures".into(),
+            serde_json::Value::Array(vec![serde_json::Value::String(architecture.into())]),
+        );
+        serde_json::to_string_pretty(&cfg).map_err(|e| BeitError::Config {
+            path: None,
+            message: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_transformers() {
+        let c = BeitConfig::default();
+        assert_eq!(c.hidden_size, 768);
+        assert_eq!(c.layer_norm_eps, 1e-12);
+        assert_eq!(c.num_labels(), 2);
+        assert_eq!(c.num_patches(), 196);
+        assert!(c.use_mean_pooling);
+    }
+
+    #[test]
+    fn reads_hub_style_config_and_keeps_unknown_fields() {
+        let text = r#"{"architectures": ["BeitForImageClassification"], "image_size": 384,
+            "use_relative_position_bias": true, "out_indices": [3, 5, 7, 11],
+            "id2label": {"0": "tench", "1": "goldfish"}, "label2id": {"tench": 0, "goldfish": 1}}"#;
+        let c = BeitConfig::from_json_str(text).unwrap();
+        assert_eq!(c.image_size, 384);
+        assert_eq!(c.num_labels(), 2);
+        assert_eq!(c.label(1), "goldfish");
+        assert!(c.extra.contains_key("out_indices"));
+        let back = BeitConfig::from_json_str(&c.to_hf_json("BeitForImageClassification").unwrap())
+            .unwrap();
+        assert_eq!(back.id2label, c.id2label);
+        assert_eq!(back.extra["out_indices"], c.extra["out_indices"]);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let e = BeitConfig::from_json_str(r#"{"hidden_size": 100}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hidden_size") && e.contains("num_attention_heads"),
+            "{e}"
+        );
+        let e = BeitConfig::from_json_str(r#"{"image_size": 225}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_size"), "{e}");
+        let e = BeitConfig::from_json_str(r#"{"hidden_act": "swish"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hidden_act"), "{e}");
+        let e = BeitConfig::from_json_str(r#"{"hidden_size": "big"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("hidden_size") || e.contains("invalid type"),
+            "{e}"
+        );
+        let e = BeitConfig::from_json_str(r#"{"image_size": [224, 160]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("non-square"), "{e}");
+    }
+}

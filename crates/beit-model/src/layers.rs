@@ -1,0 +1,255 @@
+//! Building blocks: LayerNorm that keeps gradients, linear layers, activations, DropPath and dropout
+//! driven by a seedable RNG.
+
+use std::sync::{Arc, Mutex};
+
+use candle::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// LayerNorm over the last dimension.
+///
+/// candle-nn's fused `layer_norm` kernel has no backward pass and silently drops gradients; it is
+/// used only when nothing upstream is tracked for autograd (inference), otherwise the
+/// differentiable composition is used.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Load `weight` and `bias` of width `dim` under `vb`.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let needs_grad = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if !needs_grad && x.is_contiguous() {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension; the fused kernel (no backward) only when no gradient is needed.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// A `Linear` with PyTorch's weight layout `(out, in)`.
+pub fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<candle_nn::Linear> {
+    let init = candle_nn::Init::Randn {
+        mean: 0.0,
+        stdev: 0.02,
+    };
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+    let bias = if bias {
+        Some(vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?)
+    } else {
+        None
+    };
+    Ok(candle_nn::Linear::new(weight, bias))
+}
+
+/// MLP activations found in BEiT configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU, `x * Phi(x)` with erf (`gelu` in `transformers`; what BEiT uses).
+    GeluErf,
+    /// Tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// ReLU.
+    Relu,
+}
+
+impl Activation {
+    /// Parse the `hidden_act` string of a config.
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "gelu" => Ok(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            other => Err(other.to_string()),
+        }
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluErf => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+/// The random source of stochastic layers (DropPath, dropout), shared by all layers of a model.
+///
+/// candle cannot seed its CPU RNG, so masks are drawn here on the host from a seeded generator and
+/// uploaded; re-seeding (e.g. from the training step) makes a resumed run draw the same masks.
+#[derive(Debug, Clone)]
+pub struct StochasticRng(Arc<Mutex<StdRng>>);
+
+impl StochasticRng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(Arc::new(Mutex::new(StdRng::seed_from_u64(seed))))
+    }
+
+    /// Restart the stream from `seed`.
+    pub fn reseed(&self, seed: u64) {
+        *self.0.lock().expect("rng lock") = StdRng::seed_from_u64(seed);
+    }
+
+    /// `n` uniform samples in [0, 1).
+    fn uniform(&self, n: usize) -> Vec<f32> {
+        let mut rng = self.0.lock().expect("rng lock");
+        (0..n).map(|_| rng.random::<f32>()).collect()
+    }
+
+    /// A keep-mask (0 or `1/keep`) of `shape`, the inverted-dropout scaling folded in.
+    fn keep_mask(&self, shape: &[usize], drop: f64, like: &Tensor) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let keep = 1.0 - drop;
+        let scale = (1.0 / keep) as f32;
+        let values: Vec<f32> = self
+            .uniform(n)
+            .into_iter()
+            .map(|u| if (u as f64) < keep { scale } else { 0.0 })
+            .collect();
+        Tensor::from_vec(values, shape, like.device())?.to_dtype(like.dtype())
+    }
+}
+
+impl Default for StochasticRng {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
+/// Stochastic depth: drops a whole residual branch per sample with probability `prob` (training only).
+#[derive(Debug, Clone)]
+pub struct DropPath {
+    prob: f64,
+    rng: StochasticRng,
+}
+
+impl DropPath {
+    /// A DropPath layer with drop probability `prob`.
+    pub fn new(prob: f64, rng: StochasticRng) -> Self {
+        Self { prob, rng }
+    }
+}
+
+impl candle::ModuleT for DropPath {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.prob <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mut shape = vec![1; x.rank()];
+        shape[0] = x.dim(0)?;
+        x.broadcast_mul(&self.rng.keep_mask(&shape, self.prob, x)?)
+    }
+}
+
+/// Element-wise dropout (training only), seeded through [`StochasticRng`].
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    prob: f64,
+    rng: StochasticRng,
+}
+
+impl Dropout {
+    /// A dropout layer with drop probability `prob`.
+    pub fn new(prob: f64, rng: StochasticRng) -> Self {
+        Self { prob, rng }
+    }
+}
+
+impl candle::ModuleT for Dropout {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.prob <= 0.0 {
+            return Ok(x.clone());
+        }
+        x.mul(&self.rng.keep_mask(x.dims(), self.prob, x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::{Device, ModuleT, Var};
+
+    #[test]
+    fn layer_norm_paths_agree_and_slow_path_has_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 5, 8), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 8, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, 8, &dev)?)?;
+        let fused = LayerNorm {
+            weight: w.as_detached_tensor(),
+            bias: b.as_detached_tensor(),
+            eps: 1e-6,
+        };
+        let tracked = LayerNorm {
+            weight: w.as_tensor().clone(),
+            bias: b.as_tensor().clone(),
+            eps: 1e-6,
+        };
+        let a = fused.forward(&x)?;
+        let c = tracked.forward(&x)?;
+        let diff = (a - &c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            diff < 1e-5,
+            "fused vs differentiable LayerNorm differ by {diff}"
+        );
+        let grads = c.sqr()?.sum_all()?.backward()?;
+        assert!(grads.get(w.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn drop_path_is_identity_in_eval_and_reproducible_in_training() -> Result<()> {
+        let x = Tensor::ones((64, 3, 4), DType::F32, &Device::Cpu)?;
+        let rng = StochasticRng::new(7);
+        let dp = DropPath::new(0.5, rng.clone());
+        assert_eq!(
+            dp.forward_t(&x, false)?.sum_all()?.to_scalar::<f32>()?,
+            64. * 12.
+        );
+        let a = dp.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+        rng.reseed(7);
+        let b = dp.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a, b);
+        // Whole samples are dropped or scaled by 1/keep.
+        assert!(a.iter().all(|&v| v == 0.0 || v == 2.0));
+        assert!(a.contains(&0.0) && a.contains(&2.0));
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+//! BEiT (BERT Pre-Training of Image Transformers) in candle.
+//!
+//! A pre-norm ViT with a relative position bias (per layer or shared), LayerScale, q/v biases only
+//! and mean pooling, exactly as Hugging Face `transformers` computes it, with the parameter names of
+//! the published `microsoft/beit-*` checkpoints:
+//!
+//! - [`BeitConfig`] reads a `config.json` as is;
+//! - [`BeitModel`], [`BeitForImageClassification`], [`BeitForMaskedImageModeling`] are the modules;
+//! - [`load`] reads `model.safetensors` (also sharded) and `pytorch_model.bin`, maps unilm/timm names,
+//!   and reports missing/unexpected keys and shape mismatches by name; [`save`] writes HF layout.
+//!
+//! Training-safe: every op used keeps its autograd graph (candle-nn's fused LayerNorm/softmax
+//! kernels are used only when no gradient is needed), and dropout/DropPath draw from a seedable RNG.
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use beit_model::{load::Checkpoint, ForwardOptions};
+//! let ckpt = Checkpoint::from_dir("beit-base-patch16-224")?;
+//! let model = ckpt.classifier(&candle::Device::Cpu)?;
+//! let pixels = candle::Tensor::zeros((1, 3, 224, 224), candle::DType::F32, &candle::Device::Cpu)?;
+//! let logits = model.forward(&pixels, ForwardOptions::default())?.logits;
+//! # Ok(()) }
+//! ```
+
+pub mod attention;
+pub mod block;
+pub mod config;
+pub mod embeddings;
+pub mod error;
+pub mod heads;
+pub mod interpolate;
+pub mod layers;
+pub mod load;
+pub mod model;
+pub mod relative_position;
+pub mod save;
+
+pub use config::BeitConfig;
+pub use error::{BeitError, Result};
+pub use heads::{
+    BeitForImageClassification, BeitForMaskedImageModeling, ClassifierOutput, MimOutput,
+};
+pub use model::{BeitModel, BeitOutput, ForwardOptions};
