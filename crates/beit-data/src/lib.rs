@@ -1,9 +1,48 @@
 //! Datasets, augmentations and loaders for BEiT pre-training, fine-tuning and evaluation.
 //!
-//! - [`fashion_mnist`]: Fashion-MNIST from its gzipped IDX files, or a subset embedded in the crate.
+//! - Datasets ([`Dataset`]): [`ImageFolder`] (`root/<class>/<image>` as torchvision, or a flat
+//!   folder with a label file), [`UnlabelledFolder`] for pre-training, and Fashion-MNIST
+//!   ([`FashionMnist`], from the Debian package or embedded in the crate).
+//! - Transforms with torchvision/timm semantics on 8-bit RGB images: Pillow-compatible [`resize`],
+//!   [`RandomResizedCrop`], [`ColorJitter`], [`Normalize`], RandAugment, random erasing, mixup/CutMix,
+//!   and the complete pipelines [`EvalTransform`], [`TrainTransform`] and BEiT's two-view
+//!   [`TwoViewTransform`] (224 bicubic for the patches, 112 Lanczos for the tokenizer).
+//! - [`Loader`]: parallel decode and augmentation on its own thread pool with bounded prefetch,
+//!   batches as candle tensors; corrupt files are skipped, counted and reported once.
+//!
+//! All randomness comes from `StdRng`s seeded from `(seed, epoch, sample index)`, so a resumed run
+//! sees the same augmentations.
 
+pub mod color_jitter;
+pub mod dataset;
+pub mod decode;
 pub mod error;
 pub mod fashion_mnist;
+pub mod geometry;
+pub mod image_folder;
+pub mod loader;
+pub mod mixup;
+pub mod normalize;
+pub mod rand_augment;
+pub mod random_erasing;
+pub mod resize;
+pub mod sampler;
+pub mod transform;
 
+pub use color_jitter::ColorJitter;
+pub use dataset::{Dataset, Sample};
+pub use decode::{decode_file, DecodeOptions};
 pub use error::{DataError, Result};
 pub use fashion_mnist::{FashionMnist, MnistSplit};
+pub use geometry::{center_crop, resize_shorter_side, CropBox, RandomResizedCrop};
+pub use image::RgbImage;
+pub use image_folder::{ImageFolder, UnlabelledFolder};
+pub use loader::{Batch, EpochIter, Loader, LoaderConfig, SkippedSample};
+pub use mixup::Mixup;
+pub use normalize::{map_pixels, Chw, Normalize};
+pub use rand_augment::RandAugment;
+pub use random_erasing::{EraseMode, RandomErasing};
+pub use resize::{resize, resize_region, Filter};
+pub use transform::{
+    EvalResize, EvalTransform, TrainTransform, Transform, TwoViewTransform, Views,
+};

@@ -1,0 +1,268 @@
+//! `ColorJitter(brightness, contrast, saturation, hue)` with torchvision's semantics: the four
+//! adjustments in a random order, each with a factor drawn uniformly.
+
+use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::geometry::{uniform, CropBox};
+
+/// Jitter strengths, as torchvision's `ColorJitter` arguments: brightness/contrast/saturation `b`
+/// draw a factor in `[max(0, 1 - b), 1 + b]`; hue `h` (at most 0.5) draws a shift in `[-h, h]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ColorJitter {
+    /// Brightness strength.
+    pub brightness: f32,
+    /// Contrast strength.
+    pub contrast: f32,
+    /// Saturation strength.
+    pub saturation: f32,
+    /// Hue strength, in `[0, 0.5]`.
+    pub hue: f32,
+}
+
+/// One adjustment of a drawn jitter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    Brightness(f32),
+    Contrast(f32),
+    Saturation(f32),
+    Hue(f32),
+}
+
+/// A drawn jitter: the adjustments in the order they apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JitterDraw {
+    ops: Vec<Op>,
+}
+
+impl ColorJitter {
+    /// Same strength for brightness, contrast and saturation, no hue (BEiT uses 0.4).
+    pub fn uniform(strength: f32) -> Self {
+        ColorJitter {
+            brightness: strength,
+            contrast: strength,
+            saturation: strength,
+            hue: 0.0,
+        }
+    }
+
+    /// Check the strengths (non-negative, hue at most 0.5).
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("brightness", self.brightness),
+            ("contrast", self.contrast),
+            ("saturation", self.saturation),
+            ("hue", self.hue),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(DataError::param(name, format!("{v} must be >= 0")));
+            }
+        }
+        if self.hue > 0.5 {
+            return Err(DataError::param(
+                "hue",
+                format!("{} must be <= 0.5", self.hue),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Draw the order and factors.
+    pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> JitterDraw {
+        let mut order = [0usize, 1, 2, 3];
+        order.shuffle(rng);
+        let factor =
+            |rng: &mut R, s: f32| uniform(rng, (1.0 - s as f64).max(0.0), 1.0 + s as f64) as f32;
+        let mut ops = Vec::with_capacity(4);
+        for k in order {
+            match k {
+                0 if self.brightness > 0.0 => {
+                    ops.push(Op::Brightness(factor(rng, self.brightness)))
+                }
+                1 if self.contrast > 0.0 => ops.push(Op::Contrast(factor(rng, self.contrast))),
+                2 if self.saturation > 0.0 => {
+                    ops.push(Op::Saturation(factor(rng, self.saturation)))
+                }
+                3 if self.hue > 0.0 => {
+                    ops.push(Op::Hue(
+                        uniform(rng, -self.hue as f64, self.hue as f64) as f32
+                    ))
+                }
+                _ => {}
+            }
+        }
+        JitterDraw { ops }
+    }
+
+    /// Draw and apply to a whole image.
+    pub fn apply<R: Rng + ?Sized>(&self, img: &RgbImage, rng: &mut R) -> RgbImage {
+        let draw = self.sample(rng);
+        let (w, h) = img.dimensions();
+        draw.apply_region(img, CropBox::full(w, h))
+    }
+}
+
+#[inline]
+fn gray(p: [f32; 3]) -> f32 {
+    // ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
+    0.2989 * p[0] + 0.587 * p[1] + 0.114 * p[2]
+}
+
+#[inline]
+fn blend(a: [f32; 3], b: [f32; 3], f: f32) -> [f32; 3] {
+    // f * a + (1 - f) * b, clamped to [0, 1].
+    [
+        (f * a[0] + (1.0 - f) * b[0]).clamp(0.0, 1.0),
+        (f * a[1] + (1.0 - f) * b[1]).clamp(0.0, 1.0),
+        (f * a[2] + (1.0 - f) * b[2]).clamp(0.0, 1.0),
+    ]
+}
+
+fn shift_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
+    let [r, g, b] = p;
+    let max = r.max(g).max(b);
+    let min = r.min(g).min(b);
+    let delta = max - min;
+    if delta == 0.0 {
+        return p;
+    }
+    let v = max;
+    let s = delta / max;
+    let mut h = if max == r {
+        ((g - b) / delta).rem_euclid(6.0)
+    } else if max == g {
+        (b - r) / delta + 2.0
+    } else {
+        (r - g) / delta + 4.0
+    } / 6.0;
+    h = (h + shift).rem_euclid(1.0);
+    let h6 = h * 6.0;
+    let i = h6.floor();
+    let f = h6 - i;
+    let p_ = v * (1.0 - s);
+    let q = v * (1.0 - s * f);
+    let t = v * (1.0 - s * (1.0 - f));
+    match (i as i32).rem_euclid(6) {
+        0 => [v, t, p_],
+        1 => [q, v, p_],
+        2 => [p_, v, t],
+        3 => [p_, q, v],
+        4 => [t, p_, v],
+        _ => [v, p_, q],
+    }
+}
+
+impl JitterDraw {
+    fn apply_pixel(&self, mut p: [f32; 3], contrast_mean: f32) -> [f32; 3] {
+        for op in &self.ops {
+            p = match *op {
+                Op::Brightness(f) => blend(p, [0.0; 3], f),
+                Op::Contrast(f) => blend(p, [contrast_mean; 3], f),
+                Op::Saturation(f) => {
+                    let g = gray(p);
+                    blend(p, [g; 3], f)
+                }
+                Op::Hue(s) => shift_hue(p, s),
+            };
+        }
+        p
+    }
+
+    /// Mean grey level of the whole image as it is when the contrast step runs (torchvision
+    /// computes it on the full image, after the adjustments drawn before it).
+    fn contrast_mean(&self, img: &RgbImage) -> f32 {
+        let Some(pos) = self.ops.iter().position(|o| matches!(o, Op::Contrast(_))) else {
+            return 0.0;
+        };
+        let before = JitterDraw {
+            ops: self.ops[..pos].to_vec(),
+        };
+        let mut sum = 0f64;
+        for px in img.as_raw().chunks_exact(3) {
+            let p = [
+                px[0] as f32 / 255.0,
+                px[1] as f32 / 255.0,
+                px[2] as f32 / 255.0,
+            ];
+            sum += gray(before.apply_pixel(p, 0.0)) as f64;
+        }
+        (sum / (img.width() as f64 * img.height() as f64)) as f32
+    }
+
+    /// Apply to the region `b` of `img` and return that region only. Every step is per-pixel except
+    /// the contrast mean, which is taken over the whole image, so this equals jittering the whole
+    /// image and then cropping, at the cost of the crop only.
+    pub fn apply_region(&self, img: &RgbImage, b: CropBox) -> RgbImage {
+        if self.ops.is_empty() {
+            return image::imageops::crop_imm(img, b.left, b.top, b.width, b.height).to_image();
+        }
+        let mean = self.contrast_mean(img);
+        let stride = img.width() as usize * 3;
+        let src = img.as_raw();
+        let mut out = Vec::with_capacity(b.width as usize * b.height as usize * 3);
+        for y in b.top..b.top + b.height {
+            let row = &src[y as usize * stride + b.left as usize * 3..][..b.width as usize * 3];
+            for px in row.chunks_exact(3) {
+                let p = [
+                    px[0] as f32 / 255.0,
+                    px[1] as f32 / 255.0,
+                    px[2] as f32 / 255.0,
+                ];
+                let q = self.apply_pixel(p, mean);
+                out.extend(
+                    q.iter()
+                        .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8),
+                );
+            }
+        }
+        RgbImage::from_raw(b.width, b.height, out).expect("buffer size matches")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, SeedableRng};
+
+    #[test]
+    fn hue_round_trip_and_identity() {
+        for p in [[0.2f32, 0.5, 0.9], [1.0, 0.0, 0.0], [0.3, 0.3, 0.1]] {
+            let q = shift_hue(p, 0.0);
+            for c in 0..3 {
+                assert!((p[c] - q[c]).abs() < 1e-5, "{p:?} {q:?}");
+            }
+        }
+        // A full turn of hue is the identity, a third of a turn maps red to green.
+        let g = shift_hue([1.0, 0.0, 0.0], 1.0 / 3.0);
+        assert!((g[1] - 1.0).abs() < 1e-5 && g[0].abs() < 1e-5);
+    }
+
+    #[test]
+    fn region_equals_full_then_crop() {
+        let img = RgbImage::from_fn(20, 10, |x, y| {
+            image::Rgb([(x * 12) as u8, (y * 25) as u8, 90])
+        });
+        let cj = ColorJitter {
+            hue: 0.1,
+            ..ColorJitter::uniform(0.4)
+        };
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..5 {
+            let d = cj.sample(&mut rng);
+            let full = d.apply_region(&img, CropBox::full(20, 10));
+            let b = CropBox {
+                left: 3,
+                top: 2,
+                width: 9,
+                height: 5,
+            };
+            let part = d.apply_region(&img, b);
+            let crop = image::imageops::crop_imm(&full, 3, 2, 9, 5).to_image();
+            assert_eq!(part, crop);
+        }
+        assert!(ColorJitter { hue: 0.6, ..cj }.validate().is_err());
+    }
+}
