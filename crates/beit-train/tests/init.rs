@@ -1,0 +1,155 @@
+//! unilm initialisation applied by name to a small BEiT-shaped VarMap.
+
+use beit_train::init::{
+    init_beit, init_kind, trunc_normal_vec, var_values, InitConfig, InitKind, Truncation,
+};
+use beit_train::TrainRng;
+use candle::{DType, Device};
+use candle_nn::{Init, VarMap};
+
+const D: usize = 32;
+const L: usize = 3;
+
+fn tiny_classifier() -> VarMap {
+    let vm = VarMap::new();
+    let dev = Device::Cpu;
+    let add = |name: &str, shape: &[usize]| {
+        vm.get(shape, name, Init::Const(7.0), DType::F32, &dev)
+            .unwrap();
+    };
+    add("beit.embeddings.cls_token", &[1, 1, D]);
+    add(
+        "beit.embeddings.patch_embeddings.projection.weight",
+        &[D, 3, 4, 4],
+    );
+    add("beit.embeddings.patch_embeddings.projection.bias", &[D]);
+    for i in 0..L {
+        let p = format!("beit.encoder.layer.{i}.");
+        for (n, s) in [
+            ("attention.attention.query.weight", vec![D, D]),
+            ("attention.attention.query.bias", vec![D]),
+            ("attention.attention.key.weight", vec![D, D]),
+            ("attention.attention.value.weight", vec![D, D]),
+            ("attention.attention.value.bias", vec![D]),
+            (
+                "attention.attention.relative_position_bias.relative_position_bias_table",
+                vec![12, 2],
+            ),
+            ("attention.output.dense.weight", vec![D, D]),
+            ("attention.output.dense.bias", vec![D]),
+            ("intermediate.dense.weight", vec![4 * D, D]),
+            ("intermediate.dense.bias", vec![4 * D]),
+            ("output.dense.weight", vec![D, 4 * D]),
+            ("output.dense.bias", vec![D]),
+            ("layernorm_before.weight", vec![D]),
+            ("layernorm_before.bias", vec![D]),
+            ("layernorm_after.weight", vec![D]),
+            ("layernorm_after.bias", vec![D]),
+            ("lambda_1", vec![D]),
+            ("lambda_2", vec![D]),
+        ] {
+            add(&format!("{p}{n}"), &s);
+        }
+    }
+    add("beit.pooler.layernorm.weight", &[D]);
+    add("beit.pooler.layernorm.bias", &[D]);
+    add("classifier.weight", &[10, D]);
+    add("classifier.bias", &[10]);
+    vm
+}
+
+fn std_of(v: &[f32]) -> f64 {
+    let n = v.len() as f64;
+    let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+#[test]
+fn unilm_rules_by_name() -> anyhow::Result<()> {
+    let vm = tiny_classifier();
+    let cfg = InitConfig::finetune(L, 0.1);
+    init_beit(&vm, &cfg, &mut TrainRng::seed_from_u64(3))?;
+    let v = |n: &str| var_values(&vm, n).unwrap();
+    assert!(v("beit.encoder.layer.0.attention.attention.query.bias")
+        .iter()
+        .all(|&x| x == 0.0));
+    assert!(v("beit.encoder.layer.1.layernorm_after.weight")
+        .iter()
+        .all(|&x| x == 1.0));
+    assert!(v("beit.pooler.layernorm.bias").iter().all(|&x| x == 0.0));
+    assert!(v("beit.encoder.layer.2.lambda_2").iter().all(|&x| x == 0.1));
+    assert!(v("beit.encoder.layer.2.attention.attention.relative_position_bias.relative_position_bias_table")
+        .iter()
+        .all(|&x| x == 0.0));
+    // Conv keeps torch's default: uniform within 1/sqrt(fan_in) = 1/sqrt(48).
+    let bound = 1.0 / 48f32.sqrt();
+    let conv = v("beit.embeddings.patch_embeddings.projection.weight");
+    assert!(
+        conv.iter().all(|x| x.abs() <= bound) && std_of(&conv) > 0.5 * bound as f64 / 3f64.sqrt()
+    );
+    // Linear weights ~ N(0, .02); layer l output projections divided by sqrt(2l).
+    let q = v("beit.encoder.layer.2.attention.attention.query.weight");
+    assert!((std_of(&q) - 0.02).abs() < 0.003, "{}", std_of(&q));
+    for l in 1..=L {
+        for n in ["attention.output.dense.weight", "output.dense.weight"] {
+            let w = v(&format!("beit.encoder.layer.{}.{n}", l - 1));
+            let want = 0.02 / (2.0 * l as f64).sqrt();
+            assert!(
+                (std_of(&w) - want).abs() < 0.15 * want,
+                "layer {l} {n}: {} vs {want}",
+                std_of(&w)
+            );
+        }
+        let w = v(&format!(
+            "beit.encoder.layer.{}.intermediate.dense.weight",
+            l - 1
+        ));
+        assert!(
+            (std_of(&w) - 0.02).abs() < 0.003,
+            "intermediate is not rescaled"
+        );
+    }
+    // Head x 0.001.
+    let h = v("classifier.weight");
+    assert!((std_of(&h) - 2e-5).abs() < 5e-6, "{}", std_of(&h));
+    assert!(v("classifier.bias").iter().all(|&x| x == 0.0));
+
+    // Same seed, same model; another seed, another model.
+    let vm2 = tiny_classifier();
+    init_beit(&vm2, &cfg, &mut TrainRng::seed_from_u64(3))?;
+    assert_eq!(var_values(&vm2, "classifier.weight")?, h);
+    let vm3 = tiny_classifier();
+    init_beit(&vm3, &cfg, &mut TrainRng::seed_from_u64(4))?;
+    assert_ne!(var_values(&vm3, "classifier.weight")?, h);
+    Ok(())
+}
+
+#[test]
+fn pretrain_truncates_at_one_std() -> anyhow::Result<()> {
+    let cfg = InitConfig::pretrain(L, 0.1);
+    assert_eq!(cfg.truncation, Truncation::StdMultiple(1.0));
+    let vm = tiny_classifier();
+    init_beit(&vm, &cfg, &mut TrainRng::seed_from_u64(1))?;
+    let q = var_values(&vm, "beit.encoder.layer.0.attention.attention.key.weight")?;
+    assert!(q.iter().all(|x| x.abs() <= 0.02));
+    // A N(0,1) truncated to [-1, 1] has std 0.5376.
+    let s = trunc_normal_vec(&mut TrainRng::seed_from_u64(0), 20000, 0.0, 1.0, -1.0, 1.0)?;
+    assert!((std_of(&s) - 0.5376).abs() < 0.01, "{}", std_of(&s));
+    assert!(trunc_normal_vec(&mut TrainRng::seed_from_u64(0), 1, 0.0, 1.0, 1.0, -1.0).is_err());
+    Ok(())
+}
+
+#[test]
+fn unknown_parameter_is_an_error() {
+    assert_eq!(
+        init_kind("lm_head.weight", &[8192, 768]).unwrap(),
+        InitKind::TruncNormal
+    );
+    assert_eq!(
+        init_kind("beit.embeddings.mask_token", &[1, 1, 8]).unwrap(),
+        InitKind::TruncNormal
+    );
+    assert_eq!(init_kind("layernorm.weight", &[8]).unwrap(), InitKind::Ones);
+    let e = init_kind("something.scale", &[8]).unwrap_err().to_string();
+    assert!(e.contains("something.scale"), "{e}");
+}
