@@ -14,6 +14,8 @@ What it writes (fixtures/train/):
 - schedule.json: values of unilm's per-step cosine scheduler (`utils.cosine_scheduler`, restated
   here with numpy exactly as the reference describes it: np.linspace warm-up including both ends,
   then a half-cosine over the remaining steps).
+- losses.json: timm's LabelSmoothingCrossEntropy / SoftTargetCrossEntropy (loss and gradient
+  w.r.t. the logits), plain cross-entropy, and top-k accuracies from torch.topk.
 - hf_v5_names.json: parameter names and shapes of base BEiT MIM/classifier models as the installed
   transformers (v5 layout) names them, to check that grouping also accepts that layout.
 """
@@ -163,10 +165,38 @@ def hf_v5_names():
     return {"transformers": transformers.__version__, "mim": dump(mim), "classifier": dump(cls)}
 
 
+def losses_fixture():
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    g = torch.Generator().manual_seed(5)
+    n, c = 6, 7
+    logits = (torch.randn(n, c, generator=g) * 2.0).requires_grad_(True)
+    targets = torch.randint(0, c, (n,), generator=g)
+    ls = LabelSmoothingCrossEntropy(smoothing=0.1)(logits, targets)
+    (ls_grad,) = torch.autograd.grad(ls, logits)
+    soft = torch.softmax(torch.randn(n, c, generator=g), dim=-1)
+    st = SoftTargetCrossEntropy()(logits, soft)
+    (st_grad,) = torch.autograd.grad(st, logits)
+    ce = torch.nn.functional.cross_entropy(logits, targets)
+    acc = {}
+    for k in (1, 3, 5):
+        top = logits.topk(k, dim=-1).indices
+        acc[str(k)] = float((top == targets[:, None]).any(dim=-1).float().mean())
+    return {
+        "n": n, "c": c,
+        "logits": tolist(logits), "targets": targets.tolist(), "soft_targets": tolist(soft),
+        "smoothing": 0.1,
+        "label_smoothing_loss": float(ls), "label_smoothing_grad": tolist(ls_grad),
+        "soft_target_loss": float(st), "soft_target_grad": tolist(st_grad),
+        "cross_entropy_loss": float(ce),
+        "topk_accuracy": acc,
+    }
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     for name, fn in [("adamw", adamw_fixture), ("clip", clip_fixture), ("schedule", schedule_fixture),
-                     ("hf_v5_names", hf_v5_names)]:
+                     ("hf_v5_names", hf_v5_names), ("losses", losses_fixture)]:
         with open(os.path.join(OUT, f"{name}.json"), "w") as f:
             json.dump(fn(), f)
         print("wrote", name)

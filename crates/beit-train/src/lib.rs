@@ -25,6 +25,7 @@
 //!        └── finish() ──► plot::plot_metrics                   curves.png from metrics.jsonl
 //! ```
 //!
+//! [`losses`] has the fine-tuning losses (label smoothing, soft targets) and top-k accuracy.
 //! [`precision::Precision`] tells the model which dtype to compute in (bf16 on CUDA with f32
 //! master weights, f32 on CPU); drop path and dropout belong to the model, which should draw its
 //! masks from the [`rng::TrainRng`] handed to its forward pass.
@@ -71,6 +72,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod init;
+pub mod losses;
 pub mod metrics;
 pub mod optimizer;
 pub mod param_groups;
@@ -88,6 +90,7 @@ pub use checkpoint::{
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use error::{Result, TrainError};
 pub use init::{init_beit, InitConfig, Truncation};
+pub use losses::{label_smoothing_cross_entropy, soft_target_cross_entropy, topk_accuracy};
 pub use metrics::{read_jsonl, MetricAverager, MetricsWriter, Throughput};
 pub use optimizer::{AdamW, AdamWConfig, StepStats};
 pub use param_groups::{build_param_groups, layer_id, named_vars, GroupingConfig, ParamGroup};

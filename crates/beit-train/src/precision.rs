@@ -93,3 +93,29 @@ impl fmt::Display for Precision {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_cast() {
+        let cpu = Device::Cpu;
+        assert_eq!(Precision::parse_for("auto", &cpu).unwrap(), Precision::F32);
+        assert_eq!(Precision::parse_for("BF16", &cpu).unwrap(), Precision::Bf16);
+        assert!(Precision::parse_for("fp8", &cpu)
+            .unwrap_err()
+            .to_string()
+            .contains("fp8"));
+        let x = Tensor::new(&[1.5f32, -2.0], &cpu).unwrap();
+        let y = Precision::Bf16.cast(&x).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        assert_eq!(
+            Precision::to_f32(&y).unwrap().to_vec1::<f32>().unwrap(),
+            [1.5, -2.0]
+        );
+        let ids = Tensor::new(&[1u32, 2], &cpu).unwrap();
+        assert_eq!(Precision::Bf16.cast(&ids).unwrap().dtype(), DType::U32);
+        assert_eq!(Precision::F32.to_string(), "f32");
+    }
+}
