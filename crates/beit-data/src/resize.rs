@@ -80,7 +80,7 @@ impl Filter {
                     0.0
                 } else {
                     let px = x * std::f64::consts::PI;
-                    px.sin() / px * (0.46 + 0.54 * px.cos())
+                    px.sin() / px * (0.54 + 0.46 * px.cos())
                 }
             }
             Filter::Bicubic => {
@@ -214,13 +214,26 @@ pub fn resize_region(
     let (ow, oh) = (width as usize, height as usize);
 
     if filter == Filter::Nearest {
-        // Pillow's nearest: source coordinate of the output pixel centre, truncated.
+        // Pillow maps output pixel centres through an affine transform whose coordinates are
+        // accumulated in floating point (start at half a step, add one step per pixel) and then
+        // truncated; accumulating the same way reproduces its picks at exact integer boundaries.
+        let coords = |n_out: usize, n_in: usize| -> Vec<usize> {
+            let step = n_in as f64 / n_out as f64;
+            let mut at = step * 0.5;
+            (0..n_out)
+                .map(|_| {
+                    let i = (at as usize).min(n_in - 1);
+                    at += step;
+                    i
+                })
+                .collect()
+        };
+        let xs = coords(ow, rw);
+        let ys = coords(oh, rh);
         let mut out = vec![0u8; ow * oh * 3];
-        for y in 0..oh {
-            let sy = top + (((y as f64 + 0.5) * rh as f64 / oh as f64) as usize).min(rh - 1);
-            for x in 0..ow {
-                let sx = left + (((x as f64 + 0.5) * rw as f64 / ow as f64) as usize).min(rw - 1);
-                let s = sy * stride + sx * 3;
+        for (y, &sy) in ys.iter().enumerate() {
+            for (x, &sx) in xs.iter().enumerate() {
+                let s = (top + sy) * stride + (left + sx) * 3;
                 out[(y * ow + x) * 3..(y * ow + x) * 3 + 3].copy_from_slice(&src[s..s + 3]);
             }
         }

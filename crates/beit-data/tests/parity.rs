@@ -1,0 +1,142 @@
+//! Parity of the deterministic transforms with Pillow / torchvision on real photos.
+//!
+//! References come from `scripts/data_parity.py` (Pillow 13, torchvision 0.29) and are committed in
+//! `fixtures/data/parity/`. Run with `--nocapture` to see the figures per case.
+
+use std::path::{Path, PathBuf};
+
+use beit_data::transform::EvalResize;
+use beit_data::{
+    decode_file, resize, resize_region, CropBox, DecodeOptions, EvalTransform, Filter, Normalize,
+    RgbImage, TwoViewTransform,
+};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/data"))
+}
+
+fn load(path: &Path) -> RgbImage {
+    decode_file(path, &DecodeOptions::default()).unwrap()
+}
+
+/// (fraction of channel values within 1/255, fraction exactly equal, max abs difference in levels).
+fn compare(ours: &RgbImage, reference: &RgbImage) -> (f64, f64, u8) {
+    assert_eq!(ours.dimensions(), reference.dimensions());
+    let n = ours.as_raw().len() as f64;
+    let mut within = 0usize;
+    let mut equal = 0usize;
+    let mut max = 0u8;
+    for (&a, &b) in ours.as_raw().iter().zip(reference.as_raw()) {
+        let d = a.abs_diff(b);
+        within += (d <= 1) as usize;
+        equal += (d == 0) as usize;
+        max = max.max(d);
+    }
+    (within as f64 / n, equal as f64 / n, max)
+}
+
+fn num(case: &Value, key: &str) -> u32 {
+    case[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {case}")) as u32
+}
+
+#[test]
+fn transforms_match_pillow_and_torchvision() {
+    let dir = fixtures();
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("parity/manifest.json")).unwrap())
+            .unwrap();
+    let cases = manifest["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    let mut worst = 1.0f64;
+    for case in cases {
+        let input = load(&dir.join(case["input"].as_str().unwrap()));
+        let reference = load(&dir.join("parity").join(case["output"].as_str().unwrap()));
+        let filter = |k: &str| Filter::parse(case[k].as_str().unwrap_or("bicubic")).unwrap();
+        let ours = match case["op"].as_str().unwrap() {
+            "resize" => resize(
+                &input,
+                num(case, "width"),
+                num(case, "height"),
+                filter("filter"),
+            )
+            .unwrap(),
+            "resized_crop" => {
+                let s = num(case, "size");
+                let region = (
+                    num(case, "left"),
+                    num(case, "top"),
+                    num(case, "width"),
+                    num(case, "height"),
+                );
+                resize_region(&input, region, s, s, filter("filter")).unwrap()
+            }
+            "eval_unilm" => EvalTransform::unilm(num(case, "size"))
+                .geometry(&input)
+                .unwrap(),
+            "eval_crop_pct" => EvalTransform {
+                size: num(case, "size"),
+                resize: EvalResize::ShorterSideCrop {
+                    crop_pct: case["crop_pct"].as_f64().unwrap(),
+                },
+                interpolation: Filter::Bicubic,
+                normalize: Normalize::HALF,
+            }
+            .geometry(&input)
+            .unwrap(),
+            op @ ("two_view_first" | "two_view_second") => {
+                let t = TwoViewTransform::beit(224, 112);
+                let b = CropBox {
+                    left: num(case, "left"),
+                    top: num(case, "top"),
+                    width: num(case, "width"),
+                    height: num(case, "height"),
+                };
+                let (a, tok) = t
+                    .views_for_box(&input, b, case["flip"].as_bool().unwrap(), None)
+                    .unwrap();
+                if op == "two_view_first" {
+                    a
+                } else {
+                    tok
+                }
+            }
+            other => panic!("unknown op {other}"),
+        };
+        let (within, equal, max) = compare(&ours, &reference);
+        println!(
+            "{:<48} within 1/255: {:>7.3}%  exact: {:>7.3}%  max diff: {max}",
+            case["name"].as_str().unwrap(),
+            within * 100.0,
+            equal * 100.0
+        );
+        worst = worst.min(within);
+        assert!(
+            within >= 0.99,
+            "{case}: only {:.3}% within 1/255",
+            within * 100.0
+        );
+        // Our resampler reproduces Pillow's fixed-point arithmetic: expect bit-exact results.
+        assert!(equal >= 0.999, "{case}: only {:.3}% exact", equal * 100.0);
+        assert!(max <= 1, "{case}: max difference {max}");
+    }
+    println!("worst case: {:.3}% of values within 1/255", worst * 100.0);
+}
+
+#[test]
+fn jpeg_decoding_is_close_to_pillow() {
+    // Different JPEG decoders (zune-jpeg here, libjpeg-turbo in Pillow) differ slightly in IDCT and
+    // chroma upsampling; measure how much on a real photo.
+    let dir = fixtures();
+    let ours = load(&dir.join("rocket.jpg"));
+    let pil = load(&dir.join("parity/rocket_pil_decoded.png"));
+    let (within, equal, max) = compare(&ours, &pil);
+    println!(
+        "rocket.jpg decode vs Pillow: within 1/255 {:.3}%, exact {:.3}%, max diff {max}",
+        within * 100.0,
+        equal * 100.0
+    );
+    assert!(within >= 0.90, "{within}");
+}
