@@ -69,7 +69,9 @@ impl GroupingConfig {
     /// The lr scale of layer id `layer_id`: `decay^(L + 1 - layer_id)` (1 without decay).
     pub fn lr_scale(&self, layer_id: usize) -> f64 {
         match self.layer_decay {
-            Some(d) if d != 1.0 => d.powi((self.num_layers + 1).saturating_sub(layer_id) as i32),
+            // powf (a libm call) rather than powi (an LLVM intrinsic whose rounding may depend on
+            // how it was optimised), so the scales are the same in every build.
+            Some(d) if d != 1.0 => d.powf((self.num_layers + 1).saturating_sub(layer_id) as f64),
             _ => 1.0,
         }
     }
