@@ -18,6 +18,11 @@
 //!
 //! Random numbers come from a seeded [`TrainRng`], parameters are visited in sorted name order,
 //! so the same seed gives the same model on every machine.
+//!
+//! Fine-tuning follows unilm's order: build the model, initialise everything with
+//! [`InitConfig::finetune`] (which scales the fresh head by 0.001), then load the pre-trained
+//! weights non-strictly over it, leaving the head (and any other parameter the checkpoint lacks)
+//! with its fresh initialisation.
 
 use candle::{DType, Tensor};
 use candle_nn::VarMap;

@@ -12,6 +12,16 @@
 //! micro-batch of which epoch to feed next. Draw all randomness from [`TrainLoop::rng`] (or from
 //! generators derived from `(seed, epoch, index)` with [`TrainRng::derive`]); the generator is
 //! saved with each checkpoint, so a resumed run (see [`TrainLoop::resume`]) continues bit for bit.
+//! A model with its own generator for dropout / drop path (beit-model's `StochasticRng`) should be
+//! reseeded from it before each forward pass, e.g. `model.backbone().rng().reseed(rng.next_u64())`
+//! (as `tests/with_model.rs` does); data augmentation likewise.
+//!
+//! Records of `metrics.jsonl` (one JSON object per line):
+//!
+//! * `{"kind":"step","step":s,"epoch":e,"loss":…,"lr":…,"wd":…,"grad_norm":…,<caller metrics>…,"images_per_sec":…}`
+//!   after every optimizer step (`"skipped":true` when a non-finite gradient norm skipped the update);
+//! * `{"kind":"epoch","step":s,"epoch":e,"loss":…,<caller metrics>…}` with sample-weighted epoch means;
+//! * `{"kind":"eval","step":s,"epoch":e,…}` from [`TrainLoop::record_eval`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
