@@ -113,7 +113,11 @@ fn png_grid_has_the_expected_layout() {
         "--png",
         path.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let img = image::open(&path).unwrap().to_rgb8();
     // 2x2 tiles of 7*10+1 px with 5 px gaps: 2*71 + 3*5 = 157.
     assert_eq!(img.dimensions(), (157, 157));

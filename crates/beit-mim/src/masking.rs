@@ -1,0 +1,320 @@
+//! Blockwise masking (BEiT's `MaskingGenerator`) and the serde config that selects a mask sampler.
+
+use rand::{Rng, RngCore};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{invalid, Result};
+use crate::random_masking::RandomMasking;
+use crate::sampler::MaskSampler;
+
+/// Attempts at placing one block before the generator gives up on it (reference value).
+pub const MAX_ATTEMPTS_PER_BLOCK: usize = 10;
+
+/// Which mask generator to use.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaskStrategy {
+    /// Rectangular blocks of random area and aspect ratio (BEiT's default).
+    #[default]
+    Blockwise,
+    /// `num_masking_patches` cells drawn uniformly without replacement (Table 4 ablation
+    /// "− blockwise masking").
+    Random,
+}
+
+/// Mask generation settings, as found in a pre-training config.
+///
+/// Defaults (`MaskingConfig::default()`) are the BEiT-base recipe at 224 px with 16 px patches:
+/// a 14×14 grid, 75 masked patches (≈40%), blocks of at least 16 patches, no per-block cap beyond
+/// the target, aspect ratio log-uniform in [0.3, 1/0.3], blockwise.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaskingConfig {
+    /// `blockwise` (default) or `random`.
+    pub strategy: MaskStrategy,
+    /// Patch grid `[height, width]` (image size / patch size). Default `[14, 14]`.
+    pub input_size: [usize; 2],
+    /// Masked patches aimed at per image. Default 75. Blockwise masks never exceed it and stop a
+    /// little short about a third of the time, exactly like the reference.
+    pub num_masking_patches: usize,
+    /// Smallest block area drawn (`--min_mask_patches_per_block`). Default 16. Blockwise only.
+    pub min_num_patches: usize,
+    /// Largest block area drawn; `None` (default) means `num_masking_patches`. Blockwise only.
+    pub max_num_patches: Option<usize>,
+    /// Lower end of the log-uniform aspect-ratio range. Default 0.3. Blockwise only.
+    pub min_aspect: f64,
+    /// Upper end of the aspect-ratio range; `None` (default) means `1 / min_aspect`.
+    pub max_aspect: Option<f64>,
+}
+
+impl Default for MaskingConfig {
+    fn default() -> Self {
+        Self {
+            strategy: MaskStrategy::Blockwise,
+            input_size: [14, 14],
+            num_masking_patches: 75,
+            min_num_patches: 16,
+            max_num_patches: None,
+            min_aspect: 0.3,
+            max_aspect: None,
+        }
+    }
+}
+
+impl MaskingConfig {
+    /// The default settings on another grid with another target (e.g. `[7, 7]`, 20).
+    pub fn new(input_size: [usize; 2], num_masking_patches: usize) -> Self {
+        Self {
+            input_size,
+            num_masking_patches,
+            ..Self::default()
+        }
+    }
+
+    /// Check every field; the error names the field and the value.
+    pub fn validate(&self) -> Result<()> {
+        let [h, w] = self.input_size;
+        if h == 0 || w == 0 {
+            return Err(invalid(
+                "input_size",
+                format!("must be positive, got {h}x{w}"),
+            ));
+        }
+        let n = h * w;
+        if self.num_masking_patches == 0 || self.num_masking_patches > n {
+            return Err(invalid(
+                "num_masking_patches",
+                format!(
+                    "must be between 1 and the {n} patches of the {h}x{w} grid, got {}",
+                    self.num_masking_patches
+                ),
+            ));
+        }
+        if self.strategy == MaskStrategy::Random {
+            return Ok(());
+        }
+        // A block side must be strictly smaller than the grid side (reference rule), so a grid
+        // with a side of 1 can never receive a block.
+        if h < 2 || w < 2 {
+            return Err(invalid(
+                "input_size",
+                format!("blockwise masking needs a grid of at least 2x2, got {h}x{w}"),
+            ));
+        }
+        if self.max_num_patches == Some(0) {
+            return Err(invalid("max_num_patches", "must be at least 1, got 0"));
+        }
+        if !(self.min_aspect.is_finite() && self.min_aspect > 0.0) {
+            return Err(invalid(
+                "min_aspect",
+                format!("must be a positive number, got {}", self.min_aspect),
+            ));
+        }
+        if let Some(a) = self.max_aspect {
+            if !(a.is_finite() && a > 0.0) {
+                return Err(invalid(
+                    "max_aspect",
+                    format!("must be a positive number, got {a}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Validate and build the selected sampler.
+    pub fn build(&self) -> Result<Box<dyn MaskSampler>> {
+        Ok(match self.strategy {
+            MaskStrategy::Blockwise => Box::new(MaskingGenerator::new(self)?),
+            MaskStrategy::Random => Box::new(RandomMasking::new(self)?),
+        })
+    }
+}
+
+/// BEiT's blockwise mask generator, restated from the reference algorithm (beit-reference.md §5.3).
+///
+/// Blocks are added until the target is reached. For each block the budget is
+/// `min(target − masked, max_num_patches)`; up to [`MAX_ATTEMPTS_PER_BLOCK`] times an area is drawn
+/// uniformly between `min_num_patches` and the budget, an aspect ratio log-uniformly, the sides are
+/// rounded (half to even, like Python's `round`), and a rectangle with sides strictly smaller than
+/// the grid is placed uniformly at random. It is kept only if it covers between 1 and `budget` new
+/// cells. If all attempts fail the mask is returned as is, below the target.
+#[derive(Debug, Clone)]
+pub struct MaskingGenerator {
+    height: usize,
+    width: usize,
+    num_masking_patches: usize,
+    min_num_patches: usize,
+    max_num_patches: usize,
+    log_aspect: (f64, f64),
+}
+
+impl MaskingGenerator {
+    /// Build from a config (its `strategy` is ignored).
+    pub fn new(cfg: &MaskingConfig) -> Result<Self> {
+        let cfg = MaskingConfig {
+            strategy: MaskStrategy::Blockwise,
+            ..cfg.clone()
+        };
+        cfg.validate()?;
+        let max_aspect = cfg.max_aspect.unwrap_or(1.0 / cfg.min_aspect);
+        Ok(Self {
+            height: cfg.input_size[0],
+            width: cfg.input_size[1],
+            num_masking_patches: cfg.num_masking_patches,
+            min_num_patches: cfg.min_num_patches,
+            max_num_patches: cfg.max_num_patches.unwrap_or(cfg.num_masking_patches),
+            log_aspect: (cfg.min_aspect.ln(), max_aspect.ln()),
+        })
+    }
+
+    /// Try to place one block of at most `budget` new cells; returns how many cells it added.
+    fn add_block(&self, mask: &mut [bool], budget: usize, rng: &mut dyn RngCore) -> usize {
+        for _ in 0..MAX_ATTEMPTS_PER_BLOCK {
+            let area = uniform(rng, self.min_num_patches as f64, budget as f64);
+            let ratio = uniform(rng, self.log_aspect.0, self.log_aspect.1).exp();
+            let bh = (area * ratio).sqrt().round_ties_even() as usize;
+            let bw = (area / ratio).sqrt().round_ties_even() as usize;
+            if bh >= self.height || bw >= self.width {
+                continue;
+            }
+            let top = rng.random_range(0..=self.height - bh);
+            let left = rng.random_range(0..=self.width - bw);
+            let cells = |mask: &[bool]| {
+                (top..top + bh)
+                    .flat_map(|r| (left..left + bw).map(move |c| r * self.width + c))
+                    .filter(|&i| !mask[i])
+                    .collect::<Vec<_>>()
+            };
+            let fresh = cells(mask);
+            if !fresh.is_empty() && fresh.len() <= budget {
+                for &i in &fresh {
+                    mask[i] = true;
+                }
+                return fresh.len();
+            }
+        }
+        0
+    }
+}
+
+/// `a + (b − a)·U[0, 1)`: Python's `random.uniform`, which also accepts `b < a`.
+fn uniform(rng: &mut dyn RngCore, a: f64, b: f64) -> f64 {
+    a + (b - a) * rng.random::<f64>()
+}
+
+impl MaskSampler for MaskingGenerator {
+    fn grid(&self) -> (usize, usize) {
+        (self.height, self.width)
+    }
+
+    fn num_masking_patches(&self) -> usize {
+        self.num_masking_patches
+    }
+
+    fn sample(&self, rng: &mut dyn RngCore) -> Vec<bool> {
+        let mut mask = vec![false; self.height * self.width];
+        let mut count = 0;
+        while count < self.num_masking_patches {
+            let budget = (self.num_masking_patches - count).min(self.max_num_patches);
+            match self.add_block(&mut mask, budget, rng) {
+                0 => break,
+                added => count += added,
+            }
+        }
+        mask
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::sample_rng;
+
+    #[test]
+    fn never_exceeds_the_target_and_is_seeded() {
+        let g = MaskingGenerator::new(&MaskingConfig::default()).unwrap();
+        for i in 0..200 {
+            let m = g.sample_at(7, 0, i);
+            assert_eq!(m.len(), 196);
+            let n = m.iter().filter(|&&b| b).count();
+            assert!((16..=75).contains(&n), "sample {i}: {n} cells");
+            assert_eq!(m, g.sample_at(7, 0, i));
+        }
+        assert_ne!(g.sample_at(7, 0, 0), g.sample_at(8, 0, 0));
+        assert_ne!(g.sample_at(7, 0, 0), g.sample_at(7, 1, 0));
+        assert_ne!(g.sample_at(7, 0, 0), g.sample_at(7, 0, 1));
+    }
+
+    #[test]
+    fn one_block_is_a_rectangle_with_sides_below_the_grid() {
+        let cfg = MaskingConfig {
+            min_num_patches: 8,
+            ..MaskingConfig::new([6, 6], 30)
+        };
+        let g = MaskingGenerator::new(&cfg).unwrap();
+        let mut rng = sample_rng(1, 2, 3);
+        for _ in 0..500 {
+            let mut m = vec![false; 36];
+            let added = g.add_block(&mut m, 30, &mut rng);
+            let cells: Vec<(usize, usize)> =
+                (0..36).filter(|&i| m[i]).map(|i| (i / 6, i % 6)).collect();
+            assert_eq!(added, cells.len());
+            if added == 0 {
+                continue;
+            }
+            let rows = cells.iter().map(|c| c.0).max().unwrap()
+                - cells.iter().map(|c| c.0).min().unwrap()
+                + 1;
+            let cols = cells.iter().map(|c| c.1).max().unwrap()
+                - cells.iter().map(|c| c.1).min().unwrap()
+                + 1;
+            assert_eq!(rows * cols, added, "not a filled rectangle");
+            assert!(rows < 6 && cols < 6, "{rows}x{cols} spans the grid");
+            assert!((1..=30).contains(&added));
+        }
+    }
+
+    #[test]
+    fn rejects_bad_fields_by_name() {
+        let bad = |cfg: MaskingConfig, field: &str| {
+            let err = MaskingGenerator::new(&cfg).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        };
+        bad(MaskingConfig::new([14, 14], 197), "num_masking_patches");
+        bad(MaskingConfig::new([14, 14], 0), "num_masking_patches");
+        bad(MaskingConfig::new([1, 14], 5), "input_size");
+        bad(MaskingConfig::new([0, 14], 5), "input_size");
+        bad(
+            MaskingConfig {
+                min_aspect: 0.0,
+                ..Default::default()
+            },
+            "min_aspect",
+        );
+        bad(
+            MaskingConfig {
+                max_aspect: Some(f64::NAN),
+                ..Default::default()
+            },
+            "max_aspect",
+        );
+        bad(
+            MaskingConfig {
+                max_num_patches: Some(0),
+                ..Default::default()
+            },
+            "max_num_patches",
+        );
+    }
+
+    #[test]
+    fn config_serde_defaults_and_kebab_case() {
+        let cfg: MaskingConfig = serde_json::from_str(r#"{"strategy": "random"}"#).unwrap();
+        assert_eq!(cfg.strategy, MaskStrategy::Random);
+        assert_eq!(cfg.num_masking_patches, 75);
+        assert_eq!(cfg.min_num_patches, 16);
+        assert_eq!(cfg.input_size, [14, 14]);
+        let err = serde_json::from_str::<MaskingConfig>(r#"{"num_mask": 3}"#).unwrap_err();
+        assert!(err.to_string().contains("num_mask"), "{err}");
+    }
+}

@@ -1,0 +1,138 @@
+//! One entry point computing the pre-training loss for any [`MimTarget`].
+
+use candle::{DType, Module, Tensor};
+
+use crate::error::{bad_input, MimError, Result};
+use crate::loss::{gather_rows, masked_flat_indices, mim_cross_entropy, mlm_accuracy};
+use crate::pixel::{normalize_patches, patchify, pixel_mse, PixelRegressionHead};
+use crate::target::MimTarget;
+
+/// What the model and the data give the loss for one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct MimInputs<'a> {
+    /// Final-normed patch-token features `(B, N, C)` (CLS dropped).
+    pub features: &'a Tensor,
+    /// `(B, N)` mask, non-zero = masked (`bool_masked_pos`).
+    pub mask: &'a Tensor,
+    /// `(B, N)` visual-token ids from the tokenizer; needed by `visual-tokens` and `all-tokens`.
+    pub token_ids: Option<&'a Tensor>,
+    /// `(B, C, H, W)` images as fed to the encoder; needed by `pixel-regression`.
+    pub pixels: Option<&'a Tensor>,
+}
+
+/// The loss of one batch and what to log with it.
+#[derive(Debug, Clone)]
+pub struct MimLossOutput {
+    /// Scalar loss (f32), differentiable.
+    pub loss: Tensor,
+    /// Arg-max accuracy of the visual tokens on the masked positions (`mlm_acc`); `None` for
+    /// pixel regression.
+    pub mlm_acc: Option<f32>,
+    /// Number of masked positions in the batch.
+    pub num_masked: usize,
+}
+
+/// Compute the loss of `target`.
+///
+/// - `visual-tokens`: `lm_head` only on the masked rows (the efficient way: `M` rows instead of
+///   `B·N`), cross-entropy against their token ids.
+/// - `all-tokens`: `lm_head` on every row, cross-entropy against every token id; `mlm_acc` is still
+///   measured on the masked rows so it compares with the default target.
+/// - `pixel-regression`: `pixel_head` on the masked rows, MSE against the per-patch normalised
+///   pixels of those patches.
+pub fn mim_loss(
+    target: MimTarget,
+    inputs: &MimInputs<'_>,
+    lm_head: &dyn Module,
+    pixel_head: Option<&PixelRegressionHead>,
+) -> Result<MimLossOutput> {
+    let (b, n, _c) = inputs.features.dims3().map_err(|_| {
+        bad_input(
+            "features",
+            format!("expected (B, N, C), got {:?}", inputs.features.dims()),
+        )
+    })?;
+    if inputs.mask.dims() != [b, n] {
+        return Err(bad_input(
+            "mask",
+            format!(
+                "expected ({b}, {n}) to match the features, got {:?}",
+                inputs.mask.dims()
+            ),
+        ));
+    }
+    let idx = masked_flat_indices(inputs.mask)?;
+    if idx.is_empty() {
+        return Err(MimError::NoMaskedPositions);
+    }
+    let device = inputs.features.device();
+    let idx_t = Tensor::from_slice(&idx, idx.len(), device)?;
+    let token_ids = || -> Result<Tensor> {
+        let ids = inputs.token_ids.ok_or(MimError::MissingInput {
+            target: target.as_str(),
+            needed: "visual-token ids (`token_ids`)",
+        })?;
+        if ids.dims() != [b, n] {
+            return Err(bad_input(
+                "token_ids",
+                format!("expected ({b}, {n}), got {:?}", ids.dims()),
+            ));
+        }
+        Ok(ids.flatten_all()?.to_dtype(DType::U32)?)
+    };
+
+    match target {
+        MimTarget::VisualTokens => {
+            let ids = token_ids()?.index_select(&idx_t, 0)?;
+            let logits = lm_head.forward(&gather_rows(inputs.features, &idx)?)?;
+            Ok(MimLossOutput {
+                loss: mim_cross_entropy(&logits, &ids)?,
+                mlm_acc: Some(mlm_accuracy(&logits, &ids)?),
+                num_masked: idx.len(),
+            })
+        }
+        MimTarget::AllTokens => {
+            let ids = token_ids()?;
+            let logits = lm_head.forward(inputs.features)?;
+            let v = logits.dim(2)?;
+            let logits = logits.reshape((b * n, v))?;
+            let masked_logits = logits.index_select(&idx_t, 0)?;
+            let masked_ids = ids.index_select(&idx_t, 0)?;
+            Ok(MimLossOutput {
+                loss: mim_cross_entropy(&logits, &ids)?,
+                mlm_acc: Some(mlm_accuracy(&masked_logits, &masked_ids)?),
+                num_masked: idx.len(),
+            })
+        }
+        MimTarget::PixelRegression => {
+            let head = pixel_head.ok_or(MimError::MissingInput {
+                target: target.as_str(),
+                needed: "a pixel head (`PixelRegressionHead`)",
+            })?;
+            let pixels = inputs.pixels.ok_or(MimError::MissingInput {
+                target: target.as_str(),
+                needed: "the input images (`pixels`)",
+            })?;
+            let patches = patchify(&pixels.to_dtype(DType::F32)?, head.patch_size())?;
+            if patches.dims()[..2] != [b, n] || patches.dim(2)? != head.out_dim() {
+                return Err(bad_input(
+                    "pixels",
+                    format!(
+                        "patchified to {:?}, expected ({b}, {n}, {}) for the features and head",
+                        patches.dims(),
+                        head.out_dim()
+                    ),
+                ));
+            }
+            let target_px = gather_rows(&normalize_patches(&patches)?, &idx)?;
+            let pred = head
+                .forward(&gather_rows(inputs.features, &idx)?)?
+                .to_dtype(DType::F32)?;
+            Ok(MimLossOutput {
+                loss: pixel_mse(&pred, &target_px.detach())?,
+                mlm_acc: None,
+                num_masked: idx.len(),
+            })
+        }
+    }
+}
