@@ -68,6 +68,7 @@
 //! the resumed loss curve is bit-identical to an uninterrupted run (tested).
 
 pub mod accumulate;
+mod adamw_cpu;
 pub mod checkpoint;
 pub mod clip;
 pub mod error;

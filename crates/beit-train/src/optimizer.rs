@@ -10,7 +10,9 @@
 //!   `θ ← θ − (lr_g / (1−β1^t)) · m / (sqrt(v)/sqrt(1−β2^t) + ε)`;
 //! * `t` is counted per parameter, and a parameter without a gradient is skipped entirely (its
 //!   `t` does not advance), exactly as torch does;
-//! * moments are kept in f32 whatever the parameter dtype (f32 master weights are the norm here).
+//! * moments are kept in f32 whatever the parameter dtype (f32 master weights are the norm here);
+//! * on the CPU, f32 parameters are updated by a fused in-place kernel (three passes, no
+//!   temporaries); elsewhere by tensor ops. Both paths are tested against PyTorch.
 //!
 //! State is saved as safetensors keyed by parameter name: `exp_avg.{name}`, `exp_avg_sq.{name}`
 //! (f32, parameter shape) and `step.{name}` (a one-element f64 tensor), so a checkpoint can be
@@ -22,6 +24,7 @@ use std::path::Path;
 use candle::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::adamw_cpu;
 use crate::error::{Result, TrainError};
 use crate::param_groups::ParamGroup;
 
@@ -71,6 +74,7 @@ pub struct AdamW {
     /// Indexed like `groups[g].params[p]`.
     state: Vec<Vec<ParamState>>,
     steps_taken: u64,
+    fused_cpu: bool,
 }
 
 impl AdamW {
@@ -94,10 +98,10 @@ impl AdamW {
                         message: format!("cannot optimise a {:?} tensor", var.dtype()),
                     });
                 }
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two separate buffers: the fused CPU path updates them in place.
                 gs.push(ParamState {
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
+                    exp_avg: Tensor::zeros(var.shape(), DType::F32, var.device())?,
+                    exp_avg_sq: Tensor::zeros(var.shape(), DType::F32, var.device())?,
                     step: 0,
                 });
             }
@@ -108,7 +112,14 @@ impl AdamW {
             groups,
             state,
             steps_taken: 0,
+            fused_cpu: true,
         })
+    }
+
+    /// Use the fused in-place CPU kernel for f32 parameters on the CPU (default: on). Off, every
+    /// device takes the tensor-op path (the one CUDA uses); both compute the same update.
+    pub fn set_fused_cpu(&mut self, on: bool) {
+        self.fused_cpu = on;
     }
 
     /// The fixed hyper-parameters.
@@ -152,7 +163,24 @@ impl AdamW {
                 };
                 stats.updated += 1;
                 st.step += 1;
+                let bc1 = 1.0 - b1.powi(st.step as i32);
+                let bc2_sqrt = (1.0 - b2.powi(st.step as i32)).sqrt();
+                let step_size = lr_g / bc1;
                 let grad = grad.to_dtype(DType::F32)?;
+                if self.fused_cpu
+                    && adamw_cpu::applicable(var.as_tensor(), &grad, &st.exp_avg, &st.exp_avg_sq)
+                {
+                    let args = adamw_cpu::UpdateArgs {
+                        beta1: b1,
+                        beta2: b2,
+                        eps,
+                        decay: 1.0 - lr_g * wd_g,
+                        step_size,
+                        bc2_sqrt,
+                    };
+                    adamw_cpu::update(var.as_tensor(), &grad, &st.exp_avg, &st.exp_avg_sq, &args)?;
+                    continue;
+                }
                 // Work on an f32 view of the parameter; cast back only if the Var is not f32.
                 let mut theta = var.as_tensor().detach().to_dtype(DType::F32)?;
                 if wd_g != 0.0 {
@@ -160,9 +188,6 @@ impl AdamW {
                 }
                 st.exp_avg = ((&st.exp_avg * b1)? + (&grad * (1.0 - b1))?)?;
                 st.exp_avg_sq = ((&st.exp_avg_sq * b2)? + (grad.sqr()? * (1.0 - b2))?)?;
-                let bc1 = 1.0 - b1.powi(st.step as i32);
-                let bc2_sqrt = (1.0 - b2.powi(st.step as i32)).sqrt();
-                let step_size = lr_g / bc1;
                 let denom = ((st.exp_avg_sq.sqrt()? / bc2_sqrt)? + eps)?;
                 let update = ((&st.exp_avg / &denom)? * step_size)?;
                 theta = (theta - update)?;
@@ -180,8 +205,9 @@ impl AdamW {
         let cpu = candle::Device::Cpu;
         for (group, states) in self.groups.iter().zip(&self.state) {
             for ((name, _), st) in group.params.iter().zip(states) {
-                out.insert(format!("exp_avg.{name}"), st.exp_avg.clone());
-                out.insert(format!("exp_avg_sq.{name}"), st.exp_avg_sq.clone());
+                // Copies: the fused CPU path updates the moments in place.
+                out.insert(format!("exp_avg.{name}"), st.exp_avg.copy()?);
+                out.insert(format!("exp_avg_sq.{name}"), st.exp_avg_sq.copy()?);
                 // f64 holds any realistic step count exactly (< 2^53).
                 out.insert(
                     format!("step.{name}"),
@@ -235,7 +261,9 @@ impl AdamW {
                         )));
                     }
                     expected += 1;
-                    Ok(t.to_dtype(DType::F32)?.to_device(var.device())?)
+                    // A private copy: the fused CPU path updates moments in place, and must not
+                    // write into the caller's tensors.
+                    Ok(t.to_dtype(DType::F32)?.to_device(var.device())?.copy()?)
                 };
                 let exp_avg = moment("exp_avg")?;
                 let exp_avg_sq = moment("exp_avg_sq")?;

@@ -43,6 +43,16 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn adamw_matches_torch_with_two_groups() -> anyhow::Result<()> {
+    adamw_against_torch(true)
+}
+
+/// The tensor-op path (the one CUDA takes) gives the same result.
+#[test]
+fn adamw_tensor_op_path_matches_torch() -> anyhow::Result<()> {
+    adamw_against_torch(false)
+}
+
+fn adamw_against_torch(fused: bool) -> anyhow::Result<()> {
     let fx = fixture("adamw.json");
     let dev = Device::Cpu;
     let mut vars: HashMap<String, Var> = HashMap::new();
@@ -75,6 +85,7 @@ fn adamw_matches_torch_with_two_groups() -> anyhow::Result<()> {
         eps: fx["eps"].as_f64().unwrap(),
     };
     let mut opt = AdamW::new(groups.clone(), cfg)?;
+    opt.set_fused_cpu(fused);
     for (i, step) in fx["steps"].as_array().unwrap().iter().enumerate() {
         let mut grads = GradStore::default();
         for (name, g) in step["grads"].as_object().unwrap() {
@@ -121,6 +132,7 @@ fn adamw_matches_torch_with_two_groups() -> anyhow::Result<()> {
     let path = dir.path().join("opt.safetensors");
     opt.save(&path)?;
     let mut opt2 = AdamW::new(groups.clone(), cfg)?;
+    opt2.set_fused_cpu(fused);
     opt2.load(&path)?;
     let st2 = opt2.state_tensors()?;
     assert_eq!(st.len(), st2.len());
