@@ -293,6 +293,17 @@ impl TrainLoop {
         let rng = TrainRng::seed_from_u64(cfg.seed);
         let train_config = serde_json::to_value(&cfg).unwrap_or(Value::Null);
         let state = TrainerState::new(cfg.seed, rng.state(), train_config, run_config);
+        // A fresh run in a directory of an earlier one would truncate its log, and rotation
+        // (newest steps first) would delete the new run's checkpoints in favour of the old ones.
+        if out_dir.is_dir() {
+            if let Some((step, _)) = CheckpointManager::new(out_dir, 1)?.list()?.pop() {
+                return Err(TrainError::Config(format!(
+                    "{} already holds checkpoints (latest: step {step}); resume from it or choose \
+                     another output directory",
+                    out_dir.display()
+                )));
+            }
+        }
         let metrics = MetricsWriter::create(out_dir.join(METRICS_FILE))?;
         Self::assemble(cfg, varmap, groups, out_dir, state, rng, metrics)
     }
@@ -337,6 +348,21 @@ impl TrainLoop {
         }
         state.train_config = train_config;
         state.run_config = run_config;
+        // Step checkpoints newer than the one resumed from belong to the abandoned continuation
+        // (like the metrics records after it, dropped below); left in place, rotation would keep
+        // them and delete the new ones.
+        if out_dir.is_dir() {
+            for (step, dir) in CheckpointManager::new(out_dir, 1)?.list()? {
+                if step > state.step {
+                    tracing::warn!(
+                        "removing {} (step {step} > resumed step {})",
+                        dir.display(),
+                        state.step
+                    );
+                    std::fs::remove_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
+                }
+            }
+        }
         let metrics = MetricsWriter::resume(out_dir.join(METRICS_FILE), state.step)?;
         let mut tl = Self::assemble(cfg, varmap, groups, out_dir, state, rng, metrics)?;
         tl.optimizer.load(&ck.optimizer_path())?;

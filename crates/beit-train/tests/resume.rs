@@ -223,6 +223,18 @@ fn resumed_run_reproduces_uninterrupted_run_bit_for_bit() -> anyhow::Result<()> 
         tl.run_epoch(next_batch, |b, r| forward(&vm_c, b, r))?;
     }
     tl.finish()?;
+    // A fresh run into a directory with checkpoints is refused.
+    let vm_d = make_model(1);
+    let e = TrainLoop::new(
+        config(),
+        vm_d.clone(),
+        groups(&vm_d),
+        dir_b.path(),
+        serde_json::json!({}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already holds checkpoints"), "{e}");
 
     let curve_b = curve(dir_b.path());
     assert_eq!(curve_a, curve_b, "loss curves differ");
@@ -232,6 +244,24 @@ fn resumed_run_reproduces_uninterrupted_run_bit_for_bit() -> anyhow::Result<()> 
     let epochs_a = epoch_records(dir_a.path());
     assert_eq!(epochs_a.len(), 3);
     assert_eq!(epochs_a, epoch_records(dir_b.path()));
+    // Resuming run A from its older checkpoint (step 3, explicit path) replays the same
+    // continuation: the stale step-6 checkpoint and the later records are replaced.
+    let vm_e = make_model(777);
+    let mut tl = TrainLoop::resume(
+        config(),
+        vm_e.clone(),
+        groups(&vm_e),
+        dir_a.path(),
+        &dir_a.path().join("checkpoint-00000003"),
+        serde_json::json!({}),
+    )?;
+    while !tl.is_done() {
+        tl.run_epoch(next_batch, |b, r| forward(&vm_e, b, r))?;
+    }
+    tl.finish()?;
+    assert_eq!(curve_a, curve(dir_a.path()));
+    assert_eq!(weights(&vm_a), weights(&vm_e));
+
     // Rotation kept the last two step checkpoints (3 and 6).
     let ck: Vec<String> = std::fs::read_dir(dir_b.path())?
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
