@@ -111,16 +111,6 @@ fn gray(p: [f32; 3]) -> f32 {
     0.2989 * p[0] + 0.587 * p[1] + 0.114 * p[2]
 }
 
-#[inline]
-fn blend(a: [f32; 3], b: [f32; 3], f: f32) -> [f32; 3] {
-    // f * a + (1 - f) * b, clamped to [0, 1].
-    [
-        (f * a[0] + (1.0 - f) * b[0]).clamp(0.0, 1.0),
-        (f * a[1] + (1.0 - f) * b[1]).clamp(0.0, 1.0),
-        (f * a[2] + (1.0 - f) * b[2]).clamp(0.0, 1.0),
-    ]
-}
-
 fn shift_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
     let [r, g, b] = p;
     let max = r.max(g).max(b);
@@ -155,41 +145,165 @@ fn shift_hue(p: [f32; 3], shift: f32) -> [f32; 3] {
     }
 }
 
-impl JitterDraw {
-    fn apply_pixel(&self, mut p: [f32; 3], contrast_mean: f32) -> [f32; 3] {
-        for op in &self.ops {
-            p = match *op {
-                Op::Brightness(f) => blend(p, [0.0; 3], f),
-                Op::Contrast(f) => blend(p, [contrast_mean; 3], f),
-                Op::Saturation(f) => {
-                    let g = gray(p);
-                    blend(p, [g; 3], f)
-                }
-                Op::Hue(s) => shift_hue(p, s),
-            };
+/// One adjustment other than contrast on one pixel (the contrast mean is not needed before the
+/// contrast step itself).
+#[inline]
+fn apply_pixel(op: Op, p: [f32; 3]) -> [f32; 3] {
+    match op {
+        Op::Brightness(f) => [
+            (p[0] * f).min(1.0),
+            (p[1] * f).min(1.0),
+            (p[2] * f).min(1.0),
+        ],
+        Op::Saturation(f) => {
+            let grey = (1.0 - f) * gray(p);
+            [
+                (f * p[0] + grey).clamp(0.0, 1.0),
+                (f * p[1] + grey).clamp(0.0, 1.0),
+                (f * p[2] + grey).clamp(0.0, 1.0),
+            ]
         }
-        p
+        Op::Hue(s) => shift_hue(p, s),
+        Op::Contrast(_) => p,
+    }
+}
+
+/// Planar f32 copy of a region, values in `[0, 1]`.
+struct Planes {
+    r: Vec<f32>,
+    g: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Planes {
+    fn from_region(img: &RgbImage, b: CropBox) -> Self {
+        let lut: [f32; 256] = std::array::from_fn(|i| i as f32 / 255.0);
+        let (w, h) = (b.width as usize, b.height as usize);
+        let (mut r, mut g, mut bl) = (vec![0f32; w * h], vec![0f32; w * h], vec![0f32; w * h]);
+        let stride = img.width() as usize * 3;
+        let src = img.as_raw();
+        for y in 0..h {
+            let row = &src[(b.top as usize + y) * stride + b.left as usize * 3..][..w * 3];
+            let (r, g, bl) = (
+                &mut r[y * w..(y + 1) * w],
+                &mut g[y * w..(y + 1) * w],
+                &mut bl[y * w..(y + 1) * w],
+            );
+            for (i, px) in row.chunks_exact(3).enumerate() {
+                r[i] = lut[px[0] as usize];
+                g[i] = lut[px[1] as usize];
+                bl[i] = lut[px[2] as usize];
+            }
+        }
+        Planes { r, g, b: bl }
     }
 
+    fn each_plane(&mut self, f: impl Fn(&mut [f32])) {
+        f(&mut self.r);
+        f(&mut self.g);
+        f(&mut self.b);
+    }
+
+    /// Apply one adjustment to every pixel. Each is a tight loop over the planes.
+    fn apply(&mut self, op: Op, contrast_mean: f32) {
+        match op {
+            Op::Brightness(f) => self.each_plane(|p| {
+                for v in p {
+                    *v = (*v * f).min(1.0);
+                }
+            }),
+            Op::Contrast(f) => {
+                let add = (1.0 - f) * contrast_mean;
+                self.each_plane(|p| {
+                    for v in p {
+                        *v = (f * *v + add).clamp(0.0, 1.0);
+                    }
+                })
+            }
+            Op::Saturation(f) => {
+                let k = 1.0 - f;
+                for ((r, g), b) in self
+                    .r
+                    .iter_mut()
+                    .zip(self.g.iter_mut())
+                    .zip(self.b.iter_mut())
+                {
+                    let grey = k * gray([*r, *g, *b]);
+                    *r = (f * *r + grey).clamp(0.0, 1.0);
+                    *g = (f * *g + grey).clamp(0.0, 1.0);
+                    *b = (f * *b + grey).clamp(0.0, 1.0);
+                }
+            }
+            Op::Hue(shift) => {
+                for ((r, g), b) in self
+                    .r
+                    .iter_mut()
+                    .zip(self.g.iter_mut())
+                    .zip(self.b.iter_mut())
+                {
+                    [*r, *g, *b] = shift_hue([*r, *g, *b], shift);
+                }
+            }
+        }
+    }
+}
+
+impl JitterDraw {
     /// Mean grey level of the whole image as it is when the contrast step runs (torchvision
     /// computes it on the full image, after the adjustments drawn before it).
     fn contrast_mean(&self, img: &RgbImage) -> f32 {
         let Some(pos) = self.ops.iter().position(|o| matches!(o, Op::Contrast(_))) else {
             return 0.0;
         };
-        let before = JitterDraw {
-            ops: self.ops[..pos].to_vec(),
-        };
-        let mut sum = 0f64;
-        for px in img.as_raw().chunks_exact(3) {
-            let p = [
-                px[0] as f32 / 255.0,
-                px[1] as f32 / 255.0,
-                px[2] as f32 / 255.0,
-            ];
-            sum += gray(before.apply_pixel(p, 0.0)) as f64;
+        if pos == 0 {
+            // Nothing before: the grey mean of the original, from integer channel sums.
+            let mut sums = [0u64; 3];
+            for px in img.as_raw().chunks_exact(3) {
+                sums[0] += px[0] as u64;
+                sums[1] += px[1] as u64;
+                sums[2] += px[2] as u64;
+            }
+            let n = (img.width() as f64 * img.height() as f64).max(1.0) * 255.0;
+            let m = [sums[0] as f64 / n, sums[1] as f64 / n, sums[2] as f64 / n];
+            return (0.2989 * m[0] + 0.587 * m[1] + 0.114 * m[2]) as f32;
         }
-        (sum / (img.width() as f64 * img.height() as f64)) as f32
+        let prefix = &self.ops[..pos];
+        let n = (img.width() as f64 * img.height() as f64).max(1.0);
+        if let [Op::Brightness(f)] = prefix {
+            // Brightness alone acts per channel: exact mean from the channel histograms.
+            let mut hist = [[0u64; 256]; 3];
+            for px in img.as_raw().chunks_exact(3) {
+                hist[0][px[0] as usize] += 1;
+                hist[1][px[1] as usize] += 1;
+                hist[2][px[2] as usize] += 1;
+            }
+            let mean = |c: usize| -> f64 {
+                (0..256)
+                    .map(|v| hist[c][v] as f64 * ((v as f32 / 255.0) * f).min(1.0) as f64)
+                    .sum::<f64>()
+                    / n
+            };
+            return (0.2989 * mean(0) + 0.587 * mean(1) + 0.114 * mean(2)) as f32;
+        }
+        // General case: one fused pass, the preceding adjustments applied in registers.
+        let lut: [f32; 256] = std::array::from_fn(|i| i as f32 / 255.0);
+        let mut total = 0f64;
+        for row in img.as_raw().chunks(img.width() as usize * 3) {
+            let mut acc = 0f32;
+            for px in row.chunks_exact(3) {
+                let mut p = [
+                    lut[px[0] as usize],
+                    lut[px[1] as usize],
+                    lut[px[2] as usize],
+                ];
+                for op in prefix {
+                    p = apply_pixel(*op, p);
+                }
+                acc += gray(p);
+            }
+            total += acc as f64;
+        }
+        (total / n) as f32
     }
 
     /// Apply to the region `b` of `img` and return that region only. Every step is per-pixel except
@@ -200,23 +314,16 @@ impl JitterDraw {
             return image::imageops::crop_imm(img, b.left, b.top, b.width, b.height).to_image();
         }
         let mean = self.contrast_mean(img);
-        let stride = img.width() as usize * 3;
-        let src = img.as_raw();
-        let mut out = Vec::with_capacity(b.width as usize * b.height as usize * 3);
-        for y in b.top..b.top + b.height {
-            let row = &src[y as usize * stride + b.left as usize * 3..][..b.width as usize * 3];
-            for px in row.chunks_exact(3) {
-                let p = [
-                    px[0] as f32 / 255.0,
-                    px[1] as f32 / 255.0,
-                    px[2] as f32 / 255.0,
-                ];
-                let q = self.apply_pixel(p, mean);
-                out.extend(
-                    q.iter()
-                        .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8),
-                );
-            }
+        let mut planes = Planes::from_region(img, b);
+        for &op in &self.ops {
+            planes.apply(op, mean);
+        }
+        let mut out = vec![0u8; planes.r.len() * 3];
+        let to_u8 = |v: f32| (v * 255.0 + 0.5) as u8;
+        for (i, o) in out.chunks_exact_mut(3).enumerate() {
+            o[0] = to_u8(planes.r[i]);
+            o[1] = to_u8(planes.g[i]);
+            o[2] = to_u8(planes.b[i]);
         }
         RgbImage::from_raw(b.width, b.height, out).expect("buffer size matches")
     }

@@ -173,6 +173,66 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// Transpose a `width` x `height` RGB image stored with `stride` bytes per row into `out`
+/// (`height` x `width`, rows of `height * 3` bytes).
+fn transpose_rgb(src: &[u8], stride: usize, width: usize, height: usize, out: &mut [u8]) {
+    const TILE: usize = 32;
+    for y0 in (0..height).step_by(TILE) {
+        for x0 in (0..width).step_by(TILE) {
+            for y in y0..(y0 + TILE).min(height) {
+                let row = &src[y * stride..];
+                for x in x0..(x0 + TILE).min(width) {
+                    let o = (x * height + y) * 3;
+                    out[o..o + 3].copy_from_slice(&row[x * 3..x * 3 + 3]);
+                }
+            }
+        }
+    }
+}
+
+/// Resample along rows: output row `y` is the weighted sum of input rows `k.start[y] - row0 ..`,
+/// each `row_len` bytes, in Pillow's fixed point.
+fn vertical_pass(src: &[u8], row_len: usize, k: &Kernel, row0: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            unsafe { vertical_pass_avx2(src, row_len, k, row0, out) };
+            return;
+        }
+    }
+    vertical_pass_body(src, row_len, k, row0, out);
+}
+
+/// [`vertical_pass_body`] compiled with AVX2 enabled, so that the row loops use 8-lane integer
+/// multiplies.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn vertical_pass_avx2(src: &[u8], row_len: usize, k: &Kernel, row0: usize, out: &mut [u8]) {
+    vertical_pass_body(src, row_len, k, row0, out);
+}
+
+#[inline(always)]
+fn vertical_pass_body(src: &[u8], row_len: usize, k: &Kernel, row0: usize, out: &mut [u8]) {
+    let mut acc = vec![0i32; row_len];
+    for (y, out_row) in out.chunks_exact_mut(row_len).enumerate() {
+        acc.fill(1 << (PRECISION_BITS - 1));
+        let ws = &k.weights[y * k.ksize..y * k.ksize + k.len[y]];
+        for (j, &w) in ws.iter().enumerate() {
+            let r = k.start[y] + j - row0;
+            let in_row = &src[r * row_len..(r + 1) * row_len];
+            // Wrapping ops: the sums provably fit in i32 (as in Pillow), and unchecked arithmetic
+            // lets the loop vectorise even in builds with overflow checks.
+            for (a, &p) in acc.iter_mut().zip(in_row) {
+                *a = a.wrapping_add((p as i32).wrapping_mul(w));
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+}
+
 /// Resize an RGB image to `width` x `height` the way `PIL.Image.resize(size, filter)` does.
 ///
 /// Panics never; a zero target size is an error.
@@ -252,32 +312,25 @@ pub fn resize_region(
         None => (0, rh),
     };
 
-    // Horizontal pass into an 8-bit buffer of (row1 - row0) rows x ow pixels.
+    // Horizontal pass into an 8-bit buffer of (row1 - row0) rows x ow pixels. It is computed as a
+    // vertical pass on the transposed rows: the same integer sums, but over contiguous memory,
+    // which vectorises.
+    let rows = row1 - row0;
     let mid_w = if need_h { ow } else { rw };
-    let mut mid = vec![0u8; (row1 - row0) * mid_w * 3];
+    let mut mid = vec![0u8; rows * mid_w * 3];
     if need_h {
         let kh = kernel(rw, ow, filter);
-        for (r, out_row) in mid.chunks_exact_mut(ow * 3).enumerate() {
-            let in_row = &src[(top + row0 + r) * stride + left * 3..][..rw * 3];
-            for x in 0..ow {
-                let ws = &kh.weights[x * kh.ksize..x * kh.ksize + kh.len[x]];
-                let base = kh.start[x] * 3;
-                let (mut a0, mut a1, mut a2) = (
-                    1i32 << (PRECISION_BITS - 1),
-                    1 << (PRECISION_BITS - 1),
-                    1 << (PRECISION_BITS - 1),
-                );
-                for (j, &w) in ws.iter().enumerate() {
-                    let p = &in_row[base + j * 3..base + j * 3 + 3];
-                    a0 += p[0] as i32 * w;
-                    a1 += p[1] as i32 * w;
-                    a2 += p[2] as i32 * w;
-                }
-                out_row[x * 3] = clip8(a0);
-                out_row[x * 3 + 1] = clip8(a1);
-                out_row[x * 3 + 2] = clip8(a2);
-            }
-        }
+        let mut t = vec![0u8; rw * rows * 3];
+        transpose_rgb(
+            &src[(top + row0) * stride + left * 3..],
+            stride,
+            rw,
+            rows,
+            &mut t,
+        );
+        let mut t_out = vec![0u8; ow * rows * 3];
+        vertical_pass(&t, rows * 3, &kh, 0, &mut t_out);
+        transpose_rgb(&t_out, rows * 3, rows, ow, &mut mid);
     } else {
         for (r, out_row) in mid.chunks_exact_mut(rw * 3).enumerate() {
             out_row.copy_from_slice(&src[(top + row0 + r) * stride + left * 3..][..rw * 3]);
@@ -287,23 +340,8 @@ pub fn resize_region(
     let out = match kv {
         None => mid,
         Some(k) => {
-            let row_len = mid_w * 3;
-            let mut out = vec![0u8; oh * row_len];
-            let mut acc = vec![0i32; row_len];
-            for y in 0..oh {
-                acc.fill(1 << (PRECISION_BITS - 1));
-                let ws = &k.weights[y * k.ksize..y * k.ksize + k.len[y]];
-                for (j, &w) in ws.iter().enumerate() {
-                    let r = k.start[y] + j - row0;
-                    let in_row = &mid[r * row_len..(r + 1) * row_len];
-                    for (a, &p) in acc.iter_mut().zip(in_row) {
-                        *a += p as i32 * w;
-                    }
-                }
-                for (o, &a) in out[y * row_len..(y + 1) * row_len].iter_mut().zip(&acc) {
-                    *o = clip8(a);
-                }
-            }
+            let mut out = vec![0u8; oh * mid_w * 3];
+            vertical_pass(&mid, mid_w * 3, &k, row0, &mut out);
             out
         }
     };
