@@ -21,8 +21,8 @@ CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build -q -p beit-data --example bench_loader
 BIN=${CARGO_TARGET_DIR:-target}/debug/examples/bench_loader
 rust=(); torch=()
 for r in $(seq 1 "$ROUNDS"); do
-  rr=$("$BIN" "$FOLDER" "$THREADS" 2 64 | tee /dev/stderr | awk '/^rust_images_per_sec/ {print $2}')
-  tt=$("$PY" scripts/data_bench_torchvision.py "$FOLDER" "$THREADS" 2 64 | tee /dev/stderr | awk '/^torch_images_per_sec/ {print $2}')
+  rr=$("$BIN" "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr | awk '/^rust_images_per_sec/ {print $2}')
+  tt=$("$PY" scripts/data_bench_torchvision.py "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr | awk '/^torch_images_per_sec/ {print $2}')
   rust+=("$rr"); torch+=("$tt")
   echo "round $r: beit-data $rr images/s, torchvision $tt images/s" >&2
 done

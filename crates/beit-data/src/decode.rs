@@ -70,17 +70,12 @@ pub fn decode_bytes(bytes: &[u8], path: &Path, opts: &DecodeOptions) -> Result<R
     // Some decoders fill a truncated stream with grey instead of failing; Pillow refuses such files
     // (LOAD_TRUNCATED_IMAGES is off by default), and so do we.
     check_complete(bytes, format).map_err(fail)?;
-    let mut reader = reader;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(opts.max_side);
-    limits.max_image_height = Some(opts.max_side);
-    limits.max_alloc = Some(opts.max_alloc);
-    reader.limits(limits);
+    // Read the header first so that an oversized image is refused before any pixel allocation.
     let (w, h) = reader.into_dimensions().map_err(|e| fail(e.to_string()))?;
-    if w as u64 * h as u64 > opts.max_pixels {
+    if w > opts.max_side || h > opts.max_side || w as u64 * h as u64 > opts.max_pixels {
         return Err(fail(format!(
-            "{w}x{h} exceeds the limit of {} pixels",
-            opts.max_pixels
+            "{w}x{h} exceeds the decoding limits (max side {}, max {} pixels)",
+            opts.max_side, opts.max_pixels
         )));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);

@@ -10,6 +10,12 @@
 //! - [`Loader`]: parallel decode and augmentation on its own thread pool with bounded prefetch,
 //!   batches as candle tensors; corrupt files are skipped, counted and reported once.
 //!
+//! Fidelity: the deterministic geometry (resize with every Pillow filter, `Resize` + `CenterCrop`,
+//! the two views of a given crop) is bit-exact with Pillow/torchvision on real photos
+//! (`tests/parity.rs`). Random augmentations follow the reference definitions but cannot match
+//! draw for draw (different random generators); colour jitter works in f32 as torchvision does on
+//! tensors and rounds once at the end.
+//!
 //! All randomness comes from `StdRng`s seeded from `(seed, epoch, sample index)`, so a resumed run
 //! sees the same augmentations.
 

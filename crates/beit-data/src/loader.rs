@@ -460,7 +460,17 @@ impl Iterator for EpochIter {
                     pb.inc(b.len() as u64);
                 }
             }
-            Some(Err(_)) | None => self.finish(),
+            Some(Err(_)) => self.finish(),
+            None => {
+                if self.handle.is_some() {
+                    tracing::info!(
+                        "data: epoch done, {} images at {:.1} images/s",
+                        self.images_delivered(),
+                        self.images_per_sec()
+                    );
+                }
+                self.finish();
+            }
         }
         item
     }

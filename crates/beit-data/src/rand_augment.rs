@@ -1,6 +1,8 @@
 //! RandAugment (Cubuk et al.) as timm's `rand_augment_transform`, with the "increasing" operation
 //! set used by BEiT fine-tuning (`rand-m9-mstd0.5-inc1`). Operations follow Pillow's `ImageOps` /
-//! `ImageEnhance` definitions on 8-bit images.
+//! `ImageEnhance` definitions on 8-bit images. One known difference: the geometric operations
+//! (rotate, shear, translate) sample bilinearly, where timm passes the training interpolation
+//! (bicubic for BEiT) to Pillow; the effect on a random augmentation is a slight extra blur.
 
 use image::RgbImage;
 use rand::Rng;
