@@ -123,6 +123,46 @@ def classifier(name="cls_per_layer", safe=True, max_shard_size=None):
         os.remove(path)
 
 
+def predict_fixture():
+    """`beit-cli predict` end to end: the cls_per_layer model with a hub-style preprocessor config,
+    real photos (JPEG, PNG, grey, RGBA) and the probabilities of transformers' own pipeline."""
+    from PIL import Image
+    from transformers import BeitImageProcessorPil
+    from transformers import BeitForImageClassification as Cls
+    photos = os.path.join(ROOT, "..", "data")
+    out = os.path.join(ROOT, "predict")
+    shutil.rmtree(out, ignore_errors=True)
+    model = Cls.from_pretrained(os.path.join(ROOT, "cls_per_layer")).eval()
+    model.save_pretrained(out)
+    proc = BeitImageProcessorPil(size={"height": 32, "width": 32}, resample=2, do_center_crop=False,
+                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc.save_pretrained(out)
+    cat = Image.open(os.path.join(photos, "chelsea.png")).convert("RGB")
+    rocket = Image.open(os.path.join(photos, "rocket.jpg"))
+    images = {
+        "rocket.jpg": None,
+        "cat_gray.png": cat.convert("L").resize((150, 100), Image.BICUBIC),
+        "rocket_rgba.png": rocket.convert("RGBA").resize((120, 160), Image.BICUBIC),
+        "cat_small.jpg": cat.resize((90, 60), Image.BICUBIC),
+    }
+    for name, im in images.items():
+        if im is None:
+            shutil.copy(os.path.join(photos, name), os.path.join(out, name))
+        else:
+            im.save(os.path.join(out, name), quality=92) if name.endswith(".jpg") else im.save(os.path.join(out, name))
+    expected = []
+    for name in images:
+        im = Image.open(os.path.join(out, name))
+        pix = proc(images=im.convert("RGB"), return_tensors="pt").pixel_values
+        with torch.no_grad():
+            probs = model(pix).logits.softmax(-1)[0]
+        top = probs.argsort(descending=True)[:3]
+        expected.append({"image": name, "probabilities": probs.tolist(),
+                         "top": [int(i) for i in top], "labels": [model.config.id2label[int(i)] for i in top]})
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1)
+
+
 def abs_pos_cls_pool():
     torch.manual_seed(0)
     cfg = tiny_config(use_absolute_position_embeddings=True, use_mean_pooling=False,
@@ -263,4 +303,5 @@ if __name__ == "__main__":
         abs_pos_cls_pool()
         timm_unilm()
         geometric_resize()
+        predict_fixture()
         print("fixtures written to", os.path.abspath(ROOT))

@@ -2,6 +2,8 @@
 
 mod commands;
 mod device;
+mod model_source;
+mod processor;
 
 use clap::{Parser, Subcommand};
 

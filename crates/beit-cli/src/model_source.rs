@@ -1,0 +1,37 @@
+//! `--model <dir | hub id>`: resolve through the Hugging Face cache and load the checkpoint.
+
+use anyhow::{Context, Result};
+use beit_hub::{resolve_model, ResolveOptions, WeightFiles};
+use beit_model::load::Checkpoint;
+
+use crate::processor::ImageProcessor;
+
+/// A loaded checkpoint and its preprocessing.
+pub struct LoadedModel {
+    /// Config and tensors.
+    pub checkpoint: Checkpoint,
+    /// How images are prepared for it.
+    pub processor: ImageProcessor,
+}
+
+/// Resolve `spec` (a local directory or `org/name[@revision]` in the HF cache; never downloads
+/// unless `download`) and read config, weights and `preprocessor_config.json`.
+pub fn load_model(spec: &str, download: bool) -> Result<LoadedModel> {
+    let files = resolve_model(spec, &ResolveOptions::default().with_download(download))?;
+    let weights = match &files.weights {
+        WeightFiles::Safetensors(p) | WeightFiles::PytorchBin(p) => p.clone(),
+        WeightFiles::ShardedSafetensors { index, .. } => index.clone(),
+    };
+    let config = beit_model::BeitConfig::from_file(&files.config)?;
+    let checkpoint = Checkpoint::from_files(config, &weights)
+        .with_context(|| format!("loading model `{spec}`"))?;
+    let size = checkpoint.config.image_size as u32;
+    let processor = match &files.preprocessor_config {
+        Some(p) => ImageProcessor::from_file(p, size)?,
+        None => ImageProcessor::for_image_size(size),
+    };
+    Ok(LoadedModel {
+        checkpoint,
+        processor,
+    })
+}

@@ -1,0 +1,289 @@
+//! `preprocessor_config.json` (`BeitImageProcessor`) and its pipeline: resize, optional centre crop,
+//! rescale, normalise: what `transformers` does to an image before the model.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use beit_data::resize::{resize, Filter};
+use candle::{Device, Tensor};
+use image::RgbImage;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The preprocessing settings of a checkpoint. Defaults are `BeitImageProcessor`'s class defaults
+/// (used when a checkpoint has no `preprocessor_config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageProcessor {
+    /// Resize at all.
+    pub do_resize: bool,
+    /// Target size.
+    pub size: TargetSize,
+    /// Pillow filter.
+    pub resample: Filter,
+    /// Centre-crop after resizing.
+    pub do_center_crop: bool,
+    /// Crop `(height, width)`.
+    pub crop_size: (u32, u32),
+    /// Multiply pixel values by `rescale_factor`.
+    pub do_rescale: bool,
+    /// Usually 1/255.
+    pub rescale_factor: f32,
+    /// Normalise with mean/std.
+    pub do_normalize: bool,
+    /// Per-channel mean.
+    pub image_mean: [f32; 3],
+    /// Per-channel std.
+    pub image_std: [f32; 3],
+}
+
+/// How `size` resizes an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetSize {
+    /// Squash to exactly `(height, width)`.
+    Exact(u32, u32),
+    /// Shorter side to this many pixels, aspect ratio kept.
+    ShortestEdge(u32),
+}
+
+impl Default for ImageProcessor {
+    fn default() -> Self {
+        Self {
+            do_resize: true,
+            size: TargetSize::Exact(224, 224),
+            resample: Filter::Bicubic,
+            do_center_crop: false,
+            crop_size: (224, 224),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: [0.5; 3],
+            image_std: [0.5; 3],
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    do_resize: Option<bool>,
+    size: Option<Value>,
+    resample: Option<Value>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<Value>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f32>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Value>,
+    image_std: Option<Value>,
+}
+
+impl ImageProcessor {
+    /// Defaults with the model's input resolution as the square target size.
+    pub fn for_image_size(image_size: u32) -> Self {
+        Self {
+            size: TargetSize::Exact(image_size, image_size),
+            crop_size: (image_size, image_size),
+            ..Self::default()
+        }
+    }
+
+    /// Read a `preprocessor_config.json`; fields it lacks keep the defaults of [`Self::for_image_size`].
+    pub fn from_file(path: &Path, image_size: u32) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Self::from_json(&text, image_size).with_context(|| format!("invalid {}", path.display()))
+    }
+
+    /// Parse the JSON text of a `preprocessor_config.json`.
+    pub fn from_json(text: &str, image_size: u32) -> Result<Self> {
+        let raw: Raw = serde_json::from_str(text)?;
+        let mut p = Self::for_image_size(image_size);
+        if let Some(v) = raw.do_resize {
+            p.do_resize = v;
+        }
+        if let Some(v) = raw.size {
+            p.size = parse_size(&v).context("field `size`")?;
+        }
+        if let Some(v) = raw.resample {
+            p.resample = match &v {
+                Value::Number(n) => Filter::parse(&n.to_string())?,
+                Value::String(s) => Filter::parse(s)?,
+                other => bail!("field `resample`: expected a Pillow filter code, got {other}"),
+            };
+        }
+        if let Some(v) = raw.do_center_crop {
+            p.do_center_crop = v;
+        }
+        if let Some(v) = raw.crop_size {
+            p.crop_size = match parse_size(&v).context("field `crop_size`")? {
+                TargetSize::Exact(h, w) => (h, w),
+                TargetSize::ShortestEdge(s) => (s, s),
+            };
+        }
+        if let Some(v) = raw.do_rescale {
+            p.do_rescale = v;
+        }
+        if let Some(v) = raw.rescale_factor {
+            p.rescale_factor = v;
+        }
+        if let Some(v) = raw.do_normalize {
+            p.do_normalize = v;
+        }
+        if let Some(v) = raw.image_mean {
+            p.image_mean = parse_triple(&v).context("field `image_mean`")?;
+        }
+        if let Some(v) = raw.image_std {
+            p.image_std = parse_triple(&v).context("field `image_std`")?;
+            if p.image_std.iter().any(|&s| s <= 0.0) {
+                bail!("field `image_std`: every entry must be positive");
+            }
+        }
+        Ok(p)
+    }
+
+    /// The JSON a checkpoint export writes (read back by `transformers`' `BeitImageProcessor`).
+    #[allow(dead_code)] // used by the fine-tuning export
+    pub fn to_json(&self) -> Value {
+        let code = match self.resample {
+            Filter::Nearest => 0,
+            Filter::Lanczos => 1,
+            Filter::Bilinear => 2,
+            Filter::Bicubic => 3,
+            Filter::Box => 4,
+            Filter::Hamming => 5,
+        };
+        let size = match self.size {
+            TargetSize::Exact(h, w) => serde_json::json!({"height": h, "width": w}),
+            TargetSize::ShortestEdge(s) => serde_json::json!({"shortest_edge": s}),
+        };
+        serde_json::json!({
+            "image_processor_type": "BeitImageProcessor",
+            "do_resize": self.do_resize,
+            "size": size,
+            "resample": code,
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": self.crop_size.0, "width": self.crop_size.1},
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "do_reduce_labels": false,
+        })
+    }
+
+    /// The resized (and cropped) 8-bit image the model sees, before rescaling/normalising.
+    pub fn geometry(&self, img: &RgbImage) -> Result<RgbImage> {
+        let mut img = if self.do_resize {
+            let (w, h) = img.dimensions();
+            let (th, tw) = match self.size {
+                TargetSize::Exact(h, w) => (h, w),
+                TargetSize::ShortestEdge(s) => {
+                    // transformers: short side = s, long side = int(s * long / short).
+                    if w <= h {
+                        (((s as u64 * h as u64) / w as u64) as u32, s)
+                    } else {
+                        (s, ((s as u64 * w as u64) / h as u64) as u32)
+                    }
+                }
+            };
+            resize(img, tw, th, self.resample)?
+        } else {
+            img.clone()
+        };
+        if self.do_center_crop {
+            let (ch, cw) = self.crop_size;
+            let (w, h) = img.dimensions();
+            if ch > h || cw > w {
+                bail!("centre crop {cw}x{ch} is larger than the resized image {w}x{h}");
+            }
+            img = image::imageops::crop_imm(&img, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
+        }
+        Ok(img)
+    }
+
+    /// The pixel values `(3, H, W)` of one image.
+    pub fn pixel_values(&self, img: &RgbImage, device: &Device) -> Result<Tensor> {
+        let img = self.geometry(img)?;
+        let (w, h) = img.dimensions();
+        let plane = (w * h) as usize;
+        let mut data = vec![0f32; 3 * plane];
+        let scale = if self.do_rescale {
+            self.rescale_factor
+        } else {
+            1.0
+        };
+        for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                let mut v = px[c] as f32 * scale;
+                if self.do_normalize {
+                    v = (v - self.image_mean[c]) / self.image_std[c];
+                }
+                data[c * plane + i] = v;
+            }
+        }
+        Ok(Tensor::from_vec(data, (3, h as usize, w as usize), device)?)
+    }
+}
+
+fn parse_size(v: &Value) -> Result<TargetSize> {
+    let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as u32);
+    Ok(match v {
+        Value::Number(n) => {
+            let s = n.as_u64().context("expected a positive integer")? as u32;
+            TargetSize::Exact(s, s)
+        }
+        Value::Object(_) => match (get("height"), get("width"), get("shortest_edge")) {
+            (Some(h), Some(w), _) => TargetSize::Exact(h, w),
+            (_, _, Some(s)) => TargetSize::ShortestEdge(s),
+            _ => bail!("expected {{\"height\", \"width\"}} or {{\"shortest_edge\"}}, got {v}"),
+        },
+        other => bail!("expected an integer or an object, got {other}"),
+    })
+}
+
+fn parse_triple(v: &Value) -> Result<[f32; 3]> {
+    match v {
+        Value::Number(n) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
+        Value::Array(a) if a.len() == 3 => {
+            let mut out = [0f32; 3];
+            for (o, x) in out.iter_mut().zip(a) {
+                *o = x.as_f64().context("expected numbers")? as f32;
+            }
+            Ok(out)
+        }
+        other => bail!("expected 3 numbers, got {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_hub_processor_configs() {
+        let hub = r#"{"crop_size": 224, "do_center_crop": false, "do_normalize": true, "do_resize": true,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 384}"#;
+        let p = ImageProcessor::from_json(hub, 224).unwrap();
+        assert_eq!(p.size, TargetSize::Exact(384, 384));
+        assert_eq!(p.resample, Filter::Bilinear);
+        assert!(!p.do_center_crop);
+        let p = ImageProcessor::from_json(
+            r#"{"size": {"shortest_edge": 256}, "do_center_crop": true}"#,
+            224,
+        )
+        .unwrap();
+        assert_eq!(p.size, TargetSize::ShortestEdge(256));
+        let img = RgbImage::new(400, 300);
+        assert_eq!(p.geometry(&img).unwrap().dimensions(), (224, 224));
+        let back = ImageProcessor::from_json(&p.to_json().to_string(), 224).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = ImageProcessor::from_json(r#"{"image_std": [0.5, 0]}"#, 224).unwrap_err();
+        assert!(format!("{e:#}").contains("image_std"), "{e:#}");
+        let e = ImageProcessor::from_json(r#"{"resample": "sinc"}"#, 224).unwrap_err();
+        assert!(format!("{e:#}").contains("sinc"), "{e:#}");
+    }
+}
