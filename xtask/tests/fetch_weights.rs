@@ -13,6 +13,14 @@ const REPO: &str = "microsoft/beit-base-patch16-224";
 
 /// Run `xtask fetch-weights ARGS` with a clean HF environment pointing at `cache`.
 fn xtask(cache: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut all = vec![("HF_HUB_CACHE", cache.to_str().unwrap())];
+    all.extend_from_slice(env);
+    xtask_env(cache.parent().unwrap(), &all, args)
+}
+
+/// Run `xtask fetch-weights ARGS` with only `env` set among the HF variables, and `home` as HOME
+/// (a home without a token file, so nothing of the real user leaks in).
+fn xtask_env(home: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
     cmd.arg("fetch-weights").args(args);
     for var in [
@@ -24,13 +32,12 @@ fn xtask(cache: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
         "HUGGING_FACE_HUB_TOKEN",
         "HF_TOKEN_PATH",
         "HF_HUB_OFFLINE",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN",
         "XDG_CACHE_HOME",
     ] {
         cmd.env_remove(var);
     }
-    // A home without a token file, so nothing of the real user leaks in.
-    cmd.env("HOME", cache.parent().unwrap());
-    cmd.env("HF_HUB_CACHE", cache);
+    cmd.env("HOME", home);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -236,4 +243,53 @@ fn no_target_is_a_usage_error() {
     let out = xtask(&tmp.path().join("hub"), &[], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--all or --list"));
+}
+
+#[test]
+fn cache_root_from_hf_home_and_xdg() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf_home = tmp.path().join("hf");
+    write_cached(
+        &hf_home.join("hub"),
+        REPO,
+        COMMIT,
+        Some("main"),
+        &[("config.json", &config_json()), ("model.safetensors", b"w")],
+    );
+    let endpoint = closed_endpoint();
+    let out = xtask_env(
+        tmp.path(),
+        &[
+            ("HF_HOME", hf_home.to_str().unwrap()),
+            ("HF_ENDPOINT", &endpoint),
+        ],
+        &[REPO],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("{}", hf_home.join("hub").display())));
+    // XDG_CACHE_HOME/huggingface/hub when HF_HOME is unset; ~/.cache/huggingface/hub otherwise.
+    let xdg = tmp.path().join("xdg");
+    write_cached(
+        &xdg.join("huggingface/hub"),
+        REPO,
+        COMMIT,
+        Some("main"),
+        &[("config.json", &config_json()), ("model.safetensors", b"w")],
+    );
+    let out = xtask_env(
+        tmp.path(),
+        &[
+            ("XDG_CACHE_HOME", xdg.to_str().unwrap()),
+            ("HF_ENDPOINT", &endpoint),
+        ],
+        &[REPO],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = xtask_env(tmp.path(), &[("HF_HUB_OFFLINE", "1")], &["--list"]);
+    let stdout = text(&out.stdout);
+    let default = tmp.path().join(".cache/huggingface/hub");
+    assert!(
+        stdout.contains(&format!("(cache: {})", default.display())),
+        "{stdout}"
+    );
 }

@@ -224,7 +224,14 @@ impl<'a> Downloader<'a> {
         if !present {
             self.staging.create()?;
             let result = if progress {
-                pinned.download_with_progress(name, indicatif::ProgressBar::new(size))
+                let bar = indicatif::ProgressBar::new(size);
+                let result = pinned.download_with_progress(name, bar.clone());
+                if !bar.is_hidden() {
+                    // indicatif leaves the cursor after the finished bar: end its line so the next
+                    // bar (or the caller's summary) starts on a fresh one.
+                    eprintln!();
+                }
+                result
             } else {
                 pinned.download_with_progress(name, ())
             };

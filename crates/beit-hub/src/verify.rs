@@ -3,6 +3,7 @@
 //! The hub's `ETag` for a file stored with Git LFS (every weight file) is the SHA-256 of its contents;
 //! for a plain git file (`config.json`, ...) it is the git blob id, SHA-1 of `"blob <len>\0" + contents`.
 //! Both are recomputed here, so a truncated or altered download is never moved into the cache.
+//! (The hub maintainers describe the two etag kinds in huggingface/huggingface_hub#3018.)
 
 use std::io::Read;
 use std::path::Path;
