@@ -2,7 +2,7 @@
 
 use std::process::{Command, Output};
 
-use beit_mim::{MaskSampler, MaskingConfig};
+use beit_mim::MaskingConfig;
 use serde_json::Value;
 
 fn beit_cli(args: &[&str]) -> Output {

@@ -125,3 +125,45 @@ impl MaskBatch {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MaskingConfig;
+
+    #[test]
+    fn batch_members_are_independent_and_resumable() {
+        let g = MaskingConfig::default().build().unwrap();
+        let batch = g.sample_batch(5, 12, 6);
+        assert_eq!(batch.batch_size(), 6);
+        for (i, m) in batch.masks.iter().enumerate() {
+            // Sample i of step 12 does not depend on the batch size or on other samples.
+            assert_eq!(m, &g.sample_at(5, 12, i as u64));
+        }
+        assert_eq!(g.sample_batch(5, 12, 3).masks, batch.masks[..3].to_vec());
+        let distinct: std::collections::HashSet<_> = batch.masks.iter().collect();
+        assert_eq!(distinct.len(), 6);
+        assert_ne!(g.sample_batch(5, 13, 6), batch);
+    }
+
+    #[test]
+    fn host_and_tensor_views_agree() {
+        let batch = MaskBatch {
+            height: 2,
+            width: 2,
+            masks: vec![
+                vec![true, false, false, true],
+                vec![false, true, false, false],
+            ],
+        };
+        assert_eq!(batch.counts(), vec![2, 1]);
+        assert_eq!(batch.to_u8(), vec![1, 0, 0, 1, 0, 1, 0, 0]);
+        assert_eq!(batch.masked_flat_indices(), vec![0, 3, 5]);
+        let t = batch.to_tensor(&Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[2, 4]);
+        assert_eq!(
+            t.to_vec2::<u8>().unwrap(),
+            vec![vec![1, 0, 0, 1], vec![0, 1, 0, 0]]
+        );
+    }
+}

@@ -132,10 +132,10 @@ fn patchify_orders_patches_and_pixels() -> Result<()> {
     assert_eq!(patches.dims(), &[b, (h / p) * (w / p), p * p * c]);
     let got = patches.to_vec3::<f32>()?;
     let value = |bi: usize, ci: usize, y: usize, x: usize| ((bi * c + ci) * h + y) * w + x;
-    for bi in 0..b {
+    for (bi, got_b) in got.iter().enumerate() {
         for gy in 0..h / p {
             for gx in 0..w / p {
-                let row = &got[bi][gy * (w / p) + gx];
+                let row = &got_b[gy * (w / p) + gx];
                 for py in 0..p {
                     for pxi in 0..p {
                         for ci in 0..c {

@@ -1,6 +1,7 @@
 //! `beit-cli mask`: draw BEiT's blockwise (or uniform random) MIM masks and show them as text,
 //! JSON or a PNG grid, to see what the pre-training hides.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -93,27 +94,43 @@ pub fn run(args: MaskArgs) -> Result<()> {
             .with_context(|| format!("cannot write PNG `{}`", path.display()))?;
         tracing::info!("wrote {} masks to {}", batch.batch_size(), path.display());
     }
-    if args.json {
+    let text = if args.json {
         let masks: Vec<Vec<u8>> = batch
             .masks
             .iter()
             .map(|m| m.iter().map(|&b| u8::from(b)).collect())
             .collect();
         let doc = serde_json::json!({ "input_size": args.input_size, "masks": masks });
-        println!("{doc}");
+        format!("{doc}\n")
     } else if args.png.is_none() {
         let (h, w) = (batch.height, batch.width);
+        let mut text = String::new();
         for (i, m) in batch.masks.iter().enumerate() {
-            println!(
-                "mask {i}: {} of {} patches, {} block(s)",
+            text += &format!(
+                "mask {i}: {} of {} patches, {} block(s)\n",
                 masked_count(m),
                 h * w,
                 connected_components(m, h, w)
             );
-            print!("{}", render_ascii(m, h, w));
+            text += &render_ascii(m, h, w);
         }
+        text
+    } else {
+        String::new()
+    };
+    write_stdout(&text)
+}
+
+/// Write to stdout; a closed pipe (`beit-cli mask ... | head`) ends the command quietly instead of
+/// panicking like `println!` would.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn log_summary(batch: &MaskBatch, target: usize) {
