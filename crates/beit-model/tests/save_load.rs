@@ -107,3 +107,27 @@ fn base_size_parity() -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes our exports for `scripts/model_fixtures.py --check-export DIR/<name>` (transformers must
+/// load them and reproduce the logits): `BEIT_EXPORT_DIR=DIR cargo test -p beit-model --test
+/// save_load -- --ignored export_for_transformers`.
+#[test]
+#[ignore = "writes exports for the Python round-trip check"]
+fn export_for_transformers() -> Result<()> {
+    let root =
+        std::path::PathBuf::from(std::env::var("BEIT_EXPORT_DIR").expect("set BEIT_EXPORT_DIR"));
+    for (name, arch) in [
+        ("cls_per_layer", Architecture::ImageClassification),
+        ("mim_shared", Architecture::MaskedImageModeling),
+        ("abs_pos_cls_pool", Architecture::ImageClassification),
+    ] {
+        let src = Checkpoint::from_dir(fixture(name))?;
+        let out = root.join(name);
+        save_hf(&out, &src.config, arch, &src.tensors)?;
+        std::fs::copy(
+            fixture(name).join("expected.safetensors"),
+            out.join("expected.safetensors"),
+        )?;
+    }
+    Ok(())
+}
