@@ -85,10 +85,66 @@ for flip, box in [(False, (37, 12, 301, 260)), (True, (150, 40, 200, 180)), (Fal
     add(tag + "_patch224", "chelsea.png", "two_view_first", v1, left=left, top=top, width=w, height=h, flip=flip)
     add(tag + "_tok112", "chelsea.png", "two_view_second", v2, left=left, top=top, width=w, height=h, flip=flip)
 
+# 4. ColorJitter with fixed factors and order (torchvision's tensor semantics: float, clamped after
+# each step, contrast mean over the whole image), rounded to 8 bits once at the end.
+small = chelsea.resize((160, 106), Image.BICUBIC)
+small.save(os.path.join(OUT, "chelsea_small.png"))
+inputs["parity/chelsea_small.png"] = small
+ADJ = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
+       "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+for i, (ops, box) in enumerate([
+    ([("brightness", 1.3), ("contrast", 0.7), ("saturation", 1.4), ("hue", 0.1)], None),
+    ([("saturation", 0.6), ("brightness", 0.8), ("contrast", 1.35)], (30, 20, 90, 70)),
+    ([("hue", -0.23), ("contrast", 1.2), ("brightness", 1.1), ("saturation", 1.25)], (5, 50, 150, 40)),
+]):
+    x = F.pil_to_tensor(small).float() / 255
+    for name, f in ops:
+        x = ADJ[name](x, f)
+    out = (x * 255 + 0.5).floor().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    out = Image.fromarray(out)
+    if box is not None:
+        out = out.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
+    add(f"chelsea_small_jitter_{i}", "parity/chelsea_small.png", "jitter", out,
+        ops=[[n, f] for n, f in ops], box=list(box) if box else None)
+
+# 5. RandAugment operations with explicit arguments, as timm calls Pillow (geometric ones with
+# BILINEAR resampling, which is what beit-data implements).
+from PIL import ImageEnhance, ImageOps
+
+FILL = (128, 128, 128)
+
+
+def solarize_add(img, add, thresh=128):
+    lut = [min(255, i + add) if i < thresh else i for i in range(256)]
+    return img.point(lut * 3)
+
+
+RA = [
+    ("AutoContrast", 0, lambda im, a: ImageOps.autocontrast(im)),
+    ("Equalize", 0, lambda im, a: ImageOps.equalize(im)),
+    ("Invert", 0, lambda im, a: ImageOps.invert(im)),
+    ("PosterizeIncreasing", 2, lambda im, a: ImageOps.posterize(im, int(a))),
+    ("SolarizeIncreasing", 100, lambda im, a: ImageOps.solarize(im, int(a))),
+    ("SolarizeAdd", 99, lambda im, a: solarize_add(im, int(a))),
+    ("ColorIncreasing", 1.7, lambda im, a: ImageEnhance.Color(im).enhance(a)),
+    ("ContrastIncreasing", 0.4, lambda im, a: ImageEnhance.Contrast(im).enhance(a)),
+    ("BrightnessIncreasing", 1.5, lambda im, a: ImageEnhance.Brightness(im).enhance(a)),
+    ("SharpnessIncreasing", 1.8, lambda im, a: ImageEnhance.Sharpness(im).enhance(a)),
+    ("SharpnessIncreasing", 0.3, lambda im, a: ImageEnhance.Sharpness(im).enhance(a)),
+    ("Rotate", 17.0, lambda im, a: im.rotate(a, resample=Image.BILINEAR, fillcolor=FILL)),
+    ("ShearX", 0.2, lambda im, a: im.transform(im.size, Image.AFFINE, (1, a, 0, 0, 1, 0), Image.BILINEAR, fillcolor=FILL)),
+    ("ShearY", -0.25, lambda im, a: im.transform(im.size, Image.AFFINE, (1, 0, 0, a, 1, 0), Image.BILINEAR, fillcolor=FILL)),
+    ("TranslateXRel", 30.5, lambda im, a: im.transform(im.size, Image.AFFINE, (1, 0, a, 0, 1, 0), Image.BILINEAR, fillcolor=FILL)),
+    ("TranslateYRel", -20.0, lambda im, a: im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, a), Image.BILINEAR, fillcolor=FILL)),
+]
+for name, arg, fn in RA:
+    add(f"chelsea_small_ra_{name}_{arg}", "parity/chelsea_small.png", "rand_augment_op", fn(small, arg),
+        aug=name, arg=arg, fill=list(FILL))
+
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump({"pillow": PIL.__version__, "torchvision": torchvision.__version__, "cases": cases}, f, indent=1)
 
-# 4. Checks printed only: the float pipelines are the 8-bit image through (x/255 - mean)/std.
+# 6. Checks printed only: the float pipelines are the 8-bit image through (x/255 - mean)/std.
 u8 = ev(chelsea)
 t = T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])(u8)
 ref = (torch.from_numpy(np.array(u8)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5

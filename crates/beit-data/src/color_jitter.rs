@@ -23,12 +23,16 @@ pub struct ColorJitter {
     pub hue: f32,
 }
 
-/// One adjustment of a drawn jitter.
+/// One adjustment of a drawn jitter, with torchvision's `adjust_*` meaning.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Op {
+pub enum Op {
+    /// Multiply by the factor (blend with black).
     Brightness(f32),
+    /// Blend with the mean grey level of the whole image.
     Contrast(f32),
+    /// Blend with each pixel's grey level.
     Saturation(f32),
+    /// Rotate the hue by this fraction of a turn.
     Hue(f32),
 }
 
@@ -36,6 +40,18 @@ enum Op {
 #[derive(Debug, Clone, PartialEq)]
 pub struct JitterDraw {
     ops: Vec<Op>,
+}
+
+impl JitterDraw {
+    /// A jitter with given adjustments (for reproducing a specific draw, e.g. in parity tests).
+    pub fn new(ops: Vec<Op>) -> Self {
+        JitterDraw { ops }
+    }
+
+    /// The adjustments, in order.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
 }
 
 impl ColorJitter {

@@ -35,7 +35,7 @@ pub mod resize;
 pub mod sampler;
 pub mod transform;
 
-pub use color_jitter::ColorJitter;
+pub use color_jitter::{ColorJitter, JitterDraw, Op as JitterOp};
 pub use dataset::{Dataset, Sample};
 pub use decode::{decode_file, DecodeOptions};
 pub use error::{DataError, Result};
@@ -46,7 +46,7 @@ pub use image_folder::{ImageFolder, UnlabelledFolder};
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, SkippedSample};
 pub use mixup::Mixup;
 pub use normalize::{map_pixels, Chw, Normalize};
-pub use rand_augment::RandAugment;
+pub use rand_augment::{AugOp, RandAugment};
 pub use random_erasing::{EraseMode, RandomErasing};
 pub use resize::{resize, resize_region, Filter};
 pub use transform::{

@@ -165,7 +165,8 @@ fn negate<R: Rng + ?Sized>(v: f64, rng: &mut R) -> f64 {
     }
 }
 
-/// Apply one operation at magnitude `m` (0..10).
+/// Apply one operation at magnitude `m` (0..10): draw its random sign where it has one, then
+/// [`apply_op_arg`].
 pub fn apply_op<R: Rng + ?Sized>(
     img: &RgbImage,
     op: AugOp,
@@ -173,32 +174,60 @@ pub fn apply_op<R: Rng + ?Sized>(
     fill: [u8; 3],
     rng: &mut R,
 ) -> RgbImage {
+    let arg = op_argument(op, m, img.dimensions(), rng);
+    apply_op_arg(img, op, arg, fill)
+}
+
+/// The argument timm's level functions give operation `op` at magnitude `m` (0..10) for an image of
+/// `(width, height)`: degrees, shear, pixels, bits, threshold, addend or enhancement factor.
+pub fn op_argument<R: Rng + ?Sized>(op: AugOp, m: f64, (w, h): (u32, u32), rng: &mut R) -> f64 {
     let level = m / LEVEL_MAX;
-    let enhance = |rng: &mut R| (1.0 + negate(level * 0.9, rng)).max(0.1);
+    match op {
+        AugOp::AutoContrast | AugOp::Equalize | AugOp::Invert => 0.0,
+        AugOp::Rotate => negate(level * 30.0, rng),
+        AugOp::PosterizeIncreasing => (4 - (level * 4.0) as u32) as f64,
+        AugOp::SolarizeIncreasing => (256 - (level * 256.0) as u32) as f64,
+        AugOp::SolarizeAdd => ((level * 110.0) as u32) as f64,
+        AugOp::ColorIncreasing
+        | AugOp::ContrastIncreasing
+        | AugOp::BrightnessIncreasing
+        | AugOp::SharpnessIncreasing => (1.0 + negate(level * 0.9, rng)).max(0.1),
+        AugOp::ShearX | AugOp::ShearY => negate(level * 0.3, rng),
+        AugOp::TranslateXRel => negate(level * 0.45, rng) * w as f64,
+        AugOp::TranslateYRel => negate(level * 0.45, rng) * h as f64,
+    }
+}
+
+/// Apply operation `op` with an explicit argument (see [`op_argument`]), as the Pillow call timm
+/// makes: `ImageOps.autocontrast/equalize/invert/posterize/solarize`, `ImageEnhance.*(f)`,
+/// `rotate(deg)`, `transform(AFFINE)`.
+pub fn apply_op_arg(img: &RgbImage, op: AugOp, arg: f64, fill: [u8; 3]) -> RgbImage {
     let (w, h) = img.dimensions();
     match op {
         AugOp::AutoContrast => map_channels(img, autocontrast_luts(img)),
         AugOp::Equalize => map_channels(img, equalize_luts(img)),
         AugOp::Invert => lut_all(img, |v| 255 - v),
         AugOp::Rotate => {
-            let deg = negate(level * 30.0, rng);
-            let a = -deg.to_radians();
+            let a = -arg.to_radians();
             let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
             let (c, s) = (a.cos(), a.sin());
             let m = [c, s, c * -cx + s * -cy + cx, -s, c, -s * -cx + c * -cy + cy];
             affine(img, m, fill)
         }
         AugOp::PosterizeIncreasing => {
-            let bits = 4 - (level * 4.0) as u32;
+            let bits = (arg as u32).min(8);
+            if bits >= 8 {
+                return img.clone();
+            }
             let mask = !((1u32 << (8 - bits)) - 1) as u8;
             lut_all(img, |v| v & mask)
         }
         AugOp::SolarizeIncreasing => {
-            let thresh = 256 - (level * 256.0) as u32;
+            let thresh = arg as u32;
             lut_all(img, |v| if (v as u32) < thresh { v } else { 255 - v })
         }
         AugOp::SolarizeAdd => {
-            let add = (level * 110.0) as u32;
+            let add = arg as u32;
             lut_all(img, |v| {
                 if v < 128 {
                     (v as u32 + add).min(255) as u8
@@ -208,7 +237,6 @@ pub fn apply_op<R: Rng + ?Sized>(
             })
         }
         AugOp::ColorIncreasing => {
-            let f = enhance(rng);
             let grey: Vec<u8> = img
                 .as_raw()
                 .chunks_exact(3)
@@ -217,11 +245,10 @@ pub fn apply_op<R: Rng + ?Sized>(
                     [l, l, l]
                 })
                 .collect();
-            blend_with(img, &grey, f)
+            blend_with(img, &grey, arg)
         }
         AugOp::ContrastIncreasing => {
-            let f = enhance(rng);
-            let n = (w * h) as f64;
+            let n = (w as f64 * h as f64).max(1.0);
             let mean = img
                 .as_raw()
                 .chunks_exact(3)
@@ -229,34 +256,14 @@ pub fn apply_op<R: Rng + ?Sized>(
                 .sum::<f64>()
                 / n;
             let mean = (mean + 0.5) as u8;
-            blend_with(img, &vec![mean; img.as_raw().len()], f)
+            blend_with(img, &vec![mean; img.as_raw().len()], arg)
         }
-        AugOp::BrightnessIncreasing => {
-            let f = enhance(rng);
-            blend_with(img, &vec![0; img.as_raw().len()], f)
-        }
-        AugOp::SharpnessIncreasing => {
-            let f = enhance(rng);
-            blend_with(img, smooth(img).as_raw(), f)
-        }
-        AugOp::ShearX => affine(
-            img,
-            [1.0, negate(level * 0.3, rng), 0.0, 0.0, 1.0, 0.0],
-            fill,
-        ),
-        AugOp::ShearY => affine(
-            img,
-            [1.0, 0.0, 0.0, negate(level * 0.3, rng), 1.0, 0.0],
-            fill,
-        ),
-        AugOp::TranslateXRel => {
-            let px = negate(level * 0.45, rng) * w as f64;
-            affine(img, [1.0, 0.0, px, 0.0, 1.0, 0.0], fill)
-        }
-        AugOp::TranslateYRel => {
-            let px = negate(level * 0.45, rng) * h as f64;
-            affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, px], fill)
-        }
+        AugOp::BrightnessIncreasing => blend_with(img, &vec![0; img.as_raw().len()], arg),
+        AugOp::SharpnessIncreasing => blend_with(img, smooth(img).as_raw(), arg),
+        AugOp::ShearX => affine(img, [1.0, arg, 0.0, 0.0, 1.0, 0.0], fill),
+        AugOp::ShearY => affine(img, [1.0, 0.0, 0.0, arg, 1.0, 0.0], fill),
+        AugOp::TranslateXRel => affine(img, [1.0, 0.0, arg, 0.0, 1.0, 0.0], fill),
+        AugOp::TranslateYRel => affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, arg], fill),
     }
 }
 
@@ -371,7 +378,9 @@ fn smooth(img: &RgbImage) -> RgbImage {
 }
 
 /// Pillow's `Image.transform(size, AFFINE, m, BILINEAR, fillcolor)`: output pixel centre `(x, y)`
-/// samples the input at `(m0 x + m1 y + m2, m3 x + m4 y + m5)`; outside the image is `fill`.
+/// samples the input at `(m0 x + m1 y + m2, m3 x + m4 y + m5)`; a sample outside the image is
+/// `fill`, one within half a pixel of the border reads the border, and the interpolated value is
+/// truncated to 8 bits, as Pillow does.
 fn affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
@@ -383,7 +392,7 @@ fn affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
             let xi = m[0] * xo + m[1] * yo + m[2] - 0.5;
             let yi = m[3] * xo + m[4] * yo + m[5] - 0.5;
             let o = (y * w + x) * 3;
-            if xi < -1.0 || xi >= w as f64 || yi < -1.0 || yi >= h as f64 {
+            if xi < -0.5 || xi >= w as f64 - 0.5 || yi < -0.5 || yi >= h as f64 - 0.5 {
                 out[o..o + 3].copy_from_slice(&fill);
                 continue;
             }
@@ -395,7 +404,7 @@ fn affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
             for c in 0..3 {
                 let top = px(xa, ya, c) * (1.0 - dx) + px(xb, ya, c) * dx;
                 let bot = px(xa, yb, c) * (1.0 - dx) + px(xb, yb, c) * dx;
-                out[o + c] = (top * (1.0 - dy) + bot * dy + 0.5).clamp(0.0, 255.0) as u8;
+                out[o + c] = (top * (1.0 - dy) + bot * dy).clamp(0.0, 255.0) as u8;
             }
         }
     }

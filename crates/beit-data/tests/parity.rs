@@ -1,14 +1,17 @@
-//! Parity of the deterministic transforms with Pillow / torchvision on real photos.
+//! Parity of the deterministic transforms with Pillow / torchvision on real photos: resizing with
+//! every filter, evaluation resize + crop, the two views of a fixed crop, colour jitter with fixed
+//! factors, and each RandAugment operation with a fixed argument.
 //!
 //! References come from `scripts/data_parity.py` (Pillow 13, torchvision 0.29) and are committed in
 //! `fixtures/data/parity/`. Run with `--nocapture` to see the figures per case.
 
 use std::path::{Path, PathBuf};
 
+use beit_data::rand_augment::apply_op_arg;
 use beit_data::transform::EvalResize;
 use beit_data::{
-    decode_file, resize, resize_region, CropBox, DecodeOptions, EvalTransform, Filter, Normalize,
-    RgbImage, TwoViewTransform,
+    decode_file, resize, resize_region, AugOp, CropBox, DecodeOptions, EvalTransform, Filter,
+    JitterDraw, JitterOp, Normalize, RgbImage, TwoViewTransform,
 };
 use serde_json::Value;
 
@@ -103,6 +106,51 @@ fn transforms_match_pillow_and_torchvision() {
                     tok
                 }
             }
+            "jitter" => {
+                let ops = case["ops"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| {
+                        let f = o[1].as_f64().unwrap() as f32;
+                        match o[0].as_str().unwrap() {
+                            "brightness" => JitterOp::Brightness(f),
+                            "contrast" => JitterOp::Contrast(f),
+                            "saturation" => JitterOp::Saturation(f),
+                            "hue" => JitterOp::Hue(f),
+                            other => panic!("unknown jitter op {other}"),
+                        }
+                    })
+                    .collect();
+                let b = match case["box"].as_array() {
+                    Some(v) => {
+                        let v: Vec<u32> = v.iter().map(|x| x.as_u64().unwrap() as u32).collect();
+                        CropBox {
+                            left: v[0],
+                            top: v[1],
+                            width: v[2],
+                            height: v[3],
+                        }
+                    }
+                    None => CropBox::full(input.width(), input.height()),
+                };
+                JitterDraw::new(ops).apply_region(&input, b)
+            }
+            "rand_augment_op" => {
+                let op: AugOp = serde_json::from_value(case["aug"].clone()).unwrap();
+                let fill: Vec<u8> = case["fill"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u8)
+                    .collect();
+                apply_op_arg(
+                    &input,
+                    op,
+                    case["arg"].as_f64().unwrap(),
+                    [fill[0], fill[1], fill[2]],
+                )
+            }
             other => panic!("unknown op {other}"),
         };
         let (within, equal, max) = compare(&ours, &reference);
@@ -118,7 +166,8 @@ fn transforms_match_pillow_and_torchvision() {
             "{case}: only {:.3}% within 1/255",
             within * 100.0
         );
-        // Our resampler reproduces Pillow's fixed-point arithmetic: expect bit-exact results.
+        // Resampling, colour jitter and the RandAugment operations reproduce the reference
+        // arithmetic: expect (nearly) bit-exact results.
         assert!(equal >= 0.999, "{case}: only {:.3}% exact", equal * 100.0);
         assert!(max <= 1, "{case}: max difference {max}");
     }
