@@ -4,9 +4,13 @@
 //! tests never depend on (or mutate) process-wide variables behind the caller's back.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The public hub; `HF_ENDPOINT` overrides it.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// `huggingface_hub`'s default `HF_HUB_ETAG_TIMEOUT`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to reach the hub and its local cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +23,9 @@ pub struct HubConfig {
     pub token: Option<String>,
     /// `HF_HUB_OFFLINE`: never touch the network.
     pub offline: bool,
+    /// How long to wait for the endpoint to accept a connection (`HF_HUB_ETAG_TIMEOUT` seconds,
+    /// default 10, as in `huggingface_hub`).
+    pub connect_timeout: Duration,
 }
 
 impl HubConfig {
@@ -36,7 +43,8 @@ impl HubConfig {
     /// - token: `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, then the token file (`HF_TOKEN_PATH`, else
     ///   `$HF_HOME/token`, else `~/.cache/huggingface/token`); none at all when
     ///   `HF_HUB_DISABLE_IMPLICIT_TOKEN` is true;
-    /// - offline: `HF_HUB_OFFLINE` is one of `1`, `ON`, `YES`, `TRUE` (any case).
+    /// - offline: `HF_HUB_OFFLINE` is one of `1`, `ON`, `YES`, `TRUE` (any case);
+    /// - connect timeout: `HF_HUB_ETAG_TIMEOUT` seconds, default 10.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let get = |k: &str| var(k).filter(|v| !v.trim().is_empty());
         let home = get("HOME").map(PathBuf::from).or_else(home_dir);
@@ -71,11 +79,17 @@ impl HubConfig {
                 .filter(|t| !t.is_empty())
         };
         let offline = get("HF_HUB_OFFLINE").is_some_and(|v| is_true(&v));
+        let connect_timeout = get("HF_HUB_ETAG_TIMEOUT")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         HubConfig {
             cache_dir,
             endpoint,
             token,
             offline,
+            connect_timeout,
         }
     }
 
@@ -197,6 +211,9 @@ mod tests {
         assert_eq!(c.endpoint, "http://127.0.0.1:9");
         assert_eq!(c.token.as_deref(), Some("hf_abc"));
         let c = cfg(&[("HOME", "/nonexistent")]);
+        assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        let c2 = cfg(&[("HOME", "/nonexistent"), ("HF_HUB_ETAG_TIMEOUT", "2.5")]);
+        assert_eq!(c2.connect_timeout, Duration::from_millis(2500));
         assert_eq!(c.endpoint, DEFAULT_ENDPOINT);
         assert_eq!(c.token, None);
         let c = cfg(&[

@@ -141,6 +141,13 @@ impl<'a> Downloader<'a> {
     }
 
     fn run(self, cached: &CachedRepo, progress: bool) -> Result<FetchReport, HubError> {
+        crate::probe::probe(&self.hub.endpoint, self.hub.connect_timeout).map_err(|message| {
+            HubError::Unreachable {
+                endpoint: self.hub.endpoint.clone(),
+                repo: self.repo.to_string(),
+                message,
+            }
+        })?;
         let info = self
             .api_repo(self.revision)
             .info()

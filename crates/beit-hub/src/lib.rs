@@ -19,12 +19,13 @@ mod error;
 mod fetch;
 mod files;
 mod known;
+mod probe;
 mod resolve;
 mod spec;
 mod verify;
 
 pub use cache::{is_commit_hash, CachedRepo};
-pub use env::{cache_dir, HubConfig, DEFAULT_ENDPOINT};
+pub use env::{cache_dir, HubConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ENDPOINT};
 pub use error::HubError;
 pub use fetch::{fetch, FetchOutcome, FetchReport, FetchedFile, STAGING_DIR};
 pub use files::{

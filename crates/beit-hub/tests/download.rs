@@ -20,6 +20,7 @@ fn hub(cache: &std::path::Path, endpoint: &str) -> HubConfig {
         endpoint: endpoint.to_string(),
         token: None,
         offline: false,
+        connect_timeout: std::time::Duration::from_secs(10),
     }
 }
 

@@ -15,6 +15,7 @@ fn hub(cache: &std::path::Path) -> HubConfig {
         endpoint: format!("http://127.0.0.1:{}", closed_port()),
         token: None,
         offline: false,
+        connect_timeout: std::time::Duration::from_secs(10),
     }
 }
 

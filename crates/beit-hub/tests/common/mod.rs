@@ -187,7 +187,10 @@ impl FakeHub {
 fn handle(stream: TcpStream, state: &Mutex<HubState>) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
-    reader.read_line(&mut line)?;
+    if reader.read_line(&mut line)? == 0 {
+        // A bare connection (beit-hub's reachability probe): nothing to answer.
+        return Ok(());
+    }
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut headers = HashMap::new();
     loop {
