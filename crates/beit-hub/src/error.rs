@@ -16,6 +16,17 @@ pub enum HubError {
         spec: String,
     },
 
+    /// The spec names an existing file rather than a model directory.
+    #[error(
+        "{path} is a file; pass the directory that holds config.json and the weights (e.g. {dir})"
+    )]
+    NotADirectory {
+        /// The file given.
+        path: PathBuf,
+        /// Its parent directory.
+        dir: PathBuf,
+    },
+
     /// A local directory lacks `config.json`.
     #[error("{dir} has no config.json; a model directory needs config.json next to the weights")]
     MissingConfig {

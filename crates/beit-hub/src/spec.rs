@@ -27,6 +27,16 @@ impl ModelSpec {
         if path.is_dir() {
             return Ok(ModelSpec::Local(path.to_path_buf()));
         }
+        if path.is_file() {
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            return Err(HubError::NotADirectory {
+                path: path.to_path_buf(),
+                dir,
+            });
+        }
         let (repo, revision) = match spec.split_once('@') {
             Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_string())),
             Some(_) => return Err(invalid(spec)),
@@ -116,6 +126,16 @@ mod tests {
         assert_eq!(
             ModelSpec::parse(spec).unwrap(),
             ModelSpec::Local(nested.clone())
+        );
+        let file = nested.join("model.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        let err = ModelSpec::parse(file.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a file; pass the directory"), "{err}");
+        assert!(
+            err.contains(&format!("(e.g. {})", nested.display())),
+            "{err}"
         );
     }
 }
