@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference statistics for the blockwise masking generator (fixtures/mim/masking_stats.json).
+"""Reference fixtures for beit-mim: masking statistics and MIM loss values (fixtures/mim/).
 
 The BEiT authors' generator (microsoft/unilm, beit/masking_generator.py) is restated below from its
 description in beit-reference.md §5.3, in plain Python with the standard `random` module, exactly as
@@ -11,7 +11,12 @@ standard deviations of per-mask quantities, plus the per-cell masking frequency)
 crates/beit-mim/tests/masking_stats.rs draw as many masks from the Rust generator and compare each
 statistic with a two-sample z-test, so CI needs no Python.
 
-Usage: /work/venv/bin/python scripts/mim_fixtures.py [--draws 20000] [--out fixtures/mim/masking_stats.json]
+It also writes fixtures/mim/loss_reference.json: a tiny batch (features, mask, visual-token ids,
+images, head weights) with the losses and feature gradients PyTorch computes for the three Table 4
+targets, the way `transformers`' BeitForMaskedImageModeling scores MIM (cross-entropy of
+`logits[bool_masked_pos]`), so the Rust loss code is checked against torch, gradients included.
+
+Usage: /work/venv/bin/python scripts/mim_fixtures.py [--draws 50000] [--only masking|loss]
 """
 
 import argparse
@@ -135,13 +140,78 @@ CONFIGS = [
 ]
 
 
+def loss_reference(path):
+    """Losses and gradients of the three MIM targets on a small random batch, computed by torch."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    b, grid, c, vocab, patch = 2, 3, 6, 10, 2
+    n = grid * grid
+    features = torch.randn(b, n, c, dtype=torch.float64)
+    lm_w = torch.randn(vocab, c, dtype=torch.float64) * 0.5
+    lm_b = torch.randn(vocab, dtype=torch.float64) * 0.1
+    px_w = torch.randn(patch * patch * 3, c, dtype=torch.float64) * 0.3
+    px_b = torch.randn(patch * patch * 3, dtype=torch.float64) * 0.1
+    pixels = torch.randn(b, 3, grid * patch, grid * patch, dtype=torch.float64)
+    ids = torch.randint(0, vocab, (b, n))
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[0, [0, 1, 4, 7]] = True
+    mask[1, [2, 3, 8]] = True
+
+    def run(target):
+        x = features.clone().requires_grad_(True)
+        if target == "visual-tokens":
+            logits = x @ lm_w.T + lm_b
+            loss = F.cross_entropy(logits[mask], ids[mask])
+        elif target == "all-tokens":
+            logits = x @ lm_w.T + lm_b
+            loss = F.cross_entropy(logits.reshape(b * n, vocab), ids.reshape(-1))
+        else:
+            # Patches flattened as (row, column, channel), each normalised (unbiased var, eps 1e-6).
+            p = pixels.reshape(b, 3, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1)
+            p = p.reshape(b, n, patch * patch * 3)
+            p = (p - p.mean(-1, keepdim=True)) / (p.var(-1, keepdim=True) + 1e-6).sqrt()
+            pred = x @ px_w.T + px_b
+            loss = F.mse_loss(pred[mask], p[mask])
+        loss.backward()
+        out = {"loss": loss.item(), "features_grad": x.grad.reshape(-1).tolist()}
+        if target != "pixel-regression":
+            logits = (features @ lm_w.T + lm_b)[mask]
+            out["mlm_acc"] = (logits.argmax(-1) == ids[mask]).double().mean().item()
+        return out
+
+    doc = {
+        "generator": "scripts/mim_fixtures.py (torch %s, float64)" % torch.__version__,
+        "batch": b, "grid": grid, "hidden": c, "vocab": vocab, "patch": patch,
+        "features": features.reshape(-1).tolist(),
+        "mask": mask.to(torch.uint8).reshape(-1).tolist(),
+        "token_ids": ids.reshape(-1).tolist(),
+        "pixels": pixels.reshape(-1).tolist(),
+        "lm_head": {"weight": lm_w.reshape(-1).tolist(), "bias": lm_b.tolist()},
+        "pixel_head": {"weight": px_w.reshape(-1).tolist(), "bias": px_b.tolist()},
+        "targets": {t: run(t) for t in ("visual-tokens", "all-tokens", "pixel-regression")},
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f)
+        f.write("\n")
+    for t, r in doc["targets"].items():
+        print(f"{t}: loss {r['loss']:.6f}", file=sys.stderr)
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=20000)
+    parser.add_argument("--draws", type=int, default=50000)
     parser.add_argument("--seed", type=int, default=20211)
-    parser.add_argument("--out", default=os.path.join(here, "..", "fixtures", "mim", "masking_stats.json"))
+    parser.add_argument("--out-dir", default=os.path.join(here, "..", "fixtures", "mim"))
+    parser.add_argument("--only", choices=["masking", "loss"])
     args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.only != "masking":
+        loss_reference(os.path.join(args.out_dir, "loss_reference.json"))
+    if args.only == "loss":
+        return
 
     results = []
     for i, cfg in enumerate(CONFIGS):
@@ -160,8 +230,7 @@ def main():
         "seed": args.seed,
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(os.path.join(args.out_dir, "masking_stats.json"), "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
 

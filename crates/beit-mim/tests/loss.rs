@@ -50,6 +50,11 @@ fn gather_takes_masked_rows_in_row_major_order() -> Result<()> {
         gather_masked_labels(&labels, &mask)?.to_vec1::<u32>()?,
         vec![11, 13, 14]
     );
+    // Features with the CLS token sliced off (a non-contiguous view) gather the same rows.
+    let with_cls = Tensor::cat(&[feats.narrow(1, 0, 1)?, feats.clone()], 1)?;
+    let sliced = with_cls.narrow(1, 1, n)?;
+    assert!(!sliced.is_contiguous());
+    assert_eq!(gather_masked_rows(&sliced, &mask)?.to_vec2::<f32>()?, rows);
     // A mask from the sampler works as is.
     let batch = MaskingConfig::new([2, 2], 2).build()?.sample_batch(0, 0, 2);
     let m = batch.to_tensor(&dev)?;
