@@ -139,7 +139,17 @@ RA = [
 ]
 for name, arg, fn in RA:
     add(f"chelsea_small_ra_{name}_{arg}", "parity/chelsea_small.png", "rand_augment_op", fn(small, arg),
-        aug=name, arg=arg, fill=list(FILL))
+        aug=name, arg=arg, fill=list(FILL), interpolation="bilinear")
+# timm passes the training interpolation (bicubic for BEiT) to the geometric operations.
+for name, arg, fn in [
+    ("Rotate", -23.0, lambda im, a: im.rotate(a, resample=Image.BICUBIC, fillcolor=FILL)),
+    ("ShearX", -0.15, lambda im, a: im.transform(im.size, Image.AFFINE, (1, a, 0, 0, 1, 0), Image.BICUBIC, fillcolor=FILL)),
+    ("TranslateYRel", 12.3, lambda im, a: im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, a), Image.BICUBIC, fillcolor=FILL)),
+    ("Rotate", 9.0, lambda im, a: im.rotate(a, resample=Image.NEAREST, fillcolor=FILL)),
+]:
+    interp = "nearest" if name == "Rotate" and arg == 9.0 else "bicubic"
+    add(f"chelsea_small_ra_{name}_{arg}_{interp}", "parity/chelsea_small.png", "rand_augment_op",
+        fn(small, arg), aug=name, arg=arg, fill=list(FILL), interpolation=interp)
 
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump({"pillow": PIL.__version__, "torchvision": torchvision.__version__, "cases": cases}, f, indent=1)

@@ -1,8 +1,7 @@
 //! RandAugment (Cubuk et al.) as timm's `rand_augment_transform`, with the "increasing" operation
 //! set used by BEiT fine-tuning (`rand-m9-mstd0.5-inc1`). Operations follow Pillow's `ImageOps` /
-//! `ImageEnhance` definitions on 8-bit images. One known difference: the geometric operations
-//! (rotate, shear, translate) sample bilinearly, where timm passes the training interpolation
-//! (bicubic for BEiT) to Pillow; the effect on a random augmentation is a slight extra blur.
+//! `ImageEnhance` / `Image.transform` definitions on 8-bit images (checked against Pillow in
+//! `tests/parity.rs`).
 
 use image::RgbImage;
 use rand::Rng;
@@ -10,6 +9,7 @@ use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::resize::Filter;
 
 /// Largest magnitude (timm's `_LEVEL_DENOM`).
 const LEVEL_MAX: f64 = 10.0;
@@ -84,6 +84,9 @@ pub struct RandAugment {
     pub prob: f64,
     /// Fill colour of pixels uncovered by geometric operations (the mean colour; 128 for mean 0.5).
     pub fill: [u8; 3],
+    /// Resampling of the geometric operations: timm passes the training interpolation (bicubic for
+    /// BEiT). Nearest, bilinear or bicubic.
+    pub interpolation: Filter,
 }
 
 impl RandAugment {
@@ -102,6 +105,7 @@ impl RandAugment {
             magnitude_std: 0.0,
             prob: 0.5,
             fill: [128; 3],
+            interpolation: Filter::Bicubic,
         };
         let mut increasing = false;
         for part in parts {
@@ -150,7 +154,7 @@ impl RandAugment {
                 }
             }
             let m = m.clamp(0.0, LEVEL_MAX);
-            out = apply_op(&out, op, m, self.fill, rng);
+            out = apply_op(&out, op, m, self.fill, self.interpolation, rng);
         }
         out
     }
@@ -172,10 +176,11 @@ pub fn apply_op<R: Rng + ?Sized>(
     op: AugOp,
     m: f64,
     fill: [u8; 3],
+    interpolation: Filter,
     rng: &mut R,
 ) -> RgbImage {
     let arg = op_argument(op, m, img.dimensions(), rng);
-    apply_op_arg(img, op, arg, fill)
+    apply_op_arg(img, op, arg, fill, interpolation)
 }
 
 /// The argument timm's level functions give operation `op` at magnitude `m` (0..10) for an image of
@@ -201,7 +206,13 @@ pub fn op_argument<R: Rng + ?Sized>(op: AugOp, m: f64, (w, h): (u32, u32), rng: 
 /// Apply operation `op` with an explicit argument (see [`op_argument`]), as the Pillow call timm
 /// makes: `ImageOps.autocontrast/equalize/invert/posterize/solarize`, `ImageEnhance.*(f)`,
 /// `rotate(deg)`, `transform(AFFINE)`.
-pub fn apply_op_arg(img: &RgbImage, op: AugOp, arg: f64, fill: [u8; 3]) -> RgbImage {
+pub fn apply_op_arg(
+    img: &RgbImage,
+    op: AugOp,
+    arg: f64,
+    fill: [u8; 3],
+    interpolation: Filter,
+) -> RgbImage {
     let (w, h) = img.dimensions();
     match op {
         AugOp::AutoContrast => map_channels(img, autocontrast_luts(img)),
@@ -212,7 +223,7 @@ pub fn apply_op_arg(img: &RgbImage, op: AugOp, arg: f64, fill: [u8; 3]) -> RgbIm
             let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
             let (c, s) = (a.cos(), a.sin());
             let m = [c, s, c * -cx + s * -cy + cx, -s, c, -s * -cx + c * -cy + cy];
-            affine(img, m, fill)
+            affine(img, m, fill, interpolation)
         }
         AugOp::PosterizeIncreasing => {
             let bits = (arg as u32).min(8);
@@ -260,10 +271,10 @@ pub fn apply_op_arg(img: &RgbImage, op: AugOp, arg: f64, fill: [u8; 3]) -> RgbIm
         }
         AugOp::BrightnessIncreasing => blend_with(img, &vec![0; img.as_raw().len()], arg),
         AugOp::SharpnessIncreasing => blend_with(img, smooth(img).as_raw(), arg),
-        AugOp::ShearX => affine(img, [1.0, arg, 0.0, 0.0, 1.0, 0.0], fill),
-        AugOp::ShearY => affine(img, [1.0, 0.0, 0.0, arg, 1.0, 0.0], fill),
-        AugOp::TranslateXRel => affine(img, [1.0, 0.0, arg, 0.0, 1.0, 0.0], fill),
-        AugOp::TranslateYRel => affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, arg], fill),
+        AugOp::ShearX => affine(img, [1.0, arg, 0.0, 0.0, 1.0, 0.0], fill, interpolation),
+        AugOp::ShearY => affine(img, [1.0, 0.0, 0.0, arg, 1.0, 0.0], fill, interpolation),
+        AugOp::TranslateXRel => affine(img, [1.0, 0.0, arg, 0.0, 1.0, 0.0], fill, interpolation),
+        AugOp::TranslateYRel => affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, arg], fill, interpolation),
     }
 }
 
@@ -377,39 +388,83 @@ fn smooth(img: &RgbImage) -> RgbImage {
     out
 }
 
-/// Pillow's `Image.transform(size, AFFINE, m, BILINEAR, fillcolor)`: output pixel centre `(x, y)`
-/// samples the input at `(m0 x + m1 y + m2, m3 x + m4 y + m5)`; a sample outside the image is
-/// `fill`, one within half a pixel of the border reads the border, and the interpolated value is
-/// truncated to 8 bits, as Pillow does.
-fn affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
+/// Pillow's `Image.transform(size, AFFINE, m, resample, fillcolor)` for NEAREST, BILINEAR or BICUBIC
+/// (any other filter acts as BILINEAR): output pixel centre `(x, y)` samples the input at
+/// `(m0 x + m1 y + m2, m3 x + m4 y + m5)`; a sample outside the image is `fill`, neighbours past
+/// the border read the border, and the interpolated value is truncated to 8 bits, as Pillow does.
+fn affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3], resample: Filter) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
     let mut out = vec![0u8; w * h * 3];
-    let px = |x: usize, y: usize, c: usize| src[(y * w + x) * 3 + c] as f64;
+    let px = |x: i64, y: i64, c: usize| {
+        let x = x.clamp(0, w as i64 - 1) as usize;
+        let y = y.clamp(0, h as i64 - 1) as usize;
+        src[(y * w + x) * 3 + c] as f64
+    };
     for y in 0..h {
         for x in 0..w {
             let (xo, yo) = (x as f64 + 0.5, y as f64 + 0.5);
-            let xi = m[0] * xo + m[1] * yo + m[2] - 0.5;
-            let yi = m[3] * xo + m[4] * yo + m[5] - 0.5;
+            let xs = m[0] * xo + m[1] * yo + m[2];
+            let ys = m[3] * xo + m[4] * yo + m[5];
             let o = (y * w + x) * 3;
-            if xi < -0.5 || xi >= w as f64 - 0.5 || yi < -0.5 || yi >= h as f64 - 0.5 {
+            if xs < 0.0 || xs >= w as f64 || ys < 0.0 || ys >= h as f64 {
                 out[o..o + 3].copy_from_slice(&fill);
                 continue;
             }
+            // Interpolate around the pixel centres: coordinate - 0.5.
+            let (xi, yi) = (xs - 0.5, ys - 0.5);
             let (x0, y0) = (xi.floor(), yi.floor());
             let (dx, dy) = (xi - x0, yi - y0);
-            let clampx = |v: f64| (v.max(0.0) as usize).min(w - 1);
-            let clampy = |v: f64| (v.max(0.0) as usize).min(h - 1);
-            let (xa, xb, ya, yb) = (clampx(x0), clampx(x0 + 1.0), clampy(y0), clampy(y0 + 1.0));
+            let (x0, y0) = (x0 as i64, y0 as i64);
             for c in 0..3 {
-                let top = px(xa, ya, c) * (1.0 - dx) + px(xb, ya, c) * dx;
-                let bot = px(xa, yb, c) * (1.0 - dx) + px(xb, yb, c) * dx;
-                out[o + c] = (top * (1.0 - dy) + bot * dy).clamp(0.0, 255.0) as u8;
+                let v = match resample {
+                    Filter::Nearest => px(xs as i64, ys as i64, c),
+                    Filter::Bicubic => {
+                        let row = |yy: i64| {
+                            cubic(
+                                px(x0 - 1, yy, c),
+                                px(x0, yy, c),
+                                px(x0 + 1, yy, c),
+                                px(x0 + 2, yy, c),
+                                dx,
+                            )
+                        };
+                        cubic(row(y0 - 1), row(y0), row(y0 + 1), row(y0 + 2), dy)
+                    }
+                    _ => {
+                        let top = px(x0, y0, c) * (1.0 - dx) + px(x0 + 1, y0, c) * dx;
+                        let bot = px(x0, y0 + 1, c) * (1.0 - dx) + px(x0 + 1, y0 + 1, c) * dx;
+                        top * (1.0 - dy) + bot * dy
+                    }
+                };
+                out[o + c] = v.clamp(0.0, 255.0) as u8;
             }
         }
     }
     RgbImage::from_raw(w as u32, h as u32, out).expect("buffer size matches")
 }
+
+/// Cubic convolution through four samples at offset `d` in `[0, 1)` from `v1`, with Pillow's
+/// transform kernel parameter.
+#[inline]
+fn cubic(v0: f64, v1: f64, v2: f64, v3: f64, d: f64) -> f64 {
+    const A: f64 = AFFINE_CUBIC_A;
+    let w = |t: f64| {
+        let t = t.abs();
+        if t < 1.0 {
+            ((A + 2.0) * t - (A + 3.0)) * t * t + 1.0
+        } else if t < 2.0 {
+            ((A * t - 5.0 * A) * t + 8.0 * A) * t - 4.0 * A
+        } else {
+            0.0
+        }
+    };
+    v0 * w(1.0 + d) + v1 * w(d) + v2 * w(1.0 - d) + v3 * w(2.0 - d)
+}
+
+/// Pillow's `transform`/`rotate` bicubic uses the cubic convolution kernel with a = -1 (its
+/// `resize` uses -0.5); measured against Pillow 13 in `tests/parity.rs`.
+const AFFINE_CUBIC_A: f64 = -1.0;
 
 #[cfg(test)]
 mod tests {
@@ -443,20 +498,53 @@ mod tests {
     fn pixel_ops_follow_pillow_definitions() {
         let img = photo_like();
         let mut rng = StdRng::seed_from_u64(0);
-        let inv = apply_op(&img, AugOp::Invert, 9.0, [128; 3], &mut rng);
+        let inv = apply_op(
+            &img,
+            AugOp::Invert,
+            9.0,
+            [128; 3],
+            Filter::Bicubic,
+            &mut rng,
+        );
         assert_eq!(inv.get_pixel(3, 4)[0], 255 - img.get_pixel(3, 4)[0]);
-        let ac = apply_op(&img, AugOp::AutoContrast, 9.0, [128; 3], &mut rng);
+        let ac = apply_op(
+            &img,
+            AugOp::AutoContrast,
+            9.0,
+            [128; 3],
+            Filter::Bicubic,
+            &mut rng,
+        );
         for c in 0..3 {
             assert_eq!(ac.pixels().map(|p| p[c]).min(), Some(0));
             assert_eq!(ac.pixels().map(|p| p[c]).max(), Some(255));
         }
-        let post = apply_op(&img, AugOp::PosterizeIncreasing, 10.0, [128; 3], &mut rng);
+        let post = apply_op(
+            &img,
+            AugOp::PosterizeIncreasing,
+            10.0,
+            [128; 3],
+            Filter::Bicubic,
+            &mut rng,
+        );
         assert!(post.pixels().all(|p| p.0.iter().all(|&v| v & 0x0F == 0)));
         // Translation by a whole number of pixels moves content and fills the rest.
-        let t = affine(&img, [1.0, 0.0, 5.0, 0.0, 1.0, 0.0], [1, 2, 3]);
+        let t = affine(
+            &img,
+            [1.0, 0.0, 5.0, 0.0, 1.0, 0.0],
+            [1, 2, 3],
+            Filter::Bilinear,
+        );
         assert_eq!(t.get_pixel(0, 0), img.get_pixel(5, 0));
         assert_eq!(t.get_pixel(31, 0).0, [1, 2, 3]);
-        let eq = apply_op(&img, AugOp::Equalize, 9.0, [128; 3], &mut rng);
+        let eq = apply_op(
+            &img,
+            AugOp::Equalize,
+            9.0,
+            [128; 3],
+            Filter::Bicubic,
+            &mut rng,
+        );
         assert!(eq.pixels().map(|p| p[0]).max().unwrap() > 200);
     }
 

