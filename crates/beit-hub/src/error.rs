@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong while resolving or fetching a checkpoint.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HubError {
     /// The spec is neither an existing directory nor an `org/name[@revision]` hub id.
     #[error(

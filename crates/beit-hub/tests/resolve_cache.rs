@@ -1,5 +1,7 @@
 //! Resolution from a cache laid out as `huggingface_hub` lays it out (blobs, relative snapshot
 //! symlinks, refs), and from local directories. No network.
+// The caches are built with Unix symlinks, as huggingface_hub builds them there.
+#![cfg(unix)]
 
 mod common;
 
