@@ -11,12 +11,15 @@ standard deviations of per-mask quantities, plus the per-cell masking frequency)
 crates/beit-mim/tests/masking_stats.rs draw as many masks from the Rust generator and compare each
 statistic with a two-sample z-test, so CI needs no Python.
 
+fixtures/mim/exact_masks.json holds masks drawn from known `random.Random(seed)` streams: the Rust
+generator fed the same Mersenne-Twister words must reproduce them exactly.
+
 It also writes fixtures/mim/loss_reference.json: a tiny batch (features, mask, visual-token ids,
 images, head weights) with the losses and feature gradients PyTorch computes for the three Table 4
 targets, the way `transformers`' BeitForMaskedImageModeling scores MIM (cross-entropy of
 `logits[bool_masked_pos]`), so the Rust loss code is checked against torch, gradients included.
 
-Usage: /work/venv/bin/python scripts/mim_fixtures.py [--draws 50000] [--only masking|loss]
+Usage: /work/venv/bin/python scripts/mim_fixtures.py [--draws 50000] [--only masking|loss|exact]
 """
 
 import argparse
@@ -199,18 +202,49 @@ def loss_reference(path):
         print(f"{t}: loss {r['loss']:.6f}", file=sys.stderr)
 
 
+def exact_masks(path, seed, count):
+    """Masks drawn from known Python `random` streams, for the bit-exact test of the Rust generator
+    driven by a Mersenne Twister (crates/beit-mim/tests/python_stream.rs)."""
+    check = random.Random(seed)
+    doc = {
+        "generator": "scripts/mim_fixtures.py, Python %s random.Random(seed + config index)" % sys.version.split()[0],
+        "seed": seed,
+        "first_words": [check.getrandbits(32) for _ in range(4)],
+        # random() as the exact 53-bit integer (JSON floats may not round-trip).
+        "first_random_bits": int(random.Random(seed).random() * 2**53),
+        "configs": [],
+    }
+    for i, cfg in enumerate(CONFIGS):
+        height, width = cfg["input_size"]
+        target = cfg["num_masking_patches"]
+        max_block = cfg["max_num_patches"] if cfg["max_num_patches"] is not None else target
+        log_aspect = (math.log(cfg["min_aspect"]), math.log(1.0 / cfg["min_aspect"]))
+        rng = random.Random(seed + i)
+        n = count if height * width <= 196 else count // 4
+        masks = []
+        for _ in range(n):
+            grid = draw_blockwise(height, width, target, cfg["min_num_patches"], max_block, log_aspect, rng)
+            masks.append("".join(str(v) for row in grid for v in row))
+        doc["configs"].append({"config": cfg, "seed": seed + i, "masks": masks})
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=50000)
     parser.add_argument("--seed", type=int, default=20211)
     parser.add_argument("--out-dir", default=os.path.join(here, "..", "fixtures", "mim"))
-    parser.add_argument("--only", choices=["masking", "loss"])
+    parser.add_argument("--only", choices=["masking", "loss", "exact"])
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    if args.only != "masking":
+    if args.only in (None, "exact"):
+        exact_masks(os.path.join(args.out_dir, "exact_masks.json"), 12345, 200)
+    if args.only in (None, "loss"):
         loss_reference(os.path.join(args.out_dir, "loss_reference.json"))
-    if args.only == "loss":
+    if args.only not in (None, "masking"):
         return
 
     results = []

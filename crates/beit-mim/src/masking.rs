@@ -1,6 +1,6 @@
 //! Blockwise masking (BEiT's `MaskingGenerator`) and the serde config that selects a mask sampler.
 
-use rand::{Rng, RngCore};
+use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Result};
@@ -177,8 +177,8 @@ impl MaskingGenerator {
             if bh >= self.height || bw >= self.width {
                 continue;
             }
-            let top = rng.random_range(0..=self.height - bh);
-            let left = rng.random_range(0..=self.width - bw);
+            let top = randint(rng, 0, self.height - bh);
+            let left = randint(rng, 0, self.width - bw);
             let cells = |mask: &[bool]| {
                 (top..top + bh)
                     .flat_map(|r| (left..left + bw).map(move |c| r * self.width + c))
@@ -197,9 +197,37 @@ impl MaskingGenerator {
     }
 }
 
+// The three random primitives below follow CPython's `random` conventions on top of the raw
+// words of the generator. Behind a Mersenne-Twister `RngCore` (see tests/python_stream.rs) the
+// generator then reproduces the reference masks bit for bit; with `StdRng` they are simply
+// unbiased draws.
+
+/// A double uniform in `[0, 1)` from the top 53 bits of `next_u64` (CPython's `random()` builds
+/// the same 53 bits from two 32-bit words).
+fn unit_f64(rng: &mut dyn RngCore) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 /// `a + (b − a)·U[0, 1)`: Python's `random.uniform`, which also accepts `b < a`.
 fn uniform(rng: &mut dyn RngCore, a: f64, b: f64) -> f64 {
-    a + (b - a) * rng.random::<f64>()
+    a + (b - a) * unit_f64(rng)
+}
+
+/// Uniform integer in `lo..=hi` by rejection: draw `bit_length(n)` bits from the top of a 32-bit
+/// word until the value is below `n = hi − lo + 1` (CPython's `randint`; unbiased).
+fn randint(rng: &mut dyn RngCore, lo: usize, hi: usize) -> usize {
+    let n = (hi - lo + 1) as u64;
+    let k = 64 - n.leading_zeros();
+    loop {
+        let r = if k <= 32 {
+            u64::from(rng.next_u32() >> (32 - k))
+        } else {
+            rng.next_u64() >> (64 - k)
+        };
+        if r < n {
+            return lo + r as usize;
+        }
+    }
 }
 
 impl MaskSampler for MaskingGenerator {
