@@ -66,7 +66,10 @@ pub struct TrainerState {
     pub rng: RngState,
     /// Running sums of the current epoch's metrics (`name -> [weighted sum, weight]`), so the
     /// epoch record of a resumed epoch covers all of its steps.
-    #[serde(default)]
+    /// Stored as decimal strings: Rust prints and parses f64 exactly, while serde_json's default
+    /// number parsing may be off by one unit in the last place, which would break bit-exact
+    /// resumption.
+    #[serde(default, with = "exact_f64_pairs")]
     pub epoch_sums: std::collections::BTreeMap<String, [f64; 2]>,
     /// Best evaluation metric so far and the step it was reached at.
     pub best_metric: Option<f64>,
@@ -100,6 +103,38 @@ impl TrainerState {
             train_config,
             run_config,
         }
+    }
+}
+
+/// Serde helper: `name -> [f64; 2]` with the numbers as exact decimal strings.
+mod exact_f64_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<String, [f64; 2]>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|(k, [a, b])| (k.clone(), [format!("{a:?}"), format!("{b:?}")]))
+            .collect::<BTreeMap<String, [String; 2]>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, [f64; 2]>, D::Error> {
+        BTreeMap::<String, [String; 2]>::deserialize(d)?
+            .into_iter()
+            .map(|(k, [a, b])| {
+                let p = |x: &str| {
+                    x.parse::<f64>()
+                        .map_err(|_| D::Error::custom(format!("`{k}`: `{x}` is not a number")))
+                };
+                Ok((k.clone(), [p(&a)?, p(&b)?]))
+            })
+            .collect()
     }
 }
 

@@ -3,25 +3,50 @@
 //! The global norm is the L2 norm of all gradients taken together. When it exceeds `max_norm`,
 //! every gradient is multiplied by `max_norm / (norm + 1e-6)`; otherwise nothing changes. The
 //! pre-clip norm is returned (unilm logs it as `grad_norm`).
+//!
+//! The squares of contiguous f32 gradients on the CPU are summed straight from their buffers (in
+//! f64, without temporaries); other gradients go through tensor ops on their device.
 
-use candle::{backprop::GradStore, DType, Tensor, Var};
+use candle::{backprop::GradStore, CpuStorage, DType, Storage, Tensor, Var};
 
 use crate::error::Result;
 
-/// The global L2 norm of the gradients of `vars` (parameters without a gradient are ignored).
-///
-/// Squares are summed in f32 on the device and read back once.
-pub fn global_grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
-    let sums = vars
-        .iter()
-        .filter_map(|v| grads.get(v.as_tensor()))
-        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-        .collect::<candle::Result<Vec<_>>>()?;
-    if sums.is_empty() {
-        return Ok(0.0);
+/// Sum of squares of a contiguous f32 CPU tensor, accumulated in f64; `None` for anything else.
+fn cpu_sum_sq(t: &Tensor) -> Option<f64> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
     }
-    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
-    Ok((total as f64).sqrt())
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(
+            v[start..end]
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum(),
+        ),
+        _ => None,
+    }
+}
+
+/// The global L2 norm of the gradients of `vars` (parameters without a gradient are ignored).
+pub fn global_grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
+    let mut total = 0f64;
+    // Gradients not handled on the host: squares summed on their device, read back once.
+    let mut device_sums = Vec::new();
+    for g in vars.iter().filter_map(|v| grads.get(v.as_tensor())) {
+        match cpu_sum_sq(g) {
+            Some(s) => total += s,
+            None => device_sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?),
+        }
+    }
+    if !device_sums.is_empty() {
+        total += Tensor::stack(&device_sums, 0)?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(total.sqrt())
 }
 
 /// Clip the gradients of `vars` in `grads` to global norm `max_norm`; returns the norm before
@@ -35,9 +60,12 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for v in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * coef)?);
-            }
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            // A new tensor rather than scaling in place: a gradient buffer may be shared.
+            let scaled = (g * coef)?;
+            grads.insert(v.as_tensor(), scaled);
         }
     }
     Ok(norm)

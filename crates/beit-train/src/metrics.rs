@@ -43,27 +43,30 @@ impl MetricsWriter {
         if !path.exists() {
             return Self::create(path);
         }
-        let kept: Vec<Map<String, Value>> = read_jsonl(&path)?
-            .into_iter()
-            .filter(|r| {
-                r.get("step")
-                    .and_then(Value::as_u64)
-                    .is_none_or(|s| s <= step)
-            })
-            .collect();
+        // Keep the surviving lines verbatim (re-serialising parsed numbers could change their
+        // last digit).
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let mut kept = String::with_capacity(text.len());
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let rec: Value = serde_json::from_str(line).map_err(|source| TrainError::Json {
+                path: PathBuf::from(format!("{}:{}", path.display(), i + 1)),
+                source,
+            })?;
+            if rec
+                .get("step")
+                .and_then(Value::as_u64)
+                .is_none_or(|s| s <= step)
+            {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
         // Rewrite through a temporary file so a crash here cannot lose the log.
         let tmp = path.with_extension("jsonl.tmp");
-        {
-            let mut w = BufWriter::new(fs::File::create(&tmp).map_err(io_err(&tmp))?);
-            for r in &kept {
-                serde_json::to_writer(&mut w, r).map_err(|source| TrainError::Json {
-                    path: tmp.clone(),
-                    source,
-                })?;
-                w.write_all(b"\n").map_err(io_err(&tmp))?;
-            }
-            w.flush().map_err(io_err(&tmp))?;
-        }
+        fs::write(&tmp, kept).map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         let f = fs::OpenOptions::new()
             .append(true)
