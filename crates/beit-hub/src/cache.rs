@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::rev_flag;
 use crate::files::{pick_files, HubOrigin, ModelFiles, PickError};
 use crate::HubError;
 
@@ -88,7 +87,6 @@ impl CachedRepo {
             revision: revision.to_string(),
             cache: self.root.clone(),
             detail,
-            rev_flag: rev_flag(revision),
         };
         let Some(commit) = self.commit_for(revision) else {
             return Err(not_cached(String::new()));
@@ -133,22 +131,34 @@ pub fn is_commit_hash(s: &str) -> bool {
 }
 
 /// Make a symlink `link` -> `target` with a path relative to `link`'s folder, as `huggingface_hub`
-/// does (so the cache can be moved as a whole). Replaces an existing entry at `link`.
+/// does (so the cache can be moved as a whole). An existing entry at `link` is replaced atomically:
+/// the link is made under a temporary name and renamed over it, so concurrent fetches of the same
+/// checkpoint never see a missing or half-made entry.
 pub(crate) fn symlink_relative(target: &Path, link: &Path) -> Result<(), HubError> {
     let parent = link.parent().expect("link path has a parent");
     std::fs::create_dir_all(parent).map_err(|e| HubError::io("cannot create", parent, e))?;
-    if link.symlink_metadata().is_ok() {
-        std::fs::remove_file(link).map_err(|e| HubError::io("cannot replace", link, e))?;
-    }
     let rel = relative_path(target, parent);
+    let tmp = temp_sibling(link);
     #[cfg(unix)]
-    let made = std::os::unix::fs::symlink(&rel, link);
+    let made = std::os::unix::fs::symlink(&rel, &tmp);
     #[cfg(windows)]
-    let made = std::os::windows::fs::symlink_file(&rel, link).or_else(|_| {
+    let made = std::os::windows::fs::symlink_file(&rel, &tmp).or_else(|_| {
         // Windows without developer mode cannot make symlinks; huggingface_hub then copies.
-        std::fs::copy(target, link).map(|_| ())
+        std::fs::copy(target, &tmp).map(|_| ())
     });
-    made.map_err(|e| HubError::io("cannot create symlink", link, e))
+    made.map_err(|e| HubError::io("cannot create symlink", &tmp, e))?;
+    std::fs::rename(&tmp, link).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        HubError::io("cannot create symlink", link, e)
+    })
+}
+
+/// A unique temporary name next to `path` (per process and per call), for write-then-rename.
+pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("f");
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
 /// `target` expressed relative to directory `base` (both inside the same cache root).

@@ -69,7 +69,8 @@ pub enum HubError {
     /// not allowed.
     #[error(
         "{repo} (revision {revision}) is not in the Hugging Face cache ({cache}){detail}; fetch it with \
-         `cargo xtask fetch-weights {repo}{rev_flag}` or pass a local directory"
+         `cargo xtask fetch-weights {repo}{flag}` or pass a local directory",
+        flag = rev_flag(.revision)
     )]
     NotCached {
         /// Repository id.
@@ -80,15 +81,14 @@ pub enum HubError {
         cache: PathBuf,
         /// Extra detail (which file is missing), starting with `: ` or empty.
         detail: String,
-        /// ` --revision REV` when the revision is not `main`, else empty.
-        rev_flag: String,
     },
 
     /// `HF_HUB_OFFLINE` is set and the checkpoint is not cached.
     #[error(
         "{repo} (revision {revision}) is not in the Hugging Face cache ({cache}){detail} and HF_HUB_OFFLINE \
          is set, so it cannot be downloaded; unset HF_HUB_OFFLINE and run `cargo xtask fetch-weights \
-         {repo}{rev_flag}` on a machine that can reach the hub, or copy the cache over"
+         {repo}{flag}` on a machine that can reach the hub, or copy the cache over",
+        flag = rev_flag(.revision)
     )]
     Offline {
         /// Repository id.
@@ -99,8 +99,6 @@ pub enum HubError {
         cache: PathBuf,
         /// Extra detail (which file is missing), starting with `: ` or empty.
         detail: String,
-        /// ` --revision REV` when the revision is not `main`, else empty.
-        rev_flag: String,
     },
 
     /// The cache holds an entry for the file, but the blob it points to is gone.
@@ -216,7 +214,7 @@ impl HubError {
 }
 
 /// ` --revision REV` for revisions other than `main`, used in fix-it hints.
-pub(crate) fn rev_flag(revision: &str) -> String {
+fn rev_flag(revision: &str) -> String {
     if revision == "main" {
         String::new()
     } else {

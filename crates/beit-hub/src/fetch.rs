@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
-use crate::cache::{symlink_relative, CachedRepo};
-use crate::error::rev_flag;
+use crate::cache::{symlink_relative, temp_sibling, CachedRepo};
 use crate::files::{
     shard_names, ModelFiles, CONFIG, PREPROCESSOR_CONFIG, PYTORCH_BIN, SAFETENSORS,
     SAFETENSORS_INDEX,
@@ -91,7 +90,6 @@ pub fn fetch(
                 revision: revision.to_string(),
                 cache: hub.cache_dir.clone(),
                 detail,
-                rev_flag: rev_flag(revision),
             })
         }
         // Missing files, or a dangling link that a fresh download repairs.
@@ -313,11 +311,7 @@ impl<'a> Downloader<'a> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HubError> {
     let parent = path.parent().expect("path has a parent");
     std::fs::create_dir_all(parent).map_err(|e| HubError::io("cannot create", parent, e))?;
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
-        std::process::id()
-    ));
+    let tmp = temp_sibling(path);
     std::fs::write(&tmp, bytes).map_err(|e| HubError::io("cannot write", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| HubError::io("cannot write", path, e))
 }

@@ -1,6 +1,5 @@
 //! `--model` resolution: a local directory, or a hub id looked up in the cache.
 
-use crate::error::rev_flag;
 use crate::fetch::fetch;
 use crate::files::{resolve_local, ModelFiles};
 use crate::spec::ModelSpec;
@@ -85,7 +84,6 @@ pub fn resolve_model(spec: &str, opts: &ResolveOptions) -> Result<ModelFiles, Hu
                         repo,
                         cache: opts.hub.cache_dir.clone(),
                         detail,
-                        rev_flag: rev_flag(&revision),
                         revision,
                     })
                 }

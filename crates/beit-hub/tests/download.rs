@@ -379,3 +379,59 @@ fn http_errors_carry_hints() {
         .iter()
         .all(|f| !f.contains("blobs/") || f.contains("no-weights")));
 }
+
+#[test]
+fn concurrent_fetches_of_one_checkpoint_agree() -> anyhow::Result<()> {
+    let server = FakeHub::start();
+    let weights: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    server.add_repo(
+        REPO,
+        COMMIT,
+        &[
+            ("config.json", config_json()),
+            ("model.safetensors", weights.clone()),
+        ],
+    );
+    let tmp = tempfile::tempdir()?;
+    let h = hub(tmp.path(), &server.endpoint);
+    let reports: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| fetch(REPO, None, &h, false)))
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for r in &reports {
+        let r = r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(std::fs::read(r.files.weights.paths()[0])?, weights);
+    }
+    assert_eq!(verified_blobs(tmp.path(), REPO).len(), 2);
+    let all = files_below(tmp.path());
+    assert!(all.iter().all(|f| !f.contains(".tmp-")), "{all:?}");
+    no_staging_left(tmp.path());
+    Ok(())
+}
+
+#[test]
+fn staging_left_by_a_killed_fetch_is_removed() -> anyhow::Result<()> {
+    let server = FakeHub::start();
+    server.add_repo(
+        REPO,
+        COMMIT,
+        &[
+            ("config.json", config_json()),
+            ("model.safetensors", b"w".to_vec()),
+        ],
+    );
+    let tmp = tempfile::tempdir()?;
+    // A process that has exited: its staging folder is stale.
+    let mut child = std::process::Command::new("true").spawn()?;
+    let dead = child.id();
+    child.wait()?;
+    let stale = tmp.path().join(STAGING_DIR).join(format!("{dead}-0"));
+    std::fs::create_dir_all(stale.join("models--x--y/blobs"))?;
+    std::fs::write(stale.join("models--x--y/blobs/abc.part"), b"partial")?;
+    fetch(REPO, None, &hub(tmp.path(), &server.endpoint), false)?;
+    assert!(!stale.exists());
+    no_staging_left(tmp.path());
+    Ok(())
+}
