@@ -19,7 +19,7 @@ images, head weights) with the losses and feature gradients PyTorch computes for
 targets, the way `transformers`' BeitForMaskedImageModeling scores MIM (cross-entropy of
 `logits[bool_masked_pos]`), so the Rust loss code is checked against torch, gradients included.
 
-Usage: /work/venv/bin/python scripts/mim_fixtures.py [--draws 50000] [--only masking|loss|exact]
+Usage: /work/venv/bin/python scripts/mim_fixtures.py [--draws 200000] [--only masking|loss|exact]
 """
 
 import argparse
@@ -234,7 +234,7 @@ def exact_masks(path, seed, count):
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--draws", type=int, default=50000)
+    parser.add_argument("--draws", type=int, default=200000)
     parser.add_argument("--seed", type=int, default=20211)
     parser.add_argument("--out-dir", default=os.path.join(here, "..", "fixtures", "mim"))
     parser.add_argument("--only", choices=["masking", "loss", "exact"])
