@@ -141,7 +141,6 @@ impl ImageProcessor {
     }
 
     /// The JSON a checkpoint export writes (read back by `transformers`' `BeitImageProcessor`).
-    #[allow(dead_code)] // used by the fine-tuning export
     pub fn to_json(&self) -> Value {
         let code = match self.resample {
             Filter::Nearest => 0,
