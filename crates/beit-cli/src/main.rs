@@ -4,6 +4,7 @@ mod commands;
 mod device;
 mod model_source;
 mod processor;
+mod training;
 
 use clap::{Parser, Subcommand};
 
