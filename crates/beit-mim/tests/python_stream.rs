@@ -120,7 +120,10 @@ fn mersenne_twister_matches_cpython() {
         assert_eq!(u64::from(mt.next_u32()), w.as_u64().unwrap());
     }
     let mut mt = PyMersenne::new(doc["seed"].as_u64().unwrap());
-    assert_eq!(mt.next_u64() >> 11, doc["first_random_bits"].as_u64().unwrap());
+    assert_eq!(
+        mt.next_u64() >> 11,
+        doc["first_random_bits"].as_u64().unwrap()
+    );
 }
 
 #[test]
