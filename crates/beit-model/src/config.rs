@@ -231,19 +231,19 @@ impl BeitConfig {
                 return err(format!("`{name}` must be positive"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(format!(
                 "`hidden_size` ({}) must be divisible by `num_attention_heads` ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return err(format!(
                 "`image_size` ({}) must be divisible by `patch_size` ({})",
                 self.image_size, self.patch_size
             ));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return err(format!(
                 "`layer_norm_eps` must be > 0, got {}",
                 self.layer_norm_eps

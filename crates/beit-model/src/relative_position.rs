@@ -40,6 +40,9 @@ pub fn relative_position_index(window: (usize, usize)) -> Vec<u32> {
     index
 }
 
+/// The gather index of a window, and the table resize matrix when the window is not the table's.
+type WindowTensors = (Tensor, Option<Tensor>);
+
 /// A relative position bias table (per layer or shared), producing the additive attention bias.
 #[derive(Debug)]
 pub struct RelativePositionBias {
@@ -47,7 +50,7 @@ pub struct RelativePositionBias {
     window: (usize, usize),
     num_heads: usize,
     /// Per-window index (and resize matrix when the window differs from the table's).
-    cache: Mutex<HashMap<(usize, usize), (Tensor, Option<Tensor>)>>,
+    cache: Mutex<HashMap<(usize, usize), WindowTensors>>,
 }
 
 impl Clone for RelativePositionBias {
