@@ -203,13 +203,18 @@ impl Row {
     fn gray_sum(&self) -> f64 {
         // Eight partial sums: independent chains, so the loop vectorises.
         let mut acc = [0f32; 8];
-        let n = self.r.len();
-        let full = n - n % 8;
-        for i in (0..full).step_by(8) {
-            for k in 0..8 {
-                acc[k] += gray([self.r[i + k], self.g[i + k], self.b[i + k]]);
+        let chunks = self
+            .r
+            .chunks_exact(8)
+            .zip(self.g.chunks_exact(8))
+            .zip(self.b.chunks_exact(8));
+        for ((r, g), b) in chunks {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a += gray([r[k], g[k], b[k]]);
             }
         }
+        let n = self.r.len();
+        let full = n - n % 8;
         let mut total: f64 = acc.iter().map(|&v| v as f64).sum();
         for i in full..n {
             total += gray([self.r[i], self.g[i], self.b[i]]) as f64;
