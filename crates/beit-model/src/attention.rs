@@ -4,7 +4,7 @@ use candle::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::BeitConfig;
-use crate::layers::{linear, softmax_last_dim, Dropout, StochasticRng};
+use crate::layers::{linear, softmax_last_dim, softmax_with_bias, Dropout, StochasticRng};
 use crate::relative_position::RelativePositionBias;
 
 /// `beit.encoder.layer.{i}.attention`: self-attention followed by its output projection.
@@ -72,15 +72,22 @@ impl BeitAttention {
         self.relative_position_bias.as_ref()
     }
 
-    /// One `(3C, C)` projection for q, k, v with bias `cat(q_bias, 0, v_bias)`.
+    /// One `(3C, C)` projection for q, k, v with bias `cat(q_bias, 0, v_bias)`, the attention
+    /// scale `head_dim^-0.5` folded into the q rows (a `(C, C)` multiply instead of one over every
+    /// token; exact for power-of-two head dims such as 64).
     fn fused_qkv(&self) -> Result<(Tensor, Tensor)> {
+        let scale = (self.head_dim as f64).powf(-0.5);
         let w = Tensor::cat(
-            &[self.query.weight(), self.key.weight(), self.value.weight()],
+            &[
+                &(self.query.weight() * scale)?,
+                self.key.weight(),
+                self.value.weight(),
+            ],
             0,
         )?;
         let qb = self.query.bias().expect("query has a bias");
         let vb = self.value.bias().expect("value has a bias");
-        let b = Tensor::cat(&[qb, &qb.zeros_like()?, vb], 0)?;
+        let b = Tensor::cat(&[&(qb * scale)?, &qb.zeros_like()?, vb], 0)?;
         Ok((w, b))
     }
 
@@ -105,18 +112,28 @@ impl BeitAttention {
             .broadcast_add(&bias)?
             .reshape((b, t, 3, self.num_heads, self.head_dim))?
             .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, D)
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let q = (qkv.get(0)? * scale)?.contiguous()?;
+                                        // q is already scaled (see `fused_qkv`).
+        let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(rpb) = &self.relative_position_bias {
-            scores = scores.broadcast_add(&rpb.forward(window)?.to_dtype(scores.dtype())?)?;
-        }
-        if let Some(shared) = shared_bias {
-            scores = scores.broadcast_add(&shared.to_dtype(scores.dtype())?)?;
-        }
-        let probs = softmax_last_dim(&scores)?;
+        let scores = q.matmul(&k.t()?)?;
+        let own = match &self.relative_position_bias {
+            Some(rpb) => Some(rpb.forward(window)?.to_dtype(scores.dtype())?),
+            None => None,
+        };
+        let shared = match shared_bias {
+            Some(s) => Some(s.to_dtype(scores.dtype())?),
+            None => None,
+        };
+        let bias = match (own, shared) {
+            (Some(a), Some(b)) => Some(a.broadcast_add(&b)?),
+            (a, b) => a.or(b),
+        };
+        // Bias add and softmax in one pass (and one backward pass when training).
+        let probs = match &bias {
+            Some(bias) => softmax_with_bias(&scores, bias)?,
+            None => softmax_last_dim(&scores)?,
+        };
         let attended = self.attn_dropout.forward_t(&probs, train)?.matmul(&v)?; // (B, H, T, D)
         let out = attended.transpose(1, 2)?.reshape((b, t, c))?;
         let out = self.output.forward(&out)?;

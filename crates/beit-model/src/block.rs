@@ -6,6 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 use crate::attention::BeitAttention;
 use crate::config::BeitConfig;
 use crate::layers::{linear, Activation, DropPath, Dropout, LayerNorm, StochasticRng};
+use crate::ops;
 
 /// `beit.encoder.layer.{i}`:
 /// `x += drop_path(lambda_1 * attn(LN(x)))`, then `x += drop_path(lambda_2 * mlp(LN(x)))`.
@@ -85,15 +86,51 @@ impl BeitLayer {
             .attention
             .forward(&h, shared_bias, window, train, want_probs)?;
         let h = self.dropout.forward_t(&h, train)?;
-        let h = scale(&h, self.lambda_1.as_ref())?;
-        let x = (self.drop_path.forward_t(&h, train)? + x)?;
+        let x = self.residual(x, &h, self.lambda_1.as_ref(), train)?;
 
         let h = self.layernorm_after.forward(&x)?;
-        let h = self.activation.forward(&self.intermediate.forward(&h)?)?;
+        let h = self.mlp_hidden(&h)?;
         let h = self.dropout.forward_t(&self.output.forward(&h)?, train)?;
-        let h = scale(&h, self.lambda_2.as_ref())?;
-        let x = (self.drop_path.forward_t(&h, train)? + x)?;
+        let x = self.residual(&x, &h, self.lambda_2.as_ref(), train)?;
         Ok((x, probs))
+    }
+}
+
+impl BeitLayer {
+    /// `x + drop_path(lambda * h)`, in one pass (and one backward pass) when the kernels apply.
+    fn residual(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        lambda: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        match lambda {
+            Some(l) if ops::fused_cpu_f32(&[x, h, l]) => {
+                let keep = self.drop_path.sample_factors(x.dim(0)?, train);
+                ops::scaled_residual(x, h, l, keep)
+            }
+            _ => {
+                let h = scale(h, lambda)?;
+                self.drop_path.forward_t(&h, train)? + x
+            }
+        }
+    }
+
+    /// `act(intermediate(h))`; exact GELU with its bias add fused into one pass (and one backward
+    /// pass) when the kernels apply.
+    fn mlp_hidden(&self, h: &Tensor) -> Result<Tensor> {
+        let (w, bias) = (self.intermediate.weight(), self.intermediate.bias());
+        match bias {
+            Some(bias)
+                if self.activation == Activation::GeluErf && ops::fused_cpu_f32(&[h, w, bias]) =>
+            {
+                let (b, t, c) = h.dims3()?;
+                let y = h.reshape((b * t, c))?.matmul(&w.t()?)?;
+                ops::bias_gelu_erf(&y, bias)?.reshape((b, t, w.dim(0)?))
+            }
+            _ => self.activation.forward(&self.intermediate.forward(h)?),
+        }
     }
 }
 

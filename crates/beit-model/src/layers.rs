@@ -3,9 +3,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle::{DType, Module, Result, Tensor, D};
+use candle::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::ops;
 
 /// LayerNorm over the last dimension.
 ///
@@ -34,25 +36,30 @@ impl Module for LayerNorm {
         if !needs_grad && x.is_contiguous() {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        // Our fused kernel with a backward pass (f32 on CPU), else the differentiable composition.
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Softmax over the last dimension; the fused kernel (no backward) only when no gradient is needed.
+/// Softmax over the last dimension. f32 on CPU: our fused kernel, which has a backward pass.
+/// Elsewhere: candle's fused kernel (no backward) when no gradient is needed, else the composition.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
+    if ops::fused_cpu_f32(&[x]) {
+        ops::softmax_last_dim(x)
+    } else if x.track_op() {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// `softmax(scores + bias)` over the last dimension, `bias` broadcast over leading dimensions
+/// (one pass forward and backward for f32 on CPU).
+pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if ops::fused_cpu_f32(&[scores, bias]) {
+        ops::softmax_with_bias(scores, bias)
+    } else {
+        softmax_last_dim(&scores.broadcast_add(bias)?)
     }
 }
 
@@ -167,6 +174,25 @@ impl DropPath {
     }
 }
 
+impl DropPath {
+    /// Per-sample factors (0 or `1/keep`) for a batch of `batch`, drawn exactly as
+    /// `forward_t` draws them; `None` when the layer is the identity (eval, or rate 0).
+    pub fn sample_factors(&self, batch: usize, train: bool) -> Option<Vec<f32>> {
+        if !train || self.prob <= 0.0 {
+            return None;
+        }
+        let keep = 1.0 - self.prob;
+        let scale = (1.0 / keep) as f32;
+        Some(
+            self.rng
+                .uniform(batch)
+                .into_iter()
+                .map(|u| if (u as f64) < keep { scale } else { 0.0 })
+                .collect(),
+        )
+    }
+}
+
 impl candle::ModuleT for DropPath {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.prob <= 0.0 {
@@ -204,7 +230,7 @@ impl candle::ModuleT for Dropout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle::{Device, ModuleT, Var};
+    use candle::{DType, Device, ModuleT, Var};
 
     #[test]
     fn layer_norm_paths_agree_and_slow_path_has_gradients() -> Result<()> {

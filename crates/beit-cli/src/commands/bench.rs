@@ -1,13 +1,388 @@
-//! `beit-cli bench`.
+//! `beit-cli bench`: throughput of inference or of a full training step, randomly initialised.
+//!
+//! The same workloads are timed for PyTorch + `transformers` by `scripts/bench_peer.py`, and
+//! `scripts/bench_compare.py` runs both alternately and prints the ratios (docs/performance.md).
 
-use anyhow::Result;
-use clap::Args;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use beit_model::{
+    BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, ForwardOptions,
+};
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use clap::{Args, ValueEnum};
+use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
+
+/// What one timed step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Classifier forward pass, no autograd graph.
+    Infer,
+    /// MIM pre-training step: masked forward, cross-entropy on the masked patches, backward, AdamW.
+    TrainMim,
+    /// Fine-tuning step: classifier forward, cross-entropy, backward, AdamW.
+    TrainCls,
+}
+
+impl BenchMode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Infer => "infer",
+            Self::TrainMim => "train-mim",
+            Self::TrainCls => "train-cls",
+        }
+    }
+}
 
 /// Arguments of `beit-cli bench`.
 #[derive(Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Workload to time.
+    #[arg(long, value_enum, default_value_t = BenchMode::Infer)]
+    pub mode: BenchMode,
+    /// `base`, `large`, or the path of a `config.json` (random weights in every case).
+    #[arg(long, default_value = "base")]
+    pub model: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Square input size in pixels.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Timed steps (after `--warmup` untimed ones).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Masked patches per image in `train-mim` (BEiT masks 75 of 196 at 224 px).
+    #[arg(long, default_value_t = 75)]
+    pub num_masked: usize,
+    /// `cpu`, `cuda[:N]`, `metal[:N]`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: `f32`, or `bf16`/`f16` (weights and activations; master weights stay f32
+    /// when training).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Seed of the input, mask and label draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the resolved model config (HF `config.json` layout) here, for the PyTorch peer.
+    #[arg(long)]
+    pub dump_config: Option<PathBuf>,
+    /// Print one JSON line instead of a human summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Resolve `--model` into a config for `mode` (MIM needs the mask token and vocabulary head).
+pub fn resolve_config(model: &str, mode: BenchMode, image_size: usize) -> Result<BeitConfig> {
+    let base = |large: bool| {
+        let cfg = match mode {
+            BenchMode::TrainMim => BeitConfig::base_patch16_224_pt22k(),
+            _ => BeitConfig::base_patch16_224(),
+        };
+        if large {
+            cfg.into_large()
+        } else {
+            cfg
+        }
+    };
+    let mut cfg = match model {
+        "base" => base(false),
+        "large" => base(true),
+        path => BeitConfig::from_file(path)
+            .with_context(|| format!("`--model {path}` is neither base, large nor a config"))?,
+    };
+    cfg.image_size = image_size;
+    if mode == BenchMode::TrainMim {
+        cfg.use_mask_token = true;
+    }
+    cfg.validate()
+        .with_context(|| format!("`--image-size {image_size}` with `--model {model}`"))?;
+    Ok(cfg)
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => bail!("unknown `--dtype {other}`: expected f32, bf16 or f16"),
+    })
+}
+
+/// The measurement of one bench run.
+#[derive(Debug, Clone)]
+pub struct BenchResult {
+    /// Seconds of each timed step.
+    pub step_s: Vec<f64>,
+}
+
+impl BenchResult {
+    /// Median step time in seconds.
+    pub fn median_s(&self) -> f64 {
+        let mut v = self.step_s.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            0.5 * (v[n / 2 - 1] + v[n / 2])
+        }
+    }
+}
+
+/// Times `warmup + iters` calls of `step`, synchronising the device after each.
+fn time_steps(
+    dev: &Device,
+    warmup: usize,
+    iters: usize,
+    mut step: impl FnMut() -> Result<()>,
+) -> Result<BenchResult> {
+    for _ in 0..warmup {
+        step()?;
+        dev.synchronize()?;
+    }
+    let mut step_s = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        step()?;
+        dev.synchronize()?;
+        step_s.push(t.elapsed().as_secs_f64());
+    }
+    Ok(BenchResult { step_s })
+}
+
+/// Detached copies of every variable, for an inference model without autograd tracking.
+fn frozen(varmap: &VarMap, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    let data = varmap.data().lock().expect("varmap lock");
+    data.iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_detached_tensor().to_dtype(dtype)?)))
+        .collect()
+}
+
+/// Run the benchmark described by `args` (without printing).
+pub fn measure(args: &BenchArgs, cfg: &BeitConfig, dev: &Device) -> Result<BenchResult> {
+    let dtype = parse_dtype(&args.dtype)?;
+    if args.batch == 0 || args.iters == 0 {
+        bail!("`--batch` and `--iters` must be positive");
+    }
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let (b, s) = (args.batch, args.image_size);
+    let pixels: Vec<f32> = (0..b * 3 * s * s)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+        .collect();
+    let pixels = Tensor::from_vec(pixels, (b, 3, s, s), dev)?.to_dtype(dtype)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    match args.mode {
+        BenchMode::Infer => {
+            // Build once to initialise the variables, then again from frozen tensors.
+            BeitForImageClassification::new(cfg, vb)?;
+            let vb = VarBuilder::from_tensors(frozen(&varmap, dtype)?, dtype, dev);
+            let model = BeitForImageClassification::new(cfg, vb)?;
+            time_steps(dev, args.warmup, args.iters, || {
+                let logits = model.forward(&pixels, ForwardOptions::default())?.logits;
+                drop(logits);
+                Ok(())
+            })
+        }
+        BenchMode::TrainMim => {
+            let model = BeitForMaskedImageModeling::new(cfg, vb)?;
+            let n = cfg.num_patches();
+            if args.num_masked == 0 || args.num_masked > n {
+                bail!("`--num-masked {}` must be in 1..={n}", args.num_masked);
+            }
+            let mut mask = vec![0u8; b * n];
+            for row in mask.chunks_mut(n) {
+                for i in sample(&mut rng, n, args.num_masked) {
+                    row[i] = 1;
+                }
+            }
+            let m = b * args.num_masked;
+            let mask = Tensor::from_vec(mask, (b, n), dev)?;
+            let labels: Vec<u32> = (0..m)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect();
+            let labels = Tensor::from_vec(labels, m, dev)?;
+            let mut opt = adamw(&varmap)?;
+            time_steps(dev, args.warmup, args.iters, || {
+                let logits = model
+                    .forward_masked(&pixels, &mask, ForwardOptions::train())?
+                    .logits;
+                let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
+                opt.backward_step(&loss)?;
+                Ok(())
+            })
+        }
+        BenchMode::TrainCls => {
+            let model = BeitForImageClassification::new(cfg, vb)?;
+            let classes = cfg.num_labels() as u32;
+            let labels: Vec<u32> = (0..b).map(|_| rng.random_range(0..classes)).collect();
+            let labels = Tensor::from_vec(labels, b, dev)?;
+            let mut opt = adamw(&varmap)?;
+            time_steps(dev, args.warmup, args.iters, || {
+                let logits = model.forward(&pixels, ForwardOptions::train())?.logits;
+                let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
+                opt.backward_step(&loss)?;
+                Ok(())
+            })
+        }
+    }
+}
+
+/// candle-nn's AdamW (one group; the update is a small part of a step next to forward + backward).
+fn adamw(varmap: &VarMap) -> Result<candle_nn::AdamW> {
+    let vars: Vec<Var> = varmap.all_vars();
+    let params = candle_nn::ParamsAdamW {
+        lr: 1e-4,
+        weight_decay: 0.05,
+        ..Default::default()
+    };
+    Ok(candle_nn::AdamW::new(vars, params)?)
+}
+
+/// Keep freed tensor buffers in the heap instead of returning them to the kernel.
+///
+/// glibc serves blocks above `M_MMAP_THRESHOLD` with a fresh `mmap` and unmaps them on `free`, and
+/// trims the heap top beyond `M_TRIM_THRESHOLD`: every activation and gradient of a step (up to
+/// ~20 MB each for ViT-B at batch 8) then costs page faults and kernel page clearing, measured at
+/// about 10% of a training step (docs/performance.md). Raising both thresholds makes the buffers
+/// of one step reuse those of the previous one. Process-wide; a no-op outside glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt only changes allocator parameters; called before the big allocations.
+        unsafe {
+            // 32 MiB is glibc's largest accepted mmap threshold on 64-bit; never trim the heap.
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
 
 /// Run the command.
-pub fn run(_args: BenchArgs) -> Result<()> {
-    anyhow::bail!("`bench` is not available in this build yet")
+pub fn run(args: BenchArgs) -> Result<()> {
+    if std::env::var("BEIT_KEEP_FREED_MEMORY").map_or(true, |v| v.trim() != "0") {
+        keep_freed_memory();
+    }
+    let dev = crate::device::parse_device(&args.device)?;
+    let cfg = resolve_config(&args.model, args.mode, args.image_size)?;
+    if let Some(path) = &args.dump_config {
+        let text = serde_json::to_string_pretty(&cfg)?;
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the config to {}", path.display()))?;
+    }
+    let threads = candle::utils::get_num_threads();
+    let res = measure(&args, &cfg, &dev)?;
+    let median = res.median_s();
+    let ips = args.batch as f64 / median;
+    if args.json {
+        let line = serde_json::json!({
+            "impl": "beit-rs",
+            "mode": args.mode.name(),
+            "model": args.model,
+            "batch": args.batch,
+            "image_size": args.image_size,
+            "iters": args.iters,
+            "device": args.device,
+            "dtype": args.dtype,
+            "threads": threads,
+            "images_per_s": ips,
+            "median_s": median,
+            "step_s": res.step_s,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{} {} batch {} @ {}px on {} ({} threads, {}): {:.3} images/s, median step {:.3} s over {} steps",
+            args.mode.name(),
+            args.model,
+            args.batch,
+            args.image_size,
+            args.device,
+            threads,
+            args.dtype,
+            ips,
+            median,
+            args.iters
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_args(mode: BenchMode) -> BenchArgs {
+        BenchArgs {
+            mode,
+            model: "base".into(),
+            batch: 2,
+            image_size: 32,
+            iters: 2,
+            warmup: 1,
+            num_masked: 5,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            seed: 0,
+            dump_config: None,
+            json: true,
+        }
+    }
+
+    fn tiny_config(mode: BenchMode) -> BeitConfig {
+        let mut cfg = resolve_config("base", mode, 32).unwrap();
+        cfg.hidden_size = 32;
+        cfg.num_hidden_layers = 2;
+        cfg.num_attention_heads = 2;
+        cfg.intermediate_size = 64;
+        cfg.vocab_size = 50;
+        cfg
+    }
+
+    #[test]
+    fn every_mode_runs_and_times_each_step() {
+        for mode in [BenchMode::Infer, BenchMode::TrainMim, BenchMode::TrainCls] {
+            let res = measure(&tiny_args(mode), &tiny_config(mode), &Device::Cpu).unwrap();
+            assert_eq!(res.step_s.len(), 2);
+            assert!(res.median_s() > 0.0);
+        }
+    }
+
+    #[test]
+    fn mim_config_has_mask_token_and_bad_sizes_are_errors() {
+        let cfg = resolve_config("base", BenchMode::TrainMim, 224).unwrap();
+        assert!(cfg.use_mask_token && cfg.use_shared_relative_position_bias);
+        assert_eq!(cfg.num_patches(), 196);
+        assert!(resolve_config("base", BenchMode::Infer, 100).is_err());
+        assert!(resolve_config("/nonexistent/config.json", BenchMode::Infer, 224).is_err());
+        let mut args = tiny_args(BenchMode::TrainMim);
+        args.num_masked = 1000;
+        let cfg = tiny_config(BenchMode::TrainMim);
+        assert!(measure(&args, &cfg, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn median_of_even_and_odd_counts() {
+        let r = BenchResult {
+            step_s: vec![3.0, 1.0, 2.0],
+        };
+        assert_eq!(r.median_s(), 2.0);
+        let r = BenchResult {
+            step_s: vec![4.0, 1.0, 2.0, 3.0],
+        };
+        assert_eq!(r.median_s(), 2.5);
+    }
 }
