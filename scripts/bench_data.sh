@@ -19,19 +19,24 @@ fi
 # release profile would give the same code but rebuild every dependency).
 CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo build -q -p beit-data --example bench_loader
 BIN=${CARGO_TARGET_DIR:-target}/debug/examples/bench_loader
-rust=(); torch=()
+rust=(); torch=(); rcpu=(); tcpu=()
 for r in $(seq 1 "$ROUNDS"); do
-  rr=$("$BIN" "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr | awk '/^rust_images_per_sec/ {print $2}')
-  tt=$("$PY" scripts/data_bench_torchvision.py "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr | awk '/^torch_images_per_sec/ {print $2}')
+  ro=$("$BIN" "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr)
+  to=$("$PY" scripts/data_bench_torchvision.py "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr)
+  rr=$(awk '/^rust_images_per_sec/ {print $2}' <<<"$ro"); tt=$(awk '/^torch_images_per_sec/ {print $2}' <<<"$to")
   rust+=("$rr"); torch+=("$tt")
+  rcpu+=("$(awk '/^rust_cpu_ms_per_image/ {print $2}' <<<"$ro")"); tcpu+=("$(awk '/^torch_cpu_ms_per_image/ {print $2}' <<<"$to")")
   echo "round $r: beit-data $rr images/s, torchvision $tt images/s" >&2
 done
-"$PY" - "${rust[*]}" "${torch[*]}" <<'PYEOF'
+"$PY" - "${rust[*]}" "${torch[*]}" "${rcpu[*]}" "${tcpu[*]}" <<'PYEOF'
 import statistics, sys
-rust = [float(x) for x in sys.argv[1].split()]
-torch = [float(x) for x in sys.argv[2].split()]
+rust, torch, rcpu, tcpu = ([float(x) for x in a.split()] for a in sys.argv[1:5])
 r, t = statistics.median(rust), statistics.median(torch)
+paired = statistics.median(a / b for a, b in zip(rust, torch))
 print(f"beit-data    median {r:.1f} images/s  (runs: {rust})")
 print(f"torchvision  median {t:.1f} images/s  (runs: {torch})")
-print(f"ratio beit-data / torchvision = {r / t:.2f}x (goal >= 1.5x)")
+print(f"ratio beit-data / torchvision: {paired:.2f}x median of per-round ratios, {r / t:.2f}x of medians (goal >= 1.5x)")
+if rcpu and tcpu:
+    rc, tc = statistics.median(rcpu), statistics.median(tcpu)
+    print(f"CPU time per image: beit-data {rc:.2f} ms, torchvision {tc:.2f} ms (main process + workers): {tc / rc:.2f}x less CPU")
 PYEOF
