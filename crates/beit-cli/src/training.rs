@@ -500,6 +500,15 @@ pub fn load_splits(cfg: &DataConfig) -> Result<Splits> {
         };
     let train = limit(train, cfg.max_train_samples, cfg.split_seed ^ 0x7261);
     let val = limit(val, cfg.max_val_samples, cfg.split_seed ^ 0x7661);
+    let description = if cfg.max_train_samples.is_some() || cfg.max_val_samples.is_some() {
+        format!(
+            "{description} (using {} train / {} val)",
+            train.len(),
+            val.len()
+        )
+    } else {
+        description
+    };
     Ok(Splits {
         train,
         val,
