@@ -3,7 +3,7 @@
 //! - Datasets ([`Dataset`]): [`ImageFolder`] (`root/<class>/<image>` as torchvision, or a flat
 //!   folder with a label file), [`UnlabelledFolder`] for pre-training, and Fashion-MNIST
 //!   ([`FashionMnist`], from the Debian package or embedded in the crate).
-//! - Transforms with torchvision/timm semantics on 8-bit RGB images: Pillow-compatible [`resize`],
+//! - Transforms with torchvision/timm semantics on 8-bit RGB images: Pillow-compatible [`resize()`],
 //!   [`RandomResizedCrop`], [`ColorJitter`], [`Normalize`], RandAugment, random erasing, mixup/CutMix,
 //!   and the complete pipelines [`EvalTransform`], [`TrainTransform`] and BEiT's two-view
 //!   [`TwoViewTransform`] (224 bicubic for the patches, 112 Lanczos for the tokenizer).
