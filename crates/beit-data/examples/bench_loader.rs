@@ -1,6 +1,6 @@
 //! Throughput of decode + BEiT two-view augmentation through the [`Loader`].
 //!
-//! Usage: `cargo run --release -p beit-data --example bench_loader -- FOLDER [THREADS] [EPOCHS] [BATCH]`
+//! Usage: `cargo run --release -p beit-data --example bench_loader -- FOLDER [THREADS] [EPOCHS] [BATCH] [finetune]`
 //!
 //! FOLDER is an `ImageFolder` (`FOLDER/<class>/<image>`). Prints images/s per epoch and a last line
 //! `rust_images_per_sec <best>` (and `rust_cpu_ms_per_image`) that `scripts/bench_data.sh` parses.
@@ -20,11 +20,16 @@ fn main() -> anyhow::Result<()> {
     let threads: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let epochs: u64 = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let batch: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(64);
+    // Optional 5th argument `finetune`: the fine-tuning transform (RandAugment, erasing) instead.
+    let transform: Arc<dyn beit_data::Transform> = match args.get(5).map(String::as_str) {
+        Some("finetune") => Arc::new(beit_data::TrainTransform::beit_finetune(224)),
+        _ => Arc::new(TwoViewTransform::beit(224, 112)),
+    };
     let ds = Arc::new(ImageFolder::new(folder)?);
     let n = ds.samples().len();
     let loader = Loader::new(
         ds,
-        Arc::new(TwoViewTransform::beit(224, 112)),
+        transform,
         LoaderConfig {
             batch_size: batch,
             num_threads: threads,

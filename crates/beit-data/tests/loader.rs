@@ -345,6 +345,7 @@ fn eval_on_fashion_mnist_keeps_pixels() {
     t.normalize = beit_data::Normalize::IDENTITY;
     let mut c = cfg(4);
     c.shuffle = false;
+    c.progress = true; // drawn on stderr when it is a terminal, hidden otherwise
     let loader = Loader::new(ds, Arc::new(t), c, Device::Cpu).unwrap();
     let b = loader.epoch(0).unwrap().next().unwrap().unwrap();
     let v = b
@@ -357,4 +358,8 @@ fn eval_on_fashion_mnist_keeps_pixels() {
     // Dropping an epoch early stops its producer without hanging.
     let it = loader.epoch(1).unwrap();
     drop(it);
+    let it = loader.epoch(2).unwrap();
+    let n: usize = it.map(|b| b.unwrap().len()).sum();
+    assert_eq!(n, 4);
+    assert!(loader.summary().contains("no file skipped"));
 }
