@@ -5,6 +5,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::config::BeitConfig;
 use crate::layers::{linear, softmax_last_dim, softmax_with_bias, Dropout, StochasticRng};
+use crate::ops::{self, merge_heads, split_heads};
 use crate::relative_position::RelativePositionBias;
 
 /// `beit.encoder.layer.{i}.attention`: self-attention followed by its output projection.
@@ -102,20 +103,50 @@ impl BeitAttention {
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, c) = x.dims3()?;
-        let (w, bias) = match &self.fused {
-            Some((w, bias)) => (w.clone(), bias.clone()),
-            None => self.fused_qkv()?,
+        let h = self.num_heads;
+        let x2 = x.reshape((b * t, c))?;
+        // q is pre-scaled (see `fused_qkv`); each head split adds its bias in the same pass.
+        let (q, k, v) = match &self.fused {
+            Some((w, bias)) => {
+                // Frozen weights: one (3C, C) GEMM, each split reading its third of the columns.
+                let qkv = x2.matmul(&w.t()?)?;
+                let (qb, vb) = (bias.narrow(0, 0, c)?, bias.narrow(0, 2 * c, c)?);
+                (
+                    split_heads(&qkv, Some(&qb), b, t, h, 3, 0)?,
+                    split_heads(&qkv, None, b, t, h, 3, 1)?,
+                    split_heads(&qkv, Some(&vb), b, t, h, 3, 2)?,
+                )
+            }
+            None if !ops::enabled() => {
+                // Kernels off: the plain composition (one fused GEMM, permute, three copies).
+                let (w, bias) = self.fused_qkv()?;
+                let qkv = x2
+                    .matmul(&w.t()?)?
+                    .broadcast_add(&bias)?
+                    .reshape((b, t, 3, h, self.head_dim))?
+                    .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, D)
+                (
+                    qkv.get(0)?.contiguous()?,
+                    qkv.get(1)?.contiguous()?,
+                    qkv.get(2)?.contiguous()?,
+                )
+            }
+            None => {
+                // Trainable: three projections, so that each split has a one-pass backward
+                // (slicing one fused output would send three zero-padded gradients back).
+                let scale = (self.head_dim as f64).powf(-0.5);
+                let qb = (self.query.bias().expect("query has a bias") * scale)?;
+                let vb = self.value.bias().expect("value has a bias");
+                let q = x2.matmul(&(self.query.weight() * scale)?.t()?)?;
+                let k = x2.matmul(&self.key.weight().t()?)?;
+                let v = x2.matmul(&self.value.weight().t()?)?;
+                (
+                    split_heads(&q, Some(&qb), b, t, h, 1, 0)?,
+                    split_heads(&k, None, b, t, h, 1, 0)?,
+                    split_heads(&v, Some(vb), b, t, h, 1, 0)?,
+                )
+            }
         };
-        let qkv = x
-            .reshape((b * t, c))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&bias)?
-            .reshape((b, t, 3, self.num_heads, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, D)
-                                        // q is already scaled (see `fused_qkv`).
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
         let scores = q.matmul(&k.t()?)?;
         let own = match &self.relative_position_bias {
             Some(rpb) => Some(rpb.forward(window)?.to_dtype(scores.dtype())?),
@@ -135,8 +166,10 @@ impl BeitAttention {
             None => softmax_last_dim(&scores)?,
         };
         let attended = self.attn_dropout.forward_t(&probs, train)?.matmul(&v)?; // (B, H, T, D)
-        let out = attended.transpose(1, 2)?.reshape((b, t, c))?;
-        let out = self.output.forward(&out)?;
+        let out = self
+            .output
+            .forward(&merge_heads(&attended)?)?
+            .reshape((b, t, c))?;
         Ok((out, want_probs.then_some(probs)))
     }
 }
