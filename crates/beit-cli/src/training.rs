@@ -30,15 +30,15 @@ use anyhow::{bail, Context, Result};
 use beit_data::{
     Chw, Dataset, EvalResize, EvalTransform, FashionMnist, ImageFolder, Sample, Transform, Views,
 };
-use image::RgbImage;
-use rand::rngs::StdRng;
 use beit_model::load::{adapt_for_finetuning, load_into_varmap, Architecture, Checkpoint};
 use beit_model::{BeitConfig, BeitForImageClassification, ForwardOptions};
 use beit_train::{init_beit, InitConfig, TrainRng};
 use candle::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
+use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::de::DeserializeOwned;
@@ -268,20 +268,17 @@ pub fn write_resolved_config<T: Serialize>(dir: &Path, cfg: &T) -> Result<PathBu
 pub struct ResumeArg {
     /// Continue an interrupted run exactly (weights, optimizer, schedule, data position, random
     /// generators). Without a value: the newest `checkpoint-*` in the output directory.
-    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<PathBuf>,
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1)]
+    #[allow(clippy::option_option)] // absent / `--resume` / `--resume DIR`
+    pub resume: Option<Option<PathBuf>>,
 }
 
 impl ResumeArg {
     /// The checkpoint (or run directory) to resume from, if resuming.
     pub fn checkpoint(&self, out_dir: &Path) -> Option<PathBuf> {
-        self.resume.as_ref().map(|p| {
-            if p.as_os_str().is_empty() {
-                out_dir.to_path_buf()
-            } else {
-                p.clone()
-            }
-        })
+        self.resume
+            .as_ref()
+            .map(|p| p.clone().unwrap_or_else(|| out_dir.to_path_buf()))
     }
 }
 
@@ -417,87 +414,95 @@ pub fn load_splits(cfg: &DataConfig) -> Result<Splits> {
     if spec.is_empty() {
         bail!("no dataset: pass --data DIR (or `fashion-mnist`), or set data.source in the config");
     }
-    let (train, val, classes, description): (Arc<dyn Dataset>, Arc<dyn Dataset>, Vec<String>, String) =
-        if spec == "fashion-mnist" || spec.starts_with("fashion-mnist:") {
-            let fm = match spec.strip_prefix("fashion-mnist:") {
-                Some(dir) => FashionMnist::from_dir(dir)
-                    .with_context(|| format!("--data {spec}: reading Fashion-MNIST from {dir}"))?,
-                None => FashionMnist::embedded()?,
-            };
-            let classes = fm.class_names().iter().map(|s| s.to_string()).collect();
-            let d = format!(
-                "Fashion-MNIST ({}): {} train / {} test images",
-                if spec == "fashion-mnist" { "embedded subset" } else { &spec[14..] },
-                fm.train.len(),
-                fm.test.len()
-            );
-            (Arc::new(fm.train), Arc::new(fm.test), classes, d)
-        } else {
-            let root = Path::new(spec);
-            if !root.is_dir() {
-                bail!(
-                    "--data {spec}: not a directory (expected an image folder, `fashion-mnist` or \
+    let (train, val, classes, description): (
+        Arc<dyn Dataset>,
+        Arc<dyn Dataset>,
+        Vec<String>,
+        String,
+    ) = if spec == "fashion-mnist" || spec.starts_with("fashion-mnist:") {
+        let fm = match spec.strip_prefix("fashion-mnist:") {
+            Some(dir) => FashionMnist::from_dir(dir)
+                .with_context(|| format!("--data {spec}: reading Fashion-MNIST from {dir}"))?,
+            None => FashionMnist::embedded()?,
+        };
+        let classes = fm.class_names().iter().map(|s| s.to_string()).collect();
+        let d = format!(
+            "Fashion-MNIST ({}): {} train / {} test images",
+            if spec == "fashion-mnist" {
+                "embedded subset"
+            } else {
+                &spec[14..]
+            },
+            fm.train.len(),
+            fm.test.len()
+        );
+        (Arc::new(fm.train), Arc::new(fm.test), classes, d)
+    } else {
+        let root = Path::new(spec);
+        if !root.is_dir() {
+            bail!(
+                "--data {spec}: not a directory (expected an image folder, `fashion-mnist` or \
                      `fashion-mnist:DIR`)"
+            );
+        }
+        let val_dir = ["val", "validation", "test"]
+            .iter()
+            .map(|d| root.join(d))
+            .find(|p| p.is_dir());
+        if let (true, Some(val_dir)) = (root.join("train").is_dir(), val_dir) {
+            let tr = image_folder(&root.join("train"))?;
+            let va = image_folder(&val_dir)?;
+            if tr.classes() != va.classes() {
+                bail!(
+                    "--data {spec}: the class folders of train/ ({}) and {} ({}) differ",
+                    tr.classes().len(),
+                    val_dir.display(),
+                    va.classes().len()
                 );
             }
-            let val_dir = ["val", "validation", "test"]
-                .iter()
-                .map(|d| root.join(d))
-                .find(|p| p.is_dir());
-            if let (true, Some(val_dir)) = (root.join("train").is_dir(), val_dir) {
-                let tr = image_folder(&root.join("train"))?;
-                let va = image_folder(&val_dir)?;
-                if tr.classes() != va.classes() {
-                    bail!(
-                        "--data {spec}: the class folders of train/ ({}) and {} ({}) differ",
-                        tr.classes().len(),
-                        val_dir.display(),
-                        va.classes().len()
-                    );
-                }
-                let classes = tr.classes().to_vec();
-                let d = format!(
-                    "{}: {} train / {} val images, {} classes",
+            let classes = tr.classes().to_vec();
+            let d = format!(
+                "{}: {} train / {} val images, {} classes",
+                root.display(),
+                tr.len(),
+                va.len(),
+                classes.len()
+            );
+            (Arc::new(tr), Arc::new(va), classes, d)
+        } else {
+            let all = image_folder(root)?;
+            let classes = all.classes().to_vec();
+            if !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0) {
+                bail!(
+                    "data.val_fraction must be in (0, 1) to split {} (got {})",
                     root.display(),
-                    tr.len(),
-                    va.len(),
-                    classes.len()
-                );
-                (Arc::new(tr), Arc::new(va), classes, d)
-            } else {
-                let all = image_folder(root)?;
-                let classes = all.classes().to_vec();
-                if !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0) {
-                    bail!(
-                        "data.val_fraction must be in (0, 1) to split {} (got {})",
-                        root.display(),
-                        cfg.val_fraction
-                    );
-                }
-                let n = all.len();
-                let n_val = ((n as f64 * cfg.val_fraction).round() as usize).clamp(1, n - 1);
-                let idx = shuffled(n, cfg.split_seed);
-                let (mut v, mut t) = (idx[..n_val].to_vec(), idx[n_val..].to_vec());
-                v.sort_unstable();
-                t.sort_unstable();
-                let all: Arc<dyn Dataset> = Arc::new(all);
-                let d = format!(
-                    "{}: {} images, {} classes, split {} train / {} val (val_fraction {})",
-                    root.display(),
-                    n,
-                    classes.len(),
-                    t.len(),
-                    v.len(),
                     cfg.val_fraction
                 );
-                (
-                    Arc::new(Subset::new(all.clone(), t)),
-                    Arc::new(Subset::new(all, v)),
-                    classes,
-                    d,
-                )
             }
-        };
+            let n = all.len();
+            let n_val = ((n as f64 * cfg.val_fraction).round() as usize).clamp(1, n - 1);
+            let idx = shuffled(n, cfg.split_seed);
+            let (mut v, mut t) = (idx[..n_val].to_vec(), idx[n_val..].to_vec());
+            v.sort_unstable();
+            t.sort_unstable();
+            let all: Arc<dyn Dataset> = Arc::new(all);
+            let d = format!(
+                "{}: {} images, {} classes, split {} train / {} val (val_fraction {})",
+                root.display(),
+                n,
+                classes.len(),
+                t.len(),
+                v.len(),
+                cfg.val_fraction
+            );
+            (
+                Arc::new(Subset::new(all.clone(), t)),
+                Arc::new(Subset::new(all, v)),
+                classes,
+                d,
+            )
+        }
+    };
     let train = limit(train, cfg.max_train_samples, cfg.split_seed ^ 0x7261);
     let val = limit(val, cfg.max_val_samples, cfg.split_seed ^ 0x7661);
     let description = if cfg.max_train_samples.is_some() || cfg.max_val_samples.is_some() {
@@ -529,12 +534,14 @@ pub fn trainable_classifier(
     checkpoint: Option<&Checkpoint>,
     device: &Device,
     init_seed: u64,
-) -> Result<(VarMap, BeitForImageClassification, beit_model::load::LoadReport)> {
+) -> Result<(
+    VarMap,
+    BeitForImageClassification,
+    beit_model::load::LoadReport,
+)> {
     let varmap = VarMap::new();
-    let model = BeitForImageClassification::new(
-        cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, device),
-    )?;
+    let model =
+        BeitForImageClassification::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     // unilm's order: initialise everything (head × 0.001), then load the checkpoint over it.
     init_beit(
         &varmap,
@@ -793,7 +800,10 @@ impl ProcessorTransform {
     /// `shortest_edge` resize without a centre crop gives images of varying shape).
     pub fn new(processor: ImageProcessor) -> Result<Self> {
         let out = if processor.do_center_crop {
-            (processor.crop_size.0 as usize, processor.crop_size.1 as usize)
+            (
+                processor.crop_size.0 as usize,
+                processor.crop_size.1 as usize,
+            )
         } else {
             match processor.size {
                 TargetSize::Exact(h, w) if processor.do_resize => (h as usize, w as usize),
@@ -949,7 +959,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.toml");
         std::fs::write(&p, "[train]\nlrr = 1e-3\n").unwrap();
-        let e = format!("{:#}", load_config::<Outer>(Some(&p), &[], &[]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            load_config::<Outer>(Some(&p), &[], &[]).unwrap_err()
+        );
         assert!(e.contains("lrr") && e.contains("bad.toml"), "{e}");
         let e = format!(
             "{:#}",

@@ -146,20 +146,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // Dataset classes -> model classes: by name when every name is known to the model.
     let num_labels = cfg.num_labels();
     let by_name: BTreeMap<String, usize> = (0..num_labels).map(|i| (cfg.label(i), i)).collect();
-    let map: Vec<u32> = if splits.classes.iter().all(|c| by_name.contains_key(c)) {
-        splits.classes.iter().map(|c| by_name[c] as u32).collect()
-    } else if splits.classes.len() == num_labels {
-        tracing::warn!(
+    let map: Vec<u32> =
+        if splits.classes.iter().all(|c| by_name.contains_key(c)) {
+            splits.classes.iter().map(|c| by_name[c] as u32).collect()
+        } else if splits.classes.len() == num_labels {
+            tracing::warn!(
             "the dataset's class names do not match the model's id2label; matching classes by index"
         );
-        (0..num_labels as u32).collect()
-    } else {
-        bail!(
+            (0..num_labels as u32).collect()
+        } else {
+            bail!(
             "the dataset has {} classes ({}) but the model predicts {num_labels} with other names",
             splits.classes.len(),
             splits.classes.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         );
-    };
+        };
     let ds: Arc<dyn Dataset> = Arc::new(Relabel { inner: ds, map });
 
     let transform = ProcessorTransform::new(loaded.processor.clone())?;
@@ -223,7 +224,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     print_table(
         &format!("evaluation of {}", report.model),
         &[
-            ("data".into(), format!("{} ({} split)", report.data, report.split)),
+            (
+                "data".into(),
+                format!("{} ({} split)", report.data, report.split),
+            ),
             ("images".into(), report.images.to_string()),
             ("top-1".into(), format!("{:.2}%", report.acc1)),
             (format!("top-{k}"), format!("{:.2}%", report.acc5)),

@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::device::parse_device;
 use crate::model_source::load_model;
 use crate::training::{
-    classifier_logits, evaluate, export_classifier, finetune_config, load_splits,
-    log_load_report, prepare_output_dir, print_table, processor_for_eval, trainable_classifier,
+    classifier_logits, evaluate, export_classifier, finetune_config, load_splits, log_load_report,
+    prepare_output_dir, print_table, processor_for_eval, trainable_classifier,
     write_resolved_config, CommonArgs, DataConfig, FlagKeys, ResumeArg,
 };
 
@@ -289,7 +289,8 @@ impl AugSection {
         let t = TrainTransform {
             crop,
             hflip: self.hflip,
-            color_jitter: (self.color_jitter > 0.0).then(|| ColorJitter::uniform(self.color_jitter)),
+            color_jitter: (self.color_jitter > 0.0)
+                .then(|| ColorJitter::uniform(self.color_jitter)),
             rand_augment,
             normalize: self.normalize()?,
             random_erasing: (self.reprob > 0.0).then(|| RandomErasing {
@@ -312,7 +313,10 @@ impl AugSection {
             other => bail!("aug.eval_resize: `{other}` is not crop or squash"),
         };
         if !(self.eval_crop_pct > 0.0 && self.eval_crop_pct <= 1.0) {
-            bail!("aug.eval_crop_pct must be in (0, 1], got {}", self.eval_crop_pct);
+            bail!(
+                "aug.eval_crop_pct must be in (0, 1], got {}",
+                self.eval_crop_pct
+            );
         }
         Ok(EvalTransform {
             size: self.input_size as u32,
@@ -400,7 +404,10 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     prepare_output_dir(&out, resume_from.is_some())?;
 
     let t = &cfg.train;
-    if t.accum_steps == 0 || t.batch_size == 0 || t.batch_size % t.accum_steps as usize != 0 {
+    if t.accum_steps == 0
+        || t.batch_size == 0
+        || !t.batch_size.is_multiple_of(t.accum_steps as usize)
+    {
         bail!(
             "train.batch_size ({}) must be a positive multiple of train.accum_steps ({})",
             t.batch_size,
@@ -429,7 +436,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             ..BeitConfig::default()
         };
         c = finetune_config(&c, &classes, t.drop_path, cfg.aug.input_size);
-        tracing::info!("model: from scratch ({} layers, width {})", a.num_hidden_layers, a.hidden_size);
+        tracing::info!(
+            "model: from scratch ({} layers, width {})",
+            a.num_hidden_layers,
+            a.hidden_size
+        );
         (c, None)
     } else {
         let loaded = load_model(&cfg.model, args.download)?;
@@ -596,7 +607,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             };
             std::fs::write(&best_file, serde_json::to_string_pretty(&rec)?)
                 .with_context(|| format!("cannot write {}", best_file.display()))?;
-            tracing::info!("new best acc1 {:.2}%: exported {}", m.acc1, best_dir.display());
+            tracing::info!(
+                "new best acc1 {:.2}%: exported {}",
+                m.acc1,
+                best_dir.display()
+            );
             *best = Some(rec);
         }
         Ok(())
@@ -619,7 +634,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             |_, _| stream.next_batch(),
             |batch: &Batch, rng| -> Result<StepOutput> {
                 model.backbone().rng().reseed(rng.next_u64());
-                let logits = model.forward(&batch.images, ForwardOptions::train())?.logits;
+                let logits = model
+                    .forward(&batch.images, ForwardOptions::train())?
+                    .logits;
                 let loss = match (&batch.soft_targets, &batch.labels) {
                     (Some(soft), _) => soft_target_cross_entropy(&logits, soft)?,
                     (None, Some(labels)) => {
@@ -648,7 +665,10 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     if let Some(b) = &best {
         rows.push((
             "best val acc1 / acc5".into(),
-            format!("{:.2}% / {:.2}% (epoch {}, step {})", b.acc1, b.acc5, b.epoch, b.step),
+            format!(
+                "{:.2}% / {:.2}% (epoch {}, step {})",
+                b.acc1, b.acc5, b.epoch, b.step
+            ),
         ));
         rows.push(("best model".into(), best_dir.display().to_string()));
     }
@@ -656,7 +676,10 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     if let Some(p) = &summary.plot {
         rows.push(("curves".into(), p.display().to_string()));
     }
-    rows.push(("last checkpoint".into(), summary.checkpoint.display().to_string()));
+    rows.push((
+        "last checkpoint".into(),
+        summary.checkpoint.display().to_string(),
+    ));
     rows.push(("skipped files".into(), skipped.to_string()));
     print_table("fine-tuning done", &rows);
     if skipped > 0 {

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use crate::device::parse_device;
 use crate::model_source::load_model;
 use crate::training::{
-    load_splits, prepare_output_dir, print_table, progress_bar, write_resolved_config,
-    CommonArgs, DataConfig, EvalAccumulator, FlagKeys, ProcessorTransform, ResumeArg,
+    load_splits, prepare_output_dir, print_table, progress_bar, write_resolved_config, CommonArgs,
+    DataConfig, EvalAccumulator, FlagKeys, ProcessorTransform, ResumeArg,
 };
 
 /// Linear probe: a linear classifier on frozen, average-pooled features of one block.
@@ -51,6 +51,9 @@ pub struct LinearProbeArgs {
     /// Allow downloading a hub checkpoint missing from the cache.
     #[arg(long)]
     pub download: bool,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// A linear-probe recipe (`configs/linear_probe_*.toml`).
@@ -127,6 +130,7 @@ impl Default for ProbeTrain {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one call site per split; a struct would only rename them
 /// Mean patch token of `hidden_states[layer]` for every image of `ds`: `(N, C)` and labels `(N)`.
 fn extract(
     backbone: &BeitModel,
@@ -187,6 +191,10 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         common.set.push(format!("layer={l}"));
     }
     let cfg: LinearProbeConfig = common.resolve(&FlagKeys::STANDARD)?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
     if cfg.model.trim().is_empty() {
         bail!("no model: pass --model DIR|HUB_ID (or set `model` in the config)");
     }
@@ -259,12 +267,12 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let head = candle_nn::Linear::new(
-        vb.pp("classifier").get_with_hints(
-            (classes.len(), dim),
-            "weight",
-            Init::Const(0.0),
-        )?,
-        Some(vb.pp("classifier").get_with_hints(classes.len(), "bias", Init::Const(0.0))?),
+        vb.pp("classifier")
+            .get_with_hints((classes.len(), dim), "weight", Init::Const(0.0))?,
+        Some(
+            vb.pp("classifier")
+                .get_with_hints(classes.len(), "bias", Init::Const(0.0))?,
+        ),
     );
     // trunc_normal(std 0.01) as MAE's probe head, from the seeded generator.
     {
@@ -315,7 +323,10 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         let nv = xva.dim(0)?;
         for s in (0..nv).step_by(4096) {
             let len = 4096.min(nv - s);
-            acc.add(&head.forward(&xva.narrow(0, s, len)?)?, &yva.narrow(0, s, len)?)?;
+            acc.add(
+                &head.forward(&xva.narrow(0, s, len)?)?,
+                &yva.narrow(0, s, len)?,
+            )?;
         }
         let m = acc.finish();
         Ok((m.acc1, m.acc5))
@@ -367,10 +378,19 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         .save(&head_path)
         .with_context(|| format!("cannot write {}", head_path.display()))?;
     let mut rows = vec![
-        ("model".to_string(), format!("{} (block {} of {layers})", cfg.model, cfg.layer)),
+        (
+            "model".to_string(),
+            format!("{} (block {} of {layers})", cfg.model, cfg.layer),
+        ),
         ("data".to_string(), splits.description.clone()),
-        ("final val top-1".to_string(), format!("{:.2}%", final_eval.0)),
-        ("final val top-5".to_string(), format!("{:.2}%", final_eval.1)),
+        (
+            "final val top-1".to_string(),
+            format!("{:.2}%", final_eval.0),
+        ),
+        (
+            "final val top-5".to_string(),
+            format!("{:.2}%", final_eval.1),
+        ),
     ];
     if best.0.is_finite() {
         rows.push((
