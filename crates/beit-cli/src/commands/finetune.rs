@@ -55,6 +55,10 @@ pub struct FinetuneArgs {
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Stop (with a checkpoint) once this many optimizer steps are done, e.g. to fit a time
+    /// limit; continue later with `--resume`.
+    #[arg(long, value_name = "STEPS")]
+    pub stop_after: Option<u64>,
 }
 
 /// A fine-tuning recipe (`configs/finetune_*.toml`). Defaults: the paper's BEiT-base recipe on
@@ -624,33 +628,41 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     }
 
     let smoothing = cfg.aug.smoothing;
-    while !tl.is_done() {
-        let pos = tl.position();
-        let mut stream = EpochStream::new(&train_loader, pos.epoch)?;
-        for _ in 0..pos.batch_in_epoch {
+    let forward = |batch: &Batch, rng: &mut beit_train::TrainRng| -> Result<StepOutput> {
+        model.backbone().rng().reseed(rng.next_u64());
+        let logits = model
+            .forward(&batch.images, ForwardOptions::train())?
+            .logits;
+        let loss = match (&batch.soft_targets, &batch.labels) {
+            (Some(soft), _) => soft_target_cross_entropy(&logits, soft)?,
+            (None, Some(labels)) => label_smoothing_cross_entropy(&logits, labels, smoothing)?,
+            (None, None) => bail!("the training data has no labels"),
+        };
+        Ok(StepOutput {
+            loss,
+            batch_size: batch.len(),
+            metrics: vec![],
+        })
+    };
+    let mut stopped = false;
+    'epochs: while !tl.is_done() {
+        let epoch = tl.position().epoch;
+        let mut stream = EpochStream::new(&train_loader, epoch)?;
+        for _ in 0..tl.position().batch_in_epoch {
             stream.next_batch()?; // resume mid-epoch: the same batches, discarded
         }
-        tl.run_epoch(
-            |_, _| stream.next_batch(),
-            |batch: &Batch, rng| -> Result<StepOutput> {
-                model.backbone().rng().reseed(rng.next_u64());
-                let logits = model
-                    .forward(&batch.images, ForwardOptions::train())?
-                    .logits;
-                let loss = match (&batch.soft_targets, &batch.labels) {
-                    (Some(soft), _) => soft_target_cross_entropy(&logits, soft)?,
-                    (None, Some(labels)) => {
-                        label_smoothing_cross_entropy(&logits, labels, smoothing)?
-                    }
-                    (None, None) => bail!("the training data has no labels"),
-                };
-                Ok(StepOutput {
-                    loss,
-                    batch_size: batch.len(),
-                    metrics: vec![],
-                })
-            },
-        )?;
+        while !tl.is_done() && tl.position().epoch == epoch {
+            let pos = tl.position();
+            if args.stop_after.is_some_and(|n| pos.step >= n)
+                && pos.batch_in_epoch % t.accum_steps == 0
+            {
+                stopped = true;
+                break 'epochs;
+            }
+            let batch = stream.next_batch()?;
+            let out = forward(&batch, tl.rng())?;
+            tl.micro_step(out)?;
+        }
         if tl.position().batch_in_epoch == 0 {
             eval_and_keep(&mut tl, &mut best)?;
         }
@@ -681,7 +693,26 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         summary.checkpoint.display().to_string(),
     ));
     rows.push(("skipped files".into(), skipped.to_string()));
-    print_table("fine-tuning done", &rows);
+    if stopped {
+        rows.insert(
+            0,
+            (
+                "stopped".into(),
+                format!(
+                    "after step {} (--stop-after); continue with --resume",
+                    summary.steps
+                ),
+            ),
+        );
+    }
+    print_table(
+        if stopped {
+            "fine-tuning stopped"
+        } else {
+            "fine-tuning done"
+        },
+        &rows,
+    );
     if skipped > 0 {
         tracing::warn!("{}", train_loader.summary());
     }
