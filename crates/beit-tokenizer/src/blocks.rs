@@ -1,7 +1,7 @@
 //! Building blocks shared by the DALL-E encoder/decoder and our own dVAE: a convolution with
 //! DALL-E's parameter names (`w`, `b`) and "same" padding, and the pre-activation residual block.
 
-use candle::{Module, Tensor};
+use candle::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 /// A stride-1 convolution with `(kw - 1) / 2` zero padding, parameters named `w` `(out, in, kw, kw)`
@@ -36,7 +36,11 @@ impl Module for Conv {
     /// `(B, in, H, W) -> (B, out, H, W)`.
     fn forward(&self, x: &Tensor) -> candle::Result<Tensor> {
         let n_out = self.w.dim(0)?;
-        let y = if self.kw == 1 {
+        let y = if self.w.is_variable() && x.device().is_cpu() && x.dtype() == DType::F32 {
+            // Training on the CPU: candle's conv2d backward (and batched small matmuls) are slow
+            // for these shapes; im2col makes each convolution one large matrix product.
+            crate::im2col::conv2d_im2col(x, &self.w, self.kw)?
+        } else if self.kw == 1 {
             // A 1x1 convolution is a matrix product over channels; this avoids conv2d's im2col copy.
             let (b, c, h, w) = x.dims4()?;
             let wm = self.w.reshape((n_out, c))?;
@@ -146,5 +150,25 @@ impl Module for ResBlock {
             h = conv.forward(&h.relu()?)?;
         }
         id + (h * self.post_gain)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Device;
+
+    #[test]
+    fn im2col_convolution_equals_conv2d() -> candle::Result<()> {
+        let dev = Device::Cpu;
+        for kw in [3, 7] {
+            let x = Tensor::randn(0f32, 1.0, (2, 5, 9, 7), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (4, 5, kw, kw), &dev)?;
+            let a = crate::im2col::conv2d_im2col(&x, &w, kw)?;
+            let b = x.conv2d(&w, (kw - 1) / 2, 1, 1, 1)?;
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "kw {kw}: {diff}");
+        }
+        Ok(())
     }
 }

@@ -106,7 +106,7 @@ impl DvaeConfig {
                 format!("{} is not a power of two", self.downsample),
             );
         }
-        if self.image_size == 0 || self.image_size % self.downsample != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(self.downsample) {
             return err(
                 "image_size",
                 format!(

@@ -67,6 +67,11 @@ pub struct TrainConfig {
     pub kl_weight: f64,
     /// Steps of the linear ramp of the KL weight from 0. Default 500.
     pub kl_warmup_steps: usize,
+    /// Weight of an extra anti-collapse term: the KL from the batch-averaged code distribution
+    /// (the aggregate posterior) to uniform, ramped like `kl_weight`. The per-token KL keeps each
+    /// position uncertain but does not stop every position from preferring the same few codes;
+    /// this term does. 0 disables it. Default 0.
+    pub usage_weight: f64,
     /// Reconstruction loss. Default `logit_laplace`.
     pub recon_loss: ReconLoss,
     /// Seed of parameter init, Gumbel noise and data order. Default 0.
@@ -92,6 +97,7 @@ impl Default for TrainConfig {
             straight_through: false,
             kl_weight: 1e-3,
             kl_warmup_steps: 500,
+            usage_weight: 0.0,
             recon_loss: ReconLoss::LogitLaplace,
             seed: 0,
             log_every: 50,
@@ -116,7 +122,7 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return err("batch_size", "must be at least 1");
         }
-        if !(self.lr > 0.0) || self.lr_min < 0.0 || self.lr_min > self.lr {
+        if self.lr.is_nan() || self.lr <= 0.0 || self.lr_min < 0.0 || self.lr_min > self.lr {
             return err("lr", "need lr > 0 and 0 <= lr_min <= lr");
         }
         if !(self.tau_start > 0.0 && self.tau_end > 0.0) {
@@ -124,6 +130,9 @@ impl TrainConfig {
         }
         if self.kl_weight < 0.0 {
             return err("kl_weight", "must be >= 0");
+        }
+        if self.usage_weight < 0.0 {
+            return err("usage_weight", "must be >= 0");
         }
         Ok(())
     }
@@ -285,14 +294,21 @@ impl Trainer {
         }
         let step = self.opt.steps();
         let x = map_pixels(images)?;
-        let logits = self.dvae.encoder.forward(&x)?;
+        // Codes channels-last, (B, h, w, V): the softmaxes and the KL reduce over the last,
+        // contiguous dimension, which is much faster than over dimension 1.
+        let logits = self
+            .dvae
+            .encoder
+            .forward(&x)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(
             self.cfg.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         let noise = gumbel_noise(logits.dims(), &mut rng, &self.device)?;
         let tau = self.cfg.temperature(step);
-        let z = gumbel_softmax(&logits, &noise, tau, self.cfg.straight_through, 1)?;
-        let out = self.dvae.decoder.forward(&z)?;
+        let z = gumbel_softmax(&logits, &noise, tau, self.cfg.straight_through, 3)?;
+        let out = self.dvae.decoder.forward_channels_last(&z)?;
         let mu = out.narrow(1, 0, c)?;
         let recon = match self.cfg.recon_loss {
             ReconLoss::LogitLaplace => {
@@ -308,8 +324,19 @@ impl Trainer {
             ReconLoss::L1 => (candle_nn::ops::sigmoid(&mu)? - &x)?.abs()?.mean_all()?,
             ReconLoss::Mse => (candle_nn::ops::sigmoid(&mu)? - &x)?.sqr()?.mean_all()?,
         };
-        let kl = kl_to_uniform(&logits, 1)?;
-        let loss = (&recon + (&kl * self.cfg.kl_weight_at(step))?)?;
+        let kl = kl_to_uniform(&logits, 3)?;
+        let mut loss = (&recon + (&kl * self.cfg.kl_weight_at(step))?)?;
+        if self.cfg.usage_weight > 0.0 {
+            let ramp = self.cfg.kl_weight_at(step) / self.cfg.kl_weight.max(f64::MIN_POSITIVE);
+            let v = logits.dim(3)?;
+            let mean_q = candle_nn::ops::softmax(&logits, 3)?
+                .reshape(((), v))?
+                .mean(0)?;
+            let marginal_kl =
+                ((&mean_q * (&mean_q + 1e-10)?.log()?)?.sum_all()? + (v as f64).ln())?;
+            let w = if self.cfg.kl_weight > 0.0 { ramp } else { 1.0 } * self.cfg.usage_weight;
+            loss = (loss + (marginal_kl * w)?)?;
+        }
         Ok((loss, recon, kl, logits))
     }
 
@@ -334,7 +361,7 @@ impl Trainer {
         let grads = loss.backward()?;
         let lr = self.cfg.lr_at(step);
         self.opt.step(&grads, lr)?;
-        let ids = logits.argmax(1)?;
+        let ids = logits.argmax(3)?;
         Ok(StepStats {
             step: step + 1,
             loss: loss_v,

@@ -58,12 +58,16 @@ fn batch() -> Result<Tensor> {
 
 #[test]
 fn every_parameter_gets_a_finite_nonzero_gradient() -> Result<()> {
-    for (loss, st) in [
-        (ReconLoss::LogitLaplace, false),
-        (ReconLoss::Mse, true),
-        (ReconLoss::L1, false),
+    for (loss, st, usage) in [
+        (ReconLoss::LogitLaplace, false, 0.0),
+        (ReconLoss::Mse, true, 0.1),
+        (ReconLoss::L1, false, 0.0),
     ] {
-        let trainer = Trainer::new(&tiny_model(), &tiny_train(loss, st), &Device::Cpu)?;
+        let cfg = TrainConfig {
+            usage_weight: usage,
+            ..tiny_train(loss, st)
+        };
+        let trainer = Trainer::new(&tiny_model(), &cfg, &Device::Cpu)?;
         let (value, grads) = trainer.gradients(&batch()?)?;
         assert!(value.is_finite());
         let vars = trainer.dvae().named_vars();
@@ -95,7 +99,7 @@ fn training_lowers_the_loss_and_resumes_exactly() -> Result<()> {
     }
     assert_eq!(last.step, 30);
     assert!(
-        last.recon < first.recon - 0.1,
+        last.recon < first.recon - 0.05,
         "reconstruction loss {} -> {}",
         first.recon,
         last.recon

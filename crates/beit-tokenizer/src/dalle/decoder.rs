@@ -238,6 +238,32 @@ impl Decoder {
         self.trunk(h)
     }
 
+    /// [`Decoder::forward`] for code maps laid out channels-last, `(B, h, w, vocab)`, as the
+    /// Gumbel-softmax samples are (the softmax runs over the last, contiguous dimension).
+    pub fn forward_channels_last(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, h, w, v) = z.dims4().map_err(|_| {
+            TokenizerError::Input(format!(
+                "decoder input must be (B, h, w, vocab), got {:?}",
+                z.dims()
+            ))
+        })?;
+        if v != self.cfg.vocab_size {
+            return Err(TokenizerError::Input(format!(
+                "decoder input has {v} codes, the vocabulary has {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let n_init = self.cfg.n_init;
+        let wt = self.input.weight().reshape((n_init, v))?.t()?;
+        let x = z
+            .reshape((b * h * w, v))?
+            .matmul(&wt)?
+            .broadcast_add(self.input.bias())?
+            .reshape((b, h, w, n_init))?
+            .permute((0, 3, 1, 2))?;
+        self.trunk(x)
+    }
+
     /// Decoder output for integer code ids `(B, h, w)`. Equal to [`Decoder::forward`] on their
     /// one-hot encoding, but the first 1x1 convolution becomes a column lookup.
     pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
@@ -274,8 +300,7 @@ impl Decoder {
                 h = block.forward(&h)?;
             }
             if g + 1 < self.groups.len() {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = h.upsample_nearest2d(hh * 2, ww * 2)?;
+                h = crate::im2col::upsample2x(&h)?;
             }
         }
         Ok(self.output.forward(&h.relu()?)?)

@@ -53,7 +53,7 @@ fn validate_common(
     if group_count == 0 {
         return err("group_count", "must be at least 1");
     }
-    if n_hid == 0 || n_hid % 4 != 0 {
+    if n_hid == 0 || !n_hid.is_multiple_of(4) {
         return err(
             "n_hid",
             "must be a positive multiple of 4 (blocks use n_out / 4 hidden channels)",
