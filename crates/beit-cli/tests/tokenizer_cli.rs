@@ -6,7 +6,11 @@ use std::process::Command;
 use candle::{DType, Device};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tokenizer")).join(name)
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/tokenizer"
+    ))
+    .join(name)
 }
 
 fn cli(args: &[&str]) -> std::process::Output {
@@ -29,8 +33,12 @@ fn ok(args: &[&str]) -> String {
 
 #[test]
 fn encode_prints_the_dall_e_ids_as_json_from_safetensors_and_pkl() {
-    let expected = candle::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap();
-    let images = [fixture("images/chelsea_112.png"), fixture("images/astronaut_112.png")];
+    let expected =
+        candle::safetensors::load(fixture("expected.safetensors"), &Device::Cpu).unwrap();
+    let images = [
+        fixture("images/chelsea_112.png"),
+        fixture("images/astronaut_112.png"),
+    ];
     for weights in ["dalle_small_encoder.safetensors", "dalle_small_encoder.pkl"] {
         let w = fixture(weights);
         let stdout = ok(&[
@@ -46,7 +54,10 @@ fn encode_prints_the_dall_e_ids_as_json_from_safetensors_and_pkl() {
         let arr = v.as_array().unwrap();
         assert_eq!(arr.len(), 2);
         for (item, name) in arr.iter().zip(["chelsea_112", "astronaut_112"]) {
-            assert!(item["image"].as_str().unwrap().ends_with(&format!("{name}.png")));
+            assert!(item["image"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("{name}.png")));
             let tokens: Vec<Vec<u32>> = serde_json::from_value(item["tokens"].clone()).unwrap();
             let want: Vec<Vec<u32>> = expected[&format!("{name}.ids")]
                 .to_dtype(DType::U32)
@@ -58,7 +69,13 @@ fn encode_prints_the_dall_e_ids_as_json_from_safetensors_and_pkl() {
     }
     // Plain output: a header line and 14 rows of 14 ids per image.
     let w = fixture("dalle_small_encoder.safetensors");
-    let text = ok(&["tokenizer", "encode", "--weights", w.to_str().unwrap(), images[0].to_str().unwrap()]);
+    let text = ok(&[
+        "tokenizer",
+        "encode",
+        "--weights",
+        w.to_str().unwrap(),
+        images[0].to_str().unwrap(),
+    ]);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 15);
     assert!(lines[0].contains("14x14 tokens"));
@@ -87,12 +104,24 @@ fn reconstruct_writes_a_side_by_side_png() {
 
 #[test]
 fn bad_inputs_fail_with_a_clear_message() {
-    let out = cli(&["tokenizer", "encode", "--weights", "/nonexistent/w.safetensors", "x.png"]);
+    let out = cli(&[
+        "tokenizer",
+        "encode",
+        "--weights",
+        "/nonexistent/w.safetensors",
+        "x.png",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/w.safetensors"), "{err}");
     let dec = fixture("dalle_small_decoder.safetensors");
-    let out = cli(&["tokenizer", "encode", "--weights", dec.to_str().unwrap(), "x.png"]);
+    let out = cli(&[
+        "tokenizer",
+        "encode",
+        "--weights",
+        dec.to_str().unwrap(),
+        "x.png",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("dalle_small_decoder.safetensors"), "{err}");
@@ -123,14 +152,28 @@ fn train_then_encode_with_the_trained_tokenizer_and_resume() {
     ];
     let stdout = ok(&args);
     assert!(stdout.contains("held-out MSE"), "{stdout}");
-    for f in ["encoder.safetensors", "decoder.safetensors", "checkpoint.safetensors", "eval.json", "metrics.jsonl", "reconstructions.png", "config.toml"] {
+    for f in [
+        "encoder.safetensors",
+        "decoder.safetensors",
+        "checkpoint.safetensors",
+        "eval.json",
+        "metrics.jsonl",
+        "reconstructions.png",
+        "config.toml",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["steps"], 3);
     assert!(eval["heldout_mse"].as_f64().unwrap().is_finite());
-    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 3);
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
 
     // The exported encoder is a tokenizer like DALL-E's: 28 px in, 7x7 ids out.
     let png = dir.path().join("item.png");
@@ -139,7 +182,15 @@ fn train_then_encode_with_the_trained_tokenizer_and_resume() {
         .unwrap();
     let enc = out.join("encoder.safetensors");
     let v: serde_json::Value = serde_json::from_str(
-        ok(&["tokenizer", "encode", "--weights", enc.to_str().unwrap(), "--json", png.to_str().unwrap()]).trim(),
+        ok(&[
+            "tokenizer",
+            "encode",
+            "--weights",
+            enc.to_str().unwrap(),
+            "--json",
+            png.to_str().unwrap(),
+        ])
+        .trim(),
     )
     .unwrap();
     let tokens: Vec<Vec<u32>> = serde_json::from_value(v[0]["tokens"].clone()).unwrap();
@@ -153,5 +204,11 @@ fn train_then_encode_with_the_trained_tokenizer_and_resume() {
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     assert_eq!(eval["steps"], 5);
-    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 5);
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        5
+    );
 }

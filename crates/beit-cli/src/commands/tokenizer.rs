@@ -139,7 +139,7 @@ fn prepare(path: &Path, size: u32, enc: &Encoder, device: &Device) -> Result<(Rg
 
 fn input_size(arg: Option<u32>, enc: &Encoder) -> Result<u32> {
     let size = arg.unwrap_or(enc.input_size() as u32);
-    if size == 0 || size as usize % enc.downsample() != 0 {
+    if size == 0 || !(size as usize).is_multiple_of(enc.downsample()) {
         bail!(
             "--size {size} must be a positive multiple of the tokenizer's downsampling ({})",
             enc.downsample()
@@ -168,7 +168,13 @@ fn encode(args: EncodeArgs) -> Result<()> {
         writeln!(out, "{}", serde_json::to_string(&items)?)?;
     } else {
         for (p, ids) in &results {
-            writeln!(out, "{} ({}x{} tokens)", p.display(), ids.len(), ids[0].len())?;
+            writeln!(
+                out,
+                "{} ({}x{} tokens)",
+                p.display(),
+                ids.len(),
+                ids[0].len()
+            )?;
             for row in ids {
                 let row: Vec<String> = row.iter().map(|v| format!("{v:5}")).collect();
                 writeln!(out, "{}", row.join(""))?;
@@ -288,7 +294,10 @@ fn load_data(spec: &str, channels: usize, size: usize, device: &Device) -> Resul
         .collect();
     files.sort();
     if files.len() < 2 {
-        bail!("--data {spec}: found {} images, need at least 2", files.len());
+        bail!(
+            "--data {spec}: found {} images, need at least 2",
+            files.len()
+        );
     }
     let mut tensors = Vec::with_capacity(files.len());
     for f in &files {
@@ -301,7 +310,10 @@ fn load_data(spec: &str, channels: usize, size: usize, device: &Device) -> Resul
     Ok(Data {
         train: all.narrow(0, 0, n_train)?,
         test: all.narrow(0, n_train, n_test)?,
-        what: format!("{} ({n_train} train / {n_test} held-out images)", path.display()),
+        what: format!(
+            "{} ({n_train} train / {n_test} held-out images)",
+            path.display()
+        ),
     })
 }
 
@@ -355,7 +367,11 @@ fn train(args: TrainArgs) -> Result<()> {
     let ckpt = args.output.join("checkpoint.safetensors");
     if args.resume && ckpt.exists() {
         trainer.resume(&ckpt)?;
-        tracing::info!("resumed from {} at step {}", ckpt.display(), trainer.step_count());
+        tracing::info!(
+            "resumed from {} at step {}",
+            ckpt.display(),
+            trainer.step_count()
+        );
     }
     let metrics_path = args.output.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
