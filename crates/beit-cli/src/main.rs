@@ -3,6 +3,7 @@
 mod commands;
 mod device;
 mod model_source;
+mod pretraining;
 mod processor;
 mod training;
 
