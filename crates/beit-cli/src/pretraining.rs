@@ -746,14 +746,9 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         )?,
     });
     let mut tl = match &job.resume {
-        Some(ck) => TrainLoop::resume(
-            tcfg.clone(),
-            varmap.clone(),
-            groups,
-            output,
-            ck,
-            run_config,
-        )?,
+        Some(ck) => {
+            TrainLoop::resume(tcfg.clone(), varmap.clone(), groups, output, ck, run_config)?
+        }
         None => TrainLoop::new(tcfg.clone(), varmap.clone(), groups, output, run_config)?,
     };
     tracing::info!(
