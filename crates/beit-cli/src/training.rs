@@ -20,9 +20,6 @@
 //!   with a progress bar; [`print_table`] for aligned summaries.
 //! * **Runs** ([`ResumeArg`], [`prepare_output_dir`]): output directory and `--resume`.
 
-// Some helpers serve only the commands still being written (pretrain, demo).
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
