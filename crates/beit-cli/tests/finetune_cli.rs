@@ -408,6 +408,20 @@ fn image_folder_with_a_corrupt_file_is_trained_on() {
         serde_json::from_str(&std::fs::read_to_string(run.join("best_model/config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["id2label"]["0"], "blue");
+    // `eval` on a single ImageFolder: a held-out quarter (4 of 17 files, corrupt one included).
+    let out = run_ok(
+        cli()
+            .args(["eval", "--json", "--val-fraction", "0.25", "--model"])
+            .arg(run.join("best_model"))
+            .arg("--data")
+            .arg(data.join("train")),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["images"].as_u64().unwrap() + report["skipped_files"].as_u64().unwrap(),
+        4,
+        "{report}"
+    );
     assert_eq!(
         records(&run, "step").len(),
         8,
