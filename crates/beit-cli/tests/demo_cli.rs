@@ -1,0 +1,65 @@
+//! End-to-end test of `beit-cli demo --quick`: every stage runs (tokenizer, MIM pre-training,
+//! two fine-tunings, evaluation) and the summary is printed and saved. The quick run is far too
+//! short for its accuracies to mean anything, so they are only checked to be valid percentages;
+//! the full demo's figures are in docs/demo.md.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn quick_demo_runs_every_stage_and_prints_the_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("demo");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_beit-cli"))
+            .args(["demo", "--quick", "--quiet", "--output"])
+            .arg(&out_dir)
+            .args(extra)
+            .env("BEIT_LOG", "warn")
+            .output()
+            .expect("run beit-cli")
+    };
+    let out = run(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "BEiT demo summary",
+        "1. dVAE tokenizer",
+        "2. MIM pre-training",
+        "3. fine-tune, from MIM pre-training",
+        "4. fine-tune, from random init",
+        "test accuracy:",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "`{needle}` missing from:\n{stdout}"
+        );
+    }
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
+            .unwrap();
+    for k in ["accuracy_pretrained", "accuracy_scratch"] {
+        let a = summary[k].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&a), "{k} = {a}");
+    }
+    assert_eq!(summary["stages"].as_array().unwrap().len(), 4);
+    for stage in ["pretrain", "finetune-pretrained", "finetune-scratch"] {
+        assert!(out_dir.join(stage).join("curves.png").is_file(), "{stage}");
+        assert!(
+            out_dir.join(stage).join("metrics.jsonl").is_file(),
+            "{stage}"
+        );
+    }
+    assert!(out_dir.join("pretrain/model/model.safetensors").is_file());
+    assert!(out_dir.join("tokenizer/encoder.safetensors").is_file());
+
+    // A second run does not silently replace the first.
+    let again = run(&[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
+}
