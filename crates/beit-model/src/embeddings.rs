@@ -69,7 +69,7 @@ impl BeitEmbeddings {
     /// Patch grid `(gh, gw)` of an input of `(height, width)` pixels.
     pub fn grid_of(&self, height: usize, width: usize) -> Result<(usize, usize)> {
         let p = self.patch_size;
-        if height % p != 0 || width % p != 0 || height == 0 || width == 0 {
+        if !height.is_multiple_of(p) || !width.is_multiple_of(p) || height == 0 || width == 0 {
             candle::bail!(
                 "input of {height}x{width} pixels is not a multiple of the patch size {p}"
             );

@@ -309,7 +309,7 @@ fn softmax_fwd(s: &[f32], bias: Option<&[f32]>, dims: &[usize]) -> Result<Vec<f3
         candle::bail!("softmax: empty last dimension");
     }
     let period = bias.map_or(0, |b| b.len());
-    if period != 0 && (period % n != 0 || s.len() % period != 0) {
+    if period != 0 && (!period.is_multiple_of(n) || !s.len().is_multiple_of(period)) {
         candle::bail!("softmax: a bias of {period} values does not tile scores {dims:?}");
     }
     let mut y = vec![0f32; s.len()];

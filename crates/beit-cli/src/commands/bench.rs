@@ -11,8 +11,8 @@ use anyhow::{bail, Context, Result};
 use beit_model::{
     BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, ForwardOptions,
 };
-use candle::{DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, VarBuilder, VarMap};
+use candle::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, seq::index::sample, Rng, SeedableRng};
 
@@ -121,6 +121,8 @@ fn parse_dtype(s: &str) -> Result<DType> {
 pub struct BenchResult {
     /// Seconds of each timed step.
     pub step_s: Vec<f64>,
+    /// Per timed step, the seconds of each phase (training: forward, backward, optimizer).
+    pub phase_s: Vec<Vec<f64>>,
 }
 
 impl BenchResult {
@@ -135,27 +137,72 @@ impl BenchResult {
             0.5 * (v[n / 2 - 1] + v[n / 2])
         }
     }
+
+    /// Median seconds of phase `i` over the timed steps.
+    pub fn phase_median_s(&self, i: usize) -> Option<f64> {
+        let v: Vec<f64> = self
+            .phase_s
+            .iter()
+            .filter_map(|p| p.get(i).copied())
+            .collect();
+        (!v.is_empty()).then(|| {
+            BenchResult {
+                step_s: v,
+                phase_s: vec![],
+            }
+            .median_s()
+        })
+    }
 }
 
-/// Times `warmup + iters` calls of `step`, synchronising the device after each.
+/// Phase names of the training modes, in the order their times are recorded.
+const TRAIN_PHASES: [&str; 3] = ["forward", "backward", "optimizer"];
+
+/// Records phase boundaries inside one step (synchronising the device at each).
+struct Phases<'a> {
+    dev: &'a Device,
+    last: Instant,
+    times: Vec<f64>,
+}
+
+impl Phases<'_> {
+    fn mark(&mut self) -> Result<()> {
+        self.dev.synchronize()?;
+        let now = Instant::now();
+        self.times.push((now - self.last).as_secs_f64());
+        self.last = now;
+        Ok(())
+    }
+}
+
+/// Times `warmup + iters` calls of `step`, synchronising the device after each; `step` may mark
+/// phase boundaries.
 fn time_steps(
     dev: &Device,
     warmup: usize,
     iters: usize,
-    mut step: impl FnMut() -> Result<()>,
+    mut step: impl FnMut(&mut Phases) -> Result<()>,
 ) -> Result<BenchResult> {
+    let mut phases = || Phases {
+        dev,
+        last: Instant::now(),
+        times: vec![],
+    };
     for _ in 0..warmup {
-        step()?;
+        step(&mut phases())?;
         dev.synchronize()?;
     }
     let mut step_s = Vec::with_capacity(iters);
+    let mut phase_s = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        step()?;
+        let mut p = phases();
+        step(&mut p)?;
         dev.synchronize()?;
         step_s.push(t.elapsed().as_secs_f64());
+        phase_s.push(p.times);
     }
-    Ok(BenchResult { step_s })
+    Ok(BenchResult { step_s, phase_s })
 }
 
 /// Detached copies of every variable, for an inference model without autograd tracking.
@@ -186,7 +233,7 @@ pub fn measure(args: &BenchArgs, cfg: &BeitConfig, dev: &Device) -> Result<Bench
             BeitForImageClassification::new(cfg, vb)?;
             let vb = VarBuilder::from_tensors(frozen(&varmap, dtype)?, dtype, dev);
             let model = BeitForImageClassification::new(cfg, vb)?;
-            time_steps(dev, args.warmup, args.iters, || {
+            time_steps(dev, args.warmup, args.iters, |_| {
                 let logits = model.forward(&pixels, ForwardOptions::default())?.logits;
                 drop(logits);
                 Ok(())
@@ -210,14 +257,17 @@ pub fn measure(args: &BenchArgs, cfg: &BeitConfig, dev: &Device) -> Result<Bench
                 .map(|_| rng.random_range(0..cfg.vocab_size as u32))
                 .collect();
             let labels = Tensor::from_vec(labels, m, dev)?;
-            let mut opt = adamw(&varmap)?;
-            time_steps(dev, args.warmup, args.iters, || {
+            let mut opt = BenchOptimizer::new(&varmap, cfg.num_hidden_layers)?;
+            time_steps(dev, args.warmup, args.iters, |p| {
                 let logits = model
                     .forward_masked(&pixels, &mask, ForwardOptions::train())?
                     .logits;
                 let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
-                opt.backward_step(&loss)?;
-                Ok(())
+                p.mark()?;
+                let grads = loss.backward()?;
+                p.mark()?;
+                opt.step(&grads)?;
+                p.mark()
             })
         }
         BenchMode::TrainCls => {
@@ -225,26 +275,40 @@ pub fn measure(args: &BenchArgs, cfg: &BeitConfig, dev: &Device) -> Result<Bench
             let classes = cfg.num_labels() as u32;
             let labels: Vec<u32> = (0..b).map(|_| rng.random_range(0..classes)).collect();
             let labels = Tensor::from_vec(labels, b, dev)?;
-            let mut opt = adamw(&varmap)?;
-            time_steps(dev, args.warmup, args.iters, || {
+            let mut opt = BenchOptimizer::new(&varmap, cfg.num_hidden_layers)?;
+            time_steps(dev, args.warmup, args.iters, |p| {
                 let logits = model.forward(&pixels, ForwardOptions::train())?.logits;
                 let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
-                opt.backward_step(&loss)?;
-                Ok(())
+                p.mark()?;
+                let grads = loss.backward()?;
+                p.mark()?;
+                opt.step(&grads)?;
+                p.mark()
             })
         }
     }
 }
 
-/// candle-nn's AdamW (one group; the update is a small part of a step next to forward + backward).
-fn adamw(varmap: &VarMap) -> Result<candle_nn::AdamW> {
-    let vars: Vec<Var> = varmap.all_vars();
-    let params = candle_nn::ParamsAdamW {
-        lr: 1e-4,
-        weight_decay: 0.05,
-        ..Default::default()
-    };
-    Ok(candle_nn::AdamW::new(vars, params)?)
+/// The optimizer `pretrain`/`finetune` use: beit-train's AdamW with unilm's parameter groups
+/// (fused in-place update for f32 on the CPU), at lr 1e-4 and weight decay 0.05.
+struct BenchOptimizer(beit_train::AdamW);
+
+impl BenchOptimizer {
+    fn new(varmap: &VarMap, num_layers: usize) -> Result<Self> {
+        let groups = beit_train::build_param_groups(
+            beit_train::named_vars(varmap),
+            &beit_train::GroupingConfig::pretrain(num_layers),
+        )?;
+        Ok(Self(beit_train::AdamW::new(
+            groups,
+            beit_train::AdamWConfig::default(),
+        )?))
+    }
+
+    fn step(&mut self, grads: &candle::backprop::GradStore) -> Result<()> {
+        self.0.step(grads, 1e-4, 0.05)?;
+        Ok(())
+    }
 }
 
 /// Keep freed tensor buffers in the heap instead of returning them to the kernel.
@@ -301,6 +365,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "images_per_s": ips,
             "median_s": median,
             "step_s": res.step_s,
+            "phases_median_s": phases_json(&res),
         });
         println!("{line}");
     } else {
@@ -317,8 +382,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
             median,
             args.iters
         );
+        if let serde_json::Value::Object(phases) = phases_json(&res) {
+            for (name, secs) in phases {
+                println!(
+                    "  {name}: {:.3} s (median)",
+                    secs.as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// `{"forward": s, "backward": s, "optimizer": s}` medians for training modes, else `null`.
+fn phases_json(res: &BenchResult) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = TRAIN_PHASES
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| Some((name.to_string(), res.phase_median_s(i)?.into())))
+        .collect();
+    if map.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::Object(map)
+    }
 }
 
 #[cfg(test)]
@@ -358,6 +445,8 @@ mod tests {
             let res = measure(&tiny_args(mode), &tiny_config(mode), &Device::Cpu).unwrap();
             assert_eq!(res.step_s.len(), 2);
             assert!(res.median_s() > 0.0);
+            let phases = if mode == BenchMode::Infer { 0 } else { 3 };
+            assert!(res.phase_s.iter().all(|p| p.len() == phases));
         }
     }
 
@@ -378,10 +467,14 @@ mod tests {
     fn median_of_even_and_odd_counts() {
         let r = BenchResult {
             step_s: vec![3.0, 1.0, 2.0],
+            phase_s: vec![vec![1.0, 0.5], vec![3.0, 0.5], vec![2.0, 0.5]],
         };
+        assert_eq!(r.phase_median_s(0), Some(2.0));
+        assert_eq!(r.phase_median_s(2), None);
         assert_eq!(r.median_s(), 2.0);
         let r = BenchResult {
             step_s: vec![4.0, 1.0, 2.0, 3.0],
+            phase_s: vec![],
         };
         assert_eq!(r.median_s(), 2.5);
     }
