@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use candle::{Device, Tensor};
-use image::{imageops::FilterType, DynamicImage, RgbImage};
+use image::{DynamicImage, RgbImage};
 
 use crate::error::{Result, TokenizerError};
 
@@ -35,14 +35,15 @@ pub fn open_image(path: &Path) -> Result<DynamicImage> {
     })
 }
 
-/// Resize to `size x size` with a Lanczos filter, as BEiT's tokenizer view does (Pillow's
-/// `LANCZOS`). An image already at that size is returned unchanged, so a pre-cropped view is not
-/// resampled. This is the one place to swap in a Pillow-exact resampler.
-pub fn resize_lanczos(img: &RgbImage, size: u32) -> RgbImage {
+/// Resize to `size x size` with Pillow's `LANCZOS`, as BEiT's tokenizer view does (the
+/// Pillow-exact resampler of `beit-data`). An image already at that size is returned unchanged, so a
+/// pre-cropped view is not resampled.
+pub fn resize_lanczos(img: &RgbImage, size: u32) -> Result<RgbImage> {
     if img.width() == size && img.height() == size {
-        return img.clone();
+        return Ok(img.clone());
     }
-    image::imageops::resize(img, size, size, FilterType::Lanczos3)
+    beit_data::resize(img, size, size, beit_data::Filter::Lanczos)
+        .map_err(|e| TokenizerError::Input(e.to_string()))
 }
 
 /// An RGB image as a `(channels, H, W)` f32 tensor in `[0, 1]`. With `channels == 1` the image is
@@ -132,8 +133,8 @@ mod tests {
     #[test]
     fn resize_skips_images_already_at_size() {
         let img = RgbImage::from_fn(4, 4, |x, y| image::Rgb([(x * 60) as u8, (y * 60) as u8, 7]));
-        assert_eq!(resize_lanczos(&img, 4), img);
-        let big = resize_lanczos(&img, 8);
+        assert_eq!(resize_lanczos(&img, 4).unwrap(), img);
+        let big = resize_lanczos(&img, 8).unwrap();
         assert_eq!(big.dimensions(), (8, 8));
     }
 

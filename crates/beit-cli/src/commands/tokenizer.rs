@@ -132,7 +132,7 @@ fn load_encoder(path: &Path, device: &Device) -> Result<Encoder> {
 
 /// Open, resize (Lanczos; skipped when already `size`) and convert an image for `enc`.
 fn prepare(path: &Path, size: u32, enc: &Encoder, device: &Device) -> Result<(RgbImage, Tensor)> {
-    let img = resize_lanczos(&open_image(path)?.to_rgb8(), size);
+    let img = resize_lanczos(&open_image(path)?.to_rgb8(), size)?;
     let x = image_to_tensor(&img, enc.config().input_channels, device)?.unsqueeze(0)?;
     Ok((img, map_pixels(&x)?))
 }
@@ -301,7 +301,7 @@ fn load_data(spec: &str, channels: usize, size: usize, device: &Device) -> Resul
     }
     let mut tensors = Vec::with_capacity(files.len());
     for f in &files {
-        let img = resize_lanczos(&open_image(f)?.to_rgb8(), size as u32);
+        let img = resize_lanczos(&open_image(f)?.to_rgb8(), size as u32)?;
         tensors.push(image_to_tensor(&img, channels, device)?);
     }
     let n_test = (files.len() / 10).max(1);
