@@ -183,7 +183,7 @@ fn time_steps(
     iters: usize,
     mut step: impl FnMut(&mut Phases) -> Result<()>,
 ) -> Result<BenchResult> {
-    let mut phases = || Phases {
+    let phases = || Phases {
         dev,
         last: Instant::now(),
         times: vec![],
@@ -420,7 +420,7 @@ mod tests {
             image_size: 32,
             iters: 2,
             warmup: 1,
-            num_masked: 5,
+            num_masked: 2,
             device: "cpu".into(),
             dtype: "f32".into(),
             seed: 0,
