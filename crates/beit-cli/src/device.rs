@@ -30,7 +30,8 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             if !candle::utils::metal_is_available() {
                 bail!("`--device {spec}`: this binary was built without Metal; rebuild with `--features metal`");
             }
-            Device::new_metal(ordinal).with_context(|| format!("cannot open Metal device {ordinal}"))
+            Device::new_metal(ordinal)
+                .with_context(|| format!("cannot open Metal device {ordinal}"))
         }
         other => bail!("unknown device `{other}`: expected cpu, cuda[:N] or metal[:N]"),
     }
