@@ -97,10 +97,7 @@ impl EncoderConfig {
 
     /// Total number of parameters.
     pub fn num_params(&self) -> usize {
-        self.param_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        super::count_params(&self.param_shapes())
     }
 
     /// Read the architecture off the tensor names and shapes of a weights file.

@@ -23,6 +23,14 @@ fn count_indexed(weights: &WeightsFile, prefix: &str, suffix: &str) -> usize {
 }
 
 /// Infer `(group_count, n_blk_per_group)` from the block names present in a file.
+/// Number of scalars in a list of `(name, shape)` parameters.
+fn count_params(shapes: &[(String, Vec<usize>)]) -> usize {
+    shapes
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
 fn infer_layout(weights: &WeightsFile) -> Result<(usize, usize)> {
     let groups = count_indexed(weights, "blocks.group_", ".block_1.res_path.conv_1.w");
     let blocks = count_indexed(weights, "blocks.group_1.block_", ".res_path.conv_1.w");
