@@ -15,6 +15,8 @@ use candle::{
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+mod vmath;
+
 /// Whether the fused kernels are in use: yes unless the environment sets `BEIT_FUSED_OPS=0`
 /// (read once), which restores the plain compositions to measure what the kernels gain or to rule
 /// them out when debugging.
@@ -291,16 +293,7 @@ fn softmax_row(s: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
         }
         None => y.copy_from_slice(s),
     }
-    let max = y.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in y.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in y.iter_mut() {
-        *v *= inv;
-    }
+    vmath::softmax_inplace(y);
 }
 
 fn softmax_fwd(s: &[f32], bias: Option<&[f32]>, dims: &[usize]) -> Result<Vec<f32>> {
@@ -464,20 +457,6 @@ pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
 // ------------------------------------------------------------------------------------------------
 // bias + exact GELU
 
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
-#[inline]
-fn gelu(v: f32) -> f32 {
-    // The same expression as candle's `gelu_erf`, so the fused and unfused paths agree exactly.
-    (candle::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
-}
-
-#[inline]
-fn gelu_grad(v: f32) -> f32 {
-    0.5 * (1.0 + candle::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
-        + v * (-0.5 * v * v).exp() * FRAC_1_SQRT_2PI
-}
-
 /// `gelu_erf(h + b)` with `b` broadcast over the rows of `h`.
 struct BiasGeluOp;
 
@@ -504,11 +483,7 @@ impl CustomOp2 for BiasGeluOp {
         y.par_chunks_mut(chunk)
             .zip(h.par_chunks(chunk))
             .for_each(|(yc, hc)| {
-                for (yr, hr) in yc.chunks_exact_mut(n).zip(hc.chunks_exact(n)) {
-                    for i in 0..n {
-                        yr[i] = gelu(hr[i] + b[i]);
-                    }
-                }
+                vmath::bias_gelu_rows(hc, b, yc);
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -563,17 +538,7 @@ impl CustomOp3 for BiasGeluBwdOp {
             .zip(h.par_chunks(chunk).zip(g.par_chunks(chunk)))
             .map(|(dc, (hc, gc))| {
                 let mut acc = vec![0f32; n];
-                for ((dr, hr), gr) in dc
-                    .chunks_exact_mut(n)
-                    .zip(hc.chunks_exact(n))
-                    .zip(gc.chunks_exact(n))
-                {
-                    for i in 0..n {
-                        let d = gr[i] * gelu_grad(hr[i] + b[i]);
-                        dr[i] = d;
-                        acc[i] += d;
-                    }
-                }
+                vmath::bias_gelu_grad_rows(hc, b, gc, dc, &mut acc);
                 acc
             })
             .reduce(
