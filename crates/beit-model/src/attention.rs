@@ -1,10 +1,10 @@
 //! Multi-head self-attention with q and v biases (no k bias) and an additive relative position bias.
 
 use candle::{Module, ModuleT, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::BeitConfig;
-use crate::layers::{linear, softmax_last_dim, softmax_with_bias, Dropout, StochasticRng};
+use crate::layers::{linear, Linear, softmax_last_dim, softmax_with_bias, Dropout, StochasticRng};
 use crate::ops::{self, merge_heads, split_heads};
 use crate::relative_position::RelativePositionBias;
 
@@ -105,6 +105,18 @@ impl BeitAttention {
         let (b, t, c) = x.dims3()?;
         let h = self.num_heads;
         let x2 = x.reshape((b * t, c))?;
+        if ops::enabled() && !want_probs && !self.attn_dropout.is_active(train) {
+            // One (3C, C) projection with the q/v biases folded into the GEMM, then the attention
+            // core reading every head in place and writing the heads merged.
+            let (w, bias) = match &self.fused {
+                Some((w, bias)) => (w.clone(), bias.clone()),
+                None => self.fused_qkv()?,
+            };
+            let qkv = ops::linear(&x2, &w, Some(&bias))?;
+            let bias = self.attention_bias(shared_bias, window, qkv.dtype())?;
+            let attended = ops::attention_core(&qkv, bias.as_ref(), b, h)?;
+            return Ok((self.output.forward(&attended)?, None));
+        }
         // q is pre-scaled (see `fused_qkv`); each head split adds its bias in the same pass.
         let (q, k, v) = match &self.fused {
             Some((w, bias)) => {
@@ -148,18 +160,7 @@ impl BeitAttention {
             }
         };
         let scores = q.matmul(&k.t()?)?;
-        let own = match &self.relative_position_bias {
-            Some(rpb) => Some(rpb.forward(window)?.to_dtype(scores.dtype())?),
-            None => None,
-        };
-        let shared = match shared_bias {
-            Some(s) => Some(s.to_dtype(scores.dtype())?),
-            None => None,
-        };
-        let bias = match (own, shared) {
-            (Some(a), Some(b)) => Some(a.broadcast_add(&b)?),
-            (a, b) => a.or(b),
-        };
+        let bias = self.attention_bias(shared_bias, window, scores.dtype())?;
         // Bias add and softmax in one pass (and one backward pass when training).
         let probs = match &bias {
             Some(bias) => softmax_with_bias(&scores, bias)?,
@@ -171,5 +172,27 @@ impl BeitAttention {
             .forward(&merge_heads(&attended)?)?
             .reshape((b, t, c))?;
         Ok((out, want_probs.then_some(probs)))
+    }
+
+    /// The additive attention bias `(1, H, T, T)`: this layer's table plus the shared one, either
+    /// of which may be absent.
+    fn attention_bias(
+        &self,
+        shared_bias: Option<&Tensor>,
+        window: (usize, usize),
+        dtype: candle::DType,
+    ) -> Result<Option<Tensor>> {
+        let own = match &self.relative_position_bias {
+            Some(rpb) => Some(rpb.forward(window)?.to_dtype(dtype)?),
+            None => None,
+        };
+        let shared = match shared_bias {
+            Some(s) => Some(s.to_dtype(dtype)?),
+            None => None,
+        };
+        Ok(match (own, shared) {
+            (Some(a), Some(b)) => Some(a.broadcast_add(&b)?),
+            (a, b) => a.or(b),
+        })
     }
 }

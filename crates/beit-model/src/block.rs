@@ -1,11 +1,11 @@
 //! A pre-norm transformer block with LayerScale and stochastic depth (`BeitLayer` in `transformers`).
 
 use candle::{Module, ModuleT, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::attention::BeitAttention;
 use crate::config::BeitConfig;
-use crate::layers::{linear, Activation, DropPath, Dropout, LayerNorm, StochasticRng};
+use crate::layers::{linear, Linear, Activation, DropPath, Dropout, LayerNorm, StochasticRng};
 use crate::ops;
 
 /// `beit.encoder.layer.{i}`:
@@ -125,9 +125,7 @@ impl BeitLayer {
             Some(bias)
                 if self.activation == Activation::GeluErf && ops::fused_cpu_f32(&[h, w, bias]) =>
             {
-                let (b, t, c) = h.dims3()?;
-                let y = h.reshape((b * t, c))?.matmul(&w.t()?)?;
-                ops::bias_gelu_erf(&y, bias)?.reshape((b, t, w.dim(0)?))
+                ops::bias_gelu_erf(&ops::linear(h, w, None)?, bias)
             }
             _ => self.activation.forward(&self.intermediate.forward(h)?),
         }

@@ -1,10 +1,10 @@
 //! Task heads: image classification and masked image modeling.
 
 use candle::{Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::BeitConfig;
-use crate::layers::{linear, LayerNorm};
+use crate::layers::{linear, Linear, LayerNorm};
 use crate::model::{BeitModel, BeitOutput, ForwardOptions};
 
 /// `BeitForImageClassification`: pooled features -> `classifier` Linear.

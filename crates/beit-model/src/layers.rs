@@ -63,13 +63,42 @@ pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A `Linear` with PyTorch's weight layout `(out, in)`.
-pub fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<candle_nn::Linear> {
+/// A fully connected layer with PyTorch's weight layout `(out, in)`: `y = x W^T + b`.
+///
+/// Unlike `candle_nn::Linear`, the f32 CPU path is one GEMM with the bias folded in and a
+/// single-node backward pass ([`crate::ops::linear`]); elsewhere it is the same composition.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer from its `(out, in)` weight and optional `(out)` bias.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The `(out, in)` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The `(out)` bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl candle::Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// A [`Linear`] `(out, in)` under `vb` (`weight`, and `bias` when asked), initialised as BEiT
+/// initialises it when the weights are not in `vb`.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let init = candle_nn::Init::Randn {
         mean: 0.0,
         stdev: 0.02,
@@ -80,7 +109,7 @@ pub fn linear(
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias))
 }
 
 /// MLP activations found in BEiT configs.
@@ -215,6 +244,11 @@ impl Dropout {
     /// A dropout layer with drop probability `prob`.
     pub fn new(prob: f64, rng: StochasticRng) -> Self {
         Self { prob, rng }
+    }
+
+    /// Whether a forward pass in this mode drops anything.
+    pub fn is_active(&self, train: bool) -> bool {
+        train && self.prob > 0.0
     }
 }
 

@@ -15,7 +15,13 @@ use candle::{
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+mod attention;
+mod gemm;
+mod linear;
 mod vmath;
+
+pub use attention::attention_core;
+pub use linear::linear;
 
 /// Whether the fused kernels are in use: yes unless the environment sets `BEIT_FUSED_OPS=0`
 /// (read once), which restores the plain compositions to measure what the kernels gain or to rule

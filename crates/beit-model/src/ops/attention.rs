@@ -1,0 +1,434 @@
+//! The attention core `softmax(q k^T + bias) v` for all heads at once, reading q, k and v in place
+//! from the fused `(B*T, 3C)` projection and writing the heads already merged as `(B*T, C)`.
+//!
+//! The composition splits q/k/v into `(B, H, T, D)` copies, runs two batched matmuls (candle runs
+//! the 96 small `197x64` GEMMs of a ViT-B batch one after the other, each split over the threads:
+//! about 110 GFLOP/s where one GEMM per thread reaches 300), materialises the `(B, H, T, T)`
+//! probabilities and copies the heads back. Here each `(batch, head)` pair is one task: a
+//! single-threaded GEMM for the scores into a scratch buffer that stays in cache, bias and softmax
+//! in place, a GEMM into the output columns of that head.
+//!
+//! The backward pass recomputes the probabilities instead of keeping them (as FlashAttention
+//! does: the recomputation is one of the five small GEMMs, and nothing of size `B*H*T*T` is held
+//! between forward and backward). It runs one task per head so that the bias gradient of a head is
+//! accumulated over the batch by one thread.
+
+use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{sgemm, Mat, Shared, SharedMut};
+use super::{f32_data, fused_cpu_f32, softmax_last_dim, softmax_with_bias, vmath};
+
+/// `(B*T, 3C)` fused projections (q already scaled by `head_dim^-0.5`, biases added) and an
+/// optional additive bias `(H, T, T)` (any shape with `H*T*T` elements) to the attention output
+/// `(B, T, C)`, heads merged. Single-pass kernels on f32 CPU tensors, the composition elsewhere.
+pub fn attention_core(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    batch: usize,
+    heads: usize,
+) -> Result<Tensor> {
+    let c3 = *qkv.dims().last().unwrap_or(&0);
+    let rows = qkv.elem_count() / c3.max(1);
+    if c3 == 0 || c3 % (3 * heads) != 0 || batch == 0 || rows % batch != 0 {
+        candle::bail!(
+            "attention: {:?} is not (batch {batch} * tokens, 3 * {heads} heads * head_dim)",
+            qkv.shape()
+        );
+    }
+    let geom = Geometry {
+        batch,
+        tokens: rows / batch,
+        heads,
+        head_dim: c3 / (3 * heads),
+    };
+    if let Some(b) = bias {
+        if b.elem_count() != heads * geom.tokens * geom.tokens {
+            candle::bail!(
+                "attention: bias {:?} is not ({heads}, {t}, {t})",
+                b.shape(),
+                t = geom.tokens
+            );
+        }
+    }
+    let ts: Vec<&Tensor> = [Some(qkv), bias].into_iter().flatten().collect();
+    let c = c3 / 3;
+    if !fused_cpu_f32(&ts) {
+        return composed(qkv, bias, geom);
+    }
+    let qkv = qkv.contiguous()?;
+    let out = match bias {
+        Some(b) => qkv.apply_op2(&b.contiguous()?, AttentionBias(geom))?,
+        None => qkv.apply_op1(AttentionNoBias(geom))?,
+    };
+    out.reshape((batch, geom.tokens, c))
+}
+
+/// The same computation from candle tensor ops (any device and dtype).
+fn composed(qkv: &Tensor, bias: Option<&Tensor>, g: Geometry) -> Result<Tensor> {
+    let (b, t, h, d) = (g.batch, g.tokens, g.heads, g.head_dim);
+    let qkv = qkv.reshape((b, t, 3, h, d))?.permute((2, 0, 3, 1, 4))?;
+    let q = qkv.get(0)?.contiguous()?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = match bias {
+        Some(bias) => softmax_with_bias(&scores, &bias.reshape((1, h, t, t))?)?,
+        None => softmax_last_dim(&scores)?,
+    };
+    probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Geometry {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Pointers to the q, k and v blocks of `(batch b, head h)` in a `(B*T, 3C)` buffer.
+    fn qkv(&self, base: *const f32, b: usize, h: usize) -> [*const f32; 3] {
+        let c = self.width();
+        // SAFETY (for callers): the offsets stay within a (B*T, 3C) buffer.
+        unsafe {
+            let p = base.add(b * self.tokens * 3 * c + h * self.head_dim);
+            [p, p.add(c), p.add(2 * c)]
+        }
+    }
+}
+
+/// Softmax probabilities of `(b, h)` into `p` (`T x T`).
+///
+/// # Safety
+/// `qkv` points to a `(B*T, 3C)` buffer for `g`.
+unsafe fn probabilities(
+    g: Geometry,
+    qkv: *const f32,
+    bias: Option<&[f32]>,
+    b: usize,
+    h: usize,
+    p: &mut [f32],
+) {
+    let (t, d, c3) = (g.tokens, g.head_dim, 3 * g.width());
+    let [q, k, _] = g.qkv(qkv, b, h);
+    sgemm(
+        t,
+        t,
+        d,
+        p.as_mut_ptr(),
+        t,
+        false,
+        Mat::rows(q, c3),
+        Mat::transposed(k, c3),
+        false,
+    );
+    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+        if let Some(bias) = bias {
+            let brow = &bias[(h * t + i) * t..][..t];
+            row.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
+        }
+        vmath::softmax_inplace(row);
+    }
+}
+
+fn forward(qkv: &[f32], bias: Option<&[f32]>, g: Geometry) -> Vec<f32> {
+    let (t, d, c) = (g.tokens, g.head_dim, g.width());
+    let mut out = vec![0f32; g.batch * t * c];
+    let dst = SharedMut(out.as_mut_ptr());
+    let src = Shared(qkv.as_ptr());
+    (0..g.batch * g.heads)
+        .into_par_iter()
+        .for_each_init(
+            || vec![0f32; t * t],
+            |p, task| {
+                let (b, h) = (task / g.heads, task % g.heads);
+                // SAFETY: the task writes only rows b*T.. and columns h*D.. of `out`, a block no
+                // other task touches; reads stay within `qkv`.
+                unsafe {
+                    probabilities(g, src.get(), bias, b, h, p);
+                    let [_, _, v] = g.qkv(src.get(), b, h);
+                    sgemm(
+                        t,
+                        d,
+                        t,
+                        dst.get().add(b * t * c + h * d),
+                        c,
+                        false,
+                        Mat::rows(p.as_ptr(), t),
+                        Mat::rows(v, 3 * c),
+                        false,
+                    );
+                }
+            },
+        );
+    out
+}
+
+/// Gradients of the fused projections `(B*T, 3C)` and, with a bias, of the bias `(H*T*T)`,
+/// concatenated.
+fn backward(qkv: &[f32], bias: Option<&[f32]>, grad: &[f32], g: Geometry) -> Vec<f32> {
+    let (t, d, c) = (g.tokens, g.head_dim, g.width());
+    let n_qkv = g.batch * t * 3 * c;
+    let n_bias = if bias.is_some() { g.heads * t * t } else { 0 };
+    let mut out = vec![0f32; n_qkv + n_bias];
+    let dst = SharedMut(out.as_mut_ptr());
+    let src = Shared(qkv.as_ptr());
+    let dout = Shared(grad.as_ptr());
+    (0..g.heads).into_par_iter().for_each_init(
+        || (vec![0f32; t * t], vec![0f32; t * t]),
+        |(p, dp), h| {
+            // SAFETY: this task writes the columns of head h in dq, dk, dv (rows of every batch)
+            // and the bias gradient block of head h: disjoint from every other task.
+            unsafe {
+                let dbias = (n_bias > 0).then(|| dst.get().add(n_qkv + h * t * t));
+                for b in 0..g.batch {
+                    probabilities(g, src.get(), bias, b, h, p);
+                    let [q, k, v] = g.qkv(src.get(), b, h);
+                    let go = dout.get().add(b * t * c + h * d);
+                    let dq = dst.get().add(b * t * 3 * c + h * d);
+                    let (dk, dv) = (dq.add(c), dq.add(2 * c));
+                    // dV = P^T dO
+                    sgemm(
+                        t,
+                        d,
+                        t,
+                        dv,
+                        3 * c,
+                        false,
+                        Mat::transposed(p.as_ptr(), t),
+                        Mat::rows(go, c),
+                        false,
+                    );
+                    // dP = dO V^T
+                    sgemm(
+                        t,
+                        t,
+                        d,
+                        dp.as_mut_ptr(),
+                        t,
+                        false,
+                        Mat::rows(go, c),
+                        Mat::transposed(v, 3 * c),
+                        false,
+                    );
+                    // dS = P * (dP - rowsum(dP * P)), the softmax backward; the bias gets dS.
+                    for (dr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                        let dot = super::dot16(dr, pr);
+                        dr.iter_mut().zip(pr).for_each(|(x, y)| *x = y * (*x - dot));
+                    }
+                    if let Some(db) = dbias {
+                        let db = std::slice::from_raw_parts_mut(db, t * t);
+                        db.iter_mut().zip(dp.iter()).for_each(|(a, v)| *a += v);
+                    }
+                    // dQ = dS K, dK = dS^T Q
+                    sgemm(
+                        t,
+                        d,
+                        t,
+                        dq,
+                        3 * c,
+                        false,
+                        Mat::rows(dp.as_ptr(), t),
+                        Mat::rows(k, 3 * c),
+                        false,
+                    );
+                    sgemm(
+                        t,
+                        d,
+                        t,
+                        dk,
+                        3 * c,
+                        false,
+                        Mat::transposed(dp.as_ptr(), t),
+                        Mat::rows(q, 3 * c),
+                        false,
+                    );
+                }
+            }
+        },
+    );
+    out
+}
+
+fn split_grads(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    packed: Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let n = qkv.elem_count();
+    let dqkv = packed.narrow(0, 0, n)?.reshape(qkv.shape())?;
+    let dbias = match bias {
+        Some(b) => Some(packed.narrow(0, n, b.elem_count())?.reshape(b.shape())?),
+        None => None,
+    };
+    Ok((dqkv, dbias))
+}
+
+struct AttentionNoBias(Geometry);
+struct AttentionBias(Geometry);
+struct AttentionBwd(Geometry);
+
+impl CustomOp1 for AttentionNoBias {
+    fn name(&self) -> &'static str {
+        "beit-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_data(s, l, self.name())?;
+        let g = self.0;
+        let out = forward(qkv, None, g);
+        Ok((CpuStorage::F32(out), Shape::from((g.batch * g.tokens, g.width()))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let packed = qkv.apply_op2_no_bwd(&grad.contiguous()?, &AttentionBwd(self.0))?;
+        Ok(Some(split_grads(qkv, None, packed)?.0))
+    }
+}
+
+impl CustomOp2 for AttentionBias {
+    fn name(&self) -> &'static str {
+        "beit-attention-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_data(s1, l1, self.name())?;
+        let bias = f32_data(s2, l2, self.name())?;
+        let g = self.0;
+        let out = forward(qkv, Some(bias), g);
+        Ok((CpuStorage::F32(out), Shape::from((g.batch * g.tokens, g.width()))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = qkv.apply_op3_no_bwd(bias, &grad.contiguous()?, &AttentionBwd(self.0))?;
+        let (dqkv, dbias) = split_grads(qkv, Some(bias), packed)?;
+        Ok((Some(dqkv), dbias.filter(|_| bias.track_op())))
+    }
+}
+
+impl CustomOp2 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "beit-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_data(s1, l1, "beit-attention-bwd")?;
+        let grad = f32_data(s2, l2, "beit-attention-bwd")?;
+        let out = backward(qkv, None, grad, self.0);
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+impl CustomOp3 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "beit-attention-bias-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_data(s1, l1, "beit-attention-bias-bwd")?;
+        let bias = f32_data(s2, l2, "beit-attention-bias-bwd")?;
+        let grad = f32_data(s3, l3, "beit-attention-bias-bwd")?;
+        let out = backward(qkv, Some(bias), grad, self.0);
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (3, 11, 2, 8);
+        let qkv = Var::randn(0f32, 1., (b * t, 3 * h * d), &dev)?;
+        let bias = Var::randn(0f32, 1., (1, h, t, t), &dev)?;
+        let up = Tensor::randn(0f32, 1., (b, t, h * d), &dev)?;
+        let g = Geometry {
+            batch: b,
+            tokens: t,
+            heads: h,
+            head_dim: d,
+        };
+        for with_bias in [true, false] {
+            let bias_t = with_bias.then_some(bias.as_tensor());
+            let fused = attention_core(&qkv, bias_t, b, h)?;
+            let plain = composed(&qkv, bias_t, g)?;
+            assert_eq!(fused.dims(), &[b, t, h * d]);
+            assert!(max_diff(&fused, &plain) < 1e-5);
+            let gf = (fused * &up)?.sum_all()?.backward()?;
+            let gp = (plain * &up)?.sum_all()?.backward()?;
+            let (a, p) = (gf.get(&qkv).unwrap(), gp.get(&qkv).unwrap());
+            assert!(max_diff(a, p) < 1e-4, "dqkv {}", max_diff(a, p));
+            if with_bias {
+                let (a, p) = (gf.get(&bias).unwrap(), gp.get(&bias).unwrap());
+                assert_eq!(a.dims(), p.dims());
+                assert!(max_diff(a, p) < 1e-4, "dbias {}", max_diff(a, p));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        let qkv = Tensor::zeros((2 * 5, 3 * 2 * 4), candle::DType::F32, &dev)?;
+        let bad_bias = Tensor::zeros((2, 5, 4), candle::DType::F32, &dev)?;
+        let err = attention_core(&qkv, Some(&bad_bias), 2, 2).unwrap_err();
+        assert!(err.to_string().contains("bias"), "{err}");
+        let err = attention_core(&qkv, None, 3, 2).unwrap_err();
+        assert!(err.to_string().contains("batch"), "{err}");
+        Ok(())
+    }
+}

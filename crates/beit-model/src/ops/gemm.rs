@@ -1,0 +1,109 @@
+//! Thin, checked-at-the-call-site wrapper around the `gemm` crate (the GEMM inside candle's CPU
+//! matmul), for kernels that need what `Tensor::matmul` cannot give: strided operands read in place
+//! (one head's columns of a fused q/k/v matrix), accumulation into an initialised destination (a
+//! bias folded into the GEMM), and single-threaded calls from inside a parallel loop.
+
+use gemm::Parallelism;
+
+/// A matrix operand: element `(i, j)` is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Mat {
+    /// Row-major with row stride `rs`.
+    pub fn rows(ptr: *const f32, rs: usize) -> Self {
+        Self {
+            ptr,
+            rs: rs as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with row stride `rs`.
+    pub fn transposed(ptr: *const f32, rs: usize) -> Self {
+        Self {
+            ptr,
+            rs: 1,
+            cs: rs as isize,
+        }
+    }
+}
+
+/// A raw pointer that parallel tasks may share because each writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+// SAFETY: only used for writes to regions that no two tasks share (documented at each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the wrapper rather than the raw field).
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Shared(pub *const f32);
+// SAFETY: read-only access to data that outlives the parallel loop.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so that closures capture the wrapper rather than the raw field).
+    pub fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n)`, plus the previous content of
+/// `dst` when `accumulate`. `threaded` splits the work over candle's thread count; inside an
+/// already parallel loop pass `false`.
+///
+/// # Safety
+/// Every pointer must be valid for the extents implied by the shapes and strides, and `dst` must
+/// not alias `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    threaded: bool,
+) {
+    let threads = candle::utils::get_num_threads();
+    let parallelism = if threaded && threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
