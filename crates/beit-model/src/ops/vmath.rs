@@ -26,8 +26,11 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // n = round(x / ln 2) via the 1.5 * 2^23 trick (round-to-nearest in the FPU, vectorises).
+    // The integer n also sits in the low mantissa bits of `shifted`: read it from there, since a
+    // float-to-int conversion (`as i32`, saturating) does not vectorise.
     const SHIFTER: f32 = 12_582_912.0;
-    let n = (x * LOG2_E + SHIFTER) - SHIFTER;
+    let shifted = x * LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // e^r on |r| <= ln2/2: 1 + r + r^2 * P(r), the minimax polynomial of Cephes' expf.
     let p = 1.987_569_1e-4_f32;
@@ -37,7 +40,8 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let n_int = shifted.to_bits().wrapping_sub(SHIFTER.to_bits()); // n as a two's-complement u32
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
     er * scale
 }
 
