@@ -1,48 +1,53 @@
-//! GEMM roof on this machine at ViT-B shapes (candle matmul, f32).
+//! GEMM throughput at ViT-B/16 shapes (batch 8, 197 tokens), f32: candle's matmul, our fused
+//! `linear` and the fused attention core. Run with `RAYON_NUM_THREADS=<n>`:
+//! `cargo run --release -p beit-model --example gemm_roof`.
+use beit_model::ops::{attention_core, linear};
 use candle::{Device, Tensor};
 use std::time::Instant;
-fn main() -> candle::Result<()> {
-    let dev = Device::Cpu;
-    let shapes = [
-        (1576, 768, 2304),
-        (1576, 768, 768),
-        (1576, 768, 3072),
-        (1576, 3072, 768),
-        (768, 1576, 3072),
-    ];
-    for (m, k, n) in shapes {
-        let a = Tensor::randn(0f32, 1., (m, k), &dev)?;
-        let b = Tensor::randn(0f32, 1., (n, k), &dev)?.t()?; // weight layout, like Linear
-        for _ in 0..3 {
-            let _ = a.matmul(&b)?;
-        }
-        let mut ts = vec![];
-        for _ in 0..10 {
-            let t = Instant::now();
-            let _c = a.matmul(&b)?;
-            ts.push(t.elapsed().as_secs_f64());
-        }
-        ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!(
-            "{m}x{k}x{n}: {:.1} GFLOP/s",
-            2.0 * (m * k * n) as f64 / ts[5] / 1e9
-        );
-    }
-    let a = Tensor::randn(0f32, 1., (8, 12, 197, 64), &dev)?;
-    let b = Tensor::randn(0f32, 1., (8, 12, 197, 64), &dev)?.t()?;
+
+fn median_s(mut f: impl FnMut() -> candle::Result<Tensor>) -> candle::Result<f64> {
     for _ in 0..3 {
-        let _ = a.matmul(&b)?;
+        f()?;
     }
     let mut ts = vec![];
-    for _ in 0..10 {
+    for _ in 0..11 {
         let t = Instant::now();
-        let _c = a.matmul(&b)?;
+        f()?;
         ts.push(t.elapsed().as_secs_f64());
     }
-    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[5])
+}
+
+fn main() -> candle::Result<()> {
+    let dev = Device::Cpu;
+    let m = 8 * 197;
+    for (k, n, what) in [
+        (768, 2304, "qkv"),
+        (768, 768, "proj"),
+        (768, 3072, "fc1"),
+        (3072, 768, "fc2"),
+    ] {
+        let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
+        let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+        let b = Tensor::randn(0f32, 1., n, &dev)?;
+        let flop = 2.0 * (m * k * n) as f64 / 1e9;
+        let t_mm = median_s(|| x.matmul(&w.t()?))?;
+        let t_lin = median_s(|| linear(&x, &w, Some(&b)))?;
+        println!(
+            "{what:5} {m}x{k}x{n}: candle matmul {:6.1} GFLOP/s, linear+bias {:6.1} GFLOP/s",
+            flop / t_mm,
+            flop / t_lin
+        );
+    }
+    let qkv = Tensor::randn(0f32, 1., (m, 3 * 768), &dev)?;
+    let bias = Tensor::randn(0f32, 1., (12, 197, 197), &dev)?;
+    let flop = 2.0 * 2.0 * (8 * 12 * 197 * 197 * 64) as f64 / 1e9;
+    let t = median_s(|| attention_core(&qkv, Some(&bias), 8, 12))?;
     println!(
-        "bmm 96x197x64x197: {:.1} GFLOP/s",
-        2.0 * (96 * 197 * 64 * 197) as f64 / ts[5] / 1e9
+        "attention core (8x12 heads, 197 tokens): {:.1} GFLOP/s of GEMM work, {:.1} ms",
+        flop / t,
+        t * 1e3
     );
     Ok(())
 }

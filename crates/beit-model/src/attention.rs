@@ -4,7 +4,7 @@ use candle::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::BeitConfig;
-use crate::layers::{linear, Linear, softmax_last_dim, softmax_with_bias, Dropout, StochasticRng};
+use crate::layers::{linear, softmax_last_dim, softmax_with_bias, Dropout, Linear, StochasticRng};
 use crate::ops::{self, merge_heads, split_heads};
 use crate::relative_position::RelativePositionBias;
 
@@ -104,7 +104,6 @@ impl BeitAttention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, c) = x.dims3()?;
         let h = self.num_heads;
-        let x2 = x.reshape((b * t, c))?;
         if ops::enabled() && !want_probs && !self.attn_dropout.is_active(train) {
             // One (3C, C) projection with the q/v biases folded into the GEMM, then the attention
             // core reading every head in place and writing the heads merged.
@@ -112,11 +111,12 @@ impl BeitAttention {
                 Some((w, bias)) => (w.clone(), bias.clone()),
                 None => self.fused_qkv()?,
             };
-            let qkv = ops::linear(&x2, &w, Some(&bias))?;
+            let qkv = ops::linear(x, &w, Some(&bias))?; // (B, T, 3C), no reshape node
             let bias = self.attention_bias(shared_bias, window, qkv.dtype())?;
             let attended = ops::attention_core(&qkv, bias.as_ref(), b, h)?;
             return Ok((self.output.forward(&attended)?, None));
         }
+        let x2 = x.reshape((b * t, c))?;
         // q is pre-scaled (see `fused_qkv`); each head split adds its bias in the same pass.
         let (q, k, v) = match &self.fused {
             Some((w, bias)) => {

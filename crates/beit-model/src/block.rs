@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use crate::attention::BeitAttention;
 use crate::config::BeitConfig;
-use crate::layers::{linear, Linear, Activation, DropPath, Dropout, LayerNorm, StochasticRng};
+use crate::layers::{linear, Activation, DropPath, Dropout, LayerNorm, Linear, StochasticRng};
 use crate::ops;
 
 /// `beit.encoder.layer.{i}`:

@@ -4,7 +4,7 @@ use candle::{Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::BeitConfig;
-use crate::layers::{linear, Linear, LayerNorm};
+use crate::layers::{linear, LayerNorm, Linear};
 use crate::model::{BeitModel, BeitOutput, ForwardOptions};
 
 /// `BeitForImageClassification`: pooled features -> `classifier` Linear.

@@ -16,7 +16,7 @@
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, Mat, Shared, SharedMut};
+use super::gemm::{filled_by, sgemm, Mat, Shared, SharedMut};
 use super::{f32_data, fused_cpu_f32, softmax_last_dim, softmax_with_bias, vmath};
 
 /// `(B*T, 3C)` fused projections (q already scaled by `head_dim^-0.5`, biases added) and an
@@ -52,16 +52,16 @@ pub fn attention_core(
         }
     }
     let ts: Vec<&Tensor> = [Some(qkv), bias].into_iter().flatten().collect();
-    let c = c3 / 3;
     if !fused_cpu_f32(&ts) {
         return composed(qkv, bias, geom);
     }
     let qkv = qkv.contiguous()?;
-    let out = match bias {
-        Some(b) => qkv.apply_op2(&b.contiguous()?, AttentionBias(geom))?,
-        None => qkv.apply_op1(AttentionNoBias(geom))?,
-    };
-    out.reshape((batch, geom.tokens, c))
+    // The ops produce (B, T, C) directly: a reshape node would cost a zero-fill and an add of its
+    // gradient in candle's backward pass.
+    match bias {
+        Some(b) => qkv.apply_op2(&b.contiguous()?, AttentionBias(geom)),
+        None => qkv.apply_op1(AttentionNoBias(geom)),
+    }
 }
 
 /// The same computation from candle tensor ops (any device and dtype).
@@ -76,10 +76,7 @@ fn composed(qkv: &Tensor, bias: Option<&Tensor>, g: Geometry) -> Result<Tensor> 
         Some(bias) => softmax_with_bias(&scores, &bias.reshape((1, h, t, t))?)?,
         None => softmax_last_dim(&scores)?,
     };
-    probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b, t, h * d))
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -141,48 +138,79 @@ unsafe fn probabilities(
 }
 
 fn forward(qkv: &[f32], bias: Option<&[f32]>, g: Geometry) -> Vec<f32> {
-    let (t, d, c) = (g.tokens, g.head_dim, g.width());
-    let mut out = vec![0f32; g.batch * t * c];
-    let dst = SharedMut(out.as_mut_ptr());
+    let (t, c) = (g.tokens, g.width());
     let src = Shared(qkv.as_ptr());
-    (0..g.batch * g.heads)
-        .into_par_iter()
-        .for_each_init(
-            || vec![0f32; t * t],
-            |p, task| {
-                let (b, h) = (task / g.heads, task % g.heads);
-                // SAFETY: the task writes only rows b*T.. and columns h*D.. of `out`, a block no
-                // other task touches; reads stay within `qkv`.
-                unsafe {
-                    probabilities(g, src.get(), bias, b, h, p);
-                    let [_, _, v] = g.qkv(src.get(), b, h);
-                    sgemm(
-                        t,
-                        d,
-                        t,
-                        dst.get().add(b * t * c + h * d),
-                        c,
-                        false,
-                        Mat::rows(p.as_ptr(), t),
-                        Mat::rows(v, 3 * c),
-                        false,
-                    );
-                }
-            },
-        );
-    out
+    // SAFETY: the (batch, head) tasks together write every element of the output.
+    unsafe {
+        filled_by(g.batch * t * c, |out| {
+            forward_into(src, bias, g, SharedMut(out))
+        })
+    }
+}
+
+/// The forward pass into `dst` `(B*T, C)`.
+///
+/// # Safety
+/// `src` is a `(B*T, 3C)` buffer and `dst` a writable `(B*T, C)` one for `g`.
+unsafe fn forward_into(src: Shared, bias: Option<&[f32]>, g: Geometry, dst: SharedMut) {
+    let (t, d, c) = (g.tokens, g.head_dim, g.width());
+    (0..g.batch * g.heads).into_par_iter().for_each_init(
+        || vec![0f32; t * t],
+        |p, task| {
+            let (b, h) = (task / g.heads, task % g.heads);
+            // SAFETY: the task writes only rows b*T.. and columns h*D.. of `out`, a block no
+            // other task touches; reads stay within `qkv`.
+            unsafe {
+                probabilities(g, src.get(), bias, b, h, p);
+                let [_, _, v] = g.qkv(src.get(), b, h);
+                sgemm(
+                    t,
+                    d,
+                    t,
+                    dst.get().add(b * t * c + h * d),
+                    c,
+                    false,
+                    Mat::rows(p.as_ptr(), t),
+                    Mat::rows(v, 3 * c),
+                    false,
+                );
+            }
+        },
+    );
 }
 
 /// Gradients of the fused projections `(B*T, 3C)` and, with a bias, of the bias `(H*T*T)`,
 /// concatenated.
 fn backward(qkv: &[f32], bias: Option<&[f32]>, grad: &[f32], g: Geometry) -> Vec<f32> {
+    let (t, c) = (g.tokens, g.width());
+    let n_qkv = g.batch * t * 3 * c;
+    let n_bias = if bias.is_some() { g.heads * t * t } else { 0 };
+    let src = Shared(qkv.as_ptr());
+    let dout = Shared(grad.as_ptr());
+    // SAFETY: the GEMMs of the head tasks write all of dq, dk and dv; the bias gradient is
+    // accumulated, so that part is zeroed first.
+    unsafe {
+        filled_by(n_qkv + n_bias, |out| {
+            std::ptr::write_bytes(out.add(n_qkv), 0, n_bias);
+            backward_into(src, bias, dout, g, SharedMut(out));
+        })
+    }
+}
+
+/// The backward pass into `dst` (`(B*T, 3C)` then `H*T*T` with a bias, the latter zeroed).
+///
+/// # Safety
+/// `src` is `(B*T, 3C)`, `dout` is `(B*T, C)`, `dst` is writable as described, all for `g`.
+unsafe fn backward_into(
+    src: Shared,
+    bias: Option<&[f32]>,
+    dout: Shared,
+    g: Geometry,
+    dst: SharedMut,
+) {
     let (t, d, c) = (g.tokens, g.head_dim, g.width());
     let n_qkv = g.batch * t * 3 * c;
     let n_bias = if bias.is_some() { g.heads * t * t } else { 0 };
-    let mut out = vec![0f32; n_qkv + n_bias];
-    let dst = SharedMut(out.as_mut_ptr());
-    let src = Shared(qkv.as_ptr());
-    let dout = Shared(grad.as_ptr());
     (0..g.heads).into_par_iter().for_each_init(
         || (vec![0f32; t * t], vec![0f32; t * t]),
         |(p, dp), h| {
@@ -256,7 +284,6 @@ fn backward(qkv: &[f32], bias: Option<&[f32]>, grad: &[f32], g: Geometry) -> Vec
             }
         },
     );
-    out
 }
 
 fn split_grads(
@@ -286,7 +313,10 @@ impl CustomOp1 for AttentionNoBias {
         let qkv = f32_data(s, l, self.name())?;
         let g = self.0;
         let out = forward(qkv, None, g);
-        Ok((CpuStorage::F32(out), Shape::from((g.batch * g.tokens, g.width()))))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.batch, g.tokens, g.width())),
+        ))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -311,7 +341,10 @@ impl CustomOp2 for AttentionBias {
         let bias = f32_data(s2, l2, self.name())?;
         let g = self.0;
         let out = forward(qkv, Some(bias), g);
-        Ok((CpuStorage::F32(out), Shape::from((g.batch * g.tokens, g.width()))))
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((g.batch, g.tokens, g.width())),
+        ))
     }
 
     fn bwd(

@@ -107,3 +107,20 @@ pub(crate) unsafe fn sgemm(
         parallelism,
     );
 }
+
+/// A vector of `n` f32 that `write` fills completely through the pointer it is given (typically
+/// as a GEMM destination with `accumulate = false`), without zero-filling it first: for the big
+/// activations a memset is a full extra pass over memory.
+///
+/// # Safety
+/// `write` must write every one of the `n` elements.
+pub(crate) unsafe fn filled_by(n: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit elements need no initialisation.
+    v.set_len(n);
+    write(v.as_mut_ptr().cast::<f32>());
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: all n elements are initialised (the caller's contract) and MaybeUninit<f32> has the
+    // layout of f32; the allocation is handed over unchanged.
+    Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), n, v.capacity())
+}

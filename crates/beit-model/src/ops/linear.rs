@@ -10,7 +10,7 @@
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{sgemm, Mat};
+use super::gemm::{filled_by, sgemm, Mat};
 use super::{f32_data, fused_cpu_f32};
 
 /// `x (.., K) * w (N, K)^T (+ b (N))` with one-pass forward and backward on f32 CPU tensors, or
@@ -56,31 +56,35 @@ fn out_shape(x: &Layout, n: usize) -> Shape {
 }
 
 fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut y = match b {
+    let gemm_into = |y: *mut f32, accumulate: bool| {
+        // SAFETY: x is (rows, k), w is (n, k) read as its transpose (k, n), y is (rows, n).
+        unsafe {
+            sgemm(
+                rows,
+                n,
+                k,
+                y,
+                n,
+                accumulate,
+                Mat::rows(x.as_ptr(), k),
+                Mat::transposed(w.as_ptr(), k),
+                true,
+            )
+        }
+    };
+    match b {
         Some(b) => {
+            // Every row starts as the bias; the GEMM accumulates onto it.
             let mut y = Vec::with_capacity(rows * n);
             for _ in 0..rows {
                 y.extend_from_slice(b);
             }
+            gemm_into(y.as_mut_ptr(), true);
             y
         }
-        None => vec![0f32; rows * n],
-    };
-    // SAFETY: x is (rows, k), w is (n, k) read as its transpose (k, n), y is (rows, n).
-    unsafe {
-        sgemm(
-            rows,
-            n,
-            k,
-            y.as_mut_ptr(),
-            n,
-            b.is_some(),
-            Mat::rows(x.as_ptr(), k),
-            Mat::transposed(w.as_ptr(), k),
-            true,
-        )
-    };
-    y
+        // SAFETY: the GEMM writes all rows * n outputs.
+        None => unsafe { filled_by(rows * n, |y| gemm_into(y, false)) },
+    }
 }
 
 impl CustomOp2 for LinearNoBias {
@@ -133,7 +137,11 @@ impl CustomOp3 for LinearBias {
         let w = f32_data(s2, l2, self.name())?;
         let b = f32_data(s3, l3, self.name())?;
         if b.len() != n {
-            candle::bail!("linear: bias {:?} does not match weight {:?}", l3.shape(), l2.shape());
+            candle::bail!(
+                "linear: bias {:?} does not match weight {:?}",
+                l3.shape(),
+                l2.shape()
+            );
         }
         let y = forward(x, w, Some(b), rows, k, n);
         Ok((CpuStorage::F32(y), out_shape(l1, n)))
@@ -193,20 +201,21 @@ impl CustomOp2 for InputGrad {
         let w = f32_data(s2, l2, self.name())?;
         let (n, k) = l2.shape().dims2()?;
         let rows = g.len() / n;
-        let mut dx = vec![0f32; rows * k];
-        // SAFETY: g is (rows, n), w is (n, k), dx is (rows, k).
-        unsafe {
-            sgemm(
-                rows,
-                k,
-                n,
-                dx.as_mut_ptr(),
-                k,
-                false,
-                Mat::rows(g.as_ptr(), n),
-                Mat::rows(w.as_ptr(), k),
-                true,
-            )
+        // SAFETY: g is (rows, n), w is (n, k), dx is (rows, k), all written by the GEMM.
+        let dx = unsafe {
+            filled_by(rows * k, |dx| {
+                sgemm(
+                    rows,
+                    k,
+                    n,
+                    dx,
+                    k,
+                    false,
+                    Mat::rows(g.as_ptr(), n),
+                    Mat::rows(w.as_ptr(), k),
+                    true,
+                )
+            })
         };
         Ok((CpuStorage::F32(dx), Shape::from((rows, k))))
     }
@@ -232,20 +241,21 @@ impl CustomOp2 for WeightGrad {
         let n = *l1.shape().dims().last().unwrap_or(&1);
         let k = *l2.shape().dims().last().unwrap_or(&1);
         let rows = g.len() / n;
-        let mut dw = vec![0f32; n * k];
-        // SAFETY: g read as its transpose (n, rows), x is (rows, k), dw is (n, k).
-        unsafe {
-            sgemm(
-                n,
-                k,
-                rows,
-                dw.as_mut_ptr(),
-                k,
-                false,
-                Mat::transposed(g.as_ptr(), n),
-                Mat::rows(x.as_ptr(), k),
-                true,
-            )
+        // SAFETY: g read as its transpose (n, rows), x is (rows, k), dw is (n, k), all written.
+        let dw = unsafe {
+            filled_by(n * k, |dw| {
+                sgemm(
+                    n,
+                    k,
+                    rows,
+                    dw,
+                    k,
+                    false,
+                    Mat::transposed(g.as_ptr(), n),
+                    Mat::rows(x.as_ptr(), k),
+                    true,
+                )
+            })
         };
         Ok((CpuStorage::F32(dw), Shape::from((n, k))))
     }
