@@ -74,11 +74,18 @@ fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, k: usize, n: us
     };
     match b {
         Some(b) => {
-            // Every row starts as the bias; the GEMM accumulates onto it.
-            let mut y = Vec::with_capacity(rows * n);
-            for _ in 0..rows {
-                y.extend_from_slice(b);
-            }
+            // Every row starts as the bias (written by the rayon threads); the GEMM accumulates
+            // onto it.
+            let mut y: Vec<f32> = Vec::with_capacity(rows * n);
+            y.spare_capacity_mut()[..rows * n]
+                .par_chunks_mut(n)
+                .for_each(|r| {
+                    r.iter_mut().zip(b).for_each(|(e, &v)| {
+                        e.write(v);
+                    })
+                });
+            // SAFETY: every row was initialised with the bias above.
+            unsafe { y.set_len(rows * n) };
             gemm_into(y.as_mut_ptr(), true);
             y
         }

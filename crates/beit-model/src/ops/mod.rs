@@ -66,6 +66,24 @@ fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// `n` zeros, written by the rayon threads (a plain `vec![0.0; n]` is a single-threaded memset on
+/// the calling thread while the pool waits; for activation-sized outputs that was a visible share of
+/// a training step).
+pub(crate) fn par_zeroed(n: usize) -> Vec<f32> {
+    const BLOCK: usize = 1 << 15;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(BLOCK)
+        .for_each(|c| {
+            c.iter_mut().for_each(|e| {
+                e.write(0.0);
+            })
+        });
+    // SAFETY: all n elements were initialised above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Rows per parallel task: a few tasks per thread so that uneven threads still balance.
 fn chunk_rows(rows: usize) -> usize {
     let tasks = 4 * rayon::current_num_threads().max(1);
@@ -157,7 +175,7 @@ impl CustomOp3 for LayerNormOp {
         if c == 0 || b.len() != c || x.len() % c != 0 {
             candle::bail!("layer-norm: weight/bias of {c} do not fit {:?}", l1.shape());
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = par_zeroed(x.len());
         let rows = chunk_rows(x.len() / c);
         y.par_chunks_mut(rows * c)
             .zip(x.par_chunks(rows * c))
@@ -219,7 +237,7 @@ impl CustomOp3 for LayerNormBwdOp {
         let g = f32_data(s3, l3, self.name())?;
         let c = w.len();
         let rows = x.len() / c;
-        let mut out = vec![0f32; (rows + 2) * c];
+        let mut out = par_zeroed((rows + 2) * c);
         let (dx, dwdb) = out.split_at_mut(rows * c);
         let chunk = chunk_rows(rows);
         let inv_c = 1.0 / c as f32;
@@ -311,7 +329,7 @@ fn softmax_fwd(s: &[f32], bias: Option<&[f32]>, dims: &[usize]) -> Result<Vec<f3
     if period != 0 && (!period.is_multiple_of(n) || !s.len().is_multiple_of(period)) {
         candle::bail!("softmax: a bias of {period} values does not tile scores {dims:?}");
     }
-    let mut y = vec![0f32; s.len()];
+    let mut y = par_zeroed(s.len());
     let rows = s.len() / n;
     let chunk = chunk_rows(rows);
     y.par_chunks_mut(chunk * n)
@@ -404,7 +422,7 @@ impl CustomOp2 for SoftmaxBwdOp {
         let y = f32_data(s1, l1, self.name())?;
         let g = f32_data(s2, l2, self.name())?;
         let n = *l1.dims().last().unwrap_or(&1);
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = par_zeroed(y.len());
         let chunk = chunk_rows(y.len() / n.max(1)) * n;
         dx.par_chunks_mut(chunk)
             .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
@@ -484,7 +502,7 @@ impl CustomOp2 for BiasGeluOp {
         if n == 0 || h.len() % n != 0 {
             candle::bail!("bias-gelu: a bias of {n} does not fit {:?}", l1.shape());
         }
-        let mut y = vec![0f32; h.len()];
+        let mut y = par_zeroed(h.len());
         let chunk = chunk_rows(h.len() / n) * n;
         y.par_chunks_mut(chunk)
             .zip(h.par_chunks(chunk))
@@ -536,7 +554,7 @@ impl CustomOp3 for BiasGeluBwdOp {
         let g = f32_data(s3, l3, self.name())?;
         let n = b.len();
         let rows = h.len() / n;
-        let mut out = vec![0f32; (rows + 1) * n];
+        let mut out = par_zeroed((rows + 1) * n);
         let (dh, db) = out.split_at_mut(rows * n);
         let chunk = chunk_rows(rows) * n;
         let partial = dh
@@ -616,7 +634,7 @@ impl CustomOp3 for ScaledResidualOp {
             Some(k) => rows / k.len(),
             None => rows,
         };
-        let mut y = vec![0f32; x.len()];
+        let mut y = par_zeroed(x.len());
         let chunk = chunk_rows(rows);
         y.par_chunks_mut(chunk * c)
             .zip(x.par_chunks(chunk * c).zip(h.par_chunks(chunk * c)))
@@ -695,7 +713,7 @@ impl CustomOp3 for ScaledResidualBwdOp {
         let c = lambda.len();
         let rows = h.len() / c;
         let per_sample = self.keep.as_ref().map_or(rows, |k| rows / k.len());
-        let mut out = vec![0f32; (rows + 1) * c];
+        let mut out = par_zeroed((rows + 1) * c);
         let (dh, dl) = out.split_at_mut(rows * c);
         let chunk = chunk_rows(rows);
         let partial = dh
