@@ -95,9 +95,8 @@ impl BeitEmbeddings {
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * gh * gw, ch * p * p))?;
         let kernel = self.patch_weight.reshape((hidden, ch * p * p))?;
-        let mut x = patches
-            .matmul(&kernel.t()?)?
-            .broadcast_add(&self.patch_bias)?
+        // (The fused linear also skips the gradient of the pixels, which nothing needs.)
+        let mut x = crate::ops::linear(&patches, &kernel, Some(&self.patch_bias))?
             .reshape((b, gh * gw, hidden))?;
         if let Some(mask) = bool_masked_pos {
             let token = self.mask_token.as_ref().ok_or_else(|| {
