@@ -24,7 +24,8 @@ use beit_data::{
     TwoViewTransform, UnlabelledFolder,
 };
 use beit_mim::{
-    mim_loss, MaskSampler, MaskStrategy, MaskingConfig, MimInputs, MimTarget, PixelRegressionHead,
+    masked_token_loss, mim_loss, MaskSampler, MaskStrategy, MaskingConfig, MimInputs, MimTarget,
+    PixelRegressionHead,
 };
 use beit_model::load::{load_into_varmap, Architecture, Checkpoint};
 use beit_model::save::{save_hf, varmap_tensors};
@@ -875,18 +876,24 @@ fn forward(
 ) -> Result<StepOutput> {
     // Drop path draws from the model's generator, reseeded from the loop's checkpointed one.
     model.backbone().rng().reseed(rng.next_u64());
-    let (features, _) = model.features(&b.pixels, Some(&b.mask), opts)?;
-    let out = mim_loss(
-        target,
-        &MimInputs {
-            features: &features,
-            mask: &b.mask,
-            token_ids: b.token_ids.as_ref(),
-            pixels: Some(&b.pixels),
-        },
-        &LmHead(model),
-        pixel_head,
-    )?;
+    let out = if target == MimTarget::VisualTokens {
+        // The last block, the final LayerNorm and lm_head on the masked rows only.
+        let logits = model.forward_masked(&b.pixels, &b.mask, opts)?.logits;
+        masked_token_loss(&logits, &b.mask, b.token_ids.as_ref())?
+    } else {
+        let (features, _) = model.features(&b.pixels, Some(&b.mask), opts)?;
+        mim_loss(
+            target,
+            &MimInputs {
+                features: &features,
+                mask: &b.mask,
+                token_ids: b.token_ids.as_ref(),
+                pixels: Some(&b.pixels),
+            },
+            &LmHead(model),
+            pixel_head,
+        )?
+    };
     let mut metrics = vec![("masked".to_string(), out.num_masked as f64 / b.size as f64)];
     if let Some(acc) = out.mlm_acc {
         metrics.push(("mlm_acc".to_string(), acc as f64));

@@ -42,7 +42,7 @@ pub use loss::{
     mim_cross_entropy, mlm_accuracy,
 };
 pub use masking::{MaskStrategy, MaskingConfig, MaskingGenerator, MAX_ATTEMPTS_PER_BLOCK};
-pub use objective::{mim_loss, MimInputs, MimLossOutput};
+pub use objective::{masked_token_loss, mim_loss, MimInputs, MimLossOutput};
 pub use pixel::{
     normalize_patches, patchify, pixel_mse, PixelRegressionHead, PATCH_NORM_EPS, PIXEL_HEAD_NAME,
 };

@@ -83,13 +83,8 @@ pub fn mim_loss(
 
     match target {
         MimTarget::VisualTokens => {
-            let ids = token_ids()?.index_select(&idx_t, 0)?;
             let logits = lm_head.forward(&gather_rows(inputs.features, &idx)?)?;
-            Ok(MimLossOutput {
-                loss: mim_cross_entropy(&logits, &ids)?,
-                mlm_acc: Some(mlm_accuracy(&logits, &ids)?),
-                num_masked: idx.len(),
-            })
+            masked_token_loss(&logits, inputs.mask, inputs.token_ids)
         }
         MimTarget::AllTokens => {
             let ids = token_ids()?;
@@ -135,4 +130,53 @@ pub fn mim_loss(
             })
         }
     }
+}
+
+/// The `visual-tokens` loss from logits already computed for the masked positions only, `(M, V)`
+/// in row-major (image, patch) order (e.g. `BeitForMaskedImageModeling::forward_masked`, which
+/// runs the last block and `lm_head` on those rows alone): cross-entropy against the token ids of
+/// the masked positions of `mask` `(B, N)`, and `mlm_acc`.
+pub fn masked_token_loss(
+    masked_logits: &Tensor,
+    mask: &Tensor,
+    token_ids: Option<&Tensor>,
+) -> Result<MimLossOutput> {
+    let idx = masked_flat_indices(mask)?;
+    if idx.is_empty() {
+        return Err(MimError::NoMaskedPositions);
+    }
+    let ids = token_ids.ok_or(MimError::MissingInput {
+        target: MimTarget::VisualTokens.as_str(),
+        needed: "visual-token ids (`token_ids`)",
+    })?;
+    if ids.dims() != mask.dims() {
+        return Err(bad_input(
+            "token_ids",
+            format!(
+                "expected {:?} like the mask, got {:?}",
+                mask.dims(),
+                ids.dims()
+            ),
+        ));
+    }
+    if masked_logits.dims().first() != Some(&idx.len()) {
+        return Err(bad_input(
+            "masked_logits",
+            format!(
+                "expected ({}, vocab) for the masked positions, got {:?}",
+                idx.len(),
+                masked_logits.dims()
+            ),
+        ));
+    }
+    let idx_t = Tensor::from_slice(&idx, idx.len(), masked_logits.device())?;
+    let ids = ids
+        .flatten_all()?
+        .to_dtype(DType::U32)?
+        .index_select(&idx_t, 0)?;
+    Ok(MimLossOutput {
+        loss: mim_cross_entropy(masked_logits, &ids)?,
+        mlm_acc: Some(mlm_accuracy(masked_logits, &ids)?),
+        num_masked: idx.len(),
+    })
 }

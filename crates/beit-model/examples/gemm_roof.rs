@@ -34,10 +34,16 @@ fn main() -> candle::Result<()> {
         let flop = 2.0 * (m * k * n) as f64 / 1e9;
         let t_mm = median_s(|| x.matmul(&w.t()?))?;
         let t_lin = median_s(|| linear(&x, &w, Some(&b)))?;
+        // The two GEMMs of the backward pass, with the operand layouts the fused linear uses.
+        let g = Tensor::randn(0f32, 1., (m, n), &dev)?;
+        let t_dx = median_s(|| g.matmul(&w))?;
+        let t_dw = median_s(|| g.t()?.matmul(&x))?;
         println!(
-            "{what:5} {m}x{k}x{n}: candle matmul {:6.1} GFLOP/s, linear+bias {:6.1} GFLOP/s",
+            "{what:5} {m}x{k}x{n}: candle matmul {:6.1}, linear+bias {:6.1}, dx {:6.1}, dw {:6.1} GFLOP/s",
             flop / t_mm,
-            flop / t_lin
+            flop / t_lin,
+            flop / t_dx,
+            flop / t_dw
         );
     }
     let qkv = Tensor::randn(0f32, 1., (m, 3 * 768), &dev)?;

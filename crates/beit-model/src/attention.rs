@@ -174,6 +174,32 @@ impl BeitAttention {
         Ok((out, want_probs.then_some(probs)))
     }
 
+    /// The fused path's output at the selected query rows only, `(M, C)`, or `None` when the
+    /// fused path does not apply (kernels off, or attention dropout active): the caller then
+    /// runs the full forward pass.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        shared_bias: Option<&Tensor>,
+        window: (usize, usize),
+        train: bool,
+        queries: &ops::QueryRows,
+    ) -> Result<Option<Tensor>> {
+        if !ops::enabled() || self.attn_dropout.is_active(train) {
+            return Ok(None);
+        }
+        let b = x.dim(0)?;
+        let (w, bias) = match &self.fused {
+            Some((w, bias)) => (w.clone(), bias.clone()),
+            None => self.fused_qkv()?,
+        };
+        // Keys and values are needed for every token; queries only for the selected rows.
+        let qkv = ops::linear(x, &w, Some(&bias))?;
+        let bias = self.attention_bias(shared_bias, window, qkv.dtype())?;
+        let attended = ops::attention_core_rows(&qkv, bias.as_ref(), b, self.num_heads, queries)?;
+        Ok(Some(self.output.forward(&attended)?))
+    }
+
     /// The additive attention bias `(1, H, T, T)`: this layer's table plus the shared one, either
     /// of which may be absent.
     fn attention_bias(

@@ -97,6 +97,54 @@ impl BeitLayer {
 }
 
 impl BeitLayer {
+    /// The block's output at the selected token rows only, `(M, C)` in the order of `queries`
+    /// (image by image): exactly the corresponding rows of [`BeitLayer::forward`], computed
+    /// with attention queries, LayerNorm and MLP on those rows alone (keys and values still come
+    /// from every token). Stochastic depth draws the same per-image factors as the full pass.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        shared_bias: Option<&Tensor>,
+        window: (usize, usize),
+        train: bool,
+        queries: &ops::QueryRows,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let idx = Tensor::from_vec(queries.flat_indices(t), queries.len(), &candle::Device::Cpu)?
+            .to_device(x.device())?;
+        let residual_fused = [&self.lambda_1, &self.lambda_2]
+            .iter()
+            .all(|l| l.as_ref().is_some_and(|l| ops::fused_cpu_f32(&[x, l])));
+        let attended = if residual_fused && !self.dropout.is_active(train) {
+            let h = self.layernorm_before.forward(x)?;
+            self.attention
+                .forward_rows(&h, shared_bias, window, train, queries)?
+        } else {
+            None
+        };
+        let Some(h) = attended else {
+            let (full, _) = self.forward(x, shared_bias, window, train, false)?;
+            return full.reshape((b * t, c))?.index_select(&idx, 0);
+        };
+        // Per-image stochastic-depth factors, repeated for each selected row of that image.
+        let per_row = |keep: Option<Vec<f32>>| {
+            keep.map(|k| {
+                (0..b)
+                    .flat_map(|i| std::iter::repeat_n(k[i], queries.of(i).len()))
+                    .collect::<Vec<f32>>()
+            })
+        };
+        let lambda_1 = self.lambda_1.as_ref().expect("checked above");
+        let lambda_2 = self.lambda_2.as_ref().expect("checked above");
+        let x = x.reshape((b * t, c))?.index_select(&idx, 0)?;
+        let keep = per_row(self.drop_path.sample_factors(b, train));
+        let x = ops::scaled_residual(&x, &h, lambda_1, keep)?;
+        let h = self.layernorm_after.forward(&x)?;
+        let h = self.output.forward(&self.mlp_hidden(&h)?)?;
+        let keep = per_row(self.drop_path.sample_factors(b, train));
+        ops::scaled_residual(&x, &h, lambda_2, keep)
+    }
+
     /// `x + drop_path(lambda * h)`, in one pass (and one backward pass) when the kernels apply.
     fn residual(
         &self,

@@ -96,8 +96,11 @@ impl BeitEmbeddings {
             .reshape((b * gh * gw, ch * p * p))?;
         let kernel = self.patch_weight.reshape((hidden, ch * p * p))?;
         // (The fused linear also skips the gradient of the pixels, which nothing needs.)
-        let mut x = crate::ops::linear(&patches, &kernel, Some(&self.patch_bias))?
-            .reshape((b, gh * gw, hidden))?;
+        let mut x = crate::ops::linear(&patches, &kernel, Some(&self.patch_bias))?.reshape((
+            b,
+            gh * gw,
+            hidden,
+        ))?;
         if let Some(mask) = bool_masked_pos {
             let token = self.mask_token.as_ref().ok_or_else(|| {
                 candle::Error::Msg(

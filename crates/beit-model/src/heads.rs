@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 use crate::config::BeitConfig;
 use crate::layers::{linear, LayerNorm, Linear};
 use crate::model::{BeitModel, BeitOutput, ForwardOptions};
+use crate::ops::QueryRows;
 
 /// `BeitForImageClassification`: pooled features -> `classifier` Linear.
 #[derive(Debug)]
@@ -19,7 +20,9 @@ pub struct BeitForImageClassification {
 pub struct ClassifierOutput {
     /// `(B, num_labels)`.
     pub logits: Tensor,
-    /// The backbone's outputs (hidden states and attentions when asked).
+    /// The backbone's outputs (hidden states and attentions when asked). From
+    /// [`BeitForMaskedImageModeling::forward_masked`] without them, `last_hidden_state` holds the
+    /// masked rows only, `(M, C)`.
     pub backbone: BeitOutput,
 }
 
@@ -61,7 +64,9 @@ pub struct BeitForMaskedImageModeling {
 pub struct MimOutput {
     /// `(B, N, vocab)` for every patch, or `(M, vocab)` for the M masked patches only.
     pub logits: Tensor,
-    /// The backbone's outputs (hidden states and attentions when asked).
+    /// The backbone's outputs (hidden states and attentions when asked). From
+    /// [`BeitForMaskedImageModeling::forward_masked`] without them, `last_hidden_state` holds the
+    /// masked rows only, `(M, C)`.
     pub backbone: BeitOutput,
 }
 
@@ -121,13 +126,46 @@ impl BeitForMaskedImageModeling {
         bool_masked_pos: &Tensor,
         opts: ForwardOptions,
     ) -> Result<MimOutput> {
-        let (features, backbone) = self.features(pixels, Some(bool_masked_pos), opts)?;
-        let rows = masked_rows(&features, bool_masked_pos)?;
+        if opts.output_hidden_states || opts.output_attentions {
+            let (features, backbone) = self.features(pixels, Some(bool_masked_pos), opts)?;
+            let rows = masked_rows(&features, bool_masked_pos)?;
+            return Ok(MimOutput {
+                logits: self.lm_logits(&rows)?,
+                backbone,
+            });
+        }
+        // Only the masked patches reach the loss: the last block, the final LayerNorm and
+        // `lm_head` run on those rows alone (token j + 1 is patch j, after the CLS token).
+        let queries = masked_queries(bool_masked_pos)?;
+        let hidden = self
+            .beit
+            .forward_rows(pixels, Some(bool_masked_pos), opts, &queries)?;
+        let logits = self.lm_logits(&self.layernorm.forward(&hidden)?)?;
         Ok(MimOutput {
-            logits: self.lm_logits(&rows)?,
-            backbone,
+            logits,
+            backbone: BeitOutput {
+                last_hidden_state: hidden,
+                pooler_output: None,
+                hidden_states: Vec::new(),
+                attentions: Vec::new(),
+            },
         })
     }
+}
+
+/// The token rows (patch index + 1, after the CLS token) of the masked patches of each image.
+fn masked_queries(mask: &Tensor) -> Result<QueryRows> {
+    let (b, n) = mask.dims2()?;
+    let flags = mask.ne(0u32)?.flatten_all()?.to_vec1::<u8>()?;
+    let per_image: Vec<Vec<u32>> = (0..b)
+        .map(|i| {
+            (0..n)
+                .filter(|&j| flags[i * n + j] != 0)
+                .map(|j| j as u32 + 1)
+                .collect()
+        })
+        .collect();
+    QueryRows::new(&per_image)
 }
 
 /// Rows of `x` `(B, N, C)` where `mask` `(B, N)` is non-zero, as `(M, C)` (gradients flow to `x`).

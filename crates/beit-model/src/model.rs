@@ -124,6 +124,45 @@ impl BeitModel {
         self.shared_bias.as_ref()
     }
 
+    /// The final hidden states (after this model's own LayerNorm, if it has one) of the token
+    /// rows in `queries` only, `(M, C)`: the same values as the corresponding rows of
+    /// [`BeitModel::forward`]'s `last_hidden_state`, with the last block computed for those rows
+    /// alone (see [`BeitLayer::forward_rows`]). `opts` must not ask for hidden states or
+    /// attentions.
+    pub fn forward_rows(
+        &self,
+        pixels: &Tensor,
+        bool_masked_pos: Option<&Tensor>,
+        opts: ForwardOptions,
+        queries: &crate::ops::QueryRows,
+    ) -> Result<Tensor> {
+        if opts.output_hidden_states || opts.output_attentions {
+            candle::bail!("forward_rows returns no hidden states or attentions");
+        }
+        let (_, _, h, w) = pixels.dims4()?;
+        let window = self.embeddings.grid_of(h, w)?;
+        let mut x = self
+            .embeddings
+            .forward(pixels, bool_masked_pos, opts.train)?;
+        let shared = match &self.shared_bias {
+            Some(rpb) => Some(rpb.forward(window)?),
+            None => None,
+        };
+        let Some((last, rest)) = self.layers.split_last() else {
+            candle::bail!("the model has no layers");
+        };
+        for layer in rest {
+            x = layer
+                .forward(&x, shared.as_ref(), window, opts.train, false)?
+                .0;
+        }
+        let rows = last.forward_rows(&x, shared.as_ref(), window, opts.train, queries)?;
+        match &self.layernorm {
+            Some(ln) => ln.forward(&rows),
+            None => Ok(rows),
+        }
+    }
+
     /// Run the backbone on `pixels` `(B, C, H, W)`, with masked patches replaced by the mask token.
     ///
     /// Any resolution that is a multiple of the patch size works: relative position tables are

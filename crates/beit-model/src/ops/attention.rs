@@ -12,6 +12,12 @@
 //! does: the recomputation is one of the five small GEMMs, and nothing of size `B*H*T*T` is held
 //! between forward and backward). It runs one task per head so that the bias gradient of a head is
 //! accumulated over the batch by one thread.
+//!
+//! [`attention_core_rows`] computes the output of selected query rows only (keys and values still
+//! come from every token): in the last block of the MIM model only the masked patches reach the
+//! loss, so the other ~60% of the rows need neither attention nor MLP there.
+
+use std::sync::Arc;
 
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,6 +33,80 @@ pub fn attention_core(
     bias: Option<&Tensor>,
     batch: usize,
     heads: usize,
+) -> Result<Tensor> {
+    run(qkv, bias, batch, heads, None)
+}
+
+/// As [`attention_core`], for the query rows in `queries` only: `(M, C)`, the rows in the order of
+/// `queries` (image by image).
+pub fn attention_core_rows(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    batch: usize,
+    heads: usize,
+    queries: &QueryRows,
+) -> Result<Tensor> {
+    run(qkv, bias, batch, heads, Some(queries))
+}
+
+/// A subset of the token rows of each image in a batch: the queries whose output is wanted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryRows {
+    /// `offsets[b]..offsets[b + 1]` index the rows of image `b` in `rows`.
+    offsets: Vec<usize>,
+    /// Token indices within their image, increasing per image.
+    rows: Vec<u32>,
+}
+
+impl QueryRows {
+    /// From the token indices of each image (each list strictly increasing).
+    pub fn new(per_image: &[Vec<u32>]) -> Result<Self> {
+        let mut offsets = vec![0];
+        let mut rows = Vec::new();
+        for (b, r) in per_image.iter().enumerate() {
+            if r.windows(2).any(|w| w[0] >= w[1]) {
+                candle::bail!("query rows of image {b} are not strictly increasing");
+            }
+            rows.extend_from_slice(r);
+            offsets.push(rows.len());
+        }
+        Ok(Self { offsets, rows })
+    }
+
+    /// Number of images.
+    pub fn batch(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Total number of rows `M`.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no row is selected.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Token indices of image `b`.
+    pub fn of(&self, b: usize) -> &[u32] {
+        &self.rows[self.offsets[b]..self.offsets[b + 1]]
+    }
+
+    /// Row indices into the flattened `(B*T)` token axis.
+    pub fn flat_indices(&self, tokens: usize) -> Vec<u32> {
+        (0..self.batch())
+            .flat_map(|b| self.of(b).iter().map(move |&i| (b * tokens) as u32 + i))
+            .collect()
+    }
+}
+
+fn run(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    batch: usize,
+    heads: usize,
+    queries: Option<&QueryRows>,
 ) -> Result<Tensor> {
     let c3 = *qkv.dims().last().unwrap_or(&0);
     let rows = qkv.elem_count() / c3.max(1);
@@ -51,16 +131,39 @@ pub fn attention_core(
             );
         }
     }
+    if let Some(q) = queries {
+        if q.batch() != batch || q.rows.iter().any(|&i| i as usize >= geom.tokens) {
+            candle::bail!(
+                "attention: query rows for {} images do not fit a batch of {batch} x {} tokens",
+                q.batch(),
+                geom.tokens
+            );
+        }
+    }
     let ts: Vec<&Tensor> = [Some(qkv), bias].into_iter().flatten().collect();
     if !fused_cpu_f32(&ts) {
-        return composed(qkv, bias, geom);
+        let out = composed(qkv, bias, geom)?;
+        return match queries {
+            None => Ok(out),
+            Some(q) => {
+                let idx = q.flat_indices(geom.tokens);
+                let idx = Tensor::from_vec(idx, q.len(), &candle::Device::Cpu)?
+                    .to_device(qkv.device())?;
+                out.reshape((batch * geom.tokens, geom.width()))?
+                    .index_select(&idx, 0)
+            }
+        };
     }
     let qkv = qkv.contiguous()?;
-    // The ops produce (B, T, C) directly: a reshape node would cost a zero-fill and an add of its
-    // gradient in candle's backward pass.
+    let op = AttentionOp {
+        g: geom,
+        queries: queries.map(|q| Arc::new(q.clone())),
+    };
+    // The ops produce (B, T, C) or (M, C) directly: a reshape node would cost a zero-fill and an
+    // add of its gradient in candle's backward pass.
     match bias {
-        Some(b) => qkv.apply_op2(&b.contiguous()?, AttentionBias(geom)),
-        None => qkv.apply_op1(AttentionNoBias(geom)),
+        Some(b) => qkv.apply_op2(&b.contiguous()?, op),
+        None => qkv.apply_op1(op),
     }
 }
 
@@ -103,71 +206,109 @@ impl Geometry {
     }
 }
 
-/// Softmax probabilities of `(b, h)` into `p` (`T x T`).
+/// The query rows of image `b` (`None`: all tokens) and the first output row of that image.
+fn image_rows(g: Geometry, queries: Option<&QueryRows>, b: usize) -> (Option<&[u32]>, usize) {
+    match queries {
+        Some(q) => (Some(q.of(b)), q.offsets[b]),
+        None => (None, b * g.tokens),
+    }
+}
+
+/// Softmax probabilities of the query rows `rows` (all tokens when `None`) of `(b, h)` into `p`
+/// (`m x T`). Selected query rows are first gathered into `qbuf` (`m x D`). Returns `m` and the
+/// query matrix the scores were computed from.
 ///
 /// # Safety
-/// `qkv` points to a `(B*T, 3C)` buffer for `g`.
+/// `qkv` points to a `(B*T, 3C)` buffer for `g`; `p` holds `T*T` and `qbuf` `T*D` values.
+#[allow(clippy::too_many_arguments)]
 unsafe fn probabilities(
     g: Geometry,
     qkv: *const f32,
     bias: Option<&[f32]>,
     b: usize,
     h: usize,
+    rows: Option<&[u32]>,
+    qbuf: &mut [f32],
     p: &mut [f32],
-) {
+) -> (usize, Mat) {
     let (t, d, c3) = (g.tokens, g.head_dim, 3 * g.width());
     let [q, k, _] = g.qkv(qkv, b, h);
+    let (m, qm) = match rows {
+        None => (t, Mat::rows(q, c3)),
+        Some(rows) => {
+            for (r, &i) in rows.iter().enumerate() {
+                let src = std::slice::from_raw_parts(q.add(i as usize * c3), d);
+                qbuf[r * d..(r + 1) * d].copy_from_slice(src);
+            }
+            (rows.len(), Mat::rows(qbuf.as_ptr(), d))
+        }
+    };
+    if m == 0 {
+        return (0, qm);
+    }
     sgemm(
-        t,
+        m,
         t,
         d,
         p.as_mut_ptr(),
         t,
         false,
-        Mat::rows(q, c3),
+        qm,
         Mat::transposed(k, c3),
         false,
     );
-    for (i, row) in p.chunks_exact_mut(t).enumerate() {
+    for (r, row) in p[..m * t].chunks_exact_mut(t).enumerate() {
         if let Some(bias) = bias {
+            let i = rows.map_or(r, |rows| rows[r] as usize);
             let brow = &bias[(h * t + i) * t..][..t];
             row.iter_mut().zip(brow).for_each(|(s, b)| *s += b);
         }
         vmath::softmax_inplace(row);
     }
+    (m, qm)
 }
 
-fn forward(qkv: &[f32], bias: Option<&[f32]>, g: Geometry) -> Vec<f32> {
-    let (t, c) = (g.tokens, g.width());
+fn forward(qkv: &[f32], bias: Option<&[f32]>, g: Geometry, q: Option<&QueryRows>) -> Vec<f32> {
+    let rows = q.map_or(g.batch * g.tokens, |q| q.len());
     let src = Shared(qkv.as_ptr());
     // SAFETY: the (batch, head) tasks together write every element of the output.
     unsafe {
-        filled_by(g.batch * t * c, |out| {
-            forward_into(src, bias, g, SharedMut(out))
+        filled_by(rows * g.width(), |out| {
+            forward_into(src, bias, g, q, SharedMut(out))
         })
     }
 }
 
-/// The forward pass into `dst` `(B*T, C)`.
+/// The forward pass into `dst` (`(B*T, C)`, or `(M, C)` for selected queries).
 ///
 /// # Safety
-/// `src` is a `(B*T, 3C)` buffer and `dst` a writable `(B*T, C)` one for `g`.
-unsafe fn forward_into(src: Shared, bias: Option<&[f32]>, g: Geometry, dst: SharedMut) {
+/// `src` is a `(B*T, 3C)` buffer and `dst` a writable output for `g` and `q`.
+unsafe fn forward_into(
+    src: Shared,
+    bias: Option<&[f32]>,
+    g: Geometry,
+    q: Option<&QueryRows>,
+    dst: SharedMut,
+) {
     let (t, d, c) = (g.tokens, g.head_dim, g.width());
     (0..g.batch * g.heads).into_par_iter().for_each_init(
-        || vec![0f32; t * t],
-        |p, task| {
+        || (vec![0f32; t * t], vec![0f32; t * d]),
+        |(p, qbuf), task| {
             let (b, h) = (task / g.heads, task % g.heads);
-            // SAFETY: the task writes only rows b*T.. and columns h*D.. of `out`, a block no
-            // other task touches; reads stay within `qkv`.
+            let (rows, row0) = image_rows(g, q, b);
+            // SAFETY: the task writes only the output rows of image b in the columns of head h,
+            // a block no other task touches; reads stay within `qkv`.
             unsafe {
-                probabilities(g, src.get(), bias, b, h, p);
+                let (m, _) = probabilities(g, src.get(), bias, b, h, rows, qbuf, p);
+                if m == 0 {
+                    return;
+                }
                 let [_, _, v] = g.qkv(src.get(), b, h);
                 sgemm(
-                    t,
+                    m,
                     d,
                     t,
-                    dst.get().add(b * t * c + h * d),
+                    dst.get().add(row0 * c + h * d),
                     c,
                     false,
                     Mat::rows(p.as_ptr(), t),
@@ -181,54 +322,86 @@ unsafe fn forward_into(src: Shared, bias: Option<&[f32]>, g: Geometry, dst: Shar
 
 /// Gradients of the fused projections `(B*T, 3C)` and, with a bias, of the bias `(H*T*T)`,
 /// concatenated.
-fn backward(qkv: &[f32], bias: Option<&[f32]>, grad: &[f32], g: Geometry) -> Vec<f32> {
+fn backward(
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    grad: &[f32],
+    g: Geometry,
+    q: Option<&QueryRows>,
+) -> Vec<f32> {
     let (t, c) = (g.tokens, g.width());
     let n_qkv = g.batch * t * 3 * c;
     let n_bias = if bias.is_some() { g.heads * t * t } else { 0 };
     let src = Shared(qkv.as_ptr());
     let dout = Shared(grad.as_ptr());
+    if q.is_some() {
+        // Unselected query rows get no gradient: start from zeros.
+        let mut out = super::par_zeroed(n_qkv + n_bias);
+        // SAFETY: `out` has the layout backward_into writes.
+        unsafe { backward_into(src, bias, dout, g, q, SharedMut(out.as_mut_ptr())) };
+        return out;
+    }
     // SAFETY: the GEMMs of the head tasks write all of dq, dk and dv; the bias gradient is
     // accumulated, so that part is zeroed first.
     unsafe {
         filled_by(n_qkv + n_bias, |out| {
             std::ptr::write_bytes(out.add(n_qkv), 0, n_bias);
-            backward_into(src, bias, dout, g, SharedMut(out));
+            backward_into(src, bias, dout, g, None, SharedMut(out));
         })
     }
 }
 
-/// The backward pass into `dst` (`(B*T, 3C)` then `H*T*T` with a bias, the latter zeroed).
+/// The backward pass into `dst` (`(B*T, 3C)` then `H*T*T` with a bias, the latter zeroed; with
+/// selected queries all of it zeroed).
 ///
 /// # Safety
-/// `src` is `(B*T, 3C)`, `dout` is `(B*T, C)`, `dst` is writable as described, all for `g`.
+/// `src` is `(B*T, 3C)`, `dout` is the output gradient, `dst` is writable as described, all for
+/// `g` and `q`.
 unsafe fn backward_into(
     src: Shared,
     bias: Option<&[f32]>,
     dout: Shared,
     g: Geometry,
+    q: Option<&QueryRows>,
     dst: SharedMut,
 ) {
     let (t, d, c) = (g.tokens, g.head_dim, g.width());
     let n_qkv = g.batch * t * 3 * c;
     let n_bias = if bias.is_some() { g.heads * t * t } else { 0 };
     (0..g.heads).into_par_iter().for_each_init(
-        || (vec![0f32; t * t], vec![0f32; t * t]),
-        |(p, dp), h| {
-            // SAFETY: this task writes the columns of head h in dq, dk, dv (rows of every batch)
+        || {
+            (
+                vec![0f32; t * t],
+                vec![0f32; t * t],
+                vec![0f32; t * d],
+                vec![0f32; t * d],
+            )
+        },
+        |(p, dp, qbuf, dqbuf), h| {
+            // SAFETY: this task writes the columns of head h in dq, dk, dv (rows of every image)
             // and the bias gradient block of head h: disjoint from every other task.
             unsafe {
                 let dbias = (n_bias > 0).then(|| dst.get().add(n_qkv + h * t * t));
                 for b in 0..g.batch {
-                    probabilities(g, src.get(), bias, b, h, p);
-                    let [q, k, v] = g.qkv(src.get(), b, h);
-                    let go = dout.get().add(b * t * c + h * d);
+                    let (rows, row0) = image_rows(g, q, b);
+                    let (m, qm) = probabilities(g, src.get(), bias, b, h, rows, qbuf, p);
+                    let [_, k, v] = g.qkv(src.get(), b, h);
+                    let go = dout.get().add(row0 * c + h * d);
                     let dq = dst.get().add(b * t * 3 * c + h * d);
                     let (dk, dv) = (dq.add(c), dq.add(2 * c));
+                    if m == 0 {
+                        // No query of this image was kept: its k and v get no gradient.
+                        for i in 0..t {
+                            std::ptr::write_bytes(dk.add(i * 3 * c), 0, d);
+                            std::ptr::write_bytes(dv.add(i * 3 * c), 0, d);
+                        }
+                        continue;
+                    }
                     // dV = P^T dO
                     sgemm(
                         t,
                         d,
-                        t,
+                        m,
                         dv,
                         3 * c,
                         false,
@@ -238,7 +411,7 @@ unsafe fn backward_into(
                     );
                     // dP = dO V^T
                     sgemm(
-                        t,
+                        m,
                         t,
                         d,
                         dp.as_mut_ptr(),
@@ -249,35 +422,60 @@ unsafe fn backward_into(
                         false,
                     );
                     // dS = P * (dP - rowsum(dP * P)), the softmax backward; the bias gets dS.
-                    for (dr, pr) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                    for (r, (dr, pr)) in dp[..m * t]
+                        .chunks_exact_mut(t)
+                        .zip(p.chunks_exact(t))
+                        .enumerate()
+                    {
                         let dot = super::dot16(dr, pr);
                         dr.iter_mut().zip(pr).for_each(|(x, y)| *x = y * (*x - dot));
+                        if let Some(db) = dbias {
+                            let i = rows.map_or(r, |rows| rows[r] as usize);
+                            let db = std::slice::from_raw_parts_mut(db.add(i * t), t);
+                            db.iter_mut().zip(dr.iter()).for_each(|(a, v)| *a += v);
+                        }
                     }
-                    if let Some(db) = dbias {
-                        let db = std::slice::from_raw_parts_mut(db, t * t);
-                        db.iter_mut().zip(dp.iter()).for_each(|(a, v)| *a += v);
+                    // dQ = dS K (scattered to the selected rows), dK = dS^T Q
+                    match rows {
+                        None => sgemm(
+                            t,
+                            d,
+                            t,
+                            dq,
+                            3 * c,
+                            false,
+                            Mat::rows(dp.as_ptr(), t),
+                            Mat::rows(k, 3 * c),
+                            false,
+                        ),
+                        Some(rows) => {
+                            sgemm(
+                                m,
+                                d,
+                                t,
+                                dqbuf.as_mut_ptr(),
+                                d,
+                                false,
+                                Mat::rows(dp.as_ptr(), t),
+                                Mat::rows(k, 3 * c),
+                                false,
+                            );
+                            for (r, &i) in rows.iter().enumerate() {
+                                let dst_row =
+                                    std::slice::from_raw_parts_mut(dq.add(i as usize * 3 * c), d);
+                                dst_row.copy_from_slice(&dqbuf[r * d..(r + 1) * d]);
+                            }
+                        }
                     }
-                    // dQ = dS K, dK = dS^T Q
                     sgemm(
                         t,
                         d,
-                        t,
-                        dq,
-                        3 * c,
-                        false,
-                        Mat::rows(dp.as_ptr(), t),
-                        Mat::rows(k, 3 * c),
-                        false,
-                    );
-                    sgemm(
-                        t,
-                        d,
-                        t,
+                        m,
                         dk,
                         3 * c,
                         false,
                         Mat::transposed(dp.as_ptr(), t),
-                        Mat::rows(q, 3 * c),
+                        qm,
                         false,
                     );
                 }
@@ -300,32 +498,48 @@ fn split_grads(
     Ok((dqkv, dbias))
 }
 
-struct AttentionNoBias(Geometry);
-struct AttentionBias(Geometry);
-struct AttentionBwd(Geometry);
+/// The forward op: `(qkv)` or `(qkv, bias)`.
+#[derive(Clone)]
+struct AttentionOp {
+    g: Geometry,
+    queries: Option<Arc<QueryRows>>,
+}
 
-impl CustomOp1 for AttentionNoBias {
+impl AttentionOp {
+    fn out_shape(&self) -> Shape {
+        let g = self.g;
+        match &self.queries {
+            Some(q) => Shape::from((q.len(), g.width())),
+            None => Shape::from((g.batch, g.tokens, g.width())),
+        }
+    }
+
+    fn bwd_op(&self) -> AttentionBwd {
+        AttentionBwd(self.clone())
+    }
+}
+
+/// The backward op: `(qkv, grad)` or `(qkv, bias, grad)`, returning the packed gradients.
+struct AttentionBwd(AttentionOp);
+
+impl CustomOp1 for AttentionOp {
     fn name(&self) -> &'static str {
         "beit-attention"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let qkv = f32_data(s, l, self.name())?;
-        let g = self.0;
-        let out = forward(qkv, None, g);
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((g.batch, g.tokens, g.width())),
-        ))
+        let qkv = f32_data(s, l, "beit-attention")?;
+        let out = forward(qkv, None, self.g, self.queries.as_deref());
+        Ok((CpuStorage::F32(out), self.out_shape()))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let packed = qkv.apply_op2_no_bwd(&grad.contiguous()?, &AttentionBwd(self.0))?;
+        let packed = qkv.apply_op2_no_bwd(&grad.contiguous()?, &self.bwd_op())?;
         Ok(Some(split_grads(qkv, None, packed)?.0))
     }
 }
 
-impl CustomOp2 for AttentionBias {
+impl CustomOp2 for AttentionOp {
     fn name(&self) -> &'static str {
         "beit-attention-bias"
     }
@@ -337,14 +551,10 @@ impl CustomOp2 for AttentionBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let qkv = f32_data(s1, l1, self.name())?;
-        let bias = f32_data(s2, l2, self.name())?;
-        let g = self.0;
-        let out = forward(qkv, Some(bias), g);
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((g.batch, g.tokens, g.width())),
-        ))
+        let qkv = f32_data(s1, l1, "beit-attention-bias")?;
+        let bias = f32_data(s2, l2, "beit-attention-bias")?;
+        let out = forward(qkv, Some(bias), self.g, self.queries.as_deref());
+        Ok((CpuStorage::F32(out), self.out_shape()))
     }
 
     fn bwd(
@@ -354,7 +564,7 @@ impl CustomOp2 for AttentionBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = qkv.apply_op3_no_bwd(bias, &grad.contiguous()?, &AttentionBwd(self.0))?;
+        let packed = qkv.apply_op3_no_bwd(bias, &grad.contiguous()?, &self.bwd_op())?;
         let (dqkv, dbias) = split_grads(qkv, Some(bias), packed)?;
         Ok((Some(dqkv), dbias.filter(|_| bias.track_op())))
     }
@@ -374,7 +584,7 @@ impl CustomOp2 for AttentionBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(s1, l1, "beit-attention-bwd")?;
         let grad = f32_data(s2, l2, "beit-attention-bwd")?;
-        let out = backward(qkv, None, grad, self.0);
+        let out = backward(qkv, None, grad, self.0.g, self.0.queries.as_deref());
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -397,7 +607,7 @@ impl CustomOp3 for AttentionBwd {
         let qkv = f32_data(s1, l1, "beit-attention-bias-bwd")?;
         let bias = f32_data(s2, l2, "beit-attention-bias-bwd")?;
         let grad = f32_data(s3, l3, "beit-attention-bias-bwd")?;
-        let out = backward(qkv, Some(bias), grad, self.0);
+        let out = backward(qkv, Some(bias), grad, self.0.g, self.0.queries.as_deref());
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -450,6 +660,45 @@ mod tests {
                 assert!(max_diff(a, p) < 1e-4, "dbias {}", max_diff(a, p));
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn selected_query_rows_match_the_full_attention_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (3, 9, 2, 8);
+        let qkv = Var::randn(0f32, 1., (b, t, 3 * h * d), &dev)?;
+        let bias = Var::randn(0f32, 1., (h, t, t), &dev)?;
+        // Image 1 keeps no query at all: its keys and values must still get no gradient.
+        let queries = QueryRows::new(&[vec![0, 3, 4, 8], vec![], vec![1, 2, 5]])?;
+        let idx = Tensor::from_vec(queries.flat_indices(t), queries.len(), &dev)?;
+        let up = Tensor::randn(0f32, 1., (queries.len(), h * d), &dev)?;
+        let g = Geometry {
+            batch: b,
+            tokens: t,
+            heads: h,
+            head_dim: d,
+        };
+        for with_bias in [true, false] {
+            let bias_t = with_bias.then_some(bias.as_tensor());
+            let fused = attention_core_rows(&qkv, bias_t, b, h, &queries)?;
+            let plain = composed(&qkv, bias_t, g)?
+                .reshape((b * t, h * d))?
+                .index_select(&idx, 0)?;
+            assert_eq!(fused.dims(), &[queries.len(), h * d]);
+            assert!(max_diff(&fused, &plain) < 1e-5);
+            let gf = (fused * &up)?.sum_all()?.backward()?;
+            let gp = (plain * &up)?.sum_all()?.backward()?;
+            let (a, p) = (gf.get(&qkv).unwrap(), gp.get(&qkv).unwrap());
+            assert!(max_diff(a, p) < 1e-4, "dqkv {}", max_diff(a, p));
+            if with_bias {
+                let (a, p) = (gf.get(&bias).unwrap(), gp.get(&bias).unwrap());
+                assert!(max_diff(a, p) < 1e-4, "dbias {}", max_diff(a, p));
+            }
+        }
+        assert!(QueryRows::new(&[vec![2, 1]]).is_err());
+        let too_far = QueryRows::new(&[vec![0], vec![t as u32], vec![0]])?;
+        assert!(attention_core_rows(&qkv, None, b, h, &too_far).is_err());
         Ok(())
     }
 

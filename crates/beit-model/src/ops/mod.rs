@@ -20,7 +20,7 @@ mod gemm;
 mod linear;
 mod vmath;
 
-pub use attention::attention_core;
+pub use attention::{attention_core, attention_core_rows, QueryRows};
 pub use linear::linear;
 
 /// Whether the fused kernels are in use: yes unless the environment sets `BEIT_FUSED_OPS=0`
