@@ -2,6 +2,7 @@
 
 mod commands;
 mod device;
+mod memory;
 mod model_source;
 mod pretraining;
 mod processor;
@@ -51,6 +52,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     init_tracing(&cli.log);
+    memory::configure();
     let result = match cli.command {
         Command::Predict(a) => commands::predict::run(a),
         Command::Attention(a) => commands::attention::run(a),

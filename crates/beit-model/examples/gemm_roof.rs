@@ -55,5 +55,26 @@ fn main() -> candle::Result<()> {
         flop / t,
         t * 1e3
     );
+    // The same with a gradient: forward plus the recomputing backward pass.
+    let qkv_var = candle::Var::from_tensor(&qkv)?;
+    let up = Tensor::randn(0f32, 1., (8, 197, 768), &dev)?;
+    let t_fb = median_s(|| {
+        let out = attention_core(&qkv_var, Some(&bias), 8, 12)?;
+        let g = (out * &up)?.sum_all()?.backward()?;
+        Ok(g.get(&qkv_var).unwrap().clone())
+    })?;
+    println!("attention core forward + backward: {:.1} ms", t_fb * 1e3);
+    // One head's GEMMs on one thread (run with RAYON_NUM_THREADS=1 to see the per-core rate).
+    let q = Tensor::randn(0f32, 1., (197, 64), &dev)?;
+    let k = Tensor::randn(0f32, 1., (197, 64), &dev)?;
+    let p = Tensor::randn(0f32, 1., (197, 197), &dev)?;
+    let flop = 2.0 * (197 * 197 * 64) as f64 / 1e9;
+    let t_s = median_s(|| q.matmul(&k.t()?))?;
+    let t_pv = median_s(|| p.matmul(&k))?;
+    println!(
+        "one head: q k^T {:.1} GFLOP/s, p v {:.1} GFLOP/s",
+        flop / t_s,
+        flop / t_pv
+    );
     Ok(())
 }

@@ -110,7 +110,7 @@ fn run(
 ) -> Result<Tensor> {
     let c3 = *qkv.dims().last().unwrap_or(&0);
     let rows = qkv.elem_count() / c3.max(1);
-    if c3 == 0 || c3 % (3 * heads) != 0 || batch == 0 || rows % batch != 0 {
+    if c3 == 0 || !c3.is_multiple_of(3 * heads) || batch == 0 || !rows.is_multiple_of(batch) {
         candle::bail!(
             "attention: {:?} is not (batch {batch} * tokens, 3 * {heads} heads * head_dim)",
             qkv.shape()

@@ -38,7 +38,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5; // 5.0000001e-1 in Cephes, 0.5 in f32
     let er = p * r * r + r + 1.0;
     let n_int = shifted.to_bits().wrapping_sub(SHIFTER.to_bits()); // n as a two's-complement u32
     let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
