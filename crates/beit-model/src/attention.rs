@@ -78,17 +78,15 @@ impl BeitAttention {
     /// token; exact for power-of-two head dims such as 64).
     fn fused_qkv(&self) -> Result<(Tensor, Tensor)> {
         let scale = (self.head_dim as f64).powf(-0.5);
-        let w = Tensor::cat(
-            &[
-                &(self.query.weight() * scale)?,
-                self.key.weight(),
-                self.value.weight(),
-            ],
-            0,
+        let w = ops::stack3_scaled_first(
+            self.query.weight(),
+            self.key.weight(),
+            self.value.weight(),
+            scale,
         )?;
         let qb = self.query.bias().expect("query has a bias");
         let vb = self.value.bias().expect("value has a bias");
-        let b = Tensor::cat(&[&(qb * scale)?, &qb.zeros_like()?, vb], 0)?;
+        let b = ops::stack3_scaled_first(qb, &qb.zeros_like()?, vb, scale)?;
         Ok((w, b))
     }
 

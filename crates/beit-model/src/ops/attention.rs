@@ -8,16 +8,17 @@
 //! single-threaded GEMM for the scores into a scratch buffer that stays in cache, bias and softmax
 //! in place, a GEMM into the output columns of that head.
 //!
-//! The backward pass recomputes the probabilities instead of keeping them (as FlashAttention
-//! does: the recomputation is one of the five small GEMMs, and nothing of size `B*H*T*T` is held
-//! between forward and backward). It runs one task per head so that the bias gradient of a head is
-//! accumulated over the batch by one thread.
+//! When a gradient will be needed, the forward pass keeps the probabilities (`B*H*T*T`, 15 MB per
+//! ViT-B layer at batch 8, as PyTorch's eager attention keeps them) inside the op, and the
+//! backward pass reads them; otherwise (inference) nothing is kept, and a backward pass would
+//! recompute them. The backward pass runs one task per head so that the bias gradient of a head
+//! is accumulated over the batch by one thread.
 //!
 //! [`attention_core_rows`] computes the output of selected query rows only (keys and values still
 //! come from every token): in the last block of the MIM model only the masked patches reach the
 //! loss, so the other ~60% of the rows need neither attention nor MLP there.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -155,9 +156,11 @@ fn run(
         };
     }
     let qkv = qkv.contiguous()?;
+    let tracked = qkv.track_op() || bias.is_some_and(|b| b.track_op());
     let op = AttentionOp {
         g: geom,
         queries: queries.map(|q| Arc::new(q.clone())),
+        probs: tracked.then(|| Arc::new(Mutex::new(None))),
     };
     // The ops produce (B, T, C) or (M, C) directly: a reshape node would cost a zero-fill and an
     // add of its gradient in candle's backward pass.
@@ -214,26 +217,22 @@ fn image_rows(g: Geometry, queries: Option<&QueryRows>, b: usize) -> (Option<&[u
     }
 }
 
-/// Softmax probabilities of the query rows `rows` (all tokens when `None`) of `(b, h)` into `p`
-/// (`m x T`). Selected query rows are first gathered into `qbuf` (`m x D`). Returns `m` and the
-/// query matrix the scores were computed from.
+/// The query rows `rows` (all tokens when `None`) of `(b, h)`: their number `m` and the matrix
+/// (`m x D`) to read them from, gathered into `qbuf` (`T*D` values) when they are a subset.
 ///
 /// # Safety
-/// `qkv` points to a `(B*T, 3C)` buffer for `g`; `p` holds `T*T` and `qbuf` `T*D` values.
-#[allow(clippy::too_many_arguments)]
-unsafe fn probabilities(
+/// `qkv` points to a `(B*T, 3C)` buffer for `g`.
+unsafe fn query_rows(
     g: Geometry,
     qkv: *const f32,
-    bias: Option<&[f32]>,
     b: usize,
     h: usize,
     rows: Option<&[u32]>,
     qbuf: &mut [f32],
-    p: &mut [f32],
 ) -> (usize, Mat) {
     let (t, d, c3) = (g.tokens, g.head_dim, 3 * g.width());
-    let [q, k, _] = g.qkv(qkv, b, h);
-    let (m, qm) = match rows {
+    let [q, _, _] = g.qkv(qkv, b, h);
+    match rows {
         None => (t, Mat::rows(q, c3)),
         Some(rows) => {
             for (r, &i) in rows.iter().enumerate() {
@@ -242,10 +241,30 @@ unsafe fn probabilities(
             }
             (rows.len(), Mat::rows(qbuf.as_ptr(), d))
         }
-    };
-    if m == 0 {
-        return (0, qm);
     }
+}
+
+/// Softmax probabilities of the `m` query rows `qm` (token indices `rows`, all when `None`) of
+/// `(b, h)` into `p[..m*T]`.
+///
+/// # Safety
+/// `qkv` points to a `(B*T, 3C)` buffer for `g`; `qm` is valid for `m x D`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn probabilities(
+    g: Geometry,
+    qkv: *const f32,
+    bias: Option<&[f32]>,
+    b: usize,
+    h: usize,
+    rows: Option<&[u32]>,
+    (m, qm): (usize, Mat),
+    p: &mut [f32],
+) {
+    let (t, d, c3) = (g.tokens, g.head_dim, 3 * g.width());
+    if m == 0 {
+        return;
+    }
+    let [_, k, _] = g.qkv(qkv, b, h);
     sgemm(
         m,
         t,
@@ -265,41 +284,74 @@ unsafe fn probabilities(
         }
         vmath::softmax_inplace(row);
     }
-    (m, qm)
 }
 
-fn forward(qkv: &[f32], bias: Option<&[f32]>, g: Geometry, q: Option<&QueryRows>) -> Vec<f32> {
+/// The forward pass; with `keep`, also the probabilities, `(B, H, T, T)` (for selected queries,
+/// the first `m` rows of each `T x T` block are used).
+fn forward(
+    qkv: &[f32],
+    bias: Option<&[f32]>,
+    g: Geometry,
+    q: Option<&QueryRows>,
+    keep: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let rows = q.map_or(g.batch * g.tokens, |q| q.len());
+    let n_probs = g.batch * g.heads * g.tokens * g.tokens;
     let src = Shared(qkv.as_ptr());
     // SAFETY: the (batch, head) tasks together write every element of the output.
-    unsafe {
+    let run = |kept: Option<SharedMut>| unsafe {
         filled_by(rows * g.width(), |out| {
-            forward_into(src, bias, g, q, SharedMut(out))
+            forward_into(src, bias, g, q, SharedMut(out), kept)
         })
+    };
+    match (keep, q) {
+        (false, _) => (run(None), None),
+        (true, Some(_)) => {
+            // Only the first m rows of each block are written: the rest stay zero.
+            let mut probs = super::par_zeroed(n_probs);
+            let out = run(Some(SharedMut(probs.as_mut_ptr())));
+            (out, Some(probs))
+        }
+        (true, None) => {
+            let mut out = None;
+            // SAFETY: with all queries every task writes its whole T x T block.
+            let probs = unsafe { filled_by(n_probs, |p| out = Some(run(Some(SharedMut(p))))) };
+            (out.expect("run above"), Some(probs))
+        }
     }
 }
 
-/// The forward pass into `dst` (`(B*T, C)`, or `(M, C)` for selected queries).
+/// The forward pass into `dst` (`(B*T, C)`, or `(M, C)` for selected queries), with the
+/// probabilities written to `kept` when given.
 ///
 /// # Safety
-/// `src` is a `(B*T, 3C)` buffer and `dst` a writable output for `g` and `q`.
+/// `src` is a `(B*T, 3C)` buffer, `dst` a writable output for `g` and `q`, `kept` a writable
+/// `B*H*T*T` buffer.
 unsafe fn forward_into(
     src: Shared,
     bias: Option<&[f32]>,
     g: Geometry,
     q: Option<&QueryRows>,
     dst: SharedMut,
+    kept: Option<SharedMut>,
 ) {
     let (t, d, c) = (g.tokens, g.head_dim, g.width());
     (0..g.batch * g.heads).into_par_iter().for_each_init(
         || (vec![0f32; t * t], vec![0f32; t * d]),
-        |(p, qbuf), task| {
+        |(scratch, qbuf), task| {
             let (b, h) = (task / g.heads, task % g.heads);
             let (rows, row0) = image_rows(g, q, b);
-            // SAFETY: the task writes only the output rows of image b in the columns of head h,
-            // a block no other task touches; reads stay within `qkv`.
+            // SAFETY: the task writes only the output rows of image b in the columns of head h
+            // and block (b, h) of the kept probabilities, regions no other task touches; reads
+            // stay within `qkv`.
             unsafe {
-                let (m, _) = probabilities(g, src.get(), bias, b, h, rows, qbuf, p);
+                let p: &mut [f32] = match kept {
+                    Some(k) => std::slice::from_raw_parts_mut(k.get().add(task * t * t), t * t),
+                    None => scratch,
+                };
+                let qm = query_rows(g, src.get(), b, h, rows, qbuf);
+                let m = qm.0;
+                probabilities(g, src.get(), bias, b, h, rows, qm, p);
                 if m == 0 {
                     return;
                 }
@@ -328,7 +380,9 @@ fn backward(
     grad: &[f32],
     g: Geometry,
     q: Option<&QueryRows>,
+    kept: Option<&[f32]>,
 ) -> Vec<f32> {
+    let kept = kept.map(|k| Shared(k.as_ptr()));
     let (t, c) = (g.tokens, g.width());
     let n_qkv = g.batch * t * 3 * c;
     let n_bias = if bias.is_some() { g.heads * t * t } else { 0 };
@@ -338,7 +392,7 @@ fn backward(
         // Unselected query rows get no gradient: start from zeros.
         let mut out = super::par_zeroed(n_qkv + n_bias);
         // SAFETY: `out` has the layout backward_into writes.
-        unsafe { backward_into(src, bias, dout, g, q, SharedMut(out.as_mut_ptr())) };
+        unsafe { backward_into(src, bias, dout, g, q, kept, SharedMut(out.as_mut_ptr())) };
         return out;
     }
     // SAFETY: the GEMMs of the head tasks write all of dq, dk and dv; the bias gradient is
@@ -346,7 +400,7 @@ fn backward(
     unsafe {
         filled_by(n_qkv + n_bias, |out| {
             std::ptr::write_bytes(out.add(n_qkv), 0, n_bias);
-            backward_into(src, bias, dout, g, None, SharedMut(out));
+            backward_into(src, bias, dout, g, None, kept, SharedMut(out));
         })
     }
 }
@@ -355,14 +409,15 @@ fn backward(
 /// selected queries all of it zeroed).
 ///
 /// # Safety
-/// `src` is `(B*T, 3C)`, `dout` is the output gradient, `dst` is writable as described, all for
-/// `g` and `q`.
+/// `src` is `(B*T, 3C)`, `dout` is the output gradient, `kept` (if any) the probabilities the
+/// forward pass kept, `dst` is writable as described, all for `g` and `q`.
 unsafe fn backward_into(
     src: Shared,
     bias: Option<&[f32]>,
     dout: Shared,
     g: Geometry,
     q: Option<&QueryRows>,
+    kept: Option<Shared>,
     dst: SharedMut,
 ) {
     let (t, d, c) = (g.tokens, g.head_dim, g.width());
@@ -384,7 +439,17 @@ unsafe fn backward_into(
                 let dbias = (n_bias > 0).then(|| dst.get().add(n_qkv + h * t * t));
                 for b in 0..g.batch {
                     let (rows, row0) = image_rows(g, q, b);
-                    let (m, qm) = probabilities(g, src.get(), bias, b, h, rows, qbuf, p);
+                    let (m, qm) = query_rows(g, src.get(), b, h, rows, qbuf);
+                    let p: &[f32] = match kept {
+                        Some(k) => std::slice::from_raw_parts(
+                            k.get().add((b * g.heads + h) * t * t),
+                            t * t,
+                        ),
+                        None => {
+                            probabilities(g, src.get(), bias, b, h, rows, (m, qm), p);
+                            p
+                        }
+                    };
                     let [_, k, v] = g.qkv(src.get(), b, h);
                     let go = dout.get().add(row0 * c + h * d);
                     let dq = dst.get().add(b * t * 3 * c + h * d);
@@ -503,6 +568,9 @@ fn split_grads(
 struct AttentionOp {
     g: Geometry,
     queries: Option<Arc<QueryRows>>,
+    /// Where the forward pass keeps the probabilities for the backward pass (when a gradient
+    /// will be needed); the backward op shares it.
+    probs: Option<Arc<Mutex<Option<Vec<f32>>>>>,
 }
 
 impl AttentionOp {
@@ -517,6 +585,31 @@ impl AttentionOp {
     fn bwd_op(&self) -> AttentionBwd {
         AttentionBwd(self.clone())
     }
+
+    /// Run the forward pass, keeping the probabilities if asked to.
+    fn run_forward(&self, qkv: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let (out, kept) = forward(
+            qkv,
+            bias,
+            self.g,
+            self.queries.as_deref(),
+            self.probs.is_some(),
+        );
+        if let Some(slot) = &self.probs {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = kept;
+        }
+        out
+    }
+
+    /// Run the backward pass, from the kept probabilities when there are any.
+    fn run_backward(&self, qkv: &[f32], bias: Option<&[f32]>, grad: &[f32]) -> Vec<f32> {
+        let guard = self
+            .probs
+            .as_ref()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()));
+        let kept = guard.as_ref().and_then(|g| g.as_deref());
+        backward(qkv, bias, grad, self.g, self.queries.as_deref(), kept)
+    }
 }
 
 /// The backward op: `(qkv, grad)` or `(qkv, bias, grad)`, returning the packed gradients.
@@ -529,7 +622,7 @@ impl CustomOp1 for AttentionOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(s, l, "beit-attention")?;
-        let out = forward(qkv, None, self.g, self.queries.as_deref());
+        let out = self.run_forward(qkv, None);
         Ok((CpuStorage::F32(out), self.out_shape()))
     }
 
@@ -553,7 +646,7 @@ impl CustomOp2 for AttentionOp {
     ) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(s1, l1, "beit-attention-bias")?;
         let bias = f32_data(s2, l2, "beit-attention-bias")?;
-        let out = forward(qkv, Some(bias), self.g, self.queries.as_deref());
+        let out = self.run_forward(qkv, Some(bias));
         Ok((CpuStorage::F32(out), self.out_shape()))
     }
 
@@ -584,7 +677,7 @@ impl CustomOp2 for AttentionBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(s1, l1, "beit-attention-bwd")?;
         let grad = f32_data(s2, l2, "beit-attention-bwd")?;
-        let out = backward(qkv, None, grad, self.0.g, self.0.queries.as_deref());
+        let out = self.0.run_backward(qkv, None, grad);
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -607,7 +700,7 @@ impl CustomOp3 for AttentionBwd {
         let qkv = f32_data(s1, l1, "beit-attention-bias-bwd")?;
         let bias = f32_data(s2, l2, "beit-attention-bias-bwd")?;
         let grad = f32_data(s3, l3, "beit-attention-bias-bwd")?;
-        let out = backward(qkv, Some(bias), grad, self.0.g, self.0.queries.as_deref());
+        let out = self.0.run_backward(qkv, Some(bias), grad);
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -700,6 +793,34 @@ mod tests {
         let too_far = QueryRows::new(&[vec![0], vec![t as u32], vec![0]])?;
         assert!(attention_core_rows(&qkv, None, b, h, &too_far).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn kept_and_recomputed_probabilities_give_the_same_backward_pass() {
+        let g = Geometry {
+            batch: 2,
+            tokens: 7,
+            heads: 2,
+            head_dim: 4,
+        };
+        let n = g.batch * g.tokens * 3 * g.width();
+        let qkv: Vec<f32> = (0..n).map(|i| ((i * 37) % 23) as f32 * 0.1 - 1.1).collect();
+        let bias: Vec<f32> = (0..g.heads * 49).map(|i| (i % 5) as f32 * 0.2).collect();
+        let selections = [
+            None,
+            Some(QueryRows::new(&[vec![1, 4], vec![0, 2, 6]]).unwrap()),
+        ];
+        for q in selections.iter().map(Option::as_ref) {
+            let rows = q.map_or(g.batch * g.tokens, |q| q.len());
+            let grad: Vec<f32> = (0..rows * g.width()).map(|i| (i % 7) as f32 - 3.0).collect();
+            let (out, kept) = forward(&qkv, Some(&bias), g, q, true);
+            let (out2, none) = forward(&qkv, Some(&bias), g, q, false);
+            assert_eq!(out, out2);
+            assert!(none.is_none());
+            let from_kept = backward(&qkv, Some(&bias), &grad, g, q, kept.as_deref());
+            let recomputed = backward(&qkv, Some(&bias), &grad, g, q, None);
+            assert_eq!(from_kept, recomputed);
+        }
     }
 
     #[test]

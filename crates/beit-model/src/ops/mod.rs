@@ -18,10 +18,12 @@ use std::sync::OnceLock;
 mod attention;
 mod gemm;
 mod linear;
+mod stack;
 mod vmath;
 
 pub use attention::{attention_core, attention_core_rows, QueryRows};
 pub use linear::linear;
+pub use stack::stack3_scaled_first;
 
 /// Whether the fused kernels are in use: yes unless the environment sets `BEIT_FUSED_OPS=0`
 /// (read once), which restores the plain compositions to measure what the kernels gain or to rule
