@@ -709,20 +709,8 @@ impl CustomOp3 for AttentionBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::max_diff;
     use candle::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn fused_attention_matches_the_composition_with_gradients() -> Result<()> {
@@ -812,7 +800,9 @@ mod tests {
         ];
         for q in selections.iter().map(Option::as_ref) {
             let rows = q.map_or(g.batch * g.tokens, |q| q.len());
-            let grad: Vec<f32> = (0..rows * g.width()).map(|i| (i % 7) as f32 - 3.0).collect();
+            let grad: Vec<f32> = (0..rows * g.width())
+                .map(|i| (i % 7) as f32 - 3.0)
+                .collect();
             let (out, kept) = forward(&qkv, Some(&bias), g, q, true);
             let (out2, none) = forward(&qkv, Some(&bias), g, q, false);
             assert_eq!(out, out2);

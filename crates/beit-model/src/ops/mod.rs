@@ -21,6 +21,18 @@ mod linear;
 mod stack;
 mod vmath;
 
+#[cfg(test)]
+mod test_util {
+    use candle::Tensor;
+
+    /// Largest absolute difference between two tensors of one shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("comparable tensors")
+    }
+}
+
 pub use attention::{attention_core, attention_core_rows, QueryRows};
 pub use linear::linear;
 pub use stack::stack3_scaled_first;
@@ -84,6 +96,12 @@ pub(crate) fn par_zeroed(n: usize) -> Vec<f32> {
     // SAFETY: all n elements were initialised above.
     unsafe { v.set_len(n) };
     v
+}
+
+/// Element-wise sum of two per-task partial sums (the `reduce` step of the backward kernels).
+pub(crate) fn add_partials(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+    a
 }
 
 /// Rows per parallel task: a few tasks per thread so that uneven threads still balance.
@@ -271,13 +289,7 @@ impl CustomOp3 for LayerNormBwdOp {
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; 2 * c],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .reduce(|| vec![0f32; 2 * c], add_partials);
         dwdb.copy_from_slice(&partial);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, c))))
     }
@@ -567,13 +579,7 @@ impl CustomOp3 for BiasGeluBwdOp {
                 vmath::bias_gelu_grad_rows(hc, b, gc, dc, &mut acc);
                 acc
             })
-            .reduce(
-                || vec![0f32; n],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .reduce(|| vec![0f32; n], add_partials);
         db.copy_from_slice(&partial);
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, n))))
     }
@@ -742,13 +748,7 @@ impl CustomOp3 for ScaledResidualBwdOp {
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; c],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .reduce(|| vec![0f32; c], add_partials);
         dl.copy_from_slice(&partial);
         Ok((CpuStorage::F32(out), Shape::from((rows + 1, c))))
     }
@@ -1034,20 +1034,8 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::max_diff;
     use candle::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Values and all gradients of `fused` and `reference`, for a random cotangent.
     fn compare(
