@@ -177,63 +177,36 @@ impl CustomOp3 for LinearBias {
 fn backward(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let grad = grad.contiguous()?;
     let dx = if x.track_op() {
-        Some(grad.apply_op2_no_bwd(w, &InputGrad)?.reshape(x.shape())?)
+        Some(
+            grad.apply_op2_no_bwd(w, &BackwardGemm::InputGrad)?
+                .reshape(x.shape())?,
+        )
     } else {
         None
     };
     let dw = if w.track_op() {
-        Some(grad.apply_op2_no_bwd(x, &WeightGrad)?)
+        Some(grad.apply_op2_no_bwd(x, &BackwardGemm::WeightGrad)?)
     } else {
         None
     };
     Ok((dx, dw))
 }
 
-/// `(grad (rows, N), w (N, K)) -> grad * w (rows, K)`.
-struct InputGrad;
-
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "beit-linear-dx"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = f32_data(s1, l1, self.name())?;
-        let w = f32_data(s2, l2, self.name())?;
-        let (n, k) = l2.shape().dims2()?;
-        let rows = g.len() / n;
-        // SAFETY: g is (rows, n), w is (n, k), dx is (rows, k), all written by the GEMM.
-        let dx = unsafe {
-            filled_by(rows * k, |dx| {
-                sgemm(
-                    rows,
-                    k,
-                    n,
-                    dx,
-                    k,
-                    false,
-                    Mat::rows(g.as_ptr(), n),
-                    Mat::rows(w.as_ptr(), k),
-                    true,
-                )
-            })
-        };
-        Ok((CpuStorage::F32(dx), Shape::from((rows, k))))
-    }
+/// The two GEMMs of the backward pass, on `(grad (rows, N), other)`.
+#[derive(Clone, Copy)]
+enum BackwardGemm {
+    /// `other = w (N, K)`: `dx = grad * w`, `(rows, K)`.
+    InputGrad,
+    /// `other = x (rows, K)`: `dw = grad^T * x`, `(N, K)`.
+    WeightGrad,
 }
 
-/// `(grad (rows, N), x (rows, K)) -> grad^T * x (N, K)`.
-struct WeightGrad;
-
-impl CustomOp2 for WeightGrad {
+impl CustomOp2 for BackwardGemm {
     fn name(&self) -> &'static str {
-        "beit-linear-dw"
+        match self {
+            Self::InputGrad => "beit-linear-dx",
+            Self::WeightGrad => "beit-linear-dw",
+        }
     }
 
     fn cpu_fwd(
@@ -244,27 +217,33 @@ impl CustomOp2 for WeightGrad {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = f32_data(s1, l1, self.name())?;
-        let x = f32_data(s2, l2, self.name())?;
+        let other = f32_data(s2, l2, self.name())?;
         let n = *l1.shape().dims().last().unwrap_or(&1);
         let k = *l2.shape().dims().last().unwrap_or(&1);
         let rows = g.len() / n;
-        // SAFETY: g read as its transpose (n, rows), x is (rows, k), dw is (n, k), all written.
-        let dw = unsafe {
-            filled_by(n * k, |dw| {
+        // (m, inner, lhs) of the product; the right-hand side is always `other` as (inner, k).
+        let (m, inner, lhs) = match self {
+            Self::InputGrad => (rows, n, Mat::rows(g.as_ptr(), n)),
+            Self::WeightGrad => (n, rows, Mat::transposed(g.as_ptr(), n)),
+        };
+        // SAFETY: lhs is (m, inner) over g, `other` is (inner, k) row-major, the output is
+        // (m, k) and entirely written by the GEMM.
+        let out = unsafe {
+            filled_by(m * k, |dst| {
                 sgemm(
-                    n,
+                    m,
                     k,
-                    rows,
-                    dw,
+                    inner,
+                    dst,
                     k,
                     false,
-                    Mat::transposed(g.as_ptr(), n),
-                    Mat::rows(x.as_ptr(), k),
+                    lhs,
+                    Mat::rows(other.as_ptr(), k),
                     true,
                 )
             })
         };
-        Ok((CpuStorage::F32(dw), Shape::from((n, k))))
+        Ok((CpuStorage::F32(out), Shape::from((m, k))))
     }
 }
 
