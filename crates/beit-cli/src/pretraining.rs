@@ -472,7 +472,7 @@ impl<D: Dataset> Dataset for Take<D> {
 
 /// Load a frozen tokenizer: a folder written by `beit-cli tokenizer train` (its
 /// `encoder.safetensors`), an encoder safetensors file with `dall_e` names (e.g. the converted
-/// DALL-E `encoder.pkl`), or a DALL-E `encoder.pkl`.
+/// DALL-E `encoder.pkl`), or a DALL-E `encoder.pkl` (read as `beit-cli tokenizer` reads it).
 pub fn load_tokenizer(path: &Path, device: &Device) -> Result<Encoder> {
     let file = if path.is_dir() {
         path.join(beit_tokenizer::dvae::ENCODER_FILE)
@@ -486,18 +486,7 @@ pub fn load_tokenizer(path: &Path, device: &Device) -> Result<Encoder> {
             beit_tokenizer::dvae::ENCODER_FILE
         );
     }
-    let is_pkl = file
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("pkl"));
-    let weights = if is_pkl {
-        let tensors = beit_tokenizer::pkl::load_dalle_pkl(&file)?
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_device(device)?)))
-            .collect::<Result<_>>()?;
-        beit_tokenizer::weights::WeightsFile::from_tensors(&file, tensors)
-    } else {
-        beit_tokenizer::weights::WeightsFile::read(&file, device)?
-    };
+    let weights = crate::commands::tokenizer::read_weights(&file, device)?;
     Encoder::from_weights(&weights).with_context(|| format!("loading tokenizer {}", file.display()))
 }
 

@@ -109,8 +109,8 @@ pub fn run(command: TokenizerCommand) -> Result<()> {
     }
 }
 
-/// Read weights from safetensors, or from a pickled whole module (`.pkl`, OpenAI's format).
-fn read_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
+/// Read weights from safetensors, or from a pickled whole module (`.pkl`/`.pt`, OpenAI's format).
+pub(crate) fn read_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
     let is_pkl = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("pkl") || e.eq_ignore_ascii_case("pt"));
