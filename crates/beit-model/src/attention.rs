@@ -102,15 +102,9 @@ impl BeitAttention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, c) = x.dims3()?;
         let h = self.num_heads;
-        if ops::enabled() && !want_probs && !self.attn_dropout.is_active(train) {
-            // One (3C, C) projection with the q/v biases folded into the GEMM, then the attention
-            // core reading every head in place and writing the heads merged.
-            let (w, bias) = match &self.fused {
-                Some((w, bias)) => (w.clone(), bias.clone()),
-                None => self.fused_qkv()?,
-            };
-            let qkv = ops::linear(x, &w, Some(&bias))?; // (B, T, 3C), no reshape node
-            let bias = self.attention_bias(shared_bias, window, qkv.dtype())?;
+        if !want_probs && self.core_applies(train) {
+            // The attention core reads every head in place and writes the heads merged.
+            let (qkv, bias) = self.projection_and_bias(x, shared_bias, window)?;
             let attended = ops::attention_core(&qkv, bias.as_ref(), b, h)?;
             return Ok((self.output.forward(&attended)?, None));
         }
@@ -183,19 +177,39 @@ impl BeitAttention {
         train: bool,
         queries: &ops::QueryRows,
     ) -> Result<Option<Tensor>> {
-        if !ops::enabled() || self.attn_dropout.is_active(train) {
+        if !self.core_applies(train) {
             return Ok(None);
         }
-        let b = x.dim(0)?;
-        let (w, bias) = match &self.fused {
-            Some((w, bias)) => (w.clone(), bias.clone()),
-            None => self.fused_qkv()?,
-        };
         // Keys and values are needed for every token; queries only for the selected rows.
-        let qkv = ops::linear(x, &w, Some(&bias))?;
-        let bias = self.attention_bias(shared_bias, window, qkv.dtype())?;
-        let attended = ops::attention_core_rows(&qkv, bias.as_ref(), b, self.num_heads, queries)?;
+        let (qkv, bias) = self.projection_and_bias(x, shared_bias, window)?;
+        let attended =
+            ops::attention_core_rows(&qkv, bias.as_ref(), x.dim(0)?, self.num_heads, queries)?;
         Ok(Some(self.output.forward(&attended)?))
+    }
+
+    /// Whether the fused attention core serves this forward pass: kernels on, and no attention
+    /// dropout to apply to the probabilities (which the core never materialises as a tensor).
+    fn core_applies(&self, train: bool) -> bool {
+        ops::enabled() && !self.attn_dropout.is_active(train)
+    }
+
+    /// The attention core's inputs: one `(3C, C)` projection of `x` with the q/v biases folded
+    /// into the GEMM, `(B, T, 3C)` (no reshape node), and the additive attention bias.
+    fn projection_and_bias(
+        &self,
+        x: &Tensor,
+        shared_bias: Option<&Tensor>,
+        window: (usize, usize),
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let qkv = match &self.fused {
+            Some((w, bias)) => ops::linear(x, w, Some(bias))?,
+            None => {
+                let (w, bias) = self.fused_qkv()?;
+                ops::linear(x, &w, Some(&bias))?
+            }
+        };
+        let bias = self.attention_bias(shared_bias, window, qkv.dtype())?;
+        Ok((qkv, bias))
     }
 
     /// The additive attention bias `(1, H, T, T)`: this layer's table plus the shared one, either

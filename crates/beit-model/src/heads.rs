@@ -155,13 +155,18 @@ impl BeitForMaskedImageModeling {
 
 /// The token rows (patch index + 1, after the CLS token) of the masked patches of each image.
 fn masked_queries(mask: &Tensor) -> Result<QueryRows> {
+    masked_patches(mask, 1)
+}
+
+/// The masked positions of each image of a `(B, N)` mask (non-zero = masked), plus `offset`.
+fn masked_patches(mask: &Tensor, offset: u32) -> Result<QueryRows> {
     let (b, n) = mask.dims2()?;
     let flags = mask.ne(0u32)?.flatten_all()?.to_vec1::<u8>()?;
     let per_image: Vec<Vec<u32>> = (0..b)
         .map(|i| {
             (0..n)
                 .filter(|&j| flags[i * n + j] != 0)
-                .map(|j| j as u32 + 1)
+                .map(|j| j as u32 + offset)
                 .collect()
         })
         .collect();
@@ -171,16 +176,11 @@ fn masked_queries(mask: &Tensor) -> Result<QueryRows> {
 /// Rows of `x` `(B, N, C)` where `mask` `(B, N)` is non-zero, as `(M, C)` (gradients flow to `x`).
 pub fn masked_rows(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
-    let flags = mask.ne(0u32)?.flatten_all()?.to_vec1::<u8>()?;
-    if flags.len() != b * n {
-        candle::bail!("mask has {} entries, expected {}", flags.len(), b * n);
+    if mask.elem_count() != b * n {
+        candle::bail!("mask has {} entries, expected {}", mask.elem_count(), b * n);
     }
-    let idx: Vec<u32> = flags
-        .iter()
-        .enumerate()
-        .filter(|(_, &m)| m != 0)
-        .map(|(i, _)| i as u32)
-        .collect();
-    let idx = Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?.to_device(x.device())?;
+    let idx = masked_patches(&mask.reshape((b, n))?, 0)?.flat_indices(n);
+    let m = idx.len();
+    let idx = Tensor::from_vec(idx, m, &Device::Cpu)?.to_device(x.device())?;
     x.reshape((b * n, c))?.index_select(&idx, 0)
 }

@@ -124,6 +124,24 @@ impl BeitModel {
         self.shared_bias.as_ref()
     }
 
+    /// The embedded tokens `(B, T, C)`, the patch grid and the shared relative position bias
+    /// (if the model has one) for `pixels`: what every forward pass starts from.
+    fn embed(
+        &self,
+        pixels: &Tensor,
+        bool_masked_pos: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, (usize, usize), Option<Tensor>)> {
+        let (_, _, h, w) = pixels.dims4()?;
+        let window = self.embeddings.grid_of(h, w)?;
+        let x = self.embeddings.forward(pixels, bool_masked_pos, train)?;
+        let shared = match &self.shared_bias {
+            Some(rpb) => Some(rpb.forward(window)?),
+            None => None,
+        };
+        Ok((x, window, shared))
+    }
+
     /// The final hidden states (after this model's own LayerNorm, if it has one) of the token
     /// rows in `queries` only, `(M, C)`: the same values as the corresponding rows of
     /// [`BeitModel::forward`]'s `last_hidden_state`, with the last block computed for those rows
@@ -139,15 +157,7 @@ impl BeitModel {
         if opts.output_hidden_states || opts.output_attentions {
             candle::bail!("forward_rows returns no hidden states or attentions");
         }
-        let (_, _, h, w) = pixels.dims4()?;
-        let window = self.embeddings.grid_of(h, w)?;
-        let mut x = self
-            .embeddings
-            .forward(pixels, bool_masked_pos, opts.train)?;
-        let shared = match &self.shared_bias {
-            Some(rpb) => Some(rpb.forward(window)?),
-            None => None,
-        };
+        let (mut x, window, shared) = self.embed(pixels, bool_masked_pos, opts.train)?;
         let Some((last, rest)) = self.layers.split_last() else {
             candle::bail!("the model has no layers");
         };
@@ -173,15 +183,7 @@ impl BeitModel {
         bool_masked_pos: Option<&Tensor>,
         opts: ForwardOptions,
     ) -> Result<BeitOutput> {
-        let (_, _, h, w) = pixels.dims4()?;
-        let window = self.embeddings.grid_of(h, w)?;
-        let mut x = self
-            .embeddings
-            .forward(pixels, bool_masked_pos, opts.train)?;
-        let shared = match &self.shared_bias {
-            Some(rpb) => Some(rpb.forward(window)?),
-            None => None,
-        };
+        let (mut x, window, shared) = self.embed(pixels, bool_masked_pos, opts.train)?;
         let mut hidden_states = Vec::new();
         let mut attentions = Vec::new();
         for layer in &self.layers {

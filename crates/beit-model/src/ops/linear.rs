@@ -76,16 +76,11 @@ fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, k: usize, n: us
         Some(b) => {
             // Every row starts as the bias (written by the rayon threads); the GEMM accumulates
             // onto it.
-            let mut y: Vec<f32> = Vec::with_capacity(rows * n);
-            y.spare_capacity_mut()[..rows * n]
-                .par_chunks_mut(n)
-                .for_each(|r| {
-                    r.iter_mut().zip(b).for_each(|(e, &v)| {
-                        e.write(v);
-                    })
-                });
-            // SAFETY: every row was initialised with the bias above.
-            unsafe { y.set_len(rows * n) };
+            let mut y = super::par_filled(rows * n, n, |_, row| {
+                row.iter_mut().zip(b).for_each(|(e, &v)| {
+                    e.write(v);
+                })
+            });
             gemm_into(y.as_mut_ptr(), true);
             y
         }

@@ -80,22 +80,32 @@ fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// `n` zeros, written by the rayon threads (a plain `vec![0.0; n]` is a single-threaded memset on
-/// the calling thread while the pool waits; for activation-sized outputs that was a visible share of
-/// a training step).
-pub(crate) fn par_zeroed(n: usize) -> Vec<f32> {
-    const BLOCK: usize = 1 << 15;
+/// `n` values written block by block by the rayon threads: `fill(start, block)` must initialise
+/// every element of `block`, which holds elements `start..start + block.len()` (blocks of
+/// `block_len`, the last one shorter). A plain `vec![0.0; n]` followed by a fill would be a
+/// single-threaded memset on the calling thread while the pool waits, then a second pass.
+pub(crate) fn par_filled(
+    n: usize,
+    block_len: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(n);
     v.spare_capacity_mut()[..n]
-        .par_chunks_mut(BLOCK)
-        .for_each(|c| {
-            c.iter_mut().for_each(|e| {
-                e.write(0.0);
-            })
-        });
-    // SAFETY: all n elements were initialised above.
+        .par_chunks_mut(block_len.max(1))
+        .enumerate()
+        .for_each(|(i, block)| fill(i * block_len, block));
+    // SAFETY: `fill` initialised every block (its contract), so all n elements.
     unsafe { v.set_len(n) };
     v
+}
+
+/// `n` zeros, written by the rayon threads (see [`par_filled`]).
+pub(crate) fn par_zeroed(n: usize) -> Vec<f32> {
+    par_filled(n, 1 << 15, |_, block| {
+        block.iter_mut().for_each(|e| {
+            e.write(0.0);
+        })
+    })
 }
 
 /// Element-wise sum of two per-task partial sums (the `reduce` step of the backward kernels).

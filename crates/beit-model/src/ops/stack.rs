@@ -6,7 +6,6 @@
 //! incoming gradient (only the scaled third is a new tensor).
 
 use candle::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::{f32_data, fused_cpu_f32};
 
@@ -56,14 +55,21 @@ impl CustomOp3 for Stack3 {
             f32_data(s3, l3, "beit-stack3")?,
         ];
         let n = parts[0].len();
-        let mut out = super::par_zeroed(3 * n);
-        const BLOCK: usize = 1 << 15;
-        for (i, (dst, src)) in out.chunks_exact_mut(n).zip(parts).enumerate() {
-            let s = if i == 0 { self.scale } else { 1.0 };
-            dst.par_chunks_mut(BLOCK)
-                .zip(src.par_chunks(BLOCK))
-                .for_each(|(d, x)| d.iter_mut().zip(x).for_each(|(d, x)| *d = x * s));
-        }
+        let out = super::par_filled(3 * n, 1 << 15, |start, block| {
+            // A block may straddle two of the parts: copy it segment by segment.
+            let (mut i, mut rest) = (start, block);
+            while !rest.is_empty() {
+                let (part, offset) = (i / n, i % n);
+                let (dst, tail) = rest.split_at_mut(rest.len().min(n - offset));
+                let s = if part == 0 { self.scale } else { 1.0 };
+                let src = &parts[part][offset..offset + dst.len()];
+                dst.iter_mut().zip(src).for_each(|(d, &x)| {
+                    d.write(x * s);
+                });
+                i += dst.len();
+                rest = tail;
+            }
+        });
         let mut dims = l1.shape().dims().to_vec();
         dims[0] *= 3;
         Ok((CpuStorage::F32(out), Shape::from(dims)))
