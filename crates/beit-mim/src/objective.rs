@@ -67,24 +67,12 @@ pub fn mim_loss(
     }
     let device = inputs.features.device();
     let idx_t = Tensor::from_slice(&idx, idx.len(), device)?;
-    let token_ids = || -> Result<Tensor> {
-        let ids = inputs.token_ids.ok_or(MimError::MissingInput {
-            target: target.as_str(),
-            needed: "visual-token ids (`token_ids`)",
-        })?;
-        if ids.dims() != [b, n] {
-            return Err(bad_input(
-                "token_ids",
-                format!("expected ({b}, {n}), got {:?}", ids.dims()),
-            ));
-        }
-        Ok(ids.flatten_all()?.to_dtype(DType::U32)?)
-    };
+    let token_ids = || flat_token_ids(target, inputs.token_ids, b, n);
 
     match target {
         MimTarget::VisualTokens => {
             let logits = lm_head.forward(&gather_rows(inputs.features, &idx)?)?;
-            masked_token_loss(&logits, inputs.mask, inputs.token_ids)
+            loss_on_masked_rows(&logits, &idx, &token_ids()?)
         }
         MimTarget::AllTokens => {
             let ids = token_ids()?;
@@ -145,20 +133,8 @@ pub fn masked_token_loss(
     if idx.is_empty() {
         return Err(MimError::NoMaskedPositions);
     }
-    let ids = token_ids.ok_or(MimError::MissingInput {
-        target: MimTarget::VisualTokens.as_str(),
-        needed: "visual-token ids (`token_ids`)",
-    })?;
-    if ids.dims() != mask.dims() {
-        return Err(bad_input(
-            "token_ids",
-            format!(
-                "expected {:?} like the mask, got {:?}",
-                mask.dims(),
-                ids.dims()
-            ),
-        ));
-    }
+    let (b, n) = mask.dims2()?;
+    let ids = flat_token_ids(MimTarget::VisualTokens, token_ids, b, n)?;
     if masked_logits.dims().first() != Some(&idx.len()) {
         return Err(bad_input(
             "masked_logits",
@@ -169,11 +145,38 @@ pub fn masked_token_loss(
             ),
         ));
     }
-    let idx_t = Tensor::from_slice(&idx, idx.len(), masked_logits.device())?;
-    let ids = ids
-        .flatten_all()?
-        .to_dtype(DType::U32)?
-        .index_select(&idx_t, 0)?;
+    loss_on_masked_rows(masked_logits, &idx, &ids)
+}
+
+/// The `(B, N)` visual-token ids that `target` needs, checked and flattened to `(B*N,)` `u32`.
+fn flat_token_ids(
+    target: MimTarget,
+    token_ids: Option<&Tensor>,
+    b: usize,
+    n: usize,
+) -> Result<Tensor> {
+    let ids = token_ids.ok_or(MimError::MissingInput {
+        target: target.as_str(),
+        needed: "visual-token ids (`token_ids`)",
+    })?;
+    if ids.dims() != [b, n] {
+        return Err(bad_input(
+            "token_ids",
+            format!("expected ({b}, {n}), got {:?}", ids.dims()),
+        ));
+    }
+    Ok(ids.flatten_all()?.to_dtype(DType::U32)?)
+}
+
+/// Cross-entropy and accuracy of `(M, V)` logits of the masked positions `idx` (flat, row-major)
+/// against the flat ids of every position.
+fn loss_on_masked_rows(
+    masked_logits: &Tensor,
+    idx: &[u32],
+    flat_ids: &Tensor,
+) -> Result<MimLossOutput> {
+    let idx_t = Tensor::from_slice(idx, idx.len(), masked_logits.device())?;
+    let ids = flat_ids.index_select(&idx_t, 0)?;
     Ok(MimLossOutput {
         loss: mim_cross_entropy(masked_logits, &ids)?,
         mlm_acc: Some(mlm_accuracy(masked_logits, &ids)?),
