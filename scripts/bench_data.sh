@@ -5,7 +5,7 @@
 #   FOLDER defaults to /tmp/beit_bench_jpegs, made from the scikit-image wheel's photos if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/venv/bin/python}
+PY=${PY:-.venv/bin/python}
 FOLDER=${1:-/tmp/beit_bench_jpegs}
 ROUNDS=${2:-3}
 THREADS=${3:-2}

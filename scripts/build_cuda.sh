@@ -5,7 +5,7 @@
 # Usage: scripts/build_cuda.sh [extra cargo args...]
 #
 # Environment (all optional):
-#   CUDA_VENV             venv that holds the CUDA wheels (default /work/cuda-venv);
+#   CUDA_VENV             venv that holds the CUDA wheels (default .cuda-venv in the repository, git-ignored);
 #                         created and filled on first use.
 #   CUDA_TOOLKIT_VERSION  version of PyPI's `cuda-toolkit` meta-package (default 13.0.2).
 #                         Keep its major.minor at or below the CUDA version of the
@@ -13,7 +13,7 @@
 #                         machines): PTX from a newer nvcc is refused by an older driver.
 #   CUDA_COMPUTE_CAP      GPU architecture to compile the kernels for (default 90 =
 #                         Hopper, which cudaforge turns into sm_90a).
-#   CARGO_TARGET_DIR      cargo's target dir (default /work/targets/cuda).
+#   CARGO_TARGET_DIR      cargo's target dir (default target-cuda in the repository).
 #   CARGO_BUILD_JOBS      rustc jobs (default 1: the build machine is shared).
 #
 # The binary lands in $CARGO_TARGET_DIR/release/beit-cli. See docs/gpu.md for
@@ -21,7 +21,7 @@
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CUDA_VENV="${CUDA_VENV:-/work/cuda-venv}"
+CUDA_VENV="${CUDA_VENV:-$repo_root/.cuda-venv}"
 CUDA_TOOLKIT_VERSION="${CUDA_TOOLKIT_VERSION:-13.0.2}"
 cuda_major="${CUDA_TOOLKIT_VERSION%%.*}"
 cuda_major_minor="$(echo "$CUDA_TOOLKIT_VERSION" | cut -d. -f1,2)"
@@ -89,7 +89,7 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 # nvcc kernels compile one at a time (cudaforge otherwise uses every core).
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-1}"
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/targets/cuda}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo_root/target-cuda}"
 
 cd "$repo_root"
 nice -n 19 cargo build --release --locked -p beit-cli --features cuda "$@"

@@ -10,7 +10,7 @@ Also checked here (printed, not stored): that torchvision's Normalize and the Hu
 BeitImageProcessor equal `(u8 / 255 - mean) / std` of these 8-bit images, so that comparing the 8-bit
 images is enough.
 
-Usage: /work/venv/bin/python scripts/data_parity.py
+Usage: .venv/bin/python scripts/data_parity.py
 """
 import json
 import os

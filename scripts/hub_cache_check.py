@@ -12,7 +12,7 @@ The hub cannot be reached from our machines, so this script serves a small BEiT 
   B. huggingface_hub's `hf_hub_download` (what `from_pretrained` calls) fills cache B from the same server; then
      `xtask fetch-weights` with HF_HUB_OFFLINE=1 reports it as already cached (no network).
 
-Usage: /work/venv/bin/python scripts/hub_cache_check.py [--xtask target/debug/xtask]
+Usage: .venv/bin/python scripts/hub_cache_check.py [--xtask target/debug/xtask]
 Exit status 0 when every check passes.
 """
 import argparse

@@ -19,7 +19,7 @@ images, head weights) with the losses and feature gradients PyTorch computes for
 targets, the way `transformers`' BeitForMaskedImageModeling scores MIM (cross-entropy of
 `logits[bool_masked_pos]`), so the Rust loss code is checked against torch, gradients included.
 
-Usage: /work/venv/bin/python scripts/mim_fixtures.py [--draws 200000] [--only masking|loss|exact]
+Usage: .venv/bin/python scripts/mim_fixtures.py [--draws 200000] [--only masking|loss|exact]
 """
 
 import argparse

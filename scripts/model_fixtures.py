@@ -6,9 +6,9 @@ biases, tables and tokens at zero, which would hide bugs), saved in the real HF 
 (`config.json` + weights) next to `expected.safetensors`: inputs and the outputs (logits, hidden
 states, attentions) that the Rust tests must reproduce within 1e-4.
 
-    /work/venv/bin/python scripts/model_fixtures.py            # writes fixtures/model/
-    /work/venv/bin/python scripts/model_fixtures.py --base DIR # full-size base models (not committed)
-    /work/venv/bin/python scripts/model_fixtures.py --check-export DIR  # transformers loads our export
+    .venv/bin/python scripts/model_fixtures.py            # writes fixtures/model/
+    .venv/bin/python scripts/model_fixtures.py --base DIR # full-size base models (not committed)
+    .venv/bin/python scripts/model_fixtures.py --check-export DIR  # transformers loads our export
 
 Environment: python3 -m venv; pip install torch transformers timm safetensors scipy pillow.
 """

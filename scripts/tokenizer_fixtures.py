@@ -24,7 +24,7 @@ Biases are perturbed: dall_e initialises them to zero, which would hide a missin
 saves it to DIR/dalle_full_encoder.safetensors with logits on one crop (not committed: 215 MB); the
 ignored Rust test `full_size_encoder_matches` reads it from $BEIT_DALLE_FULL_DIR.
 
-Usage: /work/venv/bin/python scripts/tokenizer_fixtures.py [--photos DIR] [--full DIR]
+Usage: .venv/bin/python scripts/tokenizer_fixtures.py [--photos DIR] [--full DIR]
 `--photos` is the `skimage/data` folder of the scikit-image 0.26.0 wheel; without it the wheel is
 downloaded with pip into a temporary folder.
 """

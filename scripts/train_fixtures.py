@@ -3,7 +3,7 @@
 
 Run with the oracle environment:
 
-    /work/venv/bin/python scripts/train_fixtures.py
+    .venv/bin/python scripts/train_fixtures.py
 
 What it writes (fixtures/train/):
 - adamw.json: torch.optim.AdamW (single-tensor path, float32) over a few steps with two

@@ -130,7 +130,9 @@ impl MaskingConfig {
     }
 }
 
-/// BEiT's blockwise mask generator, restated from the reference algorithm (beit-reference.md §5.3).
+/// BEiT's blockwise mask generator, restated from the reference algorithm (unilm's
+/// `masking_generator.py`: up to 10 attempts per block, area uniform in
+/// `[min, min(remaining, max)]`, log-uniform aspect ratio).
 ///
 /// Blocks are added until the target is reached. For each block the budget is
 /// `min(target − masked, max_num_patches)`; up to [`MAX_ATTEMPTS_PER_BLOCK`] times an area is drawn

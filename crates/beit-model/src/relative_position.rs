@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn index_matches_the_reference_values() {
-        // Values from beit-reference.md §5.1 for a 14x14 window.
+        // Values for a 14x14 window: 27 x 27 = 729 relative offsets plus 3 cls entries.
         let idx = relative_position_index((14, 14));
         let n = 197;
         assert_eq!(num_relative_distance((14, 14)), 732);

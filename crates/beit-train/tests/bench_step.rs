@@ -71,7 +71,7 @@ fn vit_b_step_overhead() -> anyhow::Result<()> {
         &GroupingConfig::finetune(12, 0.65),
     )?;
     let numel: usize = groups.iter().map(|g| g.numel()).sum();
-    assert_eq!(numel, 86_530_984); // beit-reference §1
+    assert_eq!(numel, 86_530_984); // BEiT-base/16 MIM: 86.5 M parameters
     let mut opt = AdamW::new(groups, AdamWConfig::default())?;
     let vars = opt.vars();
     let mut grads = GradStore::default();
