@@ -1,12 +1,8 @@
 //! `beit-cli`: run, train and inspect BEiT models.
 
+mod args;
 mod commands;
-mod device;
 mod memory;
-mod model_source;
-mod pretraining;
-mod processor;
-mod training;
 
 use clap::{Parser, Subcommand};
 

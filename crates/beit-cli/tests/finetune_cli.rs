@@ -61,7 +61,8 @@ min_lr = 1e-6
 warmup_steps = 2
 warmup_epochs = 1
 layer_decay = 0.65
-drop_path = 0.1
+drop_path_rate = 0.1
+label_smoothing = 0.1
 clip_grad = 5.0
 checkpoint_every = 3
 keep_last = 10
@@ -73,7 +74,6 @@ auto_augment = "rand-m9-mstd0.5-inc1"
 reprob = 0.25
 mixup = 0.8
 cutmix = 1.0
-smoothing = 0.1
 eval_resize = "squash"
 eval_interpolation = "bilinear"
 "#;
@@ -255,7 +255,8 @@ batch_size = 16
 lr = 3e-3
 warmup_epochs = 1
 layer_decay = 1.0
-drop_path = 0.0
+drop_path_rate = 0.0
+label_smoothing = 0.0
 weight_decay = 0.0
 keep_last = 1
 [aug]
@@ -267,7 +268,6 @@ color_jitter = 0.0
 reprob = 0.0
 mixup = 0.0
 cutmix = 0.0
-smoothing = 0.0
 eval_resize = "squash"
 "#;
 

@@ -16,25 +16,27 @@ use serde_json::Value;
 /// 16 px images, 4 px patches (4x4 grid), 2 blocks of width 16; 32 images = 2 steps per epoch
 /// of 2 accumulated micro-batches of 8.
 const TINY: &str = r#"
-[model]
+[architecture]
 hidden_size = 16
 num_hidden_layers = 2
 num_attention_heads = 2
 intermediate_size = 32
 image_size = 16
 patch_size = 4
-drop_path_rate = 0.1
 
 [data]
-limit = 32
-crop_scale = [0.5, 1.0]
-num_threads = 1
+max_train_samples = 32
+num_workers = 1
 prefetch = 2
+
+[aug]
+crop_scale = [0.5, 1.0]
 
 [masking]
 num_masking_patches = 6
 
 [train]
+drop_path_rate = 0.1
 epochs = 2
 batch_size = 16
 accum_steps = 2
@@ -155,7 +157,7 @@ fn loss_falls_resume_is_exact_and_the_export_loads_back() {
     let (head, tail) = ((l[0] + l[1]) / 2.0, (l[6] + l[7]) / 2.0);
     assert!(tail < head, "MIM loss did not fall: {l:?}");
     assert!(a.join("curves.png").is_file());
-    assert!(a.join("pretrain_config.toml").is_file());
+    assert!(a.join("config.toml").is_file());
 
     // Interrupted after 3 steps (mid-epoch), then resumed: the same losses, bit for bit.
     let b = tmp.path().join("b");
@@ -310,7 +312,7 @@ fn bad_input_gives_clear_errors() {
         &cfg,
         Some(&tok),
         &out_dir,
-        &["--set", "model.vocab_size=32"],
+        &["--set", "architecture.vocab_size=32"],
     ));
     assert!(
         e.contains("vocab_size = 32") && e.contains("16 codes"),
@@ -322,9 +324,9 @@ fn bad_input_gives_clear_errors() {
         &out_dir,
         &[
             "--set",
-            "model.image_size=32",
+            "architecture.image_size=32",
             "--set",
-            "data.second_size=16",
+            "aug.second_size=16",
         ],
     ));
     assert!(e.contains("second_size = 16"), "{e}");
@@ -341,5 +343,5 @@ fn bad_input_gives_clear_errors() {
         &out_dir,
         &["--set", "train.accum_steps=3"],
     ));
-    assert!(e.contains("multiple of accum_steps"), "{e}");
+    assert!(e.contains("multiple of train.accum_steps"), "{e}");
 }

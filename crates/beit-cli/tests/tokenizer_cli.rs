@@ -133,9 +133,9 @@ fn train_then_encode_with_the_trained_tokenizer_and_resume() {
     let config = dir.path().join("tiny.toml");
     std::fs::write(
         &config,
-        "[model]\nimage_size = 28\nchannels = 3\nvocab_size = 32\ndownsample = 4\nn_hid = 8\n\
-         n_init = 8\nn_blk_per_group = 1\n\n[train]\nsteps = 3\nbatch_size = 8\nlog_every = 1\n\
-         checkpoint_every = 2\n",
+        "[architecture]\nimage_size = 28\nchannels = 3\nvocab_size = 32\ndownsample = 4\n\
+         n_hid = 8\nn_init = 8\nn_blk_per_group = 1\n\n[data]\nmax_train_samples = 80\n\n\
+         [train]\nepochs = 1\nbatch_size = 8\nwarmup_steps = 2\nlog_every = 1\ncheckpoint_every = 2\n",
     )
     .unwrap();
     let out = dir.path().join("run");
@@ -149,13 +149,16 @@ fn train_then_encode_with_the_trained_tokenizer_and_resume() {
         "--output",
         out.to_str().unwrap(),
         "--quiet",
+        "--steps",
     ];
-    let stdout = ok(&args);
+    let mut first = args.to_vec();
+    first.push("3");
+    let stdout = ok(&first);
     assert!(stdout.contains("held-out MSE"), "{stdout}");
     for f in [
         "encoder.safetensors",
         "decoder.safetensors",
-        "checkpoint.safetensors",
+        "checkpoint-00000003",
         "eval.json",
         "metrics.jsonl",
         "reconstructions.png",
@@ -199,7 +202,7 @@ fn train_then_encode_with_the_trained_tokenizer_and_resume() {
 
     // Resume to 5 steps: continues from the checkpoint at step 3.
     let mut more = args.to_vec();
-    more.extend(["--resume", "--steps", "5"]);
+    more.extend(["5", "--resume"]);
     ok(&more);
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();

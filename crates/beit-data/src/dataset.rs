@@ -33,6 +33,11 @@ pub trait Dataset: Send + Sync {
         None
     }
 
+    /// The label of sample `index` without decoding it, where the dataset knows it cheaply.
+    fn label(&self, _index: usize) -> Option<u32> {
+        None
+    }
+
     /// A human-readable name of sample `index` (its path for files), used in skip reports.
     fn describe(&self, index: usize) -> String {
         format!("sample {index}")
@@ -42,6 +47,10 @@ pub trait Dataset: Send + Sync {
 impl Dataset for MnistSplit {
     fn len(&self) -> usize {
         MnistSplit::len(self)
+    }
+
+    fn label(&self, index: usize) -> Option<u32> {
+        (index < MnistSplit::len(self)).then(|| MnistSplit::label(self, index) as u32)
     }
 
     fn get(&self, index: usize) -> Result<Sample> {
@@ -75,6 +84,9 @@ impl<D: Dataset + ?Sized> Dataset for std::sync::Arc<D> {
     }
     fn class_names(&self) -> Option<Vec<String>> {
         (**self).class_names()
+    }
+    fn label(&self, index: usize) -> Option<u32> {
+        (**self).label(index)
     }
     fn describe(&self, index: usize) -> String {
         (**self).describe(index)

@@ -182,6 +182,10 @@ impl Dataset for ImageFolder {
         self.samples.len()
     }
 
+    fn label(&self, index: usize) -> Option<u32> {
+        self.samples.get(index).map(|s| s.1)
+    }
+
     fn get(&self, index: usize) -> Result<Sample> {
         let (path, label) = self.samples.get(index).ok_or(DataError::OutOfRange {
             index,

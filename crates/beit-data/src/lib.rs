@@ -29,10 +29,12 @@ pub mod image_folder;
 pub mod loader;
 pub mod mixup;
 pub mod normalize;
+pub mod processor;
 pub mod rand_augment;
 pub mod random_erasing;
 pub mod resize;
 pub mod sampler;
+pub mod source;
 pub mod transform;
 
 pub use color_jitter::{ColorJitter, JitterDraw, Op as JitterOp};
@@ -46,9 +48,13 @@ pub use image_folder::{ImageFolder, UnlabelledFolder};
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, SkippedSample};
 pub use mixup::Mixup;
 pub use normalize::{map_pixels, Chw, Normalize};
+pub use processor::{ImageProcessor, ProcessorTransform, TargetSize};
 pub use rand_augment::{AugOp, RandAugment};
 pub use random_erasing::{EraseMode, RandomErasing};
 pub use resize::{resize, resize_region, Filter};
+pub use source::{
+    fashion_mnist, first_per_class, limit, load_splits, open_images, DataConfig, Splits, Subset,
+};
 pub use transform::{
     EvalResize, EvalTransform, TrainTransform, Transform, TwoViewTransform, Views,
 };

@@ -8,7 +8,7 @@
 //! - [`mim_loss`] for the three [`MimTarget`]s of the paper's Table 4, built from differentiable
 //!   helpers ([`gather_masked_rows`], [`mim_cross_entropy`], [`patchify`], ...), plus
 //!   [`mlm_accuracy`] and the [`check_finite`] guard.
-//! - [`MimConfig`]: the serde section of a pre-training config (target + masking).
+//! - [`MaskingSpec`]: the `[masking]` table of a pre-training recipe, scaled to any patch grid.
 //!
 //! The crate works on tensors only: the model (`beit-model`) provides the `(B, N, C)` patch
 //! features and the `lm_head`.
@@ -35,7 +35,7 @@ mod sampler;
 pub mod stats;
 mod target;
 
-pub use config::MimConfig;
+pub use config::MaskingSpec;
 pub use error::{MimError, Result};
 pub use loss::{
     check_finite, gather_masked_labels, gather_masked_rows, gather_rows, masked_flat_indices,

@@ -178,6 +178,11 @@ impl Dvae {
         &self.cfg
     }
 
+    /// The parameters, for an optimizer (names as [`Dvae::named_vars`]).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
     /// Every trainable variable with its full name (`encoder.blocks...`, `decoder.blocks...`),
     /// sorted by name so that iteration order is deterministic.
     pub fn named_vars(&self) -> Vec<(String, Var)> {

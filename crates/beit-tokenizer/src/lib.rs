@@ -8,14 +8,14 @@
 //!   files with `dall_e`'s state-dict names ([`pkl::load_dalle_pkl`] reads OpenAI's pickles);
 //! - [`dvae`]: our own configurable dVAE, the same blocks at smaller widths, saved in the same
 //!   layout so that [`dalle::Encoder`] loads it;
-//! - [`train`]: its trainer (Gumbel-softmax relaxation, annealed temperature, KL to a uniform
-//!   prior, logit-Laplace / L1 / MSE reconstruction, AdamW with resumable state);
+//! - [`train`]: its training objective (Gumbel-softmax relaxation, annealed temperature, KL to a
+//!   uniform prior, logit-Laplace / L1 / MSE reconstruction); the optimisation itself is the
+//!   training engine's (`beit-train`), driven by `beit-recipes`' `train_tokenizer`;
 //! - [`pixels`]: `map_pixels` / `unmap_pixels` and image helpers.
 //!
 //! Sister crates: `beit-model` (the ViT), `beit-mim` (masking and the MIM head), `beit-data`,
-//! `beit-train`, `beit-cli`.
+//! `beit-train`, `beit-recipes`, `beit-cli`.
 
-pub mod adamw;
 pub mod blocks;
 pub mod dalle;
 pub mod dvae;
@@ -32,7 +32,7 @@ use candle::Tensor;
 pub use dalle::{Decoder, DecoderConfig, Encoder, EncoderConfig};
 pub use dvae::{Dvae, DvaeConfig};
 pub use error::{Result, TokenizerError};
-pub use train::{TrainConfig, Trainer};
+pub use train::{dvae_losses, GumbelConfig, Losses, ReconLoss};
 
 /// A frozen image tokenizer: mapped pixels in, one code id per position out.
 ///

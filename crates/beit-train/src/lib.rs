@@ -14,6 +14,9 @@
 //!        └──► param_groups::build_param_groups    layer id → lr scale d^(L+1-id); decay / no-decay
 //!                   │
 //!                   ▼
+//!  fit::fit(TrainLoop, task, epoch batches)      the one epoch loop: resume skip, short-epoch top-up,
+//!        │                                       stop-after, evaluation cadence, best-model hook
+//!        ▼
 //!  train_loop::TrainLoop ── owns ──► optimizer::AdamW        per-group lr/wd, f32 moments, saveable state
 //!        │                          schedule::CosineSchedule  per-step lr and wd (warm-up + cosine)
 //!        │                          accumulate::GradAccumulator  update_freq micro-batches
@@ -25,42 +28,47 @@
 //!        └── finish() ──► plot::plot_metrics                   curves.png from metrics.jsonl
 //! ```
 //!
-//! [`losses`] has the fine-tuning losses (label smoothing, soft targets) and top-k accuracy.
-//! [`precision::Precision`] tells the model which dtype to compute in (bf16 on CUDA with f32
-//! master weights, f32 on CPU); drop path and dropout belong to the model, which should draw its
-//! masks from the [`rng::TrainRng`] handed to its forward pass.
+//! [`losses`] has the fine-tuning losses (label smoothing, soft targets) and top-k accuracy,
+//! [`eval`] the classification metrics of an evaluation pass. [`precision::Precision`] tells the
+//! model which dtype to compute in (bf16 on CUDA with f32 master weights, f32 on CPU); drop path
+//! and dropout belong to the model, which seeds them from the [`rng::TrainRng`] that [`fit`]
+//! hands to every step ([`StepContext::rng`]).
 //!
-//! # A training command in outline
+//! # A training run in outline
 //!
 //! ```no_run
 //! # use beit_train::*;
 //! # fn model_loss(_: &candle_nn::VarMap, _: &Vec<f32>, _: &mut TrainRng) -> candle::Result<candle::Tensor> { todo!() }
 //! # fn main() -> anyhow::Result<()> {
+//! struct Task { varmap: candle_nn::VarMap }
+//! impl TrainTask for Task {
+//!     type Batch = Vec<f32>;
+//!     type Error = anyhow::Error;
+//!     fn train_step(&mut self, batch: Vec<f32>, ctx: &mut StepContext<'_>) -> anyhow::Result<StepOutput> {
+//!         let loss = model_loss(&self.varmap, &batch, ctx.rng)?;
+//!         Ok(StepOutput { loss, batch_size: 64, metrics: vec![] })
+//!     }
+//!     // evaluate() and on_best() have defaults (no evaluation).
+//! }
 //! let varmap = candle_nn::VarMap::new();
 //! // ... build the model through VarBuilder::from_varmap(&varmap, DType::F32, &device) ...
 //! init_beit(&varmap, &InitConfig::pretrain(12, 0.1), &mut TrainRng::derive(0, &[0]))?;
 //! let groups = build_param_groups(named_vars(&varmap), &GroupingConfig::pretrain(12))?;
 //! let cfg = TrainConfig {
-//!     epochs: 800, batches_per_epoch: 625, accum_steps: 1, lr: 1.5e-3, min_lr: 1e-5,
-//!     warmup_epochs: 10, warmup_steps: None, weight_decay: 0.05, weight_decay_end: None,
-//!     clip_grad: Some(3.0), adamw: AdamWConfig::default(), seed: 0, log_every: 10,
-//!     checkpoint_every: Some(1000), checkpoint_each_epoch: true, keep_last: 2,
-//!     show_progress: true,
+//!     epochs: 800, batches_per_epoch: 625, lr: 1.5e-3, min_lr: 1e-5, warmup_epochs: 10,
+//!     clip_grad: Some(3.0), checkpoint_each_epoch: true, show_progress: true,
+//!     ..TrainConfig::default()
 //! };
 //! let out = std::path::Path::new("runs/pretrain");
-//! let mut tl = TrainLoop::new(cfg, varmap.clone(), groups, out, serde_json::json!({}))?;
-//! while !tl.is_done() {
-//!     tl.run_epoch(
-//!         |pos, rng| -> anyhow::Result<Vec<f32>> { Ok(vec![]) /* load batch pos.batch_in_epoch of epoch pos.epoch */ },
-//!         |batch, rng| -> anyhow::Result<StepOutput> {
-//!             let loss = model_loss(&varmap, batch, rng)?;
-//!             Ok(StepOutput { loss, batch_size: 64, metrics: vec![] })
-//!         },
-//!     )?;
-//!     // evaluate, then: tl.record_eval(&[("acc1", 0.5)], Some(&BestMetric { name: "acc1".into(), higher_is_better: true }))?;
-//! }
-//! let summary = tl.finish()?;
-//! # let _ = summary; Ok(()) }
+//! let tl = TrainLoop::new(cfg, varmap.clone(), groups, out, serde_json::json!({}))?;
+//! let done = fit(
+//!     tl,
+//!     &mut Task { varmap },
+//!     // The micro-batches of an epoch: a function of the epoch (and the seed) only.
+//!     |epoch| Ok((0..625).map(move |i| Ok(vec![epoch as f32, i as f32]))),
+//!     &FitOptions::default(),
+//! )?;
+//! # let _ = done; Ok(()) }
 //! ```
 //!
 //! Resuming is the same with [`TrainLoop::resume`] in place of [`TrainLoop::new`]; the loop
@@ -84,6 +92,8 @@ mod adamw_cpu;
 pub mod checkpoint;
 pub mod clip;
 pub mod error;
+pub mod eval;
+pub mod fit;
 pub mod init;
 pub mod losses;
 pub mod metrics;
@@ -102,8 +112,12 @@ pub use checkpoint::{
 };
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use error::{Result, TrainError};
+pub use eval::{ClassificationMetrics, EvalAccumulator};
+pub use fit::{fit, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask};
 pub use init::{init_beit, InitConfig, Truncation};
-pub use losses::{label_smoothing_cross_entropy, soft_target_cross_entropy, topk_accuracy};
+pub use losses::{
+    label_smoothing_cross_entropy, soft_target_cross_entropy, target_rank, topk_accuracy,
+};
 pub use metrics::{read_jsonl, MetricAverager, MetricsWriter, Throughput};
 pub use optimizer::{AdamW, AdamWConfig, StepStats};
 pub use param_groups::{build_param_groups, layer_id, named_vars, GroupingConfig, ParamGroup};

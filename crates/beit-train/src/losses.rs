@@ -76,18 +76,23 @@ pub fn topk_accuracy(logits: &Tensor, targets: &Tensor, ks: &[usize]) -> Result<
     if n == 0 {
         return Ok(vec![0.0; ks.len()]);
     }
-    let logits = logits.detach().to_dtype(DType::F32)?;
-    let idx = targets.to_dtype(DType::U32)?.unsqueeze(1)?;
-    let target_logit = logits.gather(&idx, 1)?;
-    // Number of classes scoring strictly higher than the target: its 0-based rank.
-    let rank = logits
-        .broadcast_gt(&target_logit)?
-        .to_dtype(DType::F32)?
-        .sum(D::Minus1)?;
+    let rank = target_rank(logits, targets)?;
     ks.iter()
         .map(|&k| {
             let hit = rank.lt(k as f64)?.to_dtype(DType::F32)?.mean_all()?;
             Ok(hit.to_scalar::<f32>()? as f64)
         })
         .collect()
+}
+
+/// The 0-based rank of each row's target among its logits: how many classes score strictly
+/// higher (`(N,)`, f32, on the logits' device; a target tied with others ranks first).
+pub fn target_rank(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = logits.detach().to_dtype(DType::F32)?;
+    let idx = targets.to_dtype(DType::U32)?.unsqueeze(1)?;
+    let target_logit = logits.gather(&idx, 1)?;
+    Ok(logits
+        .broadcast_gt(&target_logit)?
+        .to_dtype(DType::F32)?
+        .sum(D::Minus1)?)
 }

@@ -108,6 +108,34 @@ fn default_keep_last() -> usize {
     2
 }
 
+impl Default for TrainConfig {
+    /// One epoch of one micro-batch per step at lr 1e-3 (cosine to 0 without warm-up), weight
+    /// decay 0.05 constant, no clipping, default AdamW betas, seed 0, a log line every 10 steps,
+    /// no intermediate checkpoints (the last step is always saved), 2 step checkpoints kept, no
+    /// progress bar. Set `batches_per_epoch` and `epochs` for a real run.
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batches_per_epoch: 1,
+            accum_steps: 1,
+            lr: 1e-3,
+            min_lr: 0.0,
+            warmup_epochs: 0,
+            warmup_steps: None,
+            weight_decay: 0.05,
+            weight_decay_end: None,
+            clip_grad: None,
+            adamw: AdamWConfig::default(),
+            seed: 0,
+            log_every: default_log_every(),
+            checkpoint_every: None,
+            checkpoint_each_epoch: false,
+            keep_last: default_keep_last(),
+            show_progress: false,
+        }
+    }
+}
+
 impl TrainConfig {
     /// Optimizer steps per epoch.
     pub fn steps_per_epoch(&self) -> u64 {
@@ -266,7 +294,6 @@ pub struct TrainLoop {
     progress: TrainProgress,
     last_saved: Option<(u64, PathBuf)>,
     warned_missing_grads: bool,
-    last_epoch_means: Option<(u64, BTreeMap<String, f64>)>,
 }
 
 impl std::fmt::Debug for TrainLoop {
@@ -413,7 +440,6 @@ impl TrainLoop {
             progress,
             last_saved: None,
             warned_missing_grads: false,
-            last_epoch_means: None,
         })
     }
 
@@ -608,7 +634,6 @@ impl TrainLoop {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            self.last_epoch_means = Some((epoch, means));
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;
         }
@@ -636,29 +661,6 @@ impl TrainLoop {
             images_per_sec,
             epoch_end,
             checkpoint,
-        })
-    }
-
-    /// Run micro-batches until the current epoch ends (or the run is done). `next_batch` gets
-    /// the position and the run's generator and returns the micro-batch; `forward` computes its
-    /// loss. Returns the epoch's mean metrics (as in the `epoch` record).
-    pub fn run_epoch<B, E>(
-        &mut self,
-        mut next_batch: impl FnMut(Position, &mut TrainRng) -> std::result::Result<B, E>,
-        mut forward: impl FnMut(&B, &mut TrainRng) -> std::result::Result<StepOutput, E>,
-    ) -> std::result::Result<BTreeMap<String, f64>, E>
-    where
-        E: From<TrainError>,
-    {
-        let epoch = self.state.epoch;
-        while !self.is_done() && self.state.epoch == epoch {
-            let batch = next_batch(self.position(), &mut self.rng)?;
-            let out = forward(&batch, &mut self.rng)?;
-            self.micro_step(out)?;
-        }
-        Ok(match &self.last_epoch_means {
-            Some((e, m)) if *e == epoch => m.clone(),
-            _ => BTreeMap::new(),
         })
     }
 

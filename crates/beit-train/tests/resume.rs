@@ -7,9 +7,12 @@
 
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use beit_train::{
-    build_param_groups, init_beit, named_vars, read_jsonl, AdamWConfig, GroupingConfig, InitConfig,
-    Position, StepOutput, TrainConfig, TrainLoop, TrainRng,
+    build_param_groups, fit, init_beit, named_vars, read_jsonl, AdamWConfig, BestMetric,
+    FitOptions, FitOutcome, GroupingConfig, InitConfig, Position, StepContext, StepOutput,
+    TrainConfig, TrainLoop, TrainRng, TrainTask,
 };
 use candle::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarMap};
@@ -65,8 +68,10 @@ struct Batch {
     y: Tensor,
 }
 
-fn next_batch(_pos: Position, rng: &mut TrainRng) -> anyhow::Result<Batch> {
+/// Micro-batch `index` of `epoch`: a function of its position only, as `fit` requires.
+fn next_batch(epoch: u64, index: u64) -> anyhow::Result<Batch> {
     use rand::Rng;
+    let rng = &mut TrainRng::derive(42, &[epoch, index]);
     let x = rng.normal_tensor((BATCH, IN), &Device::Cpu)?;
     let y: Vec<u32> = (0..BATCH)
         .map(|_| rng.random_range(0..OUT as u32))
@@ -104,6 +109,62 @@ fn forward(vm: &VarMap, b: &Batch, rng: &mut TrainRng) -> anyhow::Result<StepOut
         batch_size: BATCH,
         metrics: vec![("acc1".into(), acc as f64)],
     })
+}
+
+/// The toy MLP as a task, evaluated on a fixed batch.
+struct Mlp<'a> {
+    vm: &'a VarMap,
+    evals: Vec<u64>,
+    best_calls: Vec<u64>,
+}
+
+impl TrainTask for Mlp<'_> {
+    type Batch = Batch;
+    type Error = anyhow::Error;
+
+    fn train_step(&mut self, b: Batch, ctx: &mut StepContext<'_>) -> anyhow::Result<StepOutput> {
+        forward(self.vm, &b, ctx.rng)
+    }
+
+    fn evaluate(&mut self) -> anyhow::Result<Vec<(String, f64)>> {
+        let out = forward(
+            self.vm,
+            &next_batch(999, 0)?,
+            &mut TrainRng::seed_from_u64(0),
+        )?;
+        self.evals
+            .push(out.loss.to_scalar::<f32>()?.to_bits() as u64);
+        Ok(vec![(
+            "val_loss".into(),
+            out.loss.to_scalar::<f32>()? as f64,
+        )])
+    }
+
+    fn on_best(&mut self, _: &BTreeMap<String, f64>, at: Position) -> anyhow::Result<()> {
+        self.best_calls.push(at.step);
+        Ok(())
+    }
+}
+
+/// Run `tl` to the end (or `opts.stop_after`) with [`fit`].
+fn run_fit<'a>(
+    tl: TrainLoop,
+    vm: &'a VarMap,
+    opts: &FitOptions,
+) -> anyhow::Result<(FitOutcome, Mlp<'a>)> {
+    let mut task = Mlp {
+        vm,
+        evals: vec![],
+        best_calls: vec![],
+    };
+    let per_epoch = tl.config().batches_per_epoch;
+    let out = fit(
+        tl,
+        &mut task,
+        |epoch| Ok((0..per_epoch).map(move |i| next_batch(epoch, i))),
+        opts,
+    )?;
+    Ok((out, task))
 }
 
 fn groups(vm: &VarMap) -> Vec<beit_train::ParamGroup> {
@@ -163,24 +224,17 @@ fn resumed_run_reproduces_uninterrupted_run_bit_for_bit() -> anyhow::Result<()> 
     // Uninterrupted run.
     let dir_a = tempfile::tempdir()?;
     let vm_a = make_model(7);
-    let mut tl = TrainLoop::new(
+    let tl = TrainLoop::new(
         config(),
         vm_a.clone(),
         groups(&vm_a),
         dir_a.path(),
         serde_json::json!({}),
     )?;
-    let mut losses = Vec::new();
-    while !tl.is_done() {
-        let b = next_batch(tl.position(), tl.rng())?;
-        let out = forward(&vm_a, &b, tl.rng())?;
-        if let Some(r) = tl.micro_step(out)? {
-            losses.push(r.loss);
-        }
-    }
-    let summary = tl.finish()?;
+    let (done, _) = run_fit(tl, &vm_a, &FitOptions::default())?;
+    let summary = done.summary;
+    assert!(done.finished);
     assert_eq!(summary.steps, 6);
-    assert_eq!(losses.len(), 6);
     let curve_a = curve(dir_a.path());
     assert_eq!(curve_a.len(), 6);
     // It learns something and the lr follows the warm-up.
@@ -198,17 +252,18 @@ fn resumed_run_reproduces_uninterrupted_run_bit_for_bit() -> anyhow::Result<()> 
             dir_b.path(),
             serde_json::json!({}),
         )?;
-        while tl.state().step < 4 {
-            tl.run_epoch(next_batch, |b, r| forward(&vm_b, b, r))?;
+        // Driven by hand through the step API, then killed mid-accumulation.
+        while tl.state().step < 4 || tl.position().batch_in_epoch % 2 == 0 {
+            let pos = tl.position();
+            let b = next_batch(pos.epoch, pos.batch_in_epoch)?;
+            let out = forward(&vm_b, &b, tl.rng())?;
+            tl.micro_step(out)?;
         }
-        let b = next_batch(tl.position(), tl.rng())?;
-        let out = forward(&vm_b, &b, tl.rng())?;
-        assert!(tl.micro_step(out)?.is_none());
         // Dropped without finish(): like a killed process.
     }
     assert_eq!(curve(dir_b.path()).len(), 4);
     let vm_c = make_model(12345); // different values: must be overwritten by the checkpoint
-    let mut tl = TrainLoop::resume(
+    let tl = TrainLoop::resume(
         config(),
         vm_c.clone(),
         groups(&vm_c),
@@ -219,10 +274,7 @@ fn resumed_run_reproduces_uninterrupted_run_bit_for_bit() -> anyhow::Result<()> 
     assert_eq!(tl.state().step, 3);
     assert_eq!(tl.position().epoch, 1);
     assert_eq!(tl.position().batch_in_epoch, 2);
-    while !tl.is_done() {
-        tl.run_epoch(next_batch, |b, r| forward(&vm_c, b, r))?;
-    }
-    tl.finish()?;
+    run_fit(tl, &vm_c, &FitOptions::default())?;
     // A fresh run into a directory with checkpoints is refused.
     let vm_d = make_model(1);
     let e = TrainLoop::new(
@@ -247,7 +299,7 @@ fn resumed_run_reproduces_uninterrupted_run_bit_for_bit() -> anyhow::Result<()> 
     // Resuming run A from its older checkpoint (step 3, explicit path) replays the same
     // continuation: the stale step-6 checkpoint and the later records are replaced.
     let vm_e = make_model(777);
-    let mut tl = TrainLoop::resume(
+    let tl = TrainLoop::resume(
         config(),
         vm_e.clone(),
         groups(&vm_e),
@@ -255,10 +307,7 @@ fn resumed_run_reproduces_uninterrupted_run_bit_for_bit() -> anyhow::Result<()> 
         &dir_a.path().join("checkpoint-00000003"),
         serde_json::json!({}),
     )?;
-    while !tl.is_done() {
-        tl.run_epoch(next_batch, |b, r| forward(&vm_e, b, r))?;
-    }
-    tl.finish()?;
+    run_fit(tl, &vm_e, &FitOptions::default())?;
     assert_eq!(curve_a, curve(dir_a.path()));
     assert_eq!(weights(&vm_a), weights(&vm_e));
 
@@ -285,7 +334,10 @@ fn best_checkpoint_and_non_finite_loss() -> anyhow::Result<()> {
         dir.path(),
         serde_json::json!({"model": "mlp"}),
     )?;
-    tl.run_epoch(next_batch, |b, r| forward(&vm, b, r))?;
+    for i in 0..4 {
+        let out = forward(&vm, &next_batch(0, i)?, tl.rng())?;
+        tl.micro_step(out)?;
+    }
     let best = beit_train::BestMetric {
         name: "acc1".into(),
         higher_is_better: true,
@@ -306,5 +358,109 @@ fn best_checkpoint_and_non_finite_loss() -> anyhow::Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("non-finite loss at step 2"), "{e}");
+    Ok(())
+}
+
+/// `fit`: evaluation every epoch and at the end, the best-model hook, `stop_after`, and a resumed
+/// run that evaluates the epoch whose evaluation was lost and recovers the best value from the log.
+#[test]
+fn fit_evaluates_tracks_the_best_and_stops_after() -> anyhow::Result<()> {
+    let opts = FitOptions {
+        eval_every: Some(1),
+        best: Some(BestMetric {
+            name: "val_loss".into(),
+            higher_is_better: false,
+        }),
+        stop_after: None,
+    };
+    let mut cfg = config();
+    cfg.checkpoint_each_epoch = true;
+    // Uninterrupted: 3 epochs of 2 steps, an evaluation after each.
+    let dir_a = tempfile::tempdir()?;
+    let vm_a = make_model(3);
+    let tl = TrainLoop::new(
+        cfg.clone(),
+        vm_a.clone(),
+        groups(&vm_a),
+        dir_a.path(),
+        serde_json::json!({}),
+    )?;
+    let (done_a, task_a) = run_fit(tl, &vm_a, &opts)?;
+    assert_eq!(task_a.evals.len(), 3);
+    assert_eq!(done_a.last_eval.as_ref().unwrap().epochs_done, 3);
+    assert!(!task_a.best_calls.is_empty() && task_a.best_calls[0] == 2);
+    let best_a = done_a.best_eval.clone().unwrap();
+
+    // Stopped after 3 steps (mid-epoch 1), then resumed to the end with the same results.
+    let dir_b = tempfile::tempdir()?;
+    let vm_b = make_model(3);
+    let tl = TrainLoop::new(
+        cfg.clone(),
+        vm_b.clone(),
+        groups(&vm_b),
+        dir_b.path(),
+        serde_json::json!({}),
+    )?;
+    let (done, task) = run_fit(
+        tl,
+        &vm_b,
+        &FitOptions {
+            stop_after: Some(3),
+            ..opts.clone()
+        },
+    )?;
+    assert!(!done.finished);
+    assert_eq!(done.summary.steps, 3);
+    assert_eq!(task.evals.len(), 1);
+    let tl = TrainLoop::resume(
+        cfg.clone(),
+        vm_b.clone(),
+        groups(&vm_b),
+        dir_b.path(),
+        dir_b.path(),
+        serde_json::json!({}),
+    )?;
+    let (done_b, task_b) = run_fit(tl, &vm_b, &opts)?;
+    assert!(done_b.finished);
+    assert_eq!(task_b.evals, task_a.evals[1..].to_vec());
+    // The resumed run recovers the best evaluation from metrics.jsonl (JSON keeps ~17 digits).
+    let best_b = done_b.best_eval.unwrap();
+    assert_eq!(
+        (best_b.step, best_b.epochs_done),
+        (best_a.step, best_a.epochs_done)
+    );
+    let (vb, va) = (best_b.metrics["val_loss"], best_a.metrics["val_loss"]);
+    assert!((vb - va).abs() <= 1e-12 * va.abs(), "{vb} vs {va}");
+    assert_eq!(curve(dir_a.path()), curve(dir_b.path()));
+    assert_eq!(weights(&vm_a), weights(&vm_b));
+
+    // Killed during the evaluation that follows epoch 0 (its checkpoint is written, its eval
+    // record is not): the resumed run evaluates first.
+    let dir_c = tempfile::tempdir()?;
+    let vm_c = make_model(3);
+    {
+        let mut tl = TrainLoop::new(
+            cfg.clone(),
+            vm_c.clone(),
+            groups(&vm_c),
+            dir_c.path(),
+            serde_json::json!({}),
+        )?;
+        while tl.position().epoch == 0 {
+            let pos = tl.position();
+            let out = forward(&vm_c, &next_batch(pos.epoch, pos.batch_in_epoch)?, tl.rng())?;
+            tl.micro_step(out)?;
+        }
+    }
+    let tl = TrainLoop::resume(
+        cfg,
+        vm_c.clone(),
+        groups(&vm_c),
+        dir_c.path(),
+        dir_c.path(),
+        serde_json::json!({}),
+    )?;
+    let (_, task_c) = run_fit(tl, &vm_c, &opts)?;
+    assert_eq!(task_c.evals, task_a.evals);
     Ok(())
 }

@@ -8,8 +8,9 @@ use beit_model::{
 };
 use beit_train::init::InitKind;
 use beit_train::{
-    build_param_groups, init_beit, named_vars, read_jsonl, AdamWConfig, GroupingConfig, InitConfig,
-    Position, StepOutput, TrainConfig, TrainLoop, TrainRng,
+    build_param_groups, fit, init_beit, named_vars, read_jsonl, AdamWConfig, FitOptions,
+    GroupingConfig, InitConfig, Position, StepContext, StepOutput, TrainConfig, TrainLoop,
+    TrainRng, TrainTask,
 };
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -82,7 +83,7 @@ fn rules_cover_every_model_parameter() -> anyhow::Result<()> {
     assert_eq!(
         count,
         4 + 1 + 17 * L + 4,
-        "MIM parameter count (beit-reference §3.2 layout)"
+        "MIM parameter count (classic transformers layout)"
     );
 
     let vm = VarMap::new();
@@ -180,6 +181,38 @@ fn forward(
     })
 }
 
+/// The MIM model as a task for [`fit`].
+struct Mim<'a>(&'a BeitForMaskedImageModeling);
+
+impl TrainTask for Mim<'_> {
+    type Batch = Batch;
+    type Error = anyhow::Error;
+
+    fn train_step(&mut self, b: Batch, ctx: &mut StepContext<'_>) -> anyhow::Result<StepOutput> {
+        forward(self.0, &b, ctx.rng)
+    }
+}
+
+/// Run `tl` with [`fit`] to the end.
+fn run(tl: TrainLoop, model: &BeitForMaskedImageModeling) -> anyhow::Result<()> {
+    let per_epoch = tl.config().batches_per_epoch;
+    fit(
+        tl,
+        &mut Mim(model),
+        |epoch| {
+            Ok((0..per_epoch).map(move |i| {
+                batch(Position {
+                    step: 0,
+                    epoch,
+                    batch_in_epoch: i,
+                })
+            }))
+        },
+        &FitOptions::default(),
+    )?;
+    Ok(())
+}
+
 fn losses(dir: &std::path::Path) -> Vec<u64> {
     read_jsonl(&dir.join("metrics.jsonl"))
         .unwrap()
@@ -199,17 +232,14 @@ fn mim_training_updates_everything_and_resumes_exactly() -> anyhow::Result<()> {
         .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
         .collect();
     let groups = build_param_groups(named_vars(&vm), &GroupingConfig::pretrain(L))?;
-    let mut tl = TrainLoop::new(
+    let tl = TrainLoop::new(
         config(epochs),
         vm.clone(),
         groups,
         dir_a.path(),
         serde_json::json!({}),
     )?;
-    while !tl.is_done() {
-        tl.run_epoch(|p, _| batch(p), |b, r| forward(&model, b, r))?;
-    }
-    tl.finish()?;
+    run(tl, &model)?;
     for (name, old) in &before {
         let new: Vec<f32> = beit_train::init::var_values(&vm, name)?;
         assert_ne!(&new, old, "`{name}` was not updated");
@@ -220,7 +250,8 @@ fn mim_training_updates_everything_and_resumes_exactly() -> anyhow::Result<()> {
     let last = f64::from_bits(la[7]);
     assert!(last < first, "loss did not fall: {first} -> {last}");
 
-    // Interrupted after 4 steps (checkpoint at 3), resumed into a fresh model.
+    // Interrupted after 4 steps (checkpoint at 3; the finished step 4 is lost), resumed into a
+    // fresh model.
     let dir_b = tempfile::tempdir()?;
     {
         let (vm, model) = mim_model(1);
@@ -233,12 +264,14 @@ fn mim_training_updates_everything_and_resumes_exactly() -> anyhow::Result<()> {
             serde_json::json!({}),
         )?;
         while tl.state().step < 4 {
-            tl.run_epoch(|p, _| batch(p), |b, r| forward(&model, b, r))?;
+            let b = batch(tl.position())?;
+            let out = forward(&model, &b, tl.rng())?;
+            tl.micro_step(out)?;
         }
     }
     let (vm_c, model_c) = mim_model(2);
     let groups = build_param_groups(named_vars(&vm_c), &GroupingConfig::pretrain(L))?;
-    let mut tl = TrainLoop::resume(
+    let tl = TrainLoop::resume(
         config(epochs),
         vm_c.clone(),
         groups,
@@ -246,10 +279,7 @@ fn mim_training_updates_everything_and_resumes_exactly() -> anyhow::Result<()> {
         dir_b.path(),
         serde_json::json!({}),
     )?;
-    while !tl.is_done() {
-        tl.run_epoch(|p, _| batch(p), |b, r| forward(&model_c, b, r))?;
-    }
-    tl.finish()?;
+    run(tl, &model_c)?;
     assert_eq!(la, losses(dir_b.path()));
     for (name, _) in &before {
         assert_eq!(

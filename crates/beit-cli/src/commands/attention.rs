@@ -9,8 +9,8 @@ use beit_model::ForwardOptions;
 use clap::Args;
 use image::{Rgb, RgbImage};
 
-use crate::device::parse_device;
-use crate::model_source::load_model;
+use beit_recipes::load_model;
+use beit_recipes::parse_device;
 
 /// Draw self-attention maps of a query patch (or CLS) over an image.
 ///

@@ -313,7 +313,7 @@ impl BenchOptimizer {
 
 /// Run the command.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let dev = crate::device::parse_device(&args.device)?;
+    let dev = beit_recipes::parse_device(&args.device)?;
     let cfg = resolve_config(&args.model, args.mode, args.image_size)?;
     if let Some(path) = &args.dump_config {
         let text = serde_json::to_string_pretty(&cfg)?;

@@ -9,8 +9,8 @@ use candle::{Tensor, D};
 use clap::Args;
 use serde::Serialize;
 
-use crate::device::parse_device;
-use crate::model_source::load_model;
+use beit_recipes::load_model;
+use beit_recipes::parse_device;
 
 /// Classify images with a BEiT classifier.
 ///

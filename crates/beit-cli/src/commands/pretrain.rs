@@ -1,14 +1,20 @@
-//! `beit-cli pretrain`: masked-image-modeling pre-training (see [`crate::pretraining`]).
+//! `beit-cli pretrain`: masked-image-modeling pre-training (`beit_recipes::pretrain`).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
+use beit_recipes::{pretrain, PretrainConfig, PretrainJob};
 use clap::Args;
 
-use crate::pretraining::{pretrain, PretrainConfig, PretrainJob, FLAG_KEYS};
-use crate::training::{CommonArgs, ResumeArg};
+use crate::args::{path_value, CommonArgs, ResumeArg};
 
-/// Arguments of `beit-cli pretrain`.
+/// Masked-image-modeling pre-training (the paper's recipe; random-masking, pixel-regression and
+/// all-tokens ablations through `masking.strategy` and `objective.target`).
+///
+/// Settings: `--config configs/pretrain_*.toml` (omitted fields: the paper's BEiT-base recipe),
+/// `--set` overrides, then flags. `--model` starts from a MIM checkpoint's weights. The run
+/// directory gets `config.toml`, `metrics.jsonl`, `curves.png`, checkpoints and, at the end,
+/// `model/` (BeitForMaskedImageModeling in Hugging Face layout, ready for `finetune --model`).
 ///
 /// Example: `beit-cli pretrain --config configs/pretrain_fashion_mnist.toml --data fashion-mnist
 /// --tokenizer runs/tokenizer-fmnist --output runs/pretrain-fmnist`.
@@ -25,6 +31,9 @@ pub struct PretrainArgs {
     /// Stop (with a checkpoint) after this many optimizer steps; continue later with --resume.
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
     /// No progress bar (logs only).
     #[arg(long)]
     quiet: bool,
@@ -32,23 +41,23 @@ pub struct PretrainArgs {
 
 /// Run the command.
 pub fn run(args: PretrainArgs) -> Result<()> {
-    let mut flags = args.common.flag_overrides(&FLAG_KEYS);
-    if let Some(t) = &args.tokenizer {
-        flags.push((
-            "tokenizer".into(),
-            toml::Value::String(t.display().to_string()),
-        ));
+    let extra = args
+        .tokenizer
+        .iter()
+        .map(|t| ("tokenizer".to_string(), path_value(t)))
+        .collect();
+    let config: PretrainConfig = args.common.resolve(extra)?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
     }
-    let config: PretrainConfig =
-        crate::training::load_config(args.common.config.as_deref(), &args.common.set, &flags)?;
     let resume = args.resume.checkpoint(&config.output);
-    let job = PretrainJob {
+    let out = pretrain(&PretrainJob {
         config,
         resume,
         progress: !args.quiet,
         stop_after: args.stop_after,
-    };
-    let out = pretrain(&job)?;
+    })?;
     let acc = out
         .last_mlm_acc
         .map(|a| format!(", masked-token accuracy {:.1}%", 100.0 * a))
@@ -58,9 +67,10 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         out.num_params as f64 / 1e6,
         out.steps,
         out.seconds,
-        out.first_loss, out.last_loss
+        out.first_loss,
+        out.last_loss
     );
-    match out.export_dir.as_ref().filter(|_| out.finished) {
+    match &out.export_dir {
         Some(dir) => println!(
             "model (BeitForMaskedImageModeling, HF layout): {}\nmetrics: {}{}",
             dir.display(),

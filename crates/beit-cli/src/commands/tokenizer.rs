@@ -4,18 +4,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use beit_recipes::config::load_config;
+use beit_recipes::tokenizer::{read_weights, side_by_side};
+use beit_recipes::{train_tokenizer, TokenizerConfig, TokenizerJob};
 use beit_tokenizer::dvae::{DECODER_FILE, ENCODER_FILE};
 use beit_tokenizer::pixels::{
     image_to_tensor, map_pixels, open_image, resize_lanczos, save_image, tensor_to_image,
 };
-use beit_tokenizer::train::{mean_image_mse, TokenizerTrainFile};
-use beit_tokenizer::weights::WeightsFile;
-use beit_tokenizer::{Decoder, Encoder, Trainer, VisualTokenizer};
+use beit_tokenizer::{Decoder, Encoder, VisualTokenizer};
 use candle::{Device, Tensor};
 use clap::{Args, Subcommand};
 use image::RgbImage;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 
 /// Visual tokenizer commands.
 #[derive(Subcommand, Debug)]
@@ -71,10 +70,10 @@ pub struct ReconstructArgs {
     pub image: PathBuf,
 }
 
-/// `tokenizer train`.
+/// `tokenizer train`: train our own dVAE (`beit_recipes::train_tokenizer`).
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Training configuration (TOML with `[model]` and `[train]`), e.g.
+    /// Training recipe (TOML with `[architecture]`, `[objective]` and `[train]`), e.g.
     /// `configs/tokenizer_fashion_mnist.toml`.
     #[arg(long)]
     pub config: PathBuf,
@@ -82,16 +81,20 @@ pub struct TrainArgs {
     /// folder with the four Fashion-MNIST IDX files, or a folder of images (10% held out).
     #[arg(long)]
     pub data: String,
-    /// Output folder: encoder/decoder safetensors, checkpoint, metrics.jsonl, eval.json and
-    /// reconstructions.png.
+    /// Output folder: encoder/decoder safetensors, checkpoints, metrics.jsonl, curves.png,
+    /// eval.json and reconstructions.png.
     #[arg(long)]
     pub output: PathBuf,
-    /// Continue from `OUTPUT/checkpoint.safetensors` if it exists.
+    /// Continue from the newest checkpoint in OUTPUT if there is one.
     #[arg(long)]
     pub resume: bool,
-    /// Override `[train] steps`.
+    /// Stop after this many optimizer steps (the schedule stays the recipe's); the weights at
+    /// that point are exported.
     #[arg(long)]
-    pub steps: Option<usize>,
+    pub steps: Option<u64>,
+    /// Override a recipe value, e.g. `--set train.epochs=4`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Device: cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -106,22 +109,6 @@ pub fn run(command: TokenizerCommand) -> Result<()> {
         TokenizerCommand::Encode(a) => encode(a),
         TokenizerCommand::Reconstruct(a) => reconstruct(a),
         TokenizerCommand::Train(a) => train(a),
-    }
-}
-
-/// Read weights from safetensors, or from a pickled whole module (`.pkl`/`.pt`, OpenAI's format).
-pub(crate) fn read_weights(path: &Path, device: &Device) -> Result<WeightsFile> {
-    let is_pkl = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("pkl") || e.eq_ignore_ascii_case("pt"));
-    if is_pkl {
-        let tensors = beit_tokenizer::pkl::load_dalle_pkl(path)?
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_device(device)?)))
-            .collect::<Result<_>>()?;
-        Ok(WeightsFile::from_tensors(path, tensors))
-    } else {
-        Ok(WeightsFile::read(path, device)?)
     }
 }
 
@@ -149,7 +136,7 @@ fn input_size(arg: Option<u32>, enc: &Encoder) -> Result<u32> {
 }
 
 fn encode(args: EncodeArgs) -> Result<()> {
-    let device = crate::device::parse_device(&args.device)?;
+    let device = beit_recipes::parse_device(&args.device)?;
     let enc = load_encoder(&args.weights, &device)?;
     let size = input_size(args.size, &enc)?;
     let mut results = Vec::with_capacity(args.images.len());
@@ -185,7 +172,7 @@ fn encode(args: EncodeArgs) -> Result<()> {
 }
 
 fn reconstruct(args: ReconstructArgs) -> Result<()> {
-    let device = crate::device::parse_device(&args.device)?;
+    let device = beit_recipes::parse_device(&args.device)?;
     let enc = load_encoder(&args.weights, &device)?;
     let dw = read_weights(&args.decoder, &device)?;
     let dec = Decoder::from_weights(&dw)
@@ -215,284 +202,46 @@ fn reconstruct(args: ReconstructArgs) -> Result<()> {
 }
 
 /// Top row `a`, bottom row `b` (pairs side by side when there is one of each).
-fn side_by_side(a: &[RgbImage], b: &[RgbImage]) -> RgbImage {
-    let (w, h) = a[0].dimensions();
-    let gap = 2;
-    if a.len() == 1 {
-        let mut out = RgbImage::from_pixel(2 * w + gap, h, image::Rgb([255, 255, 255]));
-        image::imageops::replace(&mut out, &a[0], 0, 0);
-        image::imageops::replace(&mut out, &b[0], (w + gap) as i64, 0);
-        return out;
-    }
-    let n = a.len() as u32;
-    let mut out = RgbImage::from_pixel(n * (w + gap), 2 * h + gap, image::Rgb([255, 255, 255]));
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        let left = (i as u32 * (w + gap)) as i64;
-        image::imageops::replace(&mut out, x, left, 0);
-        image::imageops::replace(&mut out, y, left, (h + gap) as i64);
-    }
-    out
-}
-
-/// Training and held-out images, `(N, C, S, S)` in `[0, 1]`.
-struct Data {
-    train: Tensor,
-    test: Tensor,
-    what: String,
-}
-
-fn load_data(spec: &str, channels: usize, size: usize, device: &Device) -> Result<Data> {
-    let path = Path::new(spec);
-    let fmnist = if spec == "fashion-mnist" {
-        Some(beit_data::FashionMnist::embedded()?)
-    } else if path.join("train-images-idx3-ubyte.gz").exists()
-        || path.join("train-images-idx3-ubyte").exists()
-    {
-        Some(beit_data::FashionMnist::from_dir(path)?)
-    } else {
-        None
-    };
-    if let Some(ds) = fmnist {
-        if size != beit_data::fashion_mnist::SIDE {
-            bail!(
-                "Fashion-MNIST images are {0}x{0} but the config's model.image_size is {size}",
-                beit_data::fashion_mnist::SIDE
-            );
-        }
-        let to = |split: &beit_data::MnistSplit| -> Result<Tensor> {
-            let (x, _) = split.to_tensors(device)?;
-            Ok(if channels == 3 {
-                x.repeat((1, 3, 1, 1))?
-            } else {
-                x
-            })
-        };
-        return Ok(Data {
-            train: to(&ds.train)?,
-            test: to(&ds.test)?,
-            what: format!(
-                "Fashion-MNIST ({} train / {} held-out images)",
-                ds.train.len(),
-                ds.test.len()
-            ),
-        });
-    }
-    if !path.is_dir() {
-        bail!("--data {spec}: expected `fashion-mnist` or a folder (of images or Fashion-MNIST IDX files)");
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|e| {
-                matches!(
-                    e.to_ascii_lowercase().to_str(),
-                    Some("png" | "jpg" | "jpeg" | "bmp" | "webp" | "gif")
-                )
-            })
-        })
-        .collect();
-    files.sort();
-    if files.len() < 2 {
-        bail!(
-            "--data {spec}: found {} images, need at least 2",
-            files.len()
-        );
-    }
-    let mut tensors = Vec::with_capacity(files.len());
-    for f in &files {
-        let img = resize_lanczos(&open_image(f)?.to_rgb8(), size as u32)?;
-        tensors.push(image_to_tensor(&img, channels, device)?);
-    }
-    let n_test = (files.len() / 10).max(1);
-    let all = Tensor::stack(&tensors, 0)?;
-    let n_train = files.len() - n_test;
-    Ok(Data {
-        train: all.narrow(0, 0, n_train)?,
-        test: all.narrow(0, n_train, n_test)?,
-        what: format!(
-            "{} ({n_train} train / {n_test} held-out images)",
-            path.display()
-        ),
-    })
-}
-
-/// The batch of step `step`: epochs of a permutation seeded by `(seed, epoch)`, so the order is a
-/// function of the step alone and a resumed run sees the same batches.
-fn batch_indices(step: usize, n: usize, batch: usize, seed: u64) -> Vec<u32> {
-    let per_epoch = (n / batch).max(1);
-    let epoch = step / per_epoch;
-    let pos = step % per_epoch;
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1 + epoch as u64));
-    order.shuffle(&mut rng);
-    order
-        .into_iter()
-        .cycle()
-        .skip(pos * batch)
-        .take(batch)
-        .collect()
-}
-
 fn train(args: TrainArgs) -> Result<()> {
-    let device = crate::device::parse_device(&args.device)?;
-    let mut file = TokenizerTrainFile::from_toml_file(&args.config)?;
-    if let Some(steps) = args.steps {
-        file.train.steps = steps;
-        file.train.validate("--steps")?;
-    }
-    let (model, cfg) = (&file.model, &file.train);
-    let data = load_data(&args.data, model.channels, model.image_size, &device)?;
-    let n = data.train.dim(0)?;
-    tracing::info!(
-        "training a dVAE ({} codes, {}x{} tokens of {}x{} px, {} + {} parameters) on {}",
-        model.vocab_size,
-        model.tokens_per_side(),
-        model.tokens_per_side(),
-        model.image_size,
-        model.image_size,
-        model.encoder_config().num_params(),
-        model.decoder_config().num_params(),
-        data.what
-    );
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
-    std::fs::write(
-        args.output.join("config.toml"),
-        toml::to_string_pretty(&file).context("serialising the config")?,
-    )
-    .with_context(|| format!("writing {}", args.output.join("config.toml").display()))?;
-
-    let mut trainer = Trainer::new(model, cfg, &device)?;
-    let ckpt = args.output.join("checkpoint.safetensors");
-    if args.resume && ckpt.exists() {
-        trainer.resume(&ckpt)?;
-        tracing::info!(
-            "resumed from {} at step {}",
-            ckpt.display(),
-            trainer.step_count()
-        );
-    }
-    let metrics_path = args.output.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-
-    let start = trainer.step_count();
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(cfg.steps as u64)
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_position(start as u64);
-    let t0 = std::time::Instant::now();
-    for step in start..cfg.steps {
-        let idx = batch_indices(step, n, cfg.batch_size.min(n), cfg.seed);
-        let idx = Tensor::from_vec(idx.clone(), idx.len(), &device)?;
-        let batch = data.train.index_select(&idx, 0)?;
-        let s = trainer.step(&batch)?;
-        bar.inc(1);
-        bar.set_message(format!(
-            "loss {:.4} recon {:.4} kl {:.3} tau {:.3} codes {}",
-            s.loss, s.recon, s.kl, s.tau, s.codebook.used
-        ));
-        let done = s.step == cfg.steps;
-        if s.step % cfg.log_every.max(1) == 0 || done {
-            writeln!(metrics, "{}", serde_json::to_string(&s)?)?;
-            tracing::debug!(
-                "step {} loss {:.4} recon {:.4} kl {:.3} tau {:.3} lr {:.2e} codes {} ppl {:.1}",
-                s.step,
-                s.loss,
-                s.recon,
-                s.kl,
-                s.tau,
-                s.lr,
-                s.codebook.used,
-                s.codebook.perplexity
-            );
-        }
-        if cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0 && !done {
-            trainer.save_checkpoint(&ckpt)?;
-        }
-    }
-    bar.finish_and_clear();
-    let elapsed = t0.elapsed().as_secs_f64();
-    trainer.save_checkpoint(&ckpt)?;
-    trainer.dvae().export(&args.output)?;
-
-    let eval = trainer.evaluate(&data.test, 250)?;
-    let baseline = mean_image_mse(&data.train, &data.test)?;
-    let summary = serde_json::json!({
-        "steps": trainer.step_count(),
-        "train_seconds_this_run": elapsed,
-        "heldout_images": data.test.dim(0)?,
-        "heldout_mse": eval.mse,
-        "mean_image_mse": baseline,
-        "mse_ratio": eval.mse / baseline,
-        "codes_used": eval.codebook.used,
-        "vocab_size": model.vocab_size,
-        "codebook_usage": eval.codebook.usage,
-        "perplexity": eval.codebook.perplexity,
-    });
-    std::fs::write(
-        args.output.join("eval.json"),
-        serde_json::to_string_pretty(&summary)? + "\n",
-    )?;
-
-    // Reconstructions of the first 16 held-out images: originals on top, reconstructions below.
-    let k = data.test.dim(0)?.min(16);
-    let originals = data.test.narrow(0, 0, k)?;
-    let ids = trainer.dvae().encoder.tokenize(&map_pixels(&originals)?)?;
-    let recon = trainer.dvae().decoder.reconstruct(&ids)?;
-    let top = (0..k)
-        .map(|i| Ok(tensor_to_image(&originals.get(i)?)?))
-        .collect::<Result<Vec<_>>>()?;
-    let bottom = (0..k)
-        .map(|i| Ok(tensor_to_image(&recon.get(i)?)?))
-        .collect::<Result<Vec<_>>>()?;
-    let png = args.output.join("reconstructions.png");
-    save_image(&side_by_side(&top, &bottom), &png)?;
-
+    let flags = vec![
+        (
+            "data.source".to_string(),
+            toml::Value::String(args.data.clone()),
+        ),
+        ("output".to_string(), crate::args::path_value(&args.output)),
+        (
+            "device".to_string(),
+            toml::Value::String(args.device.clone()),
+        ),
+    ];
+    let config: TokenizerConfig = load_config(Some(&args.config), &args.set, &flags)?;
+    let out = train_tokenizer(&TokenizerJob {
+        config,
+        resume: args.resume,
+        stop_after: args.steps,
+        progress: !args.quiet,
+    })?;
+    let e = &out.eval;
     println!(
-        "dVAE: {} steps ({elapsed:.0} s this run); held-out MSE {:.5} vs mean-image baseline {:.5} \
+        "dVAE: {} steps ({:.0} s this run); held-out MSE {:.5} vs mean-image baseline {:.5} \
          ({:.1}%); codes used {}/{} ({:.1}%), perplexity {:.1}",
-        trainer.step_count(),
-        eval.mse,
-        baseline,
-        100.0 * eval.mse / baseline,
-        eval.codebook.used,
-        model.vocab_size,
-        100.0 * eval.codebook.usage,
-        eval.codebook.perplexity
+        out.steps,
+        out.seconds,
+        e.mse,
+        out.baseline_mse,
+        100.0 * e.mse / out.baseline_mse,
+        e.codebook.used,
+        out.vocab_size,
+        100.0 * e.codebook.usage,
+        e.codebook.perplexity
     );
+    let o = &out.output;
     println!(
         "wrote {} and {}, {}, {}",
-        args.output.join(ENCODER_FILE).display(),
-        args.output.join(DECODER_FILE).display(),
-        args.output.join("eval.json").display(),
-        png.display()
+        o.join(ENCODER_FILE).display(),
+        o.join(DECODER_FILE).display(),
+        o.join("eval.json").display(),
+        o.join("reconstructions.png").display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_cover_an_epoch_and_depend_only_on_the_step() {
-        let mut seen: Vec<u32> = (0..5).flat_map(|s| batch_indices(s, 10, 2, 3)).collect();
-        seen.sort();
-        assert_eq!(seen, (0..10).collect::<Vec<_>>());
-        assert_eq!(batch_indices(7, 10, 2, 3), batch_indices(7, 10, 2, 3));
-        assert_ne!(batch_indices(0, 10, 2, 3), batch_indices(5, 10, 2, 3));
-    }
 }

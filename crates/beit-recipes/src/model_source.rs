@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use beit_hub::{resolve_model, ResolveOptions, WeightFiles};
 use beit_model::load::Checkpoint;
 
-use crate::processor::ImageProcessor;
+use beit_data::ImageProcessor;
 
 /// A loaded checkpoint and its preprocessing.
 pub struct LoadedModel {

@@ -3,12 +3,20 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use beit_data::resize::{resize, Filter};
 use candle::{Device, Tensor};
 use image::RgbImage;
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::error::{DataError, Result};
+use crate::normalize::Chw;
+use crate::resize::{resize, Filter};
+use crate::transform::{Transform, Views};
+
+/// An invalid field of a `preprocessor_config.json`.
+fn field(name: &str, reason: impl Into<String>) -> DataError {
+    DataError::param(name, reason)
+}
 
 /// The preprocessing settings of a checkpoint. Defaults are `BeitImageProcessor`'s class defaults
 /// (used when a checkpoint has no `preprocessor_config.json`).
@@ -88,33 +96,46 @@ impl ImageProcessor {
 
     /// Read a `preprocessor_config.json`; fields it lacks keep the defaults of [`Self::for_image_size`].
     pub fn from_file(path: &Path, image_size: u32) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        Self::from_json(&text, image_size).with_context(|| format!("invalid {}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, image_size).map_err(|e| DataError::Format {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
     }
 
     /// Parse the JSON text of a `preprocessor_config.json`.
     pub fn from_json(text: &str, image_size: u32) -> Result<Self> {
-        let raw: Raw = serde_json::from_str(text)?;
+        let raw: Raw = serde_json::from_str(text).map_err(|e| DataError::Format {
+            path: "preprocessor_config.json".into(),
+            reason: e.to_string(),
+        })?;
         let mut p = Self::for_image_size(image_size);
         if let Some(v) = raw.do_resize {
             p.do_resize = v;
         }
         if let Some(v) = raw.size {
-            p.size = parse_size(&v).context("field `size`")?;
+            p.size = parse_size(&v).map_err(|r| field("size", r))?;
         }
         if let Some(v) = raw.resample {
             p.resample = match &v {
                 Value::Number(n) => Filter::parse(&n.to_string())?,
                 Value::String(s) => Filter::parse(s)?,
-                other => bail!("field `resample`: expected a Pillow filter code, got {other}"),
+                other => {
+                    return Err(field(
+                        "resample",
+                        format!("expected a Pillow filter code, got {other}"),
+                    ))
+                }
             };
         }
         if let Some(v) = raw.do_center_crop {
             p.do_center_crop = v;
         }
         if let Some(v) = raw.crop_size {
-            p.crop_size = match parse_size(&v).context("field `crop_size`")? {
+            p.crop_size = match parse_size(&v).map_err(|r| field("crop_size", r))? {
                 TargetSize::Exact(h, w) => (h, w),
                 TargetSize::ShortestEdge(s) => (s, s),
             };
@@ -129,12 +150,12 @@ impl ImageProcessor {
             p.do_normalize = v;
         }
         if let Some(v) = raw.image_mean {
-            p.image_mean = parse_triple(&v).context("field `image_mean`")?;
+            p.image_mean = parse_triple(&v).map_err(|r| field("image_mean", r))?;
         }
         if let Some(v) = raw.image_std {
-            p.image_std = parse_triple(&v).context("field `image_std`")?;
+            p.image_std = parse_triple(&v).map_err(|r| field("image_std", r))?;
             if p.image_std.iter().any(|&s| s <= 0.0) {
-                bail!("field `image_std`: every entry must be positive");
+                return Err(field("image_std", "every entry must be positive"));
             }
         }
         Ok(p)
@@ -193,15 +214,18 @@ impl ImageProcessor {
             let (ch, cw) = self.crop_size;
             let (w, h) = img.dimensions();
             if ch > h || cw > w {
-                bail!("centre crop {cw}x{ch} is larger than the resized image {w}x{h}");
+                return Err(field(
+                    "crop_size",
+                    format!("centre crop {cw}x{ch} is larger than the resized image {w}x{h}"),
+                ));
             }
             img = image::imageops::crop_imm(&img, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
         }
         Ok(img)
     }
 
-    /// The pixel values `(3, H, W)` of one image.
-    pub fn pixel_values(&self, img: &RgbImage, device: &Device) -> Result<Tensor> {
+    /// The model input of one image: geometry, then rescale and normalise, channels first.
+    pub fn chw(&self, img: &RgbImage) -> Result<Chw> {
         let img = self.geometry(img)?;
         let (w, h) = img.dimensions();
         let plane = (w * h) as usize;
@@ -220,37 +244,102 @@ impl ImageProcessor {
                 data[c * plane + i] = v;
             }
         }
-        Ok(Tensor::from_vec(data, (3, h as usize, w as usize), device)?)
+        Ok(Chw {
+            data,
+            height: h as usize,
+            width: w as usize,
+        })
+    }
+
+    /// The pixel values `(3, H, W)` of one image.
+    pub fn pixel_values(&self, img: &RgbImage, device: &Device) -> Result<Tensor> {
+        let chw = self.chw(img)?;
+        Ok(Tensor::from_vec(
+            chw.data,
+            (3, chw.height, chw.width),
+            device,
+        )?)
+    }
+
+    /// The size `(height, width)` of every output, when it does not depend on the input (a
+    /// fixed resize or a centre crop); `None` for a `shortest_edge` resize without a crop.
+    pub fn fixed_output_size(&self) -> Option<(usize, usize)> {
+        if self.do_center_crop {
+            Some((self.crop_size.0 as usize, self.crop_size.1 as usize))
+        } else {
+            match self.size {
+                TargetSize::Exact(h, w) if self.do_resize => Some((h as usize, w as usize)),
+                _ => None,
+            }
+        }
     }
 }
 
-fn parse_size(v: &Value) -> Result<TargetSize> {
+/// A checkpoint's preprocessing as a loader transform (deterministic), so that evaluation and
+/// feature extraction see images exactly as `predict` and `transformers` do.
+pub struct ProcessorTransform {
+    processor: ImageProcessor,
+    out: (usize, usize),
+}
+
+impl ProcessorTransform {
+    /// Wrap `processor`; fails when its output size is not fixed (batches need one size).
+    pub fn new(processor: ImageProcessor) -> Result<Self> {
+        let out = processor.fixed_output_size().ok_or_else(|| {
+            field(
+                "size",
+                "the preprocessor config gives images of varying size (no fixed resize or \
+                 centre crop); batches need one size",
+            )
+        })?;
+        Ok(Self { processor, out })
+    }
+}
+
+impl Transform for ProcessorTransform {
+    fn apply(&self, img: &RgbImage, _rng: &mut rand::rngs::StdRng) -> Result<Views> {
+        Ok(Views {
+            image: self.processor.chw(img)?,
+            tokenizer: None,
+        })
+    }
+
+    fn output_size(&self) -> (usize, usize) {
+        self.out
+    }
+}
+
+fn parse_size(v: &Value) -> std::result::Result<TargetSize, String> {
     let get = |k: &str| v.get(k).and_then(Value::as_u64).map(|x| x as u32);
     Ok(match v {
         Value::Number(n) => {
-            let s = n.as_u64().context("expected a positive integer")? as u32;
+            let s = n.as_u64().ok_or("expected a positive integer")? as u32;
             TargetSize::Exact(s, s)
         }
         Value::Object(_) => match (get("height"), get("width"), get("shortest_edge")) {
             (Some(h), Some(w), _) => TargetSize::Exact(h, w),
             (_, _, Some(s)) => TargetSize::ShortestEdge(s),
-            _ => bail!("expected {{\"height\", \"width\"}} or {{\"shortest_edge\"}}, got {v}"),
+            _ => {
+                return Err(format!(
+                    "expected {{\"height\", \"width\"}} or {{\"shortest_edge\"}}, got {v}"
+                ))
+            }
         },
-        other => bail!("expected an integer or an object, got {other}"),
+        other => return Err(format!("expected an integer or an object, got {other}")),
     })
 }
 
-fn parse_triple(v: &Value) -> Result<[f32; 3]> {
+fn parse_triple(v: &Value) -> std::result::Result<[f32; 3], String> {
     match v {
         Value::Number(n) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
         Value::Array(a) if a.len() == 3 => {
             let mut out = [0f32; 3];
             for (o, x) in out.iter_mut().zip(a) {
-                *o = x.as_f64().context("expected numbers")? as f32;
+                *o = x.as_f64().ok_or("expected numbers")? as f32;
             }
             Ok(out)
         }
-        other => bail!("expected 3 numbers, got {other}"),
+        other => Err(format!("expected 3 numbers, got {other}")),
     }
 }
 

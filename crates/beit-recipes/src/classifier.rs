@@ -1,0 +1,149 @@
+//! A trainable image classifier: built in a `VarMap`, initialised as unilm fine-tunes, loaded
+//! from a checkpoint after unilm's surgery, exported in Hugging Face layout.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use beit_data::{EvalResize, EvalTransform, ImageProcessor, TargetSize};
+use beit_model::load::{adapt_for_finetuning, load_into_varmap, Architecture, Checkpoint};
+use beit_model::{BeitConfig, BeitForImageClassification};
+use beit_train::{init_beit, InitConfig, TrainRng};
+use candle::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+
+/// A classifier whose parameters live in a `VarMap` (trainable), with unilm's fine-tuning init,
+/// then the weights of `checkpoint` (if any) after unilm's surgery (shared relative table copied
+/// into every layer, tables resized, mismatched head dropped). The report lists what was loaded,
+/// left at its init (e.g. a new head) or unused (e.g. `lm_head`).
+pub fn trainable_classifier(
+    cfg: &BeitConfig,
+    checkpoint: Option<&Checkpoint>,
+    device: &Device,
+    init_seed: u64,
+) -> Result<(
+    VarMap,
+    BeitForImageClassification,
+    beit_model::load::LoadReport,
+)> {
+    let varmap = VarMap::new();
+    let model =
+        BeitForImageClassification::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    // unilm's order: initialise everything (head x 0.001), then load the checkpoint over it.
+    init_beit(
+        &varmap,
+        &InitConfig::finetune(cfg.num_hidden_layers, cfg.layer_scale_init_value),
+        &mut TrainRng::derive(init_seed, &[0x696e6974]),
+    )?;
+    let mut report = beit_model::load::LoadReport::default();
+    if let Some(ck) = checkpoint {
+        let (tensors, adapt) =
+            adapt_for_finetuning(cfg, Architecture::ImageClassification, ck.tensors.clone())
+                .with_context(|| format!("adapting {}", ck.source.display()))?;
+        let loaded = load_into_varmap(&varmap, &tensors)?;
+        report = beit_model::load::LoadReport {
+            loaded: loaded.loaded,
+            missing: loaded.missing,
+            unused: adapt.unused,
+            notes: adapt.notes,
+        };
+    }
+    Ok((varmap, model, report))
+}
+
+/// The config of a classifier fine-tuned from `source` (a pre-trained MIM or a fine-tuned
+/// checkpoint config): per-layer relative position tables (a shared table is copied into every
+/// layer at load), no mask token, the dataset's labels, the recipe's drop path and resolution.
+pub fn finetune_config(
+    source: &BeitConfig,
+    classes: &[String],
+    drop_path_rate: f64,
+    image_size: usize,
+) -> BeitConfig {
+    let mut cfg = source.clone();
+    if cfg.use_shared_relative_position_bias {
+        cfg.use_shared_relative_position_bias = false;
+        cfg.use_relative_position_bias = true;
+    }
+    cfg.use_mask_token = false;
+    cfg.drop_path_rate = drop_path_rate;
+    cfg.image_size = image_size;
+    cfg.set_labels(classes);
+    cfg
+}
+
+/// Log a load report in a few lines.
+pub fn log_load_report(report: &beit_model::load::LoadReport) {
+    fn abbreviate(names: &[String]) -> String {
+        let mut s = names.iter().take(4).cloned().collect::<Vec<_>>().join(", ");
+        if names.len() > 4 {
+            s.push_str(", ...");
+        }
+        s
+    }
+    for n in &report.notes {
+        tracing::info!("checkpoint: {n}");
+    }
+    let listed = |names: &[String]| {
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", abbreviate(names))
+        }
+    };
+    tracing::info!(
+        "checkpoint: {} tensors loaded, {} left at init{}, {} unused{}",
+        report.loaded.len(),
+        report.missing.len(),
+        listed(&report.missing),
+        report.unused.len(),
+        listed(&report.unused),
+    );
+}
+
+/// The `preprocessor_config.json` equivalent of an evaluation transform, for exports.
+/// `ShorterSideCrop` becomes a square resize to `floor(size / crop_pct)` then a centre crop (what
+/// `BeitImageProcessor` can express; identical for square images).
+pub fn processor_for_eval(t: &EvalTransform) -> ImageProcessor {
+    let (size, crop) = match t.resize {
+        EvalResize::Squash => (t.size, false),
+        EvalResize::ShorterSideCrop { crop_pct } => {
+            ((t.size as f64 / crop_pct).floor() as u32, true)
+        }
+    };
+    ImageProcessor {
+        do_resize: true,
+        size: TargetSize::Exact(size, size),
+        resample: t.interpolation,
+        do_center_crop: crop,
+        crop_size: (t.size, t.size),
+        do_rescale: true,
+        rescale_factor: 1.0 / 255.0,
+        do_normalize: true,
+        image_mean: t.normalize.mean,
+        image_std: t.normalize.std,
+    }
+}
+
+/// Write a classifier in Hugging Face layout (`config.json` with `id2label`,
+/// `model.safetensors`, `preprocessor_config.json`) that `beit-cli predict`, `eval` and
+/// `transformers` load.
+pub fn export_classifier(
+    dir: &Path,
+    cfg: &BeitConfig,
+    varmap: &VarMap,
+    processor: &ImageProcessor,
+) -> Result<()> {
+    beit_model::save::save_hf(
+        dir,
+        cfg,
+        Architecture::ImageClassification,
+        &beit_model::save::varmap_tensors(varmap),
+    )
+    .with_context(|| format!("exporting the model to {}", dir.display()))?;
+    let path = dir.join("preprocessor_config.json");
+    let tmp = dir.join(".preprocessor_config.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&processor.to_json())?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! The demo: the paper's claim on real data in one call, on a CPU.
+//!
+//! Trains a dVAE tokenizer on the Fashion-MNIST images embedded in `beit-data` (no download)
+//! ([`train_tokenizer`]), pre-trains a small BEiT on them with masked image modeling
+//! ([`pretrain`]), fine-tunes it on a few labelled images per class ([`finetune`]), and
+//! fine-tunes the same architecture from random initialisation with the same budget; both are
+//! evaluated on the held-out test images. Each stage is the same job its command runs. The
+//! recipe is `configs/demo.toml`, compiled in.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{parse_set, set_dotted};
+use crate::finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
+use crate::pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};
+use crate::tokenizer::{train_tokenizer, TokenizerConfig, TokenizerJob, TokenizerOutcome};
+
+/// The built-in recipe.
+pub const DEMO_TOML: &str = include_str!("../../../configs/demo.toml");
+
+/// The dataset every stage uses.
+const DATA: &str = "fashion-mnist";
+
+/// Overrides making the quick version (every stage in about a minute on 2 cores).
+pub const QUICK: &[&str] = &[
+    "tokenizer.train.epochs=1",
+    "tokenizer.data.max_train_samples=512",
+    "tokenizer.train.warmup_steps=2",
+    "tokenizer.objective.kl_warmup_steps=5",
+    "tokenizer.train.log_every=5",
+    "pretrain.data.max_train_samples=256",
+    "pretrain.train.epochs=2",
+    "pretrain.train.batch_size=32",
+    "pretrain.train.log_every=2",
+    "finetune.data.train_per_class=10",
+    "finetune.train.epochs=3",
+    "finetune.train.batch_size=20",
+    "finetune.train.warmup_epochs=1",
+    "finetune.train.eval_every=3",
+    "finetune.data.max_val_samples=200",
+];
+
+/// The demo recipe (`configs/demo.toml`): one table per stage, each the schema of its command.
+/// Data, outputs, devices and the stages' links (tokenizer -> pre-training -> fine-tuning) are
+/// set by the demo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    /// The dVAE and its training.
+    pub tokenizer: TokenizerConfig,
+    /// MIM pre-training.
+    pub pretrain: PretrainConfig,
+    /// Fine-tuning of both classifiers (`data.train_per_class` labelled images per class).
+    pub finetune: FinetuneConfig,
+}
+
+impl DemoConfig {
+    /// The recipe `text` (from `origin`) with the quick overrides (when `quick`) and `sets`.
+    pub fn parse(text: &str, origin: &str, quick: bool, sets: &[String]) -> Result<Self> {
+        let mut table = toml::Table::try_from(Self::default())?;
+        let file: toml::Table = text.parse().with_context(|| format!("config {origin}"))?;
+        if let Err(e) = toml::from_str::<Self>(text) {
+            bail!("config {origin}: {}", e.to_string().trim_end());
+        }
+        crate::config::merge(&mut table, file);
+        let quick = if quick { QUICK } else { &[] };
+        for item in quick
+            .iter()
+            .map(|s| s.to_string())
+            .chain(sets.iter().cloned())
+        {
+            let (key, value) = parse_set(&item)?;
+            set_dotted(&mut table, &key, value).with_context(|| format!("--set `{item}`"))?;
+        }
+        Self::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("config {origin}: {}", e.to_string().trim_end()))
+    }
+}
+
+/// A demo run.
+#[derive(Debug, Clone)]
+pub struct DemoJob {
+    /// The recipe.
+    pub config: DemoConfig,
+    /// Output folder (one sub-folder per stage, `summary.json`).
+    pub output: PathBuf,
+    /// Device of every stage.
+    pub device: String,
+    /// Replace the stage folders of an earlier run.
+    pub overwrite: bool,
+    /// Progress bars.
+    pub progress: bool,
+    /// Marked in the summary (the quick overrides are already in `config`).
+    pub quick: bool,
+}
+
+/// What one stage reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageResult {
+    /// The stage.
+    pub stage: String,
+    /// Its wall time.
+    pub seconds: f64,
+    /// A one-line result.
+    pub result: String,
+}
+
+/// What the demo produced.
+#[derive(Debug, Clone)]
+pub struct DemoOutcome {
+    /// The tokenizer stage.
+    pub tokenizer: TokenizerOutcome,
+    /// The pre-training stage.
+    pub pretrain: PretrainOutcome,
+    /// Fine-tuning from the pre-trained model.
+    pub finetune_pretrained: FinetuneOutcome,
+    /// Fine-tuning the same architecture from random init.
+    pub finetune_scratch: FinetuneOutcome,
+    /// One line per stage.
+    pub stages: Vec<StageResult>,
+    /// Wall time of the whole demo.
+    pub seconds: f64,
+    /// `summary.json`.
+    pub summary: PathBuf,
+}
+
+/// The final top-1 of a fine-tuning run.
+pub fn final_acc1(o: &FinetuneOutcome) -> f64 {
+    o.last_eval
+        .as_ref()
+        .and_then(|e| e.metrics.get("acc1").copied())
+        .unwrap_or(f64::NAN)
+}
+
+/// Run the demo: tokenizer -> pre-training -> fine-tuning from it and from scratch.
+pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome> {
+    let out = &job.output;
+    let stages = [
+        "tokenizer",
+        "pretrain",
+        "finetune-pretrained",
+        "finetune-scratch",
+    ];
+    for s in stages {
+        let dir = out.join(s);
+        if dir.exists() {
+            if !job.overwrite {
+                bail!(
+                    "{} exists (an earlier demo run): pass --overwrite to replace it, or choose \
+                     another --output",
+                    dir.display()
+                );
+            }
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("demo_config.toml"),
+        toml::to_string_pretty(&job.config).context("serialising the recipe")?,
+    )?;
+    let total = Instant::now();
+    let mut results = Vec::new();
+
+    // 1. Tokenizer.
+    let mut tcfg = job.config.tokenizer.clone();
+    tcfg.output = out.join("tokenizer");
+    tcfg.device = job.device.clone();
+    tcfg.data.source = DATA.into();
+    announce(&format!(
+        "[1/4] training the dVAE tokenizer ({} epochs)",
+        tcfg.train.epochs
+    ));
+    let t = Instant::now();
+    let tok = train_tokenizer(&TokenizerJob {
+        config: tcfg,
+        resume: false,
+        stop_after: None,
+        progress: job.progress,
+    })
+    .context("stage 1 (tokenizer)")?;
+    results.push(StageResult {
+        stage: "1. dVAE tokenizer".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        result: format!(
+            "held-out recon. MSE {:.4} ({:.0}% of mean-image baseline), {} codes used",
+            tok.eval.mse,
+            100.0 * tok.eval.mse / tok.baseline_mse,
+            tok.eval.codebook.used
+        ),
+    });
+
+    // 2. MIM pre-training.
+    let mut pcfg = job.config.pretrain.clone();
+    pcfg.output = out.join("pretrain");
+    pcfg.device = job.device.clone();
+    pcfg.tokenizer = Some(tok.output.clone());
+    pcfg.model = None;
+    pcfg.data.source = DATA.into();
+    announce(&format!(
+        "[2/4] MIM pre-training ({} epochs on the unlabelled training images)",
+        pcfg.train.epochs
+    ));
+    let t = Instant::now();
+    let pre = pretrain(&PretrainJob {
+        config: pcfg,
+        resume: None,
+        progress: job.progress,
+        stop_after: None,
+    })
+    .context("stage 2 (pre-training)")?;
+    let model_dir = pre
+        .export_dir
+        .clone()
+        .context("pre-training stopped early")?;
+    results.push(StageResult {
+        stage: "2. MIM pre-training".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        result: format!(
+            "{} steps, loss {:.3} -> {:.3}, masked-token acc. {:.1}%",
+            pre.steps,
+            pre.first_loss,
+            pre.last_loss,
+            100.0 * pre.last_mlm_acc.unwrap_or(f64::NAN)
+        ),
+    });
+
+    // 3 and 4. Fine-tuning from the pre-trained model and from scratch, same budget.
+    let mut tuned = Vec::new();
+    for (i, pretrained) in [true, false].into_iter().enumerate() {
+        let name = if pretrained { "pretrained" } else { "scratch" };
+        let mut fcfg = job.config.finetune.clone();
+        fcfg.output = out.join(format!("finetune-{name}"));
+        fcfg.device = job.device.clone();
+        fcfg.model = model_dir.display().to_string();
+        fcfg.pretrained = pretrained;
+        fcfg.data.source = DATA.into();
+        announce(&format!(
+            "[{}/4] fine-tuning {} on {} labelled images per class, {} epochs",
+            i + 3,
+            if pretrained {
+                "the pre-trained BEiT"
+            } else {
+                "the same BEiT from random init"
+            },
+            fcfg.data
+                .train_per_class
+                .map_or("all".to_string(), |n| n.to_string()),
+            fcfg.train.epochs
+        ));
+        let t = Instant::now();
+        let m = finetune(&FinetuneJob {
+            config: fcfg,
+            resume: None,
+            download: false,
+            stop_after: None,
+            progress: job.progress,
+        })
+        .with_context(|| format!("stage {} (fine-tuning, {name})", i + 3))?;
+        results.push(StageResult {
+            stage: format!(
+                "{}. fine-tune, {}",
+                i + 3,
+                if pretrained {
+                    "from MIM pre-training"
+                } else {
+                    "from random init"
+                }
+            ),
+            seconds: t.elapsed().as_secs_f64(),
+            result: format!("test top-1 {:.2}% ({})", final_acc1(&m), m.data),
+        });
+        tuned.push(m);
+    }
+    let scratch = tuned.pop().expect("two runs");
+    let pretrained = tuned.pop().expect("two runs");
+    let seconds = total.elapsed().as_secs_f64();
+    let summary = out.join("summary.json");
+    write_summary(
+        &summary,
+        job,
+        &tok,
+        &pre,
+        &pretrained,
+        &scratch,
+        &results,
+        seconds,
+    )?;
+    Ok(DemoOutcome {
+        tokenizer: tok,
+        pretrain: pre,
+        finetune_pretrained: pretrained,
+        finetune_scratch: scratch,
+        stages: results,
+        seconds,
+        summary,
+    })
+}
+
+#[allow(clippy::too_many_arguments)] // one call site, the stages' outcomes
+fn write_summary(
+    path: &Path,
+    job: &DemoJob,
+    tok: &TokenizerOutcome,
+    pre: &PretrainOutcome,
+    pretrained: &FinetuneOutcome,
+    scratch: &FinetuneOutcome,
+    stages: &[StageResult],
+    seconds: f64,
+) -> Result<()> {
+    let json = serde_json::json!({
+        "loss_first_last": {
+            "tokenizer": tok.loss_first_last,
+            "pretrain": [pre.first_loss, pre.last_loss],
+            "finetune_pretrained": pretrained.loss_first_last,
+            "finetune_scratch": scratch.loss_first_last,
+        },
+        "quick": job.quick,
+        "labels_per_class": job.config.finetune.data.train_per_class,
+        "data": pretrained.data,
+        "accuracy_pretrained": final_acc1(pretrained),
+        "accuracy_scratch": final_acc1(scratch),
+        "stages": stages,
+        "total_seconds": seconds,
+        "threads": rayon::current_num_threads(),
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_recipe_and_its_quick_version_parse() {
+        let full = DemoConfig::parse(DEMO_TOML, "demo.toml", false, &[]).unwrap();
+        let quick = DemoConfig::parse(DEMO_TOML, "demo.toml", true, &[]).unwrap();
+        assert!(quick.pretrain.train.epochs < full.pretrain.train.epochs);
+        assert_eq!(quick.finetune.data.train_per_class, Some(10));
+        let e = DemoConfig::parse(
+            DEMO_TOML,
+            "demo.toml",
+            false,
+            &["finetune.train.lrr=1".into()],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("lrr"), "{e:#}");
+    }
+}

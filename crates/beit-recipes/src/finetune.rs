@@ -1,0 +1,541 @@
+//! Fine-tuning an image classifier with the unilm recipe.
+//!
+//! From a pre-trained (MIM, shared relative bias) or fine-tuned checkpoint, or from scratch
+//! (`[architecture]`): layer-wise lr decay, weight-decay groups, warm-up + cosine, mixup/CutMix
+//! with label smoothing (soft-target cross-entropy), RandAugment, random erasing, drop path;
+//! top-1/top-5 after every `train.eval_every` epochs; the best model exported in Hugging Face
+//! layout (`best_model/`, with `best.json`); resuming continues bit for bit.
+//!
+//! One micro-batch: augmented images (and mixed soft targets) from the loader ->
+//! [`BeitForImageClassification::forward`] in training mode (drop path seeded from the run's
+//! generator) -> soft-target or label-smoothing cross-entropy -> the engine's step.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use beit_data::{
+    load_splits, Batch, ColorJitter, DataConfig, EraseMode, EvalResize, EvalTransform, Filter,
+    ImageProcessor, Loader, LoaderConfig, Mixup, Normalize, RandAugment, RandomErasing,
+    RandomResizedCrop, TrainTransform,
+};
+use beit_model::{BeitConfig, BeitForImageClassification, ForwardOptions};
+use beit_train::{
+    build_param_groups, fit, label_smoothing_cross_entropy, named_vars, soft_target_cross_entropy,
+    BestMetric, FitOptions, GroupingConfig, Position, StepContext, StepOutput, TrainLoop,
+    TrainTask,
+};
+use candle_nn::VarMap;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::classifier::{
+    export_classifier, finetune_config, log_load_report, processor_for_eval, trainable_classifier,
+};
+use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
+use crate::device::parse_device;
+use crate::evaluate::{classifier_logits, evaluate};
+use crate::model_source::load_model;
+
+/// A fine-tuning recipe (`configs/finetune_*.toml`). Defaults: the paper's BEiT-base recipe on
+/// ImageNet-1k from the pt22k checkpoint (Table 13 / unilm README).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// Starting checkpoint: directory or hub id (`--model`). Empty: from scratch with
+    /// `[architecture]`.
+    pub model: String,
+    /// Load the checkpoint's weights (true); false keeps only its architecture, freshly
+    /// initialised: a from-scratch baseline of the same shape.
+    pub pretrained: bool,
+    /// Run directory (`--output`).
+    pub output: PathBuf,
+    /// Device (`--device`).
+    pub device: String,
+    /// Dataset.
+    pub data: DataConfig,
+    /// Model shape when training from scratch (ignored with a checkpoint).
+    pub architecture: Architecture,
+    /// Optimisation.
+    pub train: TrainSection,
+    /// Augmentation and regularisation.
+    pub aug: AugSection,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            pretrained: true,
+            output: PathBuf::from("runs/finetune"),
+            device: "cpu".into(),
+            data: DataConfig::default(),
+            architecture: Architecture::default(),
+            train: TrainSection::default(),
+            aug: AugSection::default(),
+        }
+    }
+}
+
+/// `[architecture]`: a from-scratch model (HF `BeitConfig` fields). Defaults: BEiT-base/16.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Architecture {
+    /// Width.
+    pub hidden_size: usize,
+    /// Blocks.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Patch side in pixels.
+    pub patch_size: usize,
+    /// LayerScale init (0.1 base, 1e-5 large; <= 0 disables LayerScale).
+    pub layer_scale_init_value: f64,
+    /// LayerNorm epsilon (unilm 1e-6).
+    pub layer_norm_eps: f64,
+}
+
+impl Default for Architecture {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            patch_size: 16,
+            layer_scale_init_value: 0.1,
+            layer_norm_eps: 1e-6,
+        }
+    }
+}
+
+/// `[aug]`: input pipeline and regularisation (timm `create_transform` / `Mixup` settings).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugSection {
+    /// Model input side (`--input_size`, 224); the checkpoint's tables are resized to it.
+    pub input_size: usize,
+    /// RandomResizedCrop minimum area fraction (0.08).
+    pub crop_scale_min: f64,
+    /// Training resampling filter (`--train_interpolation`, bicubic).
+    pub train_interpolation: String,
+    /// Horizontal flip probability (0.5).
+    pub hflip: f64,
+    /// Colour jitter strength, used only without RandAugment (`--color_jitter`, 0.4).
+    pub color_jitter: f32,
+    /// RandAugment policy (`--aa`, `rand-m9-mstd0.5-inc1`); `none` disables it.
+    pub auto_augment: String,
+    /// Random erasing probability (`--reprob`, 0.25).
+    pub reprob: f64,
+    /// Random erasing fill: `pixel`, `rand` or `const` (`--remode`).
+    pub remode: String,
+    /// Mixup alpha (`--mixup`, 0.8); 0 disables.
+    pub mixup: f64,
+    /// CutMix alpha (`--cutmix`, 1.0); 0 disables.
+    pub cutmix: f64,
+    /// Probability of mixing a batch (`--mixup_prob`, 1.0).
+    pub mixup_prob: f64,
+    /// Probability of CutMix rather than mixup (`--mixup_switch_prob`, 0.5).
+    pub mixup_switch_prob: f64,
+    /// Normalisation: `half` (mean = std = 0.5, the released checkpoints) or `imagenet`.
+    pub normalize: String,
+    /// Evaluation: `crop` (shorter side to size/crop_pct, centre crop, as unilm) or `squash`
+    /// (resize to size × size, as the published HF processors).
+    pub eval_resize: String,
+    /// Crop fraction of `crop` evaluation (0.875 at 224, as unilm).
+    pub eval_crop_pct: f64,
+    /// Evaluation resampling filter (bicubic).
+    pub eval_interpolation: String,
+}
+
+impl Default for AugSection {
+    fn default() -> Self {
+        Self {
+            input_size: 224,
+            crop_scale_min: 0.08,
+            train_interpolation: "bicubic".into(),
+            hflip: 0.5,
+            color_jitter: 0.4,
+            auto_augment: "rand-m9-mstd0.5-inc1".into(),
+            reprob: 0.25,
+            remode: "pixel".into(),
+            mixup: 0.8,
+            cutmix: 1.0,
+            mixup_prob: 1.0,
+            mixup_switch_prob: 0.5,
+            normalize: "half".into(),
+            eval_resize: "crop".into(),
+            eval_crop_pct: 0.875,
+            eval_interpolation: "bicubic".into(),
+        }
+    }
+}
+
+impl AugSection {
+    fn normalize(&self) -> Result<Normalize> {
+        Normalize::preset(&self.normalize).context("aug.normalize")
+    }
+
+    /// The training transform.
+    pub fn train_transform(&self) -> Result<TrainTransform> {
+        let mut crop = RandomResizedCrop::new(self.input_size as u32);
+        crop.scale = (self.crop_scale_min, 1.0);
+        crop.interpolation =
+            Filter::parse(&self.train_interpolation).context("aug.train_interpolation")?;
+        let rand_augment = match self.auto_augment.trim() {
+            "" | "none" => None,
+            spec => Some(RandAugment::parse(spec).context("aug.auto_augment")?),
+        };
+        let mode = match self.remode.as_str() {
+            "pixel" => EraseMode::Pixel,
+            "rand" => EraseMode::Rand,
+            "const" => EraseMode::Const,
+            other => bail!("aug.remode: `{other}` is not pixel, rand or const"),
+        };
+        let t = TrainTransform {
+            crop,
+            hflip: self.hflip,
+            color_jitter: (self.color_jitter > 0.0)
+                .then(|| ColorJitter::uniform(self.color_jitter)),
+            rand_augment,
+            normalize: self.normalize()?,
+            random_erasing: (self.reprob > 0.0).then(|| RandomErasing {
+                probability: self.reprob,
+                mode,
+                ..RandomErasing::default()
+            }),
+        };
+        t.validate().context("[aug]")?;
+        Ok(t)
+    }
+
+    /// The evaluation transform.
+    pub fn eval_transform(&self) -> Result<EvalTransform> {
+        let resize = match self.eval_resize.as_str() {
+            "crop" => EvalResize::ShorterSideCrop {
+                crop_pct: self.eval_crop_pct,
+            },
+            "squash" => EvalResize::Squash,
+            other => bail!("aug.eval_resize: `{other}` is not crop or squash"),
+        };
+        if !(self.eval_crop_pct > 0.0 && self.eval_crop_pct <= 1.0) {
+            bail!(
+                "aug.eval_crop_pct must be in (0, 1], got {}",
+                self.eval_crop_pct
+            );
+        }
+        Ok(EvalTransform {
+            size: self.input_size as u32,
+            resize,
+            interpolation: Filter::parse(&self.eval_interpolation)
+                .context("aug.eval_interpolation")?,
+            normalize: self.normalize()?,
+        })
+    }
+
+    /// Mixup/CutMix, when either is enabled.
+    pub fn mixup(&self, num_classes: usize, label_smoothing: f64) -> Option<Mixup> {
+        (self.mixup > 0.0 || self.cutmix > 0.0).then_some(Mixup {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+            label_smoothing,
+            num_classes,
+        })
+    }
+}
+
+/// A fine-tuning run.
+#[derive(Debug, Clone)]
+pub struct FinetuneJob {
+    /// The resolved recipe.
+    pub config: FinetuneConfig,
+    /// Resume from this checkpoint (or run directory: its newest checkpoint).
+    pub resume: Option<PathBuf>,
+    /// Allow downloading a hub checkpoint missing from the cache.
+    pub download: bool,
+    /// Stop (with a checkpoint) once this many optimizer steps are done.
+    pub stop_after: Option<u64>,
+    /// Draw progress bars.
+    pub progress: bool,
+}
+
+/// What a fine-tuning run produced.
+#[derive(Debug, Clone)]
+pub struct FinetuneOutcome {
+    /// Optimizer steps completed.
+    pub steps: u64,
+    /// All scheduled steps are done (false after `stop_after`).
+    pub finished: bool,
+    /// What data was used.
+    pub data: String,
+    /// The latest evaluation (`acc1`, `acc5`, `loss`).
+    pub last_eval: Option<beit_train::EvalRecord>,
+    /// The best evaluation by top-1.
+    pub best_eval: Option<beit_train::EvalRecord>,
+    /// Mean training loss of the first and the last optimizer step of this invocation.
+    pub loss_first_last: Option<(f64, f64)>,
+    /// The exported best model (`config.json`, `model.safetensors`, `preprocessor_config.json`).
+    pub best_model: PathBuf,
+    /// The run's metrics log.
+    pub metrics: PathBuf,
+    /// The curves plot, if drawn.
+    pub plot: Option<PathBuf>,
+    /// The last checkpoint.
+    pub checkpoint: PathBuf,
+    /// Unreadable files skipped (train + validation).
+    pub skipped_files: usize,
+}
+
+/// Where a run stands on its best model (`best.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct BestRecord {
+    acc1: f64,
+    acc5: f64,
+    epoch: u64,
+    step: u64,
+}
+
+/// The fine-tuning task: a classifier, its loss, its evaluation and its export.
+struct ClassifierTask<'a> {
+    model: BeitForImageClassification,
+    model_cfg: BeitConfig,
+    varmap: VarMap,
+    label_smoothing: f64,
+    eval_loader: &'a Loader,
+    num_classes: usize,
+    progress: bool,
+    processor: ImageProcessor,
+    out: PathBuf,
+}
+
+impl TrainTask for ClassifierTask<'_> {
+    type Batch = Batch;
+    type Error = anyhow::Error;
+
+    fn train_step(&mut self, batch: Batch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
+        self.model.backbone().rng().reseed(ctx.rng.next_u64());
+        let logits = self
+            .model
+            .forward(&batch.images, ForwardOptions::train())?
+            .logits;
+        let loss = match (&batch.soft_targets, &batch.labels) {
+            (Some(soft), _) => soft_target_cross_entropy(&logits, soft)?,
+            (None, Some(labels)) => {
+                label_smoothing_cross_entropy(&logits, labels, self.label_smoothing)?
+            }
+            (None, None) => bail!("the training data has no labels"),
+        };
+        Ok(StepOutput {
+            loss,
+            batch_size: batch.len(),
+            metrics: vec![],
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+        let m = evaluate(self.eval_loader, self.num_classes, self.progress, |x| {
+            classifier_logits(&self.model, x)
+        })?;
+        tracing::info!(
+            "validation: acc1 {:.2}% acc5 {:.2}% loss {:.4} ({} images)",
+            m.acc1,
+            m.acc5,
+            m.loss,
+            m.images
+        );
+        Ok(m.as_pairs())
+    }
+
+    fn on_best(&mut self, metrics: &BTreeMap<String, f64>, at: Position) -> Result<()> {
+        let dir = self.out.join("best_model");
+        export_classifier(&dir, &self.model_cfg, &self.varmap, &self.processor)?;
+        let rec = BestRecord {
+            acc1: metrics["acc1"],
+            acc5: metrics["acc5"],
+            epoch: at.epoch.saturating_sub(1),
+            step: at.step,
+        };
+        let file = self.out.join("best.json");
+        std::fs::write(&file, serde_json::to_string_pretty(&rec)?)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        tracing::info!("new best acc1 {:.2}%: exported {}", rec.acc1, dir.display());
+        Ok(())
+    }
+}
+
+/// Run (or continue) a fine-tuning job.
+pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
+    let cfg = &job.config;
+    let t = &cfg.train;
+    let device = parse_device(&cfg.device)?;
+    let out = cfg.output.clone();
+    prepare_output_dir(&out, job.resume.is_some())?;
+    let micro = t.micro_batch()?;
+
+    let splits = load_splits(&cfg.data)?;
+    tracing::info!("data: {}", splits.description);
+    let classes = splits.classes.clone();
+
+    // Model: a checkpoint after unilm's surgery, or a fresh one.
+    let (model_cfg, checkpoint) = if cfg.model.trim().is_empty() {
+        let a = &cfg.architecture;
+        let c = BeitConfig {
+            hidden_size: a.hidden_size,
+            num_hidden_layers: a.num_hidden_layers,
+            num_attention_heads: a.num_attention_heads,
+            intermediate_size: a.intermediate_size,
+            patch_size: a.patch_size,
+            layer_scale_init_value: a.layer_scale_init_value,
+            layer_norm_eps: a.layer_norm_eps,
+            use_relative_position_bias: true,
+            use_mean_pooling: true,
+            ..BeitConfig::default()
+        };
+        tracing::info!(
+            "model: from scratch ({} layers, width {})",
+            a.num_hidden_layers,
+            a.hidden_size
+        );
+        (c, None)
+    } else {
+        let loaded = load_model(&cfg.model, job.download)?;
+        tracing::info!(
+            "model: {} ({} tensors, {:?})",
+            cfg.model,
+            loaded.checkpoint.tensors.len(),
+            loaded.checkpoint.architecture()
+        );
+        let weights = cfg.pretrained.then_some(loaded.checkpoint.clone());
+        (loaded.checkpoint.config, weights)
+    };
+    let model_cfg = finetune_config(&model_cfg, &classes, t.drop_path_rate, cfg.aug.input_size);
+    model_cfg
+        .validate()
+        .context("the fine-tuning model configuration")?;
+    let (varmap, model, report) =
+        trainable_classifier(&model_cfg, checkpoint.as_ref(), &device, t.seed)?;
+    let checkpoint_loaded = checkpoint.is_some();
+    drop(checkpoint);
+    if job.resume.is_none() && checkpoint_loaded {
+        log_load_report(&report);
+    }
+    let groups = build_param_groups(
+        named_vars(&varmap),
+        &GroupingConfig::finetune(model_cfg.num_hidden_layers, t.layer_decay.unwrap_or(1.0)),
+    )?;
+
+    // Data pipelines.
+    let train_tf = cfg.aug.train_transform()?;
+    let eval_tf = cfg.aug.eval_transform()?;
+    let loader_cfg = LoaderConfig {
+        batch_size: micro,
+        shuffle: true,
+        drop_last: true,
+        seed: t.seed,
+        num_threads: cfg.data.num_workers,
+        prefetch: cfg.data.prefetch.max(1),
+        ..LoaderConfig::default()
+    };
+    let mut train_loader = Loader::new(
+        splits.train.clone(),
+        Arc::new(train_tf),
+        loader_cfg.clone(),
+        device.clone(),
+    )?;
+    let mixup = cfg.aug.mixup(classes.len(), t.label_smoothing);
+    if let Some(m) = mixup {
+        train_loader = train_loader.with_mixup(m)?;
+    }
+    let eval_loader = Loader::new(
+        splits.val.clone(),
+        Arc::new(eval_tf.clone()),
+        LoaderConfig {
+            batch_size: t.eval_batch_size.unwrap_or((micro * 3).div_ceil(2)),
+            shuffle: false,
+            drop_last: false,
+            ..loader_cfg
+        },
+        device.clone(),
+    )?;
+    let batches = train_loader.batches_per_epoch() as u64;
+    if batches < t.accum_steps {
+        bail!(
+            "{} training images make {batches} micro-batches of {micro}, fewer than one step of \
+             {} (lower train.batch_size)",
+            splits.train.len(),
+            t.accum_steps
+        );
+    }
+
+    let train_cfg = t.engine(batches, job.progress)?;
+    let run_config = serde_json::to_value(cfg)?;
+    write_resolved_config(&out, cfg)?;
+    let tl = match &job.resume {
+        Some(ck) => TrainLoop::resume(train_cfg, varmap.clone(), groups, &out, ck, run_config)
+            .with_context(|| format!("resuming from {}", ck.display()))?,
+        None => TrainLoop::new(train_cfg, varmap.clone(), groups, &out, run_config)?,
+    };
+    tracing::info!(
+        "fine-tuning: {} epochs x {} steps of {} images ({} x {}), lr {:.2e}, layer decay {:?}, \
+         mixup {}",
+        t.epochs,
+        tl.config().steps_per_epoch(),
+        t.batch_size,
+        t.accum_steps,
+        micro,
+        t.lr,
+        t.layer_decay,
+        if mixup.is_some() { "on" } else { "off" },
+    );
+
+    let mut task = ClassifierTask {
+        model,
+        model_cfg,
+        varmap,
+        label_smoothing: t.label_smoothing,
+        eval_loader: &eval_loader,
+        num_classes: classes.len(),
+        progress: job.progress,
+        processor: processor_for_eval(&eval_tf),
+        out: out.clone(),
+    };
+    let done = fit(
+        tl,
+        &mut task,
+        |epoch| Ok(train_loader.epoch(epoch)?.map(|b| b.map_err(Into::into))),
+        &FitOptions {
+            eval_every: Some(t.eval_every.max(1)),
+            best: Some(BestMetric {
+                name: "acc1".into(),
+                higher_is_better: true,
+            }),
+            stop_after: job.stop_after,
+        },
+    )?;
+    let skipped_files = train_loader.skipped().len() + eval_loader.skipped().len();
+    if skipped_files > 0 {
+        tracing::warn!("{}", train_loader.summary());
+    }
+    Ok(FinetuneOutcome {
+        steps: done.summary.steps,
+        finished: done.finished,
+        data: splits.description,
+        loss_first_last: done
+            .first_step
+            .as_ref()
+            .zip(done.last_step.as_ref())
+            .map(|(a, b)| (a.loss, b.loss)),
+        last_eval: done.last_eval,
+        best_eval: done.best_eval,
+        best_model: out.join("best_model"),
+        metrics: done.summary.metrics,
+        plot: done.summary.plot,
+        checkpoint: done.summary.checkpoint,
+        skipped_files,
+    })
+}

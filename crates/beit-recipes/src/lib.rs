@@ -1,0 +1,47 @@
+//! BEiT's recipes as library functions: every training and evaluation job that `beit-cli` runs,
+//! callable from Rust code and tests.
+//!
+//! | job | function | what it runs |
+//! |---|---|---|
+//! | [`tokenizer::TokenizerJob`] | [`tokenizer::train_tokenizer`] | our dVAE, Gumbel-softmax relaxation |
+//! | [`pretrain::PretrainJob`] | [`pretrain::pretrain`] | masked image modeling (and the Table 4 ablations) |
+//! | [`finetune::FinetuneJob`] | [`finetune::finetune`] | image classification, the unilm recipe |
+//! | [`linear_probe::LinearProbeJob`] | [`linear_probe::linear_probe`] | a linear head on frozen block features |
+//! | [`evaluate::EvalJob`] | [`evaluate::eval_classifier`] | top-1/top-5, per class, confusions |
+//! | [`demo::DemoJob`] | [`demo::demo`] | tokenizer -> pre-training -> fine-tuning vs random init |
+//!
+//! Each job holds a config read from a TOML recipe with [`config::load_config`] (the same
+//! schema in every command: `model`, `output`, `device`, `[data]`, `[architecture]`, `[aug]`,
+//! `[train]`), and each training job is a [`beit_train::TrainTask`] driven by the one epoch loop,
+//! [`beit_train::fit`]. The functions log through `tracing` and return what they produced; they
+//! print nothing (the CLI does).
+//!
+//! The data flow of one step, each arrow one function:
+//!
+//! ```text
+//! image -> views (beit_data transforms, Loader) -> tokens / masks (beit_tokenizer, beit_mim)
+//!       -> model (beit_model) -> loss (beit_mim / beit_train::losses) -> engine (beit_train::fit)
+//! ```
+//!
+//! `docs/architecture.md` draws it for a pre-training and a fine-tuning step.
+
+pub mod classifier;
+pub mod config;
+pub mod demo;
+pub mod device;
+pub mod evaluate;
+pub mod finetune;
+pub mod linear_probe;
+pub mod model_source;
+pub mod pretrain;
+pub mod tokenizer;
+
+pub use config::{load_config, parse_set, set_dotted, write_resolved_config, TrainSection};
+pub use demo::{demo, DemoConfig, DemoJob, DemoOutcome};
+pub use device::parse_device;
+pub use evaluate::{eval_classifier, evaluate, EvalJob, EvalReport};
+pub use finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
+pub use linear_probe::{linear_probe, LinearProbeConfig, LinearProbeJob, LinearProbeOutcome};
+pub use model_source::{load_model, LoadedModel};
+pub use pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};
+pub use tokenizer::{train_tokenizer, TokenizerConfig, TokenizerJob, TokenizerOutcome};

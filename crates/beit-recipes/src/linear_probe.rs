@@ -1,0 +1,350 @@
+//! Linear probing: a linear classifier on frozen, average-pooled features of one block (BEiT
+//! paper, Appendix D: block 9 of base, 14 of large).
+//!
+//! The backbone runs once over the train and validation images (the model's preprocessing, no
+//! augmentation); each image's feature is the mean of the patch tokens of block `layer`'s output
+//! (`hidden_states[layer]`), standardised with the training set's per-dimension mean and
+//! standard deviation (a frozen, non-affine batch norm). A `Linear` head then trains on the
+//! cached features through the engine ([`beit_train::fit`]: AdamW, warm-up + cosine,
+//! metrics.jsonl, curves.png, checkpoints, resume).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use beit_data::{load_splits, DataConfig, Dataset, Loader, LoaderConfig, ProcessorTransform};
+use beit_model::{BeitModel, ForwardOptions};
+use beit_train::{
+    build_param_groups, fit, label_smoothing_cross_entropy, named_vars, EvalAccumulator,
+    FitOptions, GroupingConfig, StepContext, StepOutput, TrainLoop, TrainRng, TrainTask,
+};
+use candle::{DType, Tensor};
+use candle_nn::{Init, Module, VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
+use crate::device::parse_device;
+use crate::evaluate::progress_bar;
+use crate::model_source::load_model;
+
+/// A linear-probe recipe (`configs/linear_probe_*.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinearProbeConfig {
+    /// Frozen model: a directory or hub id (`--model`); any BEiT checkpoint (MIM or classifier).
+    pub model: String,
+    /// Block whose output is average-pooled (`--layer`; paper: 9 for base, 14 for large).
+    pub layer: usize,
+    /// Run directory (`--output`).
+    pub output: PathBuf,
+    /// Device (`--device`).
+    pub device: String,
+    /// Dataset.
+    pub data: DataConfig,
+    /// Optimisation of the head (`[train]`; `eval_batch_size` is the feature-extraction batch).
+    pub train: TrainSection,
+    /// Standardise features with the training set's mean/std (a frozen, non-affine BatchNorm).
+    pub normalize_features: bool,
+}
+
+impl Default for LinearProbeConfig {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            layer: 9,
+            output: PathBuf::from("runs/linear-probe"),
+            device: "cpu".into(),
+            data: DataConfig::default(),
+            train: TrainSection {
+                epochs: 50,
+                batch_size: 1024,
+                lr: 4e-3,
+                min_lr: 0.0,
+                warmup_epochs: 0,
+                weight_decay: 1e-4,
+                layer_decay: None,
+                drop_path_rate: 0.0,
+                label_smoothing: 0.0,
+                eval_batch_size: Some(64),
+                log_every: 50,
+                keep_last: 1,
+                ..TrainSection::default()
+            },
+            normalize_features: true,
+        }
+    }
+}
+
+/// Mean patch token of `hidden_states[layer]` for every image of `ds`: `(N, C)` and labels `(N)`.
+fn extract(
+    backbone: &BeitModel,
+    loader: &Loader,
+    layer: usize,
+    label: &str,
+    progress: bool,
+) -> Result<(Tensor, Tensor)> {
+    let pb = if progress {
+        progress_bar(loader.samples_per_epoch() as u64, label)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    for batch in loader.epoch(0)? {
+        let batch = batch?;
+        let out = backbone.forward(
+            &batch.images,
+            None,
+            ForwardOptions {
+                output_hidden_states: true,
+                ..ForwardOptions::default()
+            },
+        )?;
+        let h = &out.hidden_states[layer];
+        let n = h.dim(1)? - 1;
+        feats.push(h.narrow(1, 1, n)?.mean(1)?.to_dtype(DType::F32)?);
+        labels.push(
+            batch
+                .labels
+                .clone()
+                .context("the linear probe needs a labelled dataset")?,
+        );
+        pb.inc(batch.len() as u64);
+    }
+    pb.finish_and_clear();
+    if !loader.skipped().is_empty() {
+        tracing::warn!("{}", loader.summary());
+    }
+    Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&labels, 0)?))
+}
+
+/// A linear-probe run.
+#[derive(Debug, Clone)]
+pub struct LinearProbeJob {
+    /// The resolved recipe.
+    pub config: LinearProbeConfig,
+    /// Resume from this checkpoint (or run directory).
+    pub resume: Option<PathBuf>,
+    /// Allow downloading a hub checkpoint missing from the cache.
+    pub download: bool,
+    /// Draw progress bars.
+    pub progress: bool,
+}
+
+/// What a linear probe produced.
+#[derive(Debug, Clone)]
+pub struct LinearProbeOutcome {
+    /// Blocks of the probed model.
+    pub num_layers: usize,
+    /// The data used.
+    pub data: String,
+    /// Validation top-1 and top-5 after the last epoch.
+    pub final_acc: (f64, f64),
+    /// Best validation top-1 and the epochs done when it was reached.
+    pub best_acc1: Option<(f64, u64)>,
+    /// The trained head (`classifier.weight`, `classifier.bias`).
+    pub head: PathBuf,
+    /// The run's metrics log.
+    pub metrics: PathBuf,
+}
+
+/// The probe's task: a linear head over cached features.
+struct ProbeTask<'a> {
+    head: candle_nn::Linear,
+    label_smoothing: f64,
+    val: (&'a Tensor, &'a Tensor),
+    num_classes: usize,
+}
+
+impl TrainTask for ProbeTask<'_> {
+    type Batch = (Tensor, Tensor);
+    type Error = anyhow::Error;
+
+    fn train_step(
+        &mut self,
+        (x, y): (Tensor, Tensor),
+        _: &mut StepContext<'_>,
+    ) -> Result<StepOutput> {
+        let logits = self.head.forward(&x)?;
+        let loss = label_smoothing_cross_entropy(&logits, &y, self.label_smoothing)?;
+        let acc = beit_train::topk_accuracy(&logits, &y, &[1])?[0];
+        Ok(StepOutput {
+            loss,
+            batch_size: x.dim(0)?,
+            metrics: vec![("train_acc1".into(), 100.0 * acc)],
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
+        let mut acc = EvalAccumulator::new(self.num_classes);
+        let (x, y) = self.val;
+        let n = x.dim(0)?;
+        for s in (0..n).step_by(4096) {
+            let len = 4096.min(n - s);
+            acc.add(
+                &self.head.forward(&x.narrow(0, s, len)?)?,
+                &y.narrow(0, s, len)?,
+            )?;
+        }
+        Ok(acc.finish().as_pairs())
+    }
+}
+
+/// Run (or continue) a linear probe.
+pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
+    let cfg = &job.config;
+    if cfg.model.trim().is_empty() {
+        bail!("no model: pass --model DIR|HUB_ID (or set `model` in the config)");
+    }
+    let t = &cfg.train;
+    let feature_batch = t.eval_batch_size.unwrap_or(64);
+    if t.batch_size == 0 || feature_batch == 0 {
+        bail!("train.batch_size and train.eval_batch_size must be at least 1");
+    }
+    let device = parse_device(&cfg.device)?;
+    let out = cfg.output.clone();
+    prepare_output_dir(&out, job.resume.is_some())?;
+
+    let loaded = load_model(&cfg.model, job.download)?;
+    let mcfg = loaded.checkpoint.config.clone();
+    let layers = mcfg.num_hidden_layers;
+    if cfg.layer > layers {
+        bail!(
+            "--layer {}: the model has {layers} blocks (use 1..={layers}; the paper uses 9 of 12 \
+             for base, 14 of 24 for large)",
+            cfg.layer
+        );
+    }
+    let backbone = loaded
+        .checkpoint
+        .backbone(&device)
+        .with_context(|| format!("building the backbone of {}", cfg.model))?;
+    let splits = load_splits(&cfg.data)?;
+    tracing::info!("data: {}", splits.description);
+    let classes = splits.classes.clone();
+    let transform = Arc::new(ProcessorTransform::new(loaded.processor.clone())?);
+    let started = std::time::Instant::now();
+    let feature_loader = |ds: Arc<dyn Dataset>| {
+        Loader::new(
+            ds,
+            transform.clone(),
+            LoaderConfig {
+                batch_size: feature_batch,
+                shuffle: false,
+                drop_last: false,
+                num_threads: cfg.data.num_workers,
+                ..LoaderConfig::default()
+            },
+            device.clone(),
+        )
+    };
+    let (mut xtr, ytr) = extract(
+        &backbone,
+        &feature_loader(splits.train.clone())?,
+        cfg.layer,
+        "features (train)",
+        job.progress,
+    )?;
+    let (mut xva, yva) = extract(
+        &backbone,
+        &feature_loader(splits.val.clone())?,
+        cfg.layer,
+        "features (val)",
+        job.progress,
+    )?;
+    tracing::info!(
+        "features of block {} ({} dims): {} train / {} val images in {:.1}s",
+        cfg.layer,
+        xtr.dim(1)?,
+        xtr.dim(0)?,
+        xva.dim(0)?,
+        started.elapsed().as_secs_f64()
+    );
+    if cfg.normalize_features {
+        let mean = xtr.mean_keepdim(0)?;
+        let std = (xtr.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)? + 1e-6)?.sqrt()?;
+        xtr = xtr.broadcast_sub(&mean)?.broadcast_div(&std)?;
+        xva = xva.broadcast_sub(&mean)?.broadcast_div(&std)?;
+    }
+    drop(backbone);
+
+    // The head: `classifier.*` (the engine gives it lr scale 1 and decays only the weight),
+    // trunc_normal(std 0.01) as MAE's probe head, from the seeded generator.
+    let dim = xtr.dim(1)?;
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device).pp("classifier");
+    let w = beit_train::init::trunc_normal_vec(
+        &mut TrainRng::derive(t.seed, &[0x68656164]),
+        classes.len() * dim,
+        0.0,
+        0.01,
+        -0.02,
+        0.02,
+    )?;
+    let w = Tensor::from_vec(w, (classes.len(), dim), &device)?;
+    let head = candle_nn::Linear::new(
+        vb.get_with_hints((classes.len(), dim), "weight", Init::Const(0.0))?,
+        Some(vb.get_with_hints(classes.len(), "bias", Init::Const(0.0))?),
+    );
+    varmap.set_one("classifier.weight", &w)?;
+    let groups = build_param_groups(named_vars(&varmap), &GroupingConfig::pretrain(layers))?;
+
+    let n = xtr.dim(0)?;
+    let bs = t.batch_size.min(n);
+    let train_cfg = t.engine((n / bs) as u64, job.progress)?;
+    write_resolved_config(&out, cfg)?;
+    let run_config = serde_json::to_value(cfg)?;
+    let tl = match &job.resume {
+        Some(ck) => TrainLoop::resume(train_cfg, varmap.clone(), groups, &out, ck, run_config)
+            .with_context(|| format!("resuming from {}", ck.display()))?,
+        None => TrainLoop::new(train_cfg, varmap.clone(), groups, &out, run_config)?,
+    };
+    let mut task = ProbeTask {
+        head,
+        label_smoothing: t.label_smoothing,
+        val: (&xva, &yva),
+        num_classes: classes.len(),
+    };
+    let (xtr, ytr) = (&xtr, &ytr);
+    let done = fit(
+        tl,
+        &mut task,
+        |epoch| {
+            // This epoch's order: a permutation drawn from (seed, epoch), so a resumed run agrees.
+            let mut perm: Vec<u32> = (0..n as u32).collect();
+            perm.shuffle(&mut TrainRng::derive(t.seed, &[0x7065726d, epoch]));
+            let perm = Tensor::from_vec(perm, n, xtr.device())?;
+            Ok((0..n / bs).map(move |i| {
+                let idx = perm.narrow(0, i * bs, bs)?;
+                Ok((xtr.index_select(&idx, 0)?, ytr.index_select(&idx, 0)?))
+            }))
+        },
+        &FitOptions {
+            eval_every: Some(t.eval_every.max(1)),
+            best: Some(beit_train::BestMetric {
+                name: "acc1".into(),
+                higher_is_better: true,
+            }),
+            stop_after: None,
+        },
+    )?;
+    let final_acc = match &done.last_eval {
+        Some(e) => (e.metrics["acc1"], e.metrics["acc5"]),
+        None => {
+            let m = task.evaluate()?;
+            (m[0].1, m[1].1)
+        }
+    };
+    let head_path = out.join("linear_head.safetensors");
+    varmap
+        .save(&head_path)
+        .with_context(|| format!("cannot write {}", head_path.display()))?;
+    Ok(LinearProbeOutcome {
+        num_layers: layers,
+        data: splits.description,
+        final_acc,
+        best_acc1: done.best_eval.map(|e| (e.metrics["acc1"], e.epochs_done)),
+        head: head_path,
+        metrics: done.summary.metrics,
+    })
+}

@@ -1,0 +1,306 @@
+//! [`fit`]: the one epoch loop of the workspace.
+//!
+//! A training recipe supplies a [`TrainTask`] (the loss of a micro-batch, an evaluation, what to
+//! do when the evaluation improves) and the micro-batches of each epoch; [`fit`] drives a
+//! [`TrainLoop`] through the whole run:
+//!
+//! * **resume**: a resumed run re-produces the interrupted epoch's first batches and drops them
+//!   (augmentation depends only on `(seed, epoch, index)`), so it continues bit for bit;
+//! * **short epochs**: when unreadable files leave an epoch short of its planned micro-batches,
+//!   the epoch is topped up from supplementary, deterministic passes (epoch ids `epoch + k·2^40`),
+//!   so the schedule and resume positions stay exact;
+//! * **stop-after**: stop at an optimizer-step boundary once that many steps are done (a
+//!   checkpoint is written by [`TrainLoop::finish`]); `--resume` continues;
+//! * **evaluation cadence**: every `eval_every` epochs and at the end, logged as an `eval` record;
+//!   a resumed run whose last epoch ended without its evaluation (interrupted during it) runs it;
+//! * **best model**: the watched metric's best value is recovered from the log on resume, and
+//!   [`TrainTask::on_best`] runs each time it improves (exports, `best.json`);
+//! * **randomness**: the task draws from the loop's checkpointed generator, handed to every call
+//!   as [`StepContext::rng`]; nothing is reseeded by hand elsewhere.
+//!
+//! Metrics, curves, checkpoints and the progress bar are the [`TrainLoop`]'s.
+
+use std::collections::BTreeMap;
+
+use crate::error::TrainError;
+use crate::metrics::read_jsonl;
+use crate::rng::TrainRng;
+use crate::train_loop::{BestMetric, Position, StepOutput, StepReport, TrainLoop, TrainSummary};
+
+/// What [`fit`] hands a task with each micro-batch.
+pub struct StepContext<'a> {
+    /// Which micro-batch of which epoch this is.
+    pub position: Position,
+    /// The run's generator (checkpointed): draw masks, dropout and drop-path seeds from it.
+    pub rng: &'a mut TrainRng,
+}
+
+/// The recipe-specific part of a training run.
+pub trait TrainTask {
+    /// One micro-batch.
+    type Batch;
+    /// The recipe's error type (the engine's errors convert into it).
+    type Error: From<TrainError>;
+
+    /// Forward pass of one micro-batch in training mode: its loss (attached to the graph) and
+    /// metrics.
+    fn train_step(
+        &mut self,
+        batch: Self::Batch,
+        ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, Self::Error>;
+
+    /// Evaluate the model now (called every `eval_every` epochs and at the end). The default
+    /// has no evaluation.
+    fn evaluate(&mut self) -> Result<Vec<(String, f64)>, Self::Error> {
+        Ok(Vec::new())
+    }
+
+    /// The watched metric improved to the values in `metrics` (after `at.step` steps).
+    fn on_best(
+        &mut self,
+        _metrics: &BTreeMap<String, f64>,
+        _at: Position,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+/// How [`fit`] runs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FitOptions {
+    /// Evaluate every this many epochs (and after the last); `None` never evaluates.
+    pub eval_every: Option<u64>,
+    /// The evaluation metric that picks the best model ([`TrainTask::on_best`]).
+    pub best: Option<BestMetric>,
+    /// Stop once this many optimizer steps are done (at a step boundary).
+    pub stop_after: Option<u64>,
+}
+
+/// An evaluation's metrics and when it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalRecord {
+    /// Optimizer steps done when it ran.
+    pub step: u64,
+    /// Epochs completed when it ran.
+    pub epochs_done: u64,
+    /// The metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What a [`fit`] call did.
+#[derive(Debug, Clone)]
+pub struct FitOutcome {
+    /// The run's files (last checkpoint, metrics, curves).
+    pub summary: TrainSummary,
+    /// All scheduled steps are done (false when `stop_after` cut the run short).
+    pub finished: bool,
+    /// The first optimizer step of this invocation.
+    pub first_step: Option<StepReport>,
+    /// The last optimizer step of this invocation.
+    pub last_step: Option<StepReport>,
+    /// The latest evaluation (of this invocation or, after a resume, of the log).
+    pub last_eval: Option<EvalRecord>,
+    /// The best evaluation by [`FitOptions::best`] over the whole run.
+    pub best_eval: Option<EvalRecord>,
+}
+
+/// Supplementary passes allowed to top up a short epoch.
+const MAX_TOP_UPS: u64 = 3;
+
+/// Run (or continue) training to the end of the schedule, or to `opts.stop_after` steps.
+///
+/// `epoch_batches(e)` returns the micro-batches of epoch `e` in order; it must be a function of
+/// `e` alone (plus the run's seed), so that resumed and supplementary passes see the same data.
+pub fn fit<T, I>(
+    mut tl: TrainLoop,
+    task: &mut T,
+    mut epoch_batches: impl FnMut(u64) -> Result<I, T::Error>,
+    opts: &FitOptions,
+) -> Result<FitOutcome, T::Error>
+where
+    T: TrainTask,
+    I: Iterator<Item = Result<T::Batch, T::Error>>,
+{
+    let (mut last_eval, mut best_eval) = evals_from_log(&tl, opts.best.as_ref())?;
+    let eval_due = |tl: &TrainLoop| -> bool {
+        let Some(every) = opts.eval_every else {
+            return false;
+        };
+        let epochs_done = tl.position().epoch;
+        tl.is_done() || (epochs_done > 0 && epochs_done % every.max(1) == 0)
+    };
+    // Resumed at an epoch boundary whose evaluation never ran (interrupted during it).
+    let pos = tl.position();
+    if pos.step > 0
+        && pos.batch_in_epoch == 0
+        && eval_due(&tl)
+        && last_eval.as_ref().map(|e| e.step) != Some(pos.step)
+    {
+        evaluate(&mut tl, task, opts, &mut last_eval, &mut best_eval)?;
+    }
+
+    let stop_at = opts.stop_after.unwrap_or(u64::MAX);
+    let accum = tl.config().accum_steps.max(1);
+    let mut first_step = None;
+    let mut last_step = None;
+    let mut stopped = false;
+    'epochs: while !tl.is_done() {
+        let epoch = tl.position().epoch;
+        let mut batches = epoch_batches(epoch)?;
+        let mut top_ups = 0;
+        let mut produced = 0u64;
+        let skip = tl.position().batch_in_epoch;
+        while !tl.is_done() && tl.position().epoch == epoch {
+            let pos = tl.position();
+            if pos.step >= stop_at && pos.batch_in_epoch % accum == 0 {
+                stopped = true;
+                break 'epochs;
+            }
+            let batch = loop {
+                match batches.next() {
+                    Some(b) => {
+                        let b = b?;
+                        produced += 1;
+                        if produced > skip {
+                            break b;
+                        }
+                    }
+                    None => {
+                        top_ups += 1;
+                        if top_ups > MAX_TOP_UPS {
+                            return Err(TrainError::Config(format!(
+                                "epoch {epoch}: the data ran out after {produced} of {} \
+                                 micro-batches, {MAX_TOP_UPS} supplementary passes included",
+                                tl.config().batches_per_epoch
+                            ))
+                            .into());
+                        }
+                        tracing::warn!(
+                            "epoch {epoch}: fewer micro-batches than planned (unreadable \
+                             files?); topping up from a supplementary pass"
+                        );
+                        batches = epoch_batches(epoch + (top_ups << 40))?;
+                    }
+                }
+            };
+            let position = tl.position();
+            let out = task.train_step(
+                batch,
+                &mut StepContext {
+                    position,
+                    rng: tl.rng(),
+                },
+            )?;
+            if let Some(report) = tl.micro_step(out)? {
+                if first_step.is_none() {
+                    first_step = Some(report.clone());
+                }
+                last_step = Some(report);
+            }
+        }
+        if tl.position().batch_in_epoch == 0 && eval_due(&tl) {
+            evaluate(&mut tl, task, opts, &mut last_eval, &mut best_eval)?;
+        }
+    }
+    let finished = tl.is_done() && !stopped;
+    let summary = tl.finish()?;
+    Ok(FitOutcome {
+        summary,
+        finished,
+        first_step,
+        last_step,
+        last_eval,
+        best_eval,
+    })
+}
+
+/// Run the task's evaluation, log it, and call `on_best` when the watched metric improved.
+fn evaluate<T: TrainTask>(
+    tl: &mut TrainLoop,
+    task: &mut T,
+    opts: &FitOptions,
+    last_eval: &mut Option<EvalRecord>,
+    best_eval: &mut Option<EvalRecord>,
+) -> Result<(), T::Error> {
+    let metrics = task.evaluate()?;
+    if metrics.is_empty() {
+        return Ok(());
+    }
+    let pairs: Vec<(&str, f64)> = metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    tl.record_eval(&pairs, None)?;
+    let pos = tl.position();
+    let record = EvalRecord {
+        step: pos.step,
+        epochs_done: pos.epoch,
+        metrics: metrics.into_iter().collect(),
+    };
+    if let Some(best) = &opts.best {
+        let value = record.metrics.get(&best.name).copied().ok_or_else(|| {
+            TrainError::Config(format!(
+                "the best-model metric `{}` is not among the evaluation metrics ({})",
+                best.name,
+                record
+                    .metrics
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        if improves(best, value, best_eval.as_ref()) {
+            task.on_best(&record.metrics, pos)?;
+            *best_eval = Some(record.clone());
+        }
+    }
+    *last_eval = Some(record);
+    Ok(())
+}
+
+fn improves(best: &BestMetric, value: f64, so_far: Option<&EvalRecord>) -> bool {
+    let Some(prev) = so_far.and_then(|r| r.metrics.get(&best.name)) else {
+        return value.is_finite();
+    };
+    value.is_finite()
+        && if best.higher_is_better {
+            value > *prev
+        } else {
+            value < *prev
+        }
+}
+
+/// The latest and the best `eval` records of the run's log (a resumed run's history).
+fn evals_from_log(
+    tl: &TrainLoop,
+    best: Option<&BestMetric>,
+) -> Result<(Option<EvalRecord>, Option<EvalRecord>), TrainError> {
+    if tl.position().step == 0 || !tl.metrics_path().exists() {
+        return Ok((None, None));
+    }
+    let (mut last, mut best_rec) = (None, None);
+    for r in read_jsonl(tl.metrics_path())? {
+        if r.get("kind").and_then(|v| v.as_str()) != Some("eval") {
+            continue;
+        }
+        let num = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let metrics: BTreeMap<String, f64> = r
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "kind" | "step" | "epoch"))
+            .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+            .collect();
+        let rec = EvalRecord {
+            step: num("step"),
+            epochs_done: num("epoch"),
+            metrics,
+        };
+        if let Some(b) = best {
+            if let Some(&v) = rec.metrics.get(&b.name) {
+                if improves(b, v, best_rec.as_ref()) {
+                    best_rec = Some(rec.clone());
+                }
+            }
+        }
+        last = Some(rec);
+    }
+    Ok((last, best_rec))
+}
