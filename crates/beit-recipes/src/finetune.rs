@@ -475,11 +475,14 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let train_cfg = t.engine(batches, job.progress)?;
     let run_config = serde_json::to_value(cfg)?;
     write_resolved_config(&out, cfg)?;
-    let tl = match &job.resume {
-        Some(ck) => TrainLoop::resume(train_cfg, varmap.clone(), groups, &out, ck, run_config)
-            .with_context(|| format!("resuming from {}", ck.display()))?,
-        None => TrainLoop::new(train_cfg, varmap.clone(), groups, &out, run_config)?,
-    };
+    let tl = TrainLoop::open(
+        train_cfg,
+        varmap.clone(),
+        groups,
+        &out,
+        job.resume.as_deref(),
+        run_config,
+    )?;
     tracing::info!(
         "fine-tuning: {} epochs x {} steps of {} images ({} x {}), lr {:.2e}, layer decay {:?}, \
          mixup {}",

@@ -294,11 +294,14 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let train_cfg = t.engine((n / bs) as u64, job.progress)?;
     write_resolved_config(&out, cfg)?;
     let run_config = serde_json::to_value(cfg)?;
-    let tl = match &job.resume {
-        Some(ck) => TrainLoop::resume(train_cfg, varmap.clone(), groups, &out, ck, run_config)
-            .with_context(|| format!("resuming from {}", ck.display()))?,
-        None => TrainLoop::new(train_cfg, varmap.clone(), groups, &out, run_config)?,
-    };
+    let tl = TrainLoop::open(
+        train_cfg,
+        varmap.clone(),
+        groups,
+        &out,
+        job.resume.as_deref(),
+        run_config,
+    )?;
     let mut task = ProbeTask {
         head,
         label_smoothing: t.label_smoothing,

@@ -546,12 +546,14 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
             &mcfg.to_hf_json(Architecture::MaskedImageModeling.hf_class())?
         )?,
     });
-    let tl = match &job.resume {
-        Some(ck) => {
-            TrainLoop::resume(tcfg.clone(), varmap.clone(), groups, output, ck, run_config)?
-        }
-        None => TrainLoop::new(tcfg.clone(), varmap.clone(), groups, output, run_config)?,
-    };
+    let tl = TrainLoop::open(
+        tcfg.clone(),
+        varmap.clone(),
+        groups,
+        output,
+        job.resume.as_deref(),
+        run_config,
+    )?;
     tracing::info!(
         "pre-training BEiT ({} blocks x {}, {} heads, {grid}x{grid} patches of {} px, {:.2} M \
          parameters) on {what}: target {target}, {} masking of {} patches (blocks >= {}), \

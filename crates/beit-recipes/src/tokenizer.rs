@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use beit_data::{fashion_mnist, open_images, DataConfig};
 use beit_tokenizer::pixels::{image_to_tensor, map_pixels, resize_lanczos};
 use beit_tokenizer::pixels::{save_image, tensor_to_image};
@@ -271,11 +271,14 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
     let tcfg = t.engine((n / bs) as u64, job.progress)?;
     let total_steps = tcfg.total_steps();
     let run_config = serde_json::to_value(cfg)?;
-    let tl = match &resume_from {
-        Some(dir) => TrainLoop::resume(tcfg, dvae.varmap().clone(), groups, out, dir, run_config)
-            .with_context(|| format!("resuming from {}", dir.display()))?,
-        None => TrainLoop::new(tcfg, dvae.varmap().clone(), groups, out, run_config)?,
-    };
+    let tl = TrainLoop::open(
+        tcfg,
+        dvae.varmap().clone(),
+        groups,
+        out,
+        resume_from.as_deref(),
+        run_config,
+    )?;
     let mut task = DvaeTask {
         dvae: &dvae,
         objective: &cfg.objective,

@@ -335,6 +335,21 @@ impl TrainLoop {
         Self::assemble(cfg, varmap, groups, out_dir, state, rng, metrics)
     }
 
+    /// [`TrainLoop::resume`] from `resume` when given, else [`TrainLoop::new`].
+    pub fn open(
+        cfg: TrainConfig,
+        varmap: VarMap,
+        groups: Vec<ParamGroup>,
+        out_dir: &Path,
+        resume: Option<&Path>,
+        run_config: Value,
+    ) -> Result<Self> {
+        match resume {
+            Some(ck) => Self::resume(cfg, varmap, groups, out_dir, ck, run_config),
+            None => Self::new(cfg, varmap, groups, out_dir, run_config),
+        }
+    }
+
     /// Continue a run from `checkpoint` (a checkpoint directory, or a run directory whose newest
     /// checkpoint is used): loads the weights into `varmap`, the optimizer state, the schedule
     /// and data position and the random generator; metric records written after that checkpoint
