@@ -35,6 +35,7 @@ pub mod model;
 pub mod ops;
 pub mod relative_position;
 pub mod save;
+pub mod segmentation;
 
 pub use config::BeitConfig;
 pub use error::{BeitError, Result};
