@@ -50,7 +50,8 @@ def main():
     p.add_argument("--out", help="append every JSON result here")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VAL[,KEY=VAL]",
                    help="also time beit-rs under extra environment variables, e.g. "
-                        "'unfused:BEIT_FUSED_OPS=0' (the kernels of beit_model::ops turned off)")
+                        "'unfused:BEIT_FUSED_OPS=0' (the kernels of beit-kernels turned off), "
+                        "'scalar:BEIT_KERNELS_ISA=scalar', or another binary: 'before:BIN=path'")
     a = p.parse_args()
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
@@ -69,10 +70,14 @@ def main():
             for v in a.variant:
                 name, _, assigns = v.partition(":")
                 venv = dict(env)
+                vcmd = rust
                 for kv in filter(None, assigns.split(",")):
                     k, _, val = kv.partition("=")
-                    venv[k] = val
-                runners.append((f"beit-rs[{name}]", rust, venv))
+                    if k == "BIN":
+                        vcmd = [val, *rust[1:]]
+                    else:
+                        venv[k] = val
+                runners.append((f"beit-rs[{name}]", vcmd, venv))
             results = {name: [] for name, _, _ in runners}
             pt = []
             for r in range(a.rounds):

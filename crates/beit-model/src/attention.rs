@@ -3,9 +3,13 @@
 use candle::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use beit_kernels::{
+    attention_core, attention_core_rows, merge_heads, softmax_last_dim, softmax_with_bias,
+    split_heads, stack3_scaled_first, QueryRows,
+};
+
 use crate::config::BeitConfig;
-use crate::layers::{linear, softmax_last_dim, softmax_with_bias, Dropout, Linear, StochasticRng};
-use crate::ops::{self, merge_heads, split_heads};
+use crate::layers::{linear, Dropout, Linear, StochasticRng};
 use crate::relative_position::RelativePositionBias;
 
 /// `beit.encoder.layer.{i}.attention`: self-attention followed by its output projection.
@@ -78,7 +82,7 @@ impl BeitAttention {
     /// token; exact for power-of-two head dims such as 64).
     fn fused_qkv(&self) -> Result<(Tensor, Tensor)> {
         let scale = (self.head_dim as f64).powf(-0.5);
-        let w = ops::stack3_scaled_first(
+        let w = stack3_scaled_first(
             self.query.weight(),
             self.key.weight(),
             self.value.weight(),
@@ -86,7 +90,7 @@ impl BeitAttention {
         )?;
         let qb = self.query.bias().expect("query has a bias");
         let vb = self.value.bias().expect("value has a bias");
-        let b = ops::stack3_scaled_first(qb, &qb.zeros_like()?, vb, scale)?;
+        let b = stack3_scaled_first(qb, &qb.zeros_like()?, vb, scale)?;
         Ok((w, b))
     }
 
@@ -102,12 +106,13 @@ impl BeitAttention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, c) = x.dims3()?;
         let h = self.num_heads;
-        if !want_probs && self.core_applies(train) {
+        if !want_probs && !self.attn_dropout.is_active(train) {
             // The attention core reads every head in place and writes the heads merged.
             let (qkv, bias) = self.projection_and_bias(x, shared_bias, window)?;
-            let attended = ops::attention_core(&qkv, bias.as_ref(), b, h)?;
+            let attended = attention_core(&qkv, bias.as_ref(), b, h)?;
             return Ok((self.output.forward(&attended)?, None));
         }
+        // The probabilities are wanted (or dropped out): materialise them.
         let x2 = x.reshape((b * t, c))?;
         // q is pre-scaled (see `fused_qkv`); each head split adds its bias in the same pass.
         let (q, k, v) = match &self.fused {
@@ -119,20 +124,6 @@ impl BeitAttention {
                     split_heads(&qkv, Some(&qb), b, t, h, 3, 0)?,
                     split_heads(&qkv, None, b, t, h, 3, 1)?,
                     split_heads(&qkv, Some(&vb), b, t, h, 3, 2)?,
-                )
-            }
-            None if !ops::enabled() => {
-                // Kernels off: the plain composition (one fused GEMM, permute, three copies).
-                let (w, bias) = self.fused_qkv()?;
-                let qkv = x2
-                    .matmul(&w.t()?)?
-                    .broadcast_add(&bias)?
-                    .reshape((b, t, 3, h, self.head_dim))?
-                    .permute((2, 0, 3, 1, 4))?; // (3, B, H, T, D)
-                (
-                    qkv.get(0)?.contiguous()?,
-                    qkv.get(1)?.contiguous()?,
-                    qkv.get(2)?.contiguous()?,
                 )
             }
             None => {
@@ -166,31 +157,24 @@ impl BeitAttention {
         Ok((out, want_probs.then_some(probs)))
     }
 
-    /// The fused path's output at the selected query rows only, `(M, C)`, or `None` when the
-    /// fused path does not apply (kernels off, or attention dropout active): the caller then
-    /// runs the full forward pass.
+    /// The output at the selected query rows only, `(M, C)`, or `None` when attention dropout is
+    /// active (its mask covers every row): the caller then runs the full forward pass.
     pub fn forward_rows(
         &self,
         x: &Tensor,
         shared_bias: Option<&Tensor>,
         window: (usize, usize),
         train: bool,
-        queries: &ops::QueryRows,
+        queries: &QueryRows,
     ) -> Result<Option<Tensor>> {
-        if !self.core_applies(train) {
+        if self.attn_dropout.is_active(train) {
             return Ok(None);
         }
         // Keys and values are needed for every token; queries only for the selected rows.
         let (qkv, bias) = self.projection_and_bias(x, shared_bias, window)?;
         let attended =
-            ops::attention_core_rows(&qkv, bias.as_ref(), x.dim(0)?, self.num_heads, queries)?;
+            attention_core_rows(&qkv, bias.as_ref(), x.dim(0)?, self.num_heads, queries)?;
         Ok(Some(self.output.forward(&attended)?))
-    }
-
-    /// Whether the fused attention core serves this forward pass: kernels on, and no attention
-    /// dropout to apply to the probabilities (which the core never materialises as a tensor).
-    fn core_applies(&self, train: bool) -> bool {
-        ops::enabled() && !self.attn_dropout.is_active(train)
     }
 
     /// The attention core's inputs: one `(3C, C)` projection of `x` with the q/v biases folded
@@ -202,10 +186,10 @@ impl BeitAttention {
         window: (usize, usize),
     ) -> Result<(Tensor, Option<Tensor>)> {
         let qkv = match &self.fused {
-            Some((w, bias)) => ops::linear(x, w, Some(bias))?,
+            Some((w, bias)) => beit_kernels::linear(x, w, Some(bias))?,
             None => {
                 let (w, bias) = self.fused_qkv()?;
-                ops::linear(x, &w, Some(&bias))?
+                beit_kernels::linear(x, &w, Some(&bias))?
             }
         };
         let bias = self.attention_bias(shared_bias, window, qkv.dtype())?;

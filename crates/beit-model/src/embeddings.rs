@@ -96,7 +96,7 @@ impl BeitEmbeddings {
             .reshape((b * gh * gw, ch * p * p))?;
         let kernel = self.patch_weight.reshape((hidden, ch * p * p))?;
         // (The fused linear also skips the gradient of the pixels, which nothing needs.)
-        let mut x = crate::ops::linear(&patches, &kernel, Some(&self.patch_bias))?.reshape((
+        let mut x = beit_kernels::linear(&patches, &kernel, Some(&self.patch_bias))?.reshape((
             b,
             gh * gw,
             hidden,

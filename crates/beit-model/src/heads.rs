@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use crate::config::BeitConfig;
 use crate::layers::{linear, LayerNorm, Linear};
 use crate::model::{BeitModel, BeitOutput, ForwardOptions};
-use crate::ops::QueryRows;
+use beit_kernels::QueryRows;
 
 /// `BeitForImageClassification`: pooled features -> `classifier` Linear.
 #[derive(Debug)]

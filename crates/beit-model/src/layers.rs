@@ -3,17 +3,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle::{Module, Result, Tensor, D};
+use candle::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::ops;
-
-/// LayerNorm over the last dimension.
-///
-/// candle-nn's fused `layer_norm` kernel has no backward pass and silently drops gradients; it is
-/// used only when nothing upstream is tracked for autograd (inference), otherwise the
-/// differentiable composition is used.
+/// LayerNorm over the last dimension ([`beit_kernels::layer_norm`]: keeps gradients).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -32,41 +26,14 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let needs_grad = x.track_op() || self.weight.track_op() || self.bias.track_op();
-        if !needs_grad && x.is_contiguous() {
-            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
-        }
-        // Our fused kernel with a backward pass (f32 on CPU), else the differentiable composition.
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
-    }
-}
-
-/// Softmax over the last dimension. f32 on CPU: our fused kernel, which has a backward pass.
-/// Elsewhere: candle's fused kernel (no backward) when no gradient is needed, else the composition.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if ops::fused_cpu_f32(&[x]) {
-        ops::softmax_last_dim(x)
-    } else if x.track_op() {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}
-
-/// `softmax(scores + bias)` over the last dimension, `bias` broadcast over leading dimensions
-/// (one pass forward and backward for f32 on CPU).
-pub fn softmax_with_bias(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if ops::fused_cpu_f32(&[scores, bias]) {
-        ops::softmax_with_bias(scores, bias)
-    } else {
-        softmax_last_dim(&scores.broadcast_add(bias)?)
+        beit_kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
 /// A fully connected layer with PyTorch's weight layout `(out, in)`: `y = x W^T + b`.
 ///
 /// Unlike `candle_nn::Linear`, the f32 CPU path is one GEMM with the bias folded in and a
-/// single-node backward pass ([`crate::ops::linear`]); elsewhere it is the same composition.
+/// single-node backward pass ([`beit_kernels::linear`]); elsewhere it is the same composition.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -92,7 +59,7 @@ impl Linear {
 
 impl candle::Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::linear(x, &self.weight, self.bias.as_ref())
+        beit_kernels::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 

@@ -32,7 +32,6 @@ pub mod interpolate;
 pub mod layers;
 pub mod load;
 pub mod model;
-pub mod ops;
 pub mod relative_position;
 pub mod save;
 pub mod segmentation;
@@ -43,3 +42,8 @@ pub use heads::{
     BeitForImageClassification, BeitForMaskedImageModeling, ClassifierOutput, MimOutput,
 };
 pub use model::{BeitModel, BeitOutput, ForwardOptions};
+
+/// The CPU kernels the model runs on (LayerNorm, softmax, attention, ...), each choosing the fused
+/// kernel or candle's composition itself.
+pub use beit_kernels as kernels;
+pub use beit_kernels::QueryRows;

@@ -152,7 +152,7 @@ impl BeitModel {
         pixels: &Tensor,
         bool_masked_pos: Option<&Tensor>,
         opts: ForwardOptions,
-        queries: &crate::ops::QueryRows,
+        queries: &beit_kernels::QueryRows,
     ) -> Result<Tensor> {
         if opts.output_hidden_states || opts.output_attentions {
             candle::bail!("forward_rows returns no hidden states or attentions");

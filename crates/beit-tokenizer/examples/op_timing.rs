@@ -22,20 +22,20 @@ fn main() -> candle::Result<()> {
         x.conv2d(&w3, 1, 1, 1, 1)?.sum_all()?.backward().map(|_| ())
     })?;
     time("im2col 3x3 fwd+bwd", || {
-        beit_tokenizer::im2col::conv2d_im2col(&x, &w3, 3)?
+        beit_kernels::conv2d_same(&x, &w3)?
             .sum_all()?
             .backward()
             .map(|_| ())
     })?;
     time("upsample2x fwd+bwd", || {
-        beit_tokenizer::im2col::upsample2x(&x)?
+        beit_kernels::upsample2x(&x)?
             .sum_all()?
             .backward()
             .map(|_| ())
     })?;
     let xs = x.as_tensor().detach();
     time("im2col 3x3 fwd+bwd (w only)", || {
-        beit_tokenizer::im2col::conv2d_im2col(&xs, &w3, 3)?
+        beit_kernels::conv2d_same(&xs, &w3)?
             .sum_all()?
             .backward()
             .map(|_| ())

@@ -1,7 +1,7 @@
 //! Building blocks shared by the DALL-E encoder/decoder and our own dVAE: a convolution with
 //! DALL-E's parameter names (`w`, `b`) and "same" padding, and the pre-activation residual block.
 
-use candle::{DType, Module, Tensor};
+use candle::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 /// A stride-1 convolution with `(kw - 1) / 2` zero padding, parameters named `w` `(out, in, kw, kw)`
@@ -10,7 +10,6 @@ use candle_nn::VarBuilder;
 pub struct Conv {
     w: Tensor,
     b: Tensor,
-    kw: usize,
 }
 
 impl Conv {
@@ -18,7 +17,7 @@ impl Conv {
     pub fn new(n_in: usize, n_out: usize, kw: usize, vb: VarBuilder) -> candle::Result<Self> {
         let w = vb.get((n_out, n_in, kw, kw), "w")?;
         let b = vb.get(n_out, "b")?;
-        Ok(Self { w, b, kw })
+        Ok(Self { w, b })
     }
 
     /// The kernel `(out, in, kw, kw)`.
@@ -36,20 +35,7 @@ impl Module for Conv {
     /// `(B, in, H, W) -> (B, out, H, W)`.
     fn forward(&self, x: &Tensor) -> candle::Result<Tensor> {
         let n_out = self.w.dim(0)?;
-        let y = if self.w.is_variable() && x.device().is_cpu() && x.dtype() == DType::F32 {
-            // Training on the CPU: candle's conv2d backward (and batched small matmuls) are slow
-            // for these shapes; im2col makes each convolution one large matrix product.
-            crate::im2col::conv2d_im2col(x, &self.w, self.kw)?
-        } else if self.kw == 1 {
-            // A 1x1 convolution is a matrix product over channels; this avoids conv2d's im2col copy.
-            let (b, c, h, w) = x.dims4()?;
-            let wm = self.w.reshape((n_out, c))?;
-            let y = wm.broadcast_matmul(&x.reshape((b, c, h * w))?)?;
-            y.reshape((b, n_out, h, w))?
-        } else {
-            x.conv2d(&self.w, (self.kw - 1) / 2, 1, 1, 1)?
-        };
-        y.broadcast_add(&self.b.reshape((1, n_out, 1, 1))?)
+        beit_kernels::conv2d_same(x, &self.w)?.broadcast_add(&self.b.reshape((1, n_out, 1, 1))?)
     }
 }
 
@@ -164,7 +150,8 @@ mod tests {
         for kw in [3, 7] {
             let x = Tensor::randn(0f32, 1.0, (2, 5, 9, 7), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (4, 5, kw, kw), &dev)?;
-            let a = crate::im2col::conv2d_im2col(&x, &w, kw)?;
+            let w = candle::Var::from_tensor(&w)?;
+            let a = beit_kernels::conv2d_same(&x, &w)?;
             let b = x.conv2d(&w, (kw - 1) / 2, 1, 1, 1)?;
             let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "kw {kw}: {diff}");

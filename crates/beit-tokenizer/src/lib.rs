@@ -21,7 +21,6 @@ pub mod dalle;
 pub mod dvae;
 pub mod error;
 pub mod gumbel;
-pub mod im2col;
 pub mod pixels;
 pub mod pkl;
 pub mod train;

@@ -297,7 +297,7 @@ impl Decoder {
                 h = block.forward(&h)?;
             }
             if g + 1 < self.groups.len() {
-                h = crate::im2col::upsample2x(&h)?;
+                h = beit_kernels::upsample2x(&h)?;
             }
         }
         Ok(self.output.forward(&h.relu()?)?)

@@ -1,4 +1,5 @@
-//! A CPU convolution whose backward pass is fast: im2col ("unfold") + one matrix product.
+//! A stride-1 "same" convolution whose CPU backward pass is fast: im2col ("unfold") + one matrix
+//! product (the convolutions of the dVAE tokenizer).
 //!
 //! candle 0.11's CPU `conv2d` backward, `narrow`-based unfolding and nearest upsampling backward
 //! are slow for the many small convolutions of a dVAE (measured: a 3x3 conv, batch 64, 64->16
@@ -8,6 +9,9 @@
 
 use candle::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::cpu::f32_data;
+use crate::dispatch::fused_cpu_f32;
 
 /// `(B, C, H, W)` -> `(C * k * k, B * H * W)`: for each channel and kernel offset `(dy, dx)`, the
 /// input shifted by `(dy - p, dx - p)` with zero padding `p = (k - 1) / 2`.
@@ -22,16 +26,6 @@ struct Fold {
     b: usize,
     h: usize,
     w: usize,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle::bail!("{op}: only f32 is supported")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle::bail!("{op}: the input must be contiguous"),
-    }
 }
 
 /// Valid `(out_start, in_start, len)` of a 1-D shift by `d - p` over `n` positions.
@@ -49,7 +43,7 @@ impl CustomOp1 for Unfold {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle::Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
-        let src = f32_slice(s, l, "unfold")?;
+        let src = f32_data(s, l, "unfold")?;
         let (k, p, hw) = (self.k, (self.k - 1) / 2, h * w);
         let mut out = vec![0f32; c * k * k * b * hw];
         // Row (ci, dy, dx) holds, for every image, the channel-ci plane shifted by (dy, dx).
@@ -95,7 +89,7 @@ impl CustomOp1 for Fold {
             candle::bail!("fold: bad shape {:?} for k={k}, {b}x{h}x{w}", l.shape());
         }
         let c = ck / (k * k);
-        let src = f32_slice(s, l, "fold")?;
+        let src = f32_data(s, l, "fold")?;
         let mut out = vec![0f32; b * c * hw];
         out.par_chunks_mut(hw)
             .enumerate()
@@ -120,9 +114,30 @@ impl CustomOp1 for Fold {
     }
 }
 
-/// Stride-1 "same" convolution without bias: `x (B, C, H, W)`, `w (out, C, k, k)`.
-/// CPU and f32 only; the columns' `(channel, ky, kx)` order matches the kernel's layout.
-pub fn conv2d_im2col(x: &Tensor, w: &Tensor, k: usize) -> candle::Result<Tensor> {
+/// Stride-1 "same" convolution without bias: `x (B, C, H, W)`, `w (out, C, k, k)` with `k` odd,
+/// zero padding `(k - 1) / 2`. When `w` needs a gradient and the tensors are f32 on the CPU, an
+/// unfold op with a hand-written backward and one matrix product (candle's CPU `conv2d` backward
+/// is slow for these shapes); otherwise a matrix product over channels for `k = 1` and candle's
+/// `conv2d` for larger kernels.
+pub fn conv2d_same(x: &Tensor, w: &Tensor) -> candle::Result<Tensor> {
+    let (n_out, c, k, kw) = w.dims4()?;
+    if k != kw || k % 2 == 0 {
+        candle::bail!("conv2d_same: kernel {:?} is not square and odd", w.dims());
+    }
+    if w.track_op() && fused_cpu_f32(&[x, w]) {
+        return conv2d_im2col(x, w, k);
+    }
+    if k == 1 {
+        let (b, _, h, wd) = x.dims4()?;
+        let wm = w.reshape((n_out, c))?;
+        let y = wm.broadcast_matmul(&x.reshape((b, c, h * wd))?)?;
+        return y.reshape((b, n_out, h, wd));
+    }
+    x.conv2d(w, (k - 1) / 2, 1, 1, 1)
+}
+
+/// The unfold + matrix product path of [`conv2d_same`] (CPU, f32).
+fn conv2d_im2col(x: &Tensor, w: &Tensor, k: usize) -> candle::Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let n_out = w.dim(0)?;
     // Columns (C k k, B H W): the whole batch is one matrix product, and the kernel's gradient
@@ -165,9 +180,12 @@ mod tests {
             let x = Var::randn(0f32, 1.0, (2, 5, 9, 7), &dev)?;
             let w = Var::randn(0f32, 1.0, (4, 5, k, k), &dev)?;
             let g = Tensor::randn(0f32, 1.0, (2, 4, 9, 7), &dev)?;
-            let a = conv2d_im2col(&x, &w, k)?;
+            let a = conv2d_same(&x, &w)?;
             let b = x.conv2d(&w, (k - 1) / 2, 1, 1, 1)?;
             assert!(max_diff(&a, &b) < 1e-4, "forward k={k}");
+            // Frozen weights take candle's convolution (a matrix product for k = 1).
+            let frozen = conv2d_same(&x.as_detached_tensor(), &w.as_detached_tensor())?;
+            assert!(max_diff(&frozen, &b) < 1e-4, "frozen forward k={k}");
             let ga = (a * &g)?.sum_all()?.backward()?;
             let gb = (b * &g)?.sum_all()?.backward()?;
             for v in [&x, &w] {
@@ -175,6 +193,12 @@ mod tests {
                 assert!(d < 1e-3, "backward k={k}: {d}");
             }
         }
+        let even = Tensor::zeros((4, 5, 2, 2), candle::DType::F32, &dev)?;
+        assert!(conv2d_same(
+            &Tensor::zeros((1, 5, 4, 4), candle::DType::F32, &dev)?,
+            &even
+        )
+        .is_err());
         Ok(())
     }
 

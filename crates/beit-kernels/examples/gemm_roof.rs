@@ -1,7 +1,8 @@
 //! GEMM throughput at ViT-B/16 shapes (batch 8, 197 tokens), f32: candle's matmul, our fused
-//! `linear` and the fused attention core. Run with `RAYON_NUM_THREADS=<n>`:
-//! `cargo run --release -p beit-model --example gemm_roof`.
-use beit_model::ops::{attention_core, linear};
+//! `linear` and the fused attention core, then the element-wise kernels on the instruction-set
+//! path in use. Run with `RAYON_NUM_THREADS=<n>` (and `BEIT_KERNELS_ISA=scalar|avx2|avx512|neon`
+//! to time another path): `cargo run --release -p beit-kernels --example gemm_roof`.
+use beit_kernels::{attention_core, bias_gelu_erf, layer_norm, linear, softmax_with_bias};
 use candle::{Device, Tensor};
 use std::time::Instant;
 
@@ -75,6 +76,25 @@ fn main() -> candle::Result<()> {
         "one head: q k^T {:.1} GFLOP/s, p v {:.1} GFLOP/s",
         flop / t_s,
         flop / t_pv
+    );
+    // Element-wise kernels (forward) on the chosen instruction-set path.
+    let h = Tensor::randn(0f32, 1., (m, 3072), &dev)?;
+    let b3072 = Tensor::randn(0f32, 1., 3072, &dev)?;
+    let t_gelu = median_s(|| bias_gelu_erf(&h, &b3072))?;
+    let scores = Tensor::randn(0f32, 1., (8, 12, 197, 197), &dev)?;
+    let sbias = Tensor::randn(0f32, 1., (1, 12, 197, 197), &dev)?;
+    let t_soft = median_s(|| softmax_with_bias(&scores, &sbias))?;
+    // A variable weight, so that our kernel (not candle-nn's inference one) runs.
+    let x = Tensor::randn(0f32, 1., (m, 768), &dev)?;
+    let w = candle::Var::ones(768, candle::DType::F32, &dev)?;
+    let b768 = Tensor::zeros(768, candle::DType::F32, &dev)?;
+    let t_ln = median_s(|| layer_norm(&x, &w, &b768, 1e-6))?;
+    println!(
+        "path {}: bias+GELU {m}x3072 {:.2} ms, bias+softmax 8x12x197x197 {:.2} ms, LayerNorm {m}x768 {:.2} ms",
+        beit_kernels::isa().name(),
+        t_gelu * 1e3,
+        t_soft * 1e3,
+        t_ln * 1e3
     );
     Ok(())
 }

@@ -10,8 +10,9 @@
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{filled_by, sgemm, Mat};
-use super::{f32_data, fused_cpu_f32};
+use crate::cpu::{add_partials, chunk_rows, f32_data, par_filled};
+use crate::dispatch::fused_cpu_f32;
+use crate::gemm::{filled_by, sgemm, Mat};
 
 /// `x (.., K) * w (N, K)^T (+ b (N))` with one-pass forward and backward on f32 CPU tensors, or
 /// the plain composition elsewhere.
@@ -76,11 +77,17 @@ fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, k: usize, n: us
         Some(b) => {
             // Every row starts as the bias (written by the rayon threads); the GEMM accumulates
             // onto it.
-            let mut y = super::par_filled(rows * n, n, |_, row| {
-                row.iter_mut().zip(b).for_each(|(e, &v)| {
-                    e.write(v);
+            // SAFETY: blocks are whole rows (they start at multiples of n and their lengths are
+            // multiples of n), and every element of each row is written.
+            let mut y = unsafe {
+                par_filled(rows * n, n, |_, block| {
+                    for row in block.chunks_mut(n) {
+                        row.iter_mut().zip(b).for_each(|(e, &v)| {
+                            e.write(v);
+                        })
+                    }
                 })
-            });
+            };
             gemm_into(y.as_mut_ptr(), true);
             y
         }
@@ -260,7 +267,7 @@ impl candle::CustomOp1 for ColumnSum {
 /// Column sums of a row-major `(rows, n)` matrix, in parallel over row blocks.
 pub(crate) fn column_sum(g: &[f32], n: usize) -> Vec<f32> {
     let rows = g.len() / n;
-    let chunk = super::chunk_rows(rows) * n;
+    let chunk = chunk_rows(rows, n) * n;
     g.par_chunks(chunk)
         .map(|c| {
             let mut acc = vec![0f32; n];
@@ -271,13 +278,13 @@ pub(crate) fn column_sum(g: &[f32], n: usize) -> Vec<f32> {
             }
             acc
         })
-        .reduce(|| vec![0f32; n], super::add_partials)
+        .reduce(|| vec![0f32; n], add_partials)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::max_diff;
+    use crate::test_util::max_diff;
     use candle::{Device, Var};
 
     #[test]

@@ -7,7 +7,8 @@
 
 use candle::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{f32_data, fused_cpu_f32};
+use crate::cpu::{f32_data, par_filled};
+use crate::dispatch::fused_cpu_f32;
 
 /// `cat([a * scale, b, c], 0)` for tensors of one shape; gradients flow to all three.
 pub fn stack3_scaled_first(a: &Tensor, b: &Tensor, c: &Tensor, scale: f64) -> Result<Tensor> {
@@ -55,21 +56,24 @@ impl CustomOp3 for Stack3 {
             f32_data(s3, l3, "beit-stack3")?,
         ];
         let n = parts[0].len();
-        let out = super::par_filled(3 * n, 1 << 15, |start, block| {
-            // A block may straddle two of the parts: copy it segment by segment.
-            let (mut i, mut rest) = (start, block);
-            while !rest.is_empty() {
-                let (part, offset) = (i / n, i % n);
-                let (dst, tail) = rest.split_at_mut(rest.len().min(n - offset));
-                let s = if part == 0 { self.scale } else { 1.0 };
-                let src = &parts[part][offset..offset + dst.len()];
-                dst.iter_mut().zip(src).for_each(|(d, &x)| {
-                    d.write(x * s);
-                });
-                i += dst.len();
-                rest = tail;
-            }
-        });
+        // SAFETY: the closure writes every element of its block, segment by segment.
+        let out = unsafe {
+            par_filled(3 * n, 1 << 15, |start, block| {
+                // A block may straddle two of the parts: copy it segment by segment.
+                let (mut i, mut rest) = (start, block);
+                while !rest.is_empty() {
+                    let (part, offset) = (i / n, i % n);
+                    let (dst, tail) = rest.split_at_mut(rest.len().min(n - offset));
+                    let s = if part == 0 { self.scale } else { 1.0 };
+                    let src = &parts[part][offset..offset + dst.len()];
+                    dst.iter_mut().zip(src).for_each(|(d, &x)| {
+                        d.write(x * s);
+                    });
+                    i += dst.len();
+                    rest = tail;
+                }
+            })
+        };
         let mut dims = l1.shape().dims().to_vec();
         dims[0] *= 3;
         Ok((CpuStorage::F32(out), Shape::from(dims)))

@@ -3,15 +3,17 @@
 //! glibc's `expf` and libm's `erff` are scalar calls: in a ViT-B step they were 5-10% of the time
 //! (GELU runs on every element of the `(tokens, 3072)` MLP activation, `exp` on every attention
 //! score). The functions here are written branch-free over plain `f32` so that LLVM vectorises the
-//! loops, and each public entry point is compiled twice: once with AVX-512 enabled (picked at run
-//! time when the CPU has it) and once for the baseline target.
+//! loops, and each public entry point is compiled once per instruction set (AVX-512, AVX2 + FMA,
+//! NEON, the baseline target; see [`crate::dispatch`]), the best one the CPU has picked at run
+//! time. No path contracts `a * b + c` into a fused multiply-add, so all of them return the same
+//! bits (the tests check it).
 //!
 //! Accuracy (checked in the tests against `f64`): `exp` within 2 ulp on the softmax range; GELU
 //! within 3e-7 relative (absolute below 1) and its derivative within 3e-7 absolute, about 4 f32 ulp.
 //! erf is Abramowitz & Stegun 7.1.26 (error bound 1.5e-7), evaluated so that `1 + erf(z)` has no
 //! cancellation for negative `z`.
 
-use std::sync::OnceLock;
+use crate::dispatch::multiversion;
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 // ln 2 split in a part exact in f32 and the rest (Cody-Waite reduction).
@@ -73,50 +75,9 @@ fn gelu_grad(x: f32) -> f32 {
     0.5 * v + x * e * FRAC_1_SQRT_2PI
 }
 
-fn has_avx512() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512dq")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
-/// Defines `pub fn $name(args)` that runs `$body` compiled with AVX-512 when the CPU has it, and
-/// compiled for the baseline target otherwise.
-macro_rules! multiversion {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")]
-            unsafe fn wide($($arg: $ty),*) {
-                body($($arg),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            if has_avx512() {
-                // SAFETY: the CPU supports every feature `wide` was compiled with.
-                return unsafe { wide($($arg),*) };
-            }
-            body($($arg),*)
-        }
-    };
-}
-
 multiversion! {
     /// In place: `y = softmax(y)` over one row.
-    fn softmax_inplace(y: &mut [f32]) {
+    fn softmax_inplace / softmax_inplace_on(y: &mut [f32]) {
         let max = y.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
         let mut acc = [0f32; 16];
         let mut chunks = y.chunks_exact_mut(16);
@@ -140,7 +101,7 @@ multiversion! {
 
 multiversion! {
     /// `y[r, i] = gelu(h[r, i] + b[i])` for every row `r` of `h` (rows of `b.len()`).
-    fn bias_gelu_rows(h: &[f32], b: &[f32], y: &mut [f32]) {
+    fn bias_gelu_rows / bias_gelu_rows_on(h: &[f32], b: &[f32], y: &mut [f32]) {
         let n = b.len();
         for (yr, hr) in y.chunks_exact_mut(n).zip(h.chunks_exact(n)) {
             for i in 0..n {
@@ -152,7 +113,7 @@ multiversion! {
 
 multiversion! {
     /// `dh[r, i] = g[r, i] * gelu'(h[r, i] + b[i])`, and `db[i] += dh[r, i]` over the rows.
-    fn bias_gelu_grad_rows(h: &[f32], b: &[f32], g: &[f32], dh: &mut [f32], db: &mut [f32]) {
+    fn bias_gelu_grad_rows / bias_gelu_grad_rows_on(h: &[f32], b: &[f32], g: &[f32], dh: &mut [f32], db: &mut [f32]) {
         let n = b.len();
         for ((dr, hr), gr) in dh.chunks_exact_mut(n).zip(h.chunks_exact(n)).zip(g.chunks_exact(n)) {
             for i in 0..n {
@@ -268,5 +229,74 @@ mod tests {
         for (a, b) in s.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-7, "{a} vs {b}");
         }
+    }
+
+    /// The f64 references of GELU and its derivative at `x`.
+    fn gelu64(x: f32) -> (f64, f64) {
+        let xd = x as f64;
+        let z = xd / std::f64::consts::SQRT_2;
+        let value = 0.5 * xd * (1.0 + erf64(z));
+        let grad = 0.5 * (1.0 + erf64(z))
+            + xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        (value, grad)
+    }
+
+    #[test]
+    fn every_supported_instruction_set_matches_f64_and_the_baseline_bit_for_bit() {
+        use crate::dispatch::Isa;
+        // The whole GELU grid as rows of 1000 (+ a ragged tail through a zero bias), and a
+        // softmax row long enough for every vector width and its remainder.
+        let xs: Vec<f32> = grid().collect();
+        let n = 1000;
+        let rows = xs.len() / n;
+        let zero = vec![0f32; n];
+        let ones = vec![1f32; rows * n];
+        let softmax_in: Vec<f32> = (0..197)
+            .map(|i| ((i * 13) % 29) as f32 * 0.7 - 9.0)
+            .collect();
+        let softmax_want: Vec<f64> = {
+            let m = softmax_in.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            let e: Vec<f64> = softmax_in.iter().map(|&v| (v as f64 - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.iter().map(|v| v / z).collect()
+        };
+        let run = |isa: Isa| {
+            let mut y = vec![0f32; rows * n];
+            bias_gelu_rows_on(isa, &xs[..rows * n], &zero, &mut y);
+            let (mut dh, mut db) = (vec![0f32; rows * n], vec![0f32; n]);
+            bias_gelu_grad_rows_on(isa, &xs[..rows * n], &zero, &ones, &mut dh, &mut db);
+            let mut sm = softmax_in.clone();
+            softmax_inplace_on(isa, &mut sm);
+            (y, dh, db, sm)
+        };
+        let baseline = run(Isa::Scalar);
+        let mut tested = vec![];
+        for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
+            let (y, dh, db, sm) = run(isa);
+            let mut worst = (0f64, 0f64, 0f64);
+            for (i, &x) in xs[..rows * n].iter().enumerate() {
+                let (v, g) = gelu64(x);
+                worst.0 = worst.0.max((y[i] as f64 - v).abs() / v.abs().max(1.0));
+                worst.1 = worst.1.max((dh[i] as f64 - g).abs());
+            }
+            for (a, b) in sm.iter().zip(&softmax_want) {
+                worst.2 = worst.2.max((*a as f64 - b).abs());
+            }
+            assert!(
+                worst.0 < 3e-7 && worst.1 < 3e-7 && worst.2 < 1e-7,
+                "{}: worst errors {worst:?}",
+                isa.name()
+            );
+            assert!(
+                y == baseline.0 && dh == baseline.1,
+                "{}: GELU bits",
+                isa.name()
+            );
+            assert!(db == baseline.2 && sm == baseline.3, "{}: sums", isa.name());
+            tested.push(isa.name());
+        }
+        // This machine's best path was among them (AVX2 on an AVX2-only x86-64, for example).
+        assert!(tested.contains(&Isa::best().name()), "{tested:?}");
+        eprintln!("instruction sets tested: {tested:?}");
     }
 }

@@ -23,8 +23,11 @@ use std::sync::{Arc, Mutex};
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{filled_by, sgemm, Mat, Shared, SharedMut};
-use super::{f32_data, fused_cpu_f32, softmax_last_dim, softmax_with_bias, vmath};
+use crate::cpu::{dot16, f32_data, par_zeroed};
+use crate::dispatch::fused_cpu_f32;
+use crate::gemm::{filled_by, sgemm, Mat, Shared, SharedMut};
+use crate::softmax::{softmax_last_dim, softmax_with_bias};
+use crate::vmath;
 
 /// `(B*T, 3C)` fused projections (q already scaled by `head_dim^-0.5`, biases added) and an
 /// optional additive bias `(H, T, T)` (any shape with `H*T*T` elements) to the attention output
@@ -198,14 +201,13 @@ impl Geometry {
         self.heads * self.head_dim
     }
 
-    /// Pointers to the q, k and v blocks of `(batch b, head h)` in a `(B*T, 3C)` buffer.
+    /// Pointers to the q, k and v blocks of `(batch b, head h)` in a `(B*T, 3C)` buffer at `base`
+    /// (computed with wrapping arithmetic, so this is safe; the callers that read through them
+    /// check that `base` is such a buffer and `b < batch`, `h < heads`).
     fn qkv(&self, base: *const f32, b: usize, h: usize) -> [*const f32; 3] {
         let c = self.width();
-        // SAFETY (for callers): the offsets stay within a (B*T, 3C) buffer.
-        unsafe {
-            let p = base.add(b * self.tokens * 3 * c + h * self.head_dim);
-            [p, p.add(c), p.add(2 * c)]
-        }
+        let p = base.wrapping_add(b * self.tokens * 3 * c + h * self.head_dim);
+        [p, p.wrapping_add(c), p.wrapping_add(2 * c)]
     }
 }
 
@@ -221,7 +223,8 @@ fn image_rows(g: Geometry, queries: Option<&QueryRows>, b: usize) -> (Option<&[u
 /// (`m x D`) to read them from, gathered into `qbuf` (`T*D` values) when they are a subset.
 ///
 /// # Safety
-/// `qkv` points to a `(B*T, 3C)` buffer for `g`.
+/// `qkv` points to a `(B*T, 3C)` buffer for `g`, `b < B`, `h < H`, and every row index is below
+/// `T`.
 unsafe fn query_rows(
     g: Geometry,
     qkv: *const f32,
@@ -236,7 +239,9 @@ unsafe fn query_rows(
         None => (t, Mat::rows(q, c3)),
         Some(rows) => {
             for (r, &i) in rows.iter().enumerate() {
-                let src = std::slice::from_raw_parts(q.add(i as usize * c3), d);
+                // SAFETY: row i < T of image b, head h's D columns: inside the buffer (the
+                // caller's contract).
+                let src = unsafe { std::slice::from_raw_parts(q.add(i as usize * c3), d) };
                 qbuf[r * d..(r + 1) * d].copy_from_slice(src);
             }
             (rows.len(), Mat::rows(qbuf.as_ptr(), d))
@@ -248,7 +253,8 @@ unsafe fn query_rows(
 /// `(b, h)` into `p[..m*T]`.
 ///
 /// # Safety
-/// `qkv` points to a `(B*T, 3C)` buffer for `g`; `qm` is valid for `m x D`.
+/// `qkv` points to a `(B*T, 3C)` buffer for `g`, `b < B`, `h < H`; `qm` is valid for `m x D`;
+/// `p` holds at least `m * T` values.
 #[allow(clippy::too_many_arguments)]
 unsafe fn probabilities(
     g: Geometry,
@@ -265,17 +271,21 @@ unsafe fn probabilities(
         return;
     }
     let [_, k, _] = g.qkv(qkv, b, h);
-    sgemm(
-        m,
-        t,
-        d,
-        p.as_mut_ptr(),
-        t,
-        false,
-        qm,
-        Mat::transposed(k, c3),
-        false,
-    );
+    // SAFETY: qm is m x D (the caller's contract), k is read as the D x T transpose of the T
+    // rows of head h of image b, inside the buffer; p holds m x T values and aliases neither.
+    unsafe {
+        sgemm(
+            m,
+            t,
+            d,
+            p.as_mut_ptr(),
+            t,
+            false,
+            qm,
+            Mat::transposed(k, c3),
+            false,
+        )
+    };
     for (r, row) in p[..m * t].chunks_exact_mut(t).enumerate() {
         if let Some(bias) = bias {
             let i = rows.map_or(r, |rows| rows[r] as usize);
@@ -308,7 +318,7 @@ fn forward(
         (false, _) => (run(None), None),
         (true, Some(_)) => {
             // Only the first m rows of each block are written: the rest stay zero.
-            let mut probs = super::par_zeroed(n_probs);
+            let mut probs = par_zeroed(n_probs);
             let out = run(Some(SharedMut(probs.as_mut_ptr())));
             (out, Some(probs))
         }
@@ -390,7 +400,7 @@ fn backward(
     let dout = Shared(grad.as_ptr());
     if q.is_some() {
         // Unselected query rows get no gradient: start from zeros.
-        let mut out = super::par_zeroed(n_qkv + n_bias);
+        let mut out = par_zeroed(n_qkv + n_bias);
         // SAFETY: `out` has the layout backward_into writes.
         unsafe { backward_into(src, bias, dout, g, q, kept, SharedMut(out.as_mut_ptr())) };
         return out;
@@ -492,7 +502,7 @@ unsafe fn backward_into(
                         .zip(p.chunks_exact(t))
                         .enumerate()
                     {
-                        let dot = super::dot16(dr, pr);
+                        let dot = dot16(dr, pr);
                         dr.iter_mut().zip(pr).for_each(|(x, y)| *x = y * (*x - dot));
                         if let Some(db) = dbias {
                             let i = rows.map_or(r, |rows| rows[r] as usize);
@@ -709,7 +719,7 @@ impl CustomOp3 for AttentionBwd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::max_diff;
+    use crate::test_util::max_diff;
     use candle::{Device, Var};
 
     #[test]

@@ -38,6 +38,7 @@ impl Mat {
 pub(crate) struct SharedMut(pub *mut f32);
 // SAFETY: only used for writes to regions that no two tasks share (documented at each use).
 unsafe impl Send for SharedMut {}
+// SAFETY: as for Send; the wrapper itself is a plain copyable address.
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
@@ -51,6 +52,7 @@ impl SharedMut {
 pub(crate) struct Shared(pub *const f32);
 // SAFETY: read-only access to data that outlives the parallel loop.
 unsafe impl Send for Shared {}
+// SAFETY: as for Send: only read through, while the data is alive.
 unsafe impl Sync for Shared {}
 
 impl Shared {
@@ -85,27 +87,30 @@ pub(crate) unsafe fn sgemm(
     } else {
         Parallelism::None
     };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    );
+    // SAFETY: the caller guarantees valid, non-aliasing operands for these extents.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    };
 }
 
 /// A vector of `n` f32 that `write` fills completely through the pointer it is given (typically
@@ -116,11 +121,11 @@ pub(crate) unsafe fn sgemm(
 /// `write` must write every one of the `n` elements.
 pub(crate) unsafe fn filled_by(n: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
     let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
-    // SAFETY: MaybeUninit elements need no initialisation.
-    v.set_len(n);
+    // SAFETY: the capacity is n, and MaybeUninit elements need no initialisation.
+    unsafe { v.set_len(n) };
     write(v.as_mut_ptr().cast::<f32>());
     let mut v = std::mem::ManuallyDrop::new(v);
     // SAFETY: all n elements are initialised (the caller's contract) and MaybeUninit<f32> has the
     // layout of f32; the allocation is handed over unchanged.
-    Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), n, v.capacity())
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), n, v.capacity()) }
 }
