@@ -206,6 +206,9 @@ fn vertical_pass(src: &[u8], row_len: usize, k: &Kernel, row0: usize, out: &mut 
 
 /// [`vertical_pass_body`] compiled with AVX2 enabled, so that the row loops use 8-lane integer
 /// multiplies.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn vertical_pass_avx2(src: &[u8], row_len: usize, k: &Kernel, row0: usize, out: &mut [u8]) {
