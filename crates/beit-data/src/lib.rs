@@ -33,6 +33,7 @@ pub mod rand_augment;
 pub mod random_erasing;
 pub mod resize;
 pub mod sampler;
+pub mod segmentation;
 pub mod transform;
 
 pub use color_jitter::{ColorJitter, JitterDraw, Op as JitterOp};
