@@ -183,11 +183,18 @@ def segment_fixture():
     images = {
         "chelsea.png": cat.resize((150, 100), Image.BICUBIC),
         "rocket.jpg": rocket.resize((90, 120), Image.BICUBIC),
+        "rocket_420.jpg": rocket.resize((90, 120), Image.BICUBIC),
         "cat_gray.png": cat.convert("L").resize((120, 80), Image.BICUBIC),
         "rocket_rgba.png": rocket.convert("RGBA").resize((70, 100), Image.BICUBIC),
     }
     for name, im in images.items():
-        im.save(os.path.join(out, name), quality=92) if name.endswith(".jpg") else im.save(os.path.join(out, name))
+        path = os.path.join(out, name)
+        if name.endswith("_420.jpg"):
+            im.save(path, quality=92)  # Pillow's default 4:2:0 chroma subsampling
+        elif name.endswith(".jpg"):
+            im.save(path, quality=92, subsampling=0)  # 4:4:4: no chroma upsampling on decode
+        else:
+            im.save(path)
     expected = []
     for name in images:
         im = Image.open(os.path.join(out, name))

@@ -46,6 +46,10 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Throughput benchmark (images/s) of inference or a training step.
     Bench(commands::bench::BenchArgs),
+    /// Semantic segmentation of images (class per pixel; label and overlay PNGs).
+    Segment(commands::segment::SegmentArgs),
+    /// Evaluate a segmentation model: mIoU, mAcc, aAcc, per-class IoU (mmseg's accumulation).
+    EvalSeg(commands::eval_seg::EvalSegArgs),
 }
 
 fn main() {
@@ -63,6 +67,8 @@ fn main() {
         Command::LinearProbe(a) => commands::linear_probe::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Segment(a) => commands::segment::run(a),
+        Command::EvalSeg(a) => commands::eval_seg::run(a),
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.

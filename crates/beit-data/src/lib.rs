@@ -37,6 +37,7 @@ pub mod rand_augment;
 pub mod random_erasing;
 pub mod resize;
 pub mod sampler;
+pub mod segmentation;
 pub mod source;
 pub mod transform;
 

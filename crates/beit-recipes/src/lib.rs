@@ -25,6 +25,7 @@
 //!
 //! `docs/architecture.md` draws it for a pre-training and a fine-tuning step.
 
+pub mod bench;
 pub mod classifier;
 pub mod config;
 pub mod demo;
@@ -34,6 +35,7 @@ pub mod finetune;
 pub mod linear_probe;
 pub mod model_source;
 pub mod pretrain;
+pub mod segment;
 pub mod tokenizer;
 
 pub use config::{load_config, parse_set, set_dotted, write_resolved_config, TrainSection};

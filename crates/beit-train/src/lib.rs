@@ -104,6 +104,7 @@ pub mod precision;
 pub mod progress;
 pub mod rng;
 pub mod schedule;
+pub mod seg_metrics;
 pub mod train_loop;
 
 pub use accumulate::GradAccumulator;

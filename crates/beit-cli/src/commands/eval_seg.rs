@@ -1,0 +1,126 @@
+//! `beit-cli eval-seg`: mIoU, mAcc, aAcc and per-class IoU of a segmentation model on a dataset in
+//! the ADE20K layout, accumulated as mmsegmentation does.
+
+use anyhow::{bail, Context, Result};
+use beit_data::segmentation::{SegmentationFolder, IGNORE_INDEX};
+use beit_model::segmentation::segmentation_model;
+use beit_recipes::segment::{checkpoint_reduces_labels, report, segment_image, Inference};
+use beit_recipes::{load_model, parse_device};
+use beit_train::seg_metrics::SegMetrics;
+use clap::Args;
+
+/// Evaluate a segmentation model: mIoU, mAcc, aAcc and per-class IoU/accuracy.
+///
+/// The data is a directory in the ADE20K layout (`images/<split>/*.jpg` with
+/// `annotations/<split>/*.png` of the same stem, or its parent holding `ADEChallengeData2016/`).
+/// Per-class intersections and unions are summed over the whole split before dividing, pixels
+/// labelled 255 are ignored, and with `reduce_zero_label` annotation 0 ("other") is ignored and
+/// the classes shift down by one, as mmseg evaluates ADE20K. Predictions are made as `segment`
+/// makes them (the checkpoint's preprocessing, logits resized to the annotation's size).
+///
+/// Example: `beit-cli eval-seg --model microsoft/beit-base-finetuned-ade-640-640 --data ADEChallengeData2016 --sliding-window 640,426`
+#[derive(Args, Debug)]
+pub struct EvalSegArgs {
+    /// Segmentation model: a directory or a hub id in the local Hugging Face cache.
+    #[arg(long)]
+    pub model: String,
+    /// Dataset root in the ADE20K layout.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Split folder name under `images/` and `annotations/`.
+    #[arg(long, default_value = "validation")]
+    pub split: String,
+    /// `auto` (the checkpoint's `do_reduce_labels`, true for the ADE20K checkpoints), `true` or
+    /// `false`.
+    #[arg(long, default_value = "auto")]
+    pub reduce_zero_label: String,
+    /// mmseg's sliding-window inference `CROP,STRIDE` (ADE20K: `640,426`); default: whole image.
+    #[arg(long, value_name = "CROP,STRIDE")]
+    pub sliding_window: Option<String>,
+    /// Evaluate only the first N images (sorted by name).
+    #[arg(long)]
+    pub max_samples: Option<usize>,
+    /// Device: cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Allow downloading a hub checkpoint missing from the cache.
+    #[arg(long)]
+    pub download: bool,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run the command.
+pub fn run(args: EvalSegArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let reduce = match args.reduce_zero_label.as_str() {
+        "auto" => checkpoint_reduces_labels(&args.model, args.download)?,
+        "true" => true,
+        "false" => false,
+        other => bail!("--reduce-zero-label must be auto, true or false, got `{other}`"),
+    };
+    let loaded = load_model(&args.model, args.download)?;
+    let cfg = &loaded.checkpoint.config;
+    let inference = Inference::parse(args.sliding_window.as_deref(), cfg.patch_size)?;
+    let model = segmentation_model(&loaded.checkpoint, &device)
+        .with_context(|| format!("`{}` is not a semantic segmentation checkpoint", args.model))?;
+    let data = SegmentationFolder::ade20k(&args.data, &args.split, reduce)?;
+    let n = args.max_samples.map_or(data.len(), |m| m.min(data.len()));
+    if n == 0 {
+        bail!("--max-samples 0: nothing to evaluate");
+    }
+    let mut metrics = SegMetrics::new(model.num_labels(), IGNORE_INDEX as u32);
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        let (img, labels) = data.load(i)?;
+        let pred = segment_image(&model, &loaded.processor, &img, inference, &device)
+            .with_context(|| format!("segmenting {}", data.pairs[i].image.display()))?;
+        let gt: Vec<u32> = labels.labels.iter().map(|&v| v as u32).collect();
+        metrics
+            .update(&pred, &gt)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", data.pairs[i].annotation.display()))?;
+        if (i + 1) % 50 == 0 || i + 1 == n {
+            tracing::info!(
+                "{}/{} images, running mIoU {:.2} ({:.1} s)",
+                i + 1,
+                n,
+                100.0 * metrics.scores().miou,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let rep = report(
+        &metrics.scores(),
+        n,
+        metrics.labelled_pixels(),
+        reduce,
+        |i| cfg.label(i),
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&rep)?);
+    } else {
+        println!(
+            "{} images, {} labelled pixels{}",
+            rep.images,
+            rep.pixels,
+            if reduce { " (reduce_zero_label)" } else { "" }
+        );
+        println!(
+            "aAcc {:.2}  mIoU {:.2}  mAcc {:.2}",
+            rep.aacc, rep.miou, rep.macc
+        );
+        println!("{:>5}  {:<24} {:>7} {:>7}", "class", "name", "IoU", "Acc");
+        let fmt = |v: Option<f64>| v.map_or("nan".to_string(), |x| format!("{x:.2}"));
+        for c in &rep.per_class {
+            println!(
+                "{:>5}  {:<24} {:>7} {:>7}",
+                c.index,
+                c.label,
+                fmt(c.iou),
+                fmt(c.acc)
+            );
+        }
+    }
+    Ok(())
+}
