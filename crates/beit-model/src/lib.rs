@@ -33,6 +33,7 @@ pub mod layers;
 pub mod load;
 pub mod model;
 pub mod ops;
+pub mod pickle_guard;
 pub mod relative_position;
 pub mod save;
 
