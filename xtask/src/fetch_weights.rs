@@ -14,10 +14,11 @@ pub struct FetchWeightsArgs {
     /// Hub repository ids, e.g. `microsoft/beit-base-patch16-224` (`@REV` selects a revision).
     #[arg(value_name = "REPO_ID")]
     pub repos: Vec<String>,
-    /// Fetch every known BEiT checkpoint (about 11 GB in all).
+    /// Fetch every known checkpoint of the family (about 28 GB in all).
     #[arg(long, conflicts_with = "repos")]
     pub all: bool,
-    /// List the known BEiT checkpoints, their size and published result, and which are cached.
+    /// List the known checkpoints (BEiT, timm BEiT v1/v2, data2vec-vision, DiT), their size and
+    /// published result, and which are cached.
     #[arg(long, conflicts_with_all = ["repos", "all"])]
     pub list: bool,
     /// Branch, tag or commit to fetch (default `main`).
@@ -102,7 +103,7 @@ pub fn run(args: FetchWeightsArgs) -> Result<()> {
 /// The `--list` table. Reads the cache only.
 fn list(hub: &HubConfig, revision: &str) -> String {
     let mut out = format!(
-        "Known BEiT checkpoints (cache: {}{})\n",
+        "Known checkpoints of the BEiT family (cache: {}{})\n",
         hub.cache_dir.display(),
         if revision == "main" {
             String::new()
@@ -111,8 +112,8 @@ fn list(hub: &HubConfig, revision: &str) -> String {
         }
     );
     out.push_str(&format!(
-        "{:<46} {:<6} {:<12} {:>4} {:>9} {:>22}  {}\n",
-        "repo", "size", "head", "res", "≈download", "published", "cached"
+        "{:<50} {:<15} {:<6} {:<12} {:>4} {:>9} {:>22}  {}\n",
+        "repo", "family", "size", "head", "res", "≈download", "published", "cached"
     ));
     for k in known_checkpoints() {
         let published = match k.published {
@@ -120,8 +121,9 @@ fn list(hub: &HubConfig, revision: &str) -> String {
             None => "-".to_string(),
         };
         out.push_str(&format!(
-            "{:<46} {:<6} {:<12} {:>4} {:>6} MB {:>22}  {}\n",
+            "{:<50} {:<15} {:<6} {:<12} {:>4} {:>6} MB {:>22}  {}\n",
             k.repo,
+            k.family.label(),
             k.size,
             k.head.label(),
             k.resolution,

@@ -90,12 +90,16 @@ fn list_shows_known_checkpoints_and_cache_state() {
     assert!(large.contains("88.6") && large.contains(" 512 "), "{large}");
     assert!(large.trim_end().ends_with(" no"), "{large}");
     assert!(line("microsoft/beit-base-finetuned-ade-640-640").contains("ADE20K mIoU 53.6"));
+    let dit = line("microsoft/dit-large-finetuned-rvlcdip");
+    assert!(dit.contains("DiT") && dit.contains("RVL-CDIP"), "{dit}");
+    let v2 = line("timm/beitv2_base_patch16_224.in1k_ft_in1k");
+    assert!(v2.contains("BEiT v2 (timm)") && v2.contains("85.5"), "{v2}");
     assert!(stdout.contains(&cache.display().to_string()), "{stdout}");
 }
 
 /// The repos the listing must show (the list: base/large pt22k, pt22k-ft22k,
 /// 224/384/512 ImageNet-1k, ADE20K 640).
-fn beit_hub_known() -> [&'static str; 11] {
+fn beit_hub_known() -> [&'static str; 19] {
     [
         "microsoft/beit-base-patch16-224-pt22k",
         "microsoft/beit-large-patch16-224-pt22k",
@@ -108,6 +112,15 @@ fn beit_hub_known() -> [&'static str; 11] {
         "microsoft/beit-large-patch16-512",
         "microsoft/beit-base-finetuned-ade-640-640",
         "microsoft/beit-large-finetuned-ade-640-640",
+        // The other families of the architecture.
+        "timm/beitv2_base_patch16_224.in1k_ft_in22k_in1k",
+        "timm/beitv2_large_patch16_224.in1k_ft_in22k_in1k",
+        "timm/beit_base_patch16_224.in22k_ft_in22k_in1k",
+        "facebook/data2vec-vision-base",
+        "facebook/data2vec-vision-base-ft1k",
+        "microsoft/dit-base",
+        "microsoft/dit-large",
+        "microsoft/dit-base-finetuned-rvlcdip",
     ]
 }
 

@@ -44,7 +44,9 @@ impl Default for DecodeOptions {
 /// Read and decode an image file into 8-bit RGB (alpha dropped, grey replicated), like
 /// `PIL.Image.open(path).convert("RGB")`.
 ///
-/// The format is detected from the content, not the extension. Errors name the file: unreadable,
+/// The format is detected from the content, not the extension. JPEG is decoded by libjpeg-turbo with
+/// Pillow's settings, so the pixels are bit-identical to Pillow's; the other formats by the `image`
+/// crate (lossless formats decode identically anyway). Errors name the file: unreadable,
 /// not an image, truncated (a JPEG without its end-of-image marker, a PNG without `IEND`), or over the
 /// [`DecodeOptions`] limits.
 pub fn decode_file(path: &Path, opts: &DecodeOptions) -> Result<RgbImage> {
@@ -70,6 +72,10 @@ pub fn decode_bytes(bytes: &[u8], path: &Path, opts: &DecodeOptions) -> Result<R
     // Some decoders fill a truncated stream with grey instead of failing; Pillow refuses such files
     // (LOAD_TRUNCATED_IMAGES is off by default), and so do we.
     check_complete(bytes, format).map_err(fail)?;
+    if format == ImageFormat::Jpeg {
+        // libjpeg-turbo, as Pillow: bit-identical pixels (see `jpeg`).
+        return crate::jpeg::decode(bytes, opts).map_err(fail);
+    }
     // Read the header first so that an oversized image is refused before any pixel allocation.
     let (w, h) = reader.into_dimensions().map_err(|e| fail(e.to_string()))?;
     if w > opts.max_side || h > opts.max_side || w as u64 * h as u64 > opts.max_pixels {

@@ -29,6 +29,7 @@ pub mod error;
 pub mod fashion_mnist;
 pub mod geometry;
 pub mod image_folder;
+mod jpeg;
 pub mod loader;
 pub mod mixup;
 pub mod normalize;

@@ -44,6 +44,20 @@ pub struct ImageProcessor {
     pub image_std: [f32; 3],
 }
 
+/// Where a centre crop of `crop` pixels out of `size` starts: `margin // 2` (`transformers`'
+/// `center_crop`), or torchvision's `int(round(margin / 2.0))` with Python's round-half-to-even
+/// (timm) when `torchvision` is set.
+fn crop_offset(size: u32, crop: u32, torchvision: bool) -> u32 {
+    let margin = size - crop;
+    let k = margin / 2;
+    // margin / 2 = k + 0.5 rounds to the even one of k, k + 1.
+    if torchvision && margin % 2 == 1 && k % 2 == 1 {
+        k + 1
+    } else {
+        k
+    }
+}
+
 /// How `size` resizes an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetSize {
@@ -51,6 +65,9 @@ pub enum TargetSize {
     Exact(u32, u32),
     /// Shorter side to this many pixels, aspect ratio kept.
     ShortestEdge(u32),
+    /// The same resize as torchvision's `Resize(int)` (timm's eval pipeline), and a centre crop
+    /// after it is placed with torchvision's rounding (see [`crop_offset`]).
+    ShortestEdgeTorchvision(u32),
 }
 
 impl Default for ImageProcessor {
@@ -137,7 +154,7 @@ impl ImageProcessor {
         if let Some(v) = raw.crop_size {
             p.crop_size = match parse_size(&v).map_err(|r| field("crop_size", r))? {
                 TargetSize::Exact(h, w) => (h, w),
-                TargetSize::ShortestEdge(s) => (s, s),
+                TargetSize::ShortestEdge(s) | TargetSize::ShortestEdgeTorchvision(s) => (s, s),
             };
         }
         if let Some(v) = raw.do_rescale {
@@ -161,6 +178,100 @@ impl ImageProcessor {
         Ok(p)
     }
 
+    /// The eval pipeline of a timm checkpoint, from its `pretrained_cfg` as timm's
+    /// `resolve_data_config` + `create_transform(is_training=False)` build it: resize the shorter
+    /// side to `floor(input_size / crop_pct)` with `interpolation`, centre-crop `input_size`
+    /// (torchvision's rounding), rescale by 1/255, normalise with `mean`/`std`. Missing fields take
+    /// timm's defaults (`crop_pct` 0.875, bicubic, ImageNet mean/std), `input_size` the model's.
+    pub fn from_timm_pretrained_cfg(cfg: &Value, image_size: u32) -> Result<Self> {
+        let get = |k: &str| cfg.get(k).filter(|v| !v.is_null());
+        let size = match get("input_size") {
+            Some(Value::Array(a)) if a.len() == 3 => {
+                let int = |v: &Value| {
+                    v.as_u64()
+                        .ok_or_else(|| field("input_size", "expected integers"))
+                };
+                let (h, w) = (int(&a[1])?, int(&a[2])?);
+                if h != w {
+                    return Err(field(
+                        "input_size",
+                        format!("non-square input {h}x{w} is not supported"),
+                    ));
+                }
+                h as u32
+            }
+            Some(other) => {
+                return Err(field(
+                    "input_size",
+                    format!("expected [channels, height, width], got {other}"),
+                ))
+            }
+            None => image_size,
+        };
+        let crop_pct = match get("crop_pct") {
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| field("crop_pct", "expected a number"))?,
+            None => 0.875,
+        };
+        if !(crop_pct > 0.0 && crop_pct <= 4.0) {
+            return Err(field(
+                "crop_pct",
+                format!("expected a number in (0, 4], got {crop_pct}"),
+            ));
+        }
+        let resample = match get("interpolation") {
+            Some(Value::String(s)) => Filter::parse(s)?,
+            Some(other) => {
+                return Err(field(
+                    "interpolation",
+                    format!("expected a filter name, got {other}"),
+                ))
+            }
+            None => Filter::Bicubic,
+        };
+        let crop_mode = match get("crop_mode") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(other) => {
+                return Err(field(
+                    "crop_mode",
+                    format!("expected a string, got {other}"),
+                ))
+            }
+            None => "center",
+        };
+        // Python's `math.floor(img_size / crop_pct)`, in the same double precision.
+        let scale = (size as f64 / crop_pct).floor() as u32;
+        if crop_mode != "center" {
+            return Err(field(
+                "crop_mode",
+                format!("{crop_mode:?} is not supported (expected \"center\")"),
+            ));
+        }
+        let mut p = Self {
+            do_resize: true,
+            size: TargetSize::ShortestEdgeTorchvision(scale),
+            resample,
+            do_center_crop: true,
+            crop_size: (size, size),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: [0.485, 0.456, 0.406],
+            image_std: [0.229, 0.224, 0.225],
+        };
+        if let Some(v) = get("mean") {
+            p.image_mean = parse_triple(v).map_err(|r| field("mean", r))?;
+        }
+        if let Some(v) = get("std") {
+            p.image_std = parse_triple(v).map_err(|r| field("std", r))?;
+            if p.image_std.iter().any(|&s| s <= 0.0) {
+                return Err(field("std", format!("every entry must be positive")));
+            }
+        }
+        Ok(p)
+    }
+
     /// The JSON a checkpoint export writes (read back by `transformers`' `BeitImageProcessor`).
     pub fn to_json(&self) -> Value {
         let code = match self.resample {
@@ -173,7 +284,9 @@ impl ImageProcessor {
         };
         let size = match self.size {
             TargetSize::Exact(h, w) => serde_json::json!({"height": h, "width": w}),
-            TargetSize::ShortestEdge(s) => serde_json::json!({"shortest_edge": s}),
+            TargetSize::ShortestEdge(s) | TargetSize::ShortestEdgeTorchvision(s) => {
+                serde_json::json!({"shortest_edge": s})
+            }
         };
         serde_json::json!({
             "image_processor_type": "BeitImageProcessor",
@@ -197,7 +310,7 @@ impl ImageProcessor {
             let (w, h) = img.dimensions();
             let (th, tw) = match self.size {
                 TargetSize::Exact(h, w) => (h, w),
-                TargetSize::ShortestEdge(s) => {
+                TargetSize::ShortestEdge(s) | TargetSize::ShortestEdgeTorchvision(s) => {
                     // transformers: short side = s, long side = int(s * long / short).
                     if w <= h {
                         (((s as u64 * h as u64) / w as u64) as u32, s)
@@ -219,7 +332,9 @@ impl ImageProcessor {
                     format!("centre crop {cw}x{ch} is larger than the resized image {w}x{h}"),
                 ));
             }
-            img = image::imageops::crop_imm(&img, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
+            let tv = matches!(self.size, TargetSize::ShortestEdgeTorchvision(_));
+            let (x, y) = (crop_offset(w, cw, tv), crop_offset(h, ch, tv));
+            img = image::imageops::crop_imm(&img, x, y, cw, ch).to_image();
         }
         Ok(img)
     }
@@ -365,6 +480,47 @@ mod tests {
         assert_eq!(p.geometry(&img).unwrap().dimensions(), (224, 224));
         let back = ImageProcessor::from_json(&p.to_json().to_string(), 224).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn timm_pretrained_cfg_is_timms_eval_pipeline() {
+        let cfg: Value = serde_json::from_str(
+            r#"{"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.95,
+                "crop_mode": "center", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}"#,
+        )
+        .unwrap();
+        let p = ImageProcessor::from_timm_pretrained_cfg(&cfg, 224).unwrap();
+        // floor(224 / 0.95) = 235.
+        assert_eq!(p.size, TargetSize::ShortestEdgeTorchvision(235));
+        assert_eq!((p.crop_size, p.resample), ((224, 224), Filter::Bicubic));
+        assert_eq!(p.image_mean, [0.485, 0.456, 0.406]);
+        assert_eq!(
+            ImageProcessor::from_timm_pretrained_cfg(&Value::Null, 224)
+                .unwrap()
+                .size,
+            TargetSize::ShortestEdgeTorchvision(256)
+        );
+        let e = ImageProcessor::from_timm_pretrained_cfg(
+            &serde_json::json!({"crop_mode": "border"}),
+            224,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("crop_mode"), "{e:#}");
+    }
+
+    #[test]
+    fn crop_offsets_follow_each_library() {
+        // Margins 1, 3, 5: floor gives 0, 1, 2; Python's round(m / 2) gives 0, 2, 2.
+        let floor: Vec<u32> = [1, 3, 5]
+            .iter()
+            .map(|m| crop_offset(10 + m, 10, false))
+            .collect();
+        let tv: Vec<u32> = [1, 3, 5]
+            .iter()
+            .map(|m| crop_offset(10 + m, 10, true))
+            .collect();
+        assert_eq!(floor, [0, 1, 2]);
+        assert_eq!(tv, [0, 2, 2]);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   file's size and hash before it enters the cache.
 //! - [`HubConfig`] reads `HF_HUB_CACHE`/`HF_HOME`/..., `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE`
 //!   with `huggingface_hub`'s precedence; [`cache_dir`] is the cache root it implies.
-//! - [`known_checkpoints`] lists Microsoft's published BEiT checkpoints.
+//! - [`known_checkpoints`] lists the published checkpoints of the family (BEiT, timm BEiT v1/v2,
+//!   data2vec-vision, DiT).
 //!
 //! Errors ([`HubError`]) name the repository, file or directory, and say how to fix the problem.
 
@@ -32,7 +33,7 @@ pub use files::{
     shard_names, HubOrigin, ModelFiles, WeightFiles, CONFIG, PREPROCESSOR_CONFIG, PYTORCH_BIN,
     SAFETENSORS, SAFETENSORS_INDEX,
 };
-pub use known::{find_known, known_checkpoints, Head, KnownCheckpoint};
+pub use known::{find_known, known_checkpoints, Family, Head, KnownCheckpoint};
 pub use resolve::{resolve_model, ResolveOptions};
 pub use spec::{is_repo_id, ModelSpec};
 pub use verify::verify_blob;

@@ -73,6 +73,14 @@ pub struct BeitConfig {
     /// Pool by mean of patch tokens + LayerNorm (true) or take the CLS token after a final LayerNorm.
     #[serde(default = "defaults::use_mean_pooling")]
     pub use_mean_pooling: bool,
+    /// The published family the file was written for (BEiT, data2vec-vision, timm). Not written
+    /// back: an export is always a `transformers` BEiT config, which describes the same network.
+    #[serde(skip)]
+    pub family: Family,
+    /// timm's `pretrained_cfg` (input size, `crop_pct`, interpolation, mean/std) when the config
+    /// came from a timm `config.json`; the image pipeline follows it.
+    #[serde(skip)]
+    pub timm_pretrained_cfg: Option<serde_json::Value>,
     /// Class index -> label. `num_labels` is its length, as in `transformers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id2label: Option<BTreeMap<usize, String>>,
@@ -82,6 +90,47 @@ pub struct BeitConfig {
     /// Every other field of the file, kept verbatim.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The published families of the BEiT architecture that [`BeitConfig::from_json_str`] reads. They
+/// differ only in how the files are written; the network is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    /// `transformers` BEiT (`model_type: beit`), which includes DiT (BEiT with absolute position
+    /// embeddings, `microsoft/dit-*`).
+    #[default]
+    Beit,
+    /// `transformers` data2vec-vision (`model_type: data2vec-vision`, weights under
+    /// `data2vec_vision.`, or without a prefix for the pre-trained-only backbones).
+    Data2VecVision,
+    /// A timm hub `config.json` (`architecture: beit_*` / `beitv2_*`, `pretrained_cfg`), with timm
+    /// weight names.
+    Timm,
+}
+
+fn config_error(message: String) -> BeitError {
+    BeitError::Config {
+        path: None,
+        message,
+    }
+}
+
+/// Upper bounds [`BeitConfig::validate`] enforces (published checkpoints: width <= 1024, 24 layers,
+/// 21841 classes, 640 px with 40 patches per side).
+pub mod limits {
+    /// Largest `hidden_size` (`intermediate_size` may be 4x this).
+    pub const MAX_WIDTH: usize = 1 << 14;
+    /// Largest `num_hidden_layers`.
+    pub const MAX_LAYERS: usize = 256;
+    /// Largest `num_channels`.
+    pub const MAX_CHANNELS: usize = 64;
+    /// Largest `vocab_size` and number of labels.
+    pub const MAX_CLASSES: usize = 1 << 20;
+    /// Largest `image_size` in pixels.
+    pub const MAX_IMAGE_SIZE: usize = 1 << 14;
+    /// Largest patch grid side (`image_size / patch_size`): the relative position index has
+    /// `(side^2 + 1)^2` entries.
+    pub const MAX_GRID: usize = 64;
 }
 
 /// Defaults of `transformers.BeitConfig`.
@@ -171,11 +220,37 @@ impl BeitConfig {
     }
 
     /// Parse and validate a config from JSON text.
+    ///
+    /// Every family of the architecture is read (see [`Family`]): a `transformers` BEiT config
+    /// (`model_type: beit`, DiT included), a data2vec-vision config (`model_type:
+    /// data2vec-vision`, the same fields), and a timm hub `config.json` (`architecture:
+    /// beit_*`/`beitv2_*`, optional `model_args`), which is translated to the same hyper-parameters.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| BeitError::Config {
-            path: None,
-            message: e.to_string(),
-        })?;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| config_error(e.to_string()))?;
+        let Some(object) = value.as_object() else {
+            return Err(config_error("expected a JSON object".into()));
+        };
+        let model_type = object.get("model_type").map(|v| v.as_str());
+        let cfg = match model_type {
+            None if object.contains_key("architecture") => timm::from_timm_config(object)?,
+            None | Some(Some("beit")) => {
+                serde_json::from_str::<Self>(text).map_err(|e| config_error(e.to_string()))?
+            }
+            Some(Some("data2vec-vision")) => {
+                let mut cfg: Self =
+                    serde_json::from_str(text).map_err(|e| config_error(e.to_string()))?;
+                cfg.family = Family::Data2VecVision;
+                cfg
+            }
+            Some(other) => {
+                return Err(config_error(format!(
+                    "`model_type` {} is not a BEiT-family model (expected \"beit\" or \"data2vec-vision\", \
+                     or a timm config with `architecture`)",
+                    other.map_or_else(|| object["model_type"].to_string(), |s| format!("{s:?}"))
+                )))
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -231,6 +306,38 @@ impl BeitConfig {
                 return err(format!("`{name}` must be positive"));
             }
         }
+        // Upper bounds, so that a hostile config.json cannot make the model (or the relative
+        // position index, whose size grows as grid^4) allocate without limit. Every published
+        // checkpoint is far inside them.
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, limits::MAX_WIDTH),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                4 * limits::MAX_WIDTH,
+            ),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                limits::MAX_LAYERS,
+            ),
+            ("num_channels", self.num_channels, limits::MAX_CHANNELS),
+            ("vocab_size", self.vocab_size, limits::MAX_CLASSES),
+            ("image_size", self.image_size, limits::MAX_IMAGE_SIZE),
+        ] {
+            if v > max {
+                return err(format!(
+                    "`{name}` = {v} is over the supported maximum {max}"
+                ));
+            }
+        }
+        if self.num_labels() > limits::MAX_CLASSES {
+            return err(format!(
+                "`id2label` has {} classes, over the supported maximum {}",
+                self.num_labels(),
+                limits::MAX_CLASSES
+            ));
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(format!(
                 "`hidden_size` ({}) must be divisible by `num_attention_heads` ({})",
@@ -241,6 +348,13 @@ impl BeitConfig {
             return err(format!(
                 "`image_size` ({}) must be divisible by `patch_size` ({})",
                 self.image_size, self.patch_size
+            ));
+        }
+        if self.grid_size() > limits::MAX_GRID {
+            return err(format!(
+                "`image_size` / `patch_size` = {} patches per side is over the supported maximum {}",
+                self.grid_size(),
+                limits::MAX_GRID
             ));
         }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
@@ -327,6 +441,228 @@ impl BeitConfig {
             path: None,
             message: e.to_string(),
         })
+    }
+}
+
+/// timm's `config.json`: `architecture` names a registered model (the tag after `.` is ignored),
+/// `model_args` overrides its keyword arguments, `num_classes`, `global_pool` and `label_names` set
+/// the head, and `pretrained_cfg` carries the preprocessing.
+mod timm {
+    use serde_json::{Map, Value};
+
+    use super::{config_error, BeitConfig, Family};
+    use crate::error::Result;
+
+    /// The keyword arguments of timm's `Beit` class that a registered BEiT model sets.
+    #[derive(Debug, Clone)]
+    struct Args {
+        img_size: usize,
+        patch_size: usize,
+        in_chans: usize,
+        embed_dim: usize,
+        depth: usize,
+        num_heads: usize,
+        mlp_ratio: f64,
+        use_abs_pos_emb: bool,
+        use_rel_pos_bias: bool,
+        use_shared_rel_pos_bias: bool,
+        init_values: Option<f64>,
+        drop_path_rate: f64,
+    }
+
+    /// timm's registered BEiT models (`timm.models.beit`): v1 (`beit_*`) and v2 (`beitv2_*`).
+    fn registered(name: &str) -> Option<Args> {
+        let (embed_dim, depth, num_heads, img_size, init_values) = match name {
+            "beit_base_patch16_224" => (768, 12, 12, 224, 0.1),
+            "beit_base_patch16_384" => (768, 12, 12, 384, 0.1),
+            "beit_large_patch16_224" => (1024, 24, 16, 224, 1e-5),
+            "beit_large_patch16_384" => (1024, 24, 16, 384, 1e-5),
+            "beit_large_patch16_512" => (1024, 24, 16, 512, 1e-5),
+            "beitv2_base_patch16_224" => (768, 12, 12, 224, 1e-5),
+            "beitv2_large_patch16_224" => (1024, 24, 16, 224, 1e-5),
+            _ => return None,
+        };
+        Some(Args {
+            img_size,
+            patch_size: 16,
+            in_chans: 3,
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio: 4.0,
+            use_abs_pos_emb: false,
+            use_rel_pos_bias: true,
+            use_shared_rel_pos_bias: false,
+            init_values: Some(init_values),
+            drop_path_rate: 0.0,
+        })
+    }
+
+    /// The names of the registered models, for messages.
+    pub(super) const REGISTERED: [&str; 7] = [
+        "beit_base_patch16_224",
+        "beit_base_patch16_384",
+        "beit_large_patch16_224",
+        "beit_large_patch16_384",
+        "beit_large_patch16_512",
+        "beitv2_base_patch16_224",
+        "beitv2_large_patch16_224",
+    ];
+
+    fn usize_of(v: &Value, field: &str) -> Result<usize> {
+        v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            config_error(format!(
+                "`{field}`: expected a non-negative integer, got {v}"
+            ))
+        })
+    }
+
+    fn f64_of(v: &Value, field: &str) -> Result<f64> {
+        v.as_f64()
+            .ok_or_else(|| config_error(format!("`{field}`: expected a number, got {v}")))
+    }
+
+    fn bool_of(v: &Value, field: &str) -> Result<bool> {
+        v.as_bool()
+            .ok_or_else(|| config_error(format!("`{field}`: expected true or false, got {v}")))
+    }
+
+    /// `224` or `[224, 224]` (timm's `img_size`, `input_size[1:]`).
+    pub(super) fn square(v: &Value, field: &str) -> Result<usize> {
+        match v {
+            Value::Array(a) if a.len() == 2 && a[0] == a[1] => usize_of(&a[0], field),
+            Value::Array(_) => Err(config_error(format!(
+                "`{field}`: non-square size {v} is not supported"
+            ))),
+            other => usize_of(other, field),
+        }
+    }
+
+    pub(super) fn from_timm_config(obj: &Map<String, Value>) -> Result<BeitConfig> {
+        let arch_full = obj["architecture"].as_str().ok_or_else(|| {
+            config_error(format!(
+                "`architecture`: expected a timm model name, got {}",
+                obj["architecture"]
+            ))
+        })?;
+        // `beitv2_base_patch16_224.in1k_ft_in22k_in1k`: the tag names the weights, not the model.
+        let arch = arch_full.split('.').next().unwrap_or(arch_full);
+        let mut a = registered(arch).ok_or_else(|| {
+            config_error(format!(
+                "`architecture` {arch_full:?} is not a timm BEiT model (known: {})",
+                REGISTERED.join(", ")
+            ))
+        })?;
+        let mut num_classes = match obj.get("num_classes") {
+            Some(v) => usize_of(v, "num_classes")?,
+            None => 1000,
+        };
+        let mut global_pool = match obj.get("global_pool") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => "avg".to_string(),
+            Some(v) => {
+                return Err(config_error(format!(
+                    "`global_pool`: expected a string, got {v}"
+                )))
+            }
+        };
+        if let Some(args) = obj.get("model_args") {
+            let args = args.as_object().ok_or_else(|| {
+                config_error(format!("`model_args`: expected an object, got {args}"))
+            })?;
+            for (k, v) in args {
+                let field = format!("model_args.{k}");
+                match k.as_str() {
+                    "img_size" => a.img_size = square(v, &field)?,
+                    "patch_size" => a.patch_size = square(v, &field)?,
+                    "in_chans" => a.in_chans = usize_of(v, &field)?,
+                    "num_classes" => num_classes = usize_of(v, &field)?,
+                    "global_pool" => {
+                        global_pool = v
+                            .as_str()
+                            .ok_or_else(|| config_error(format!("`{field}`: expected a string")))?
+                            .to_string()
+                    }
+                    "embed_dim" => a.embed_dim = usize_of(v, &field)?,
+                    "depth" => a.depth = usize_of(v, &field)?,
+                    "num_heads" => a.num_heads = usize_of(v, &field)?,
+                    "mlp_ratio" => a.mlp_ratio = f64_of(v, &field)?,
+                    "use_abs_pos_emb" => a.use_abs_pos_emb = bool_of(v, &field)?,
+                    "use_rel_pos_bias" => a.use_rel_pos_bias = bool_of(v, &field)?,
+                    "use_shared_rel_pos_bias" => a.use_shared_rel_pos_bias = bool_of(v, &field)?,
+                    "init_values" => {
+                        a.init_values = match v {
+                            Value::Null => None,
+                            v => Some(f64_of(v, &field)?),
+                        }
+                    }
+                    "drop_path_rate" => a.drop_path_rate = f64_of(v, &field)?,
+                    // Training-time rates and init scales do not change the network.
+                    "drop_rate" | "pos_drop_rate" | "proj_drop_rate" | "attn_drop_rate"
+                    | "head_init_scale" => {}
+                    "qkv_bias" if v == &Value::Bool(true) => {}
+                    "swiglu_mlp" | "scale_mlp" if v == &Value::Bool(false) => {}
+                    _ => {
+                        return Err(config_error(format!(
+                            "`{field}` = {v} is not supported (BEiT variants with it are not \
+                             implemented)"
+                        )))
+                    }
+                }
+            }
+        }
+        let mean_pooling = match global_pool.as_str() {
+            "avg" => true,
+            "token" => false,
+            other => {
+                return Err(config_error(format!(
+                    "`global_pool` {other:?} is not supported (expected \"avg\" or \"token\")"
+                )))
+            }
+        };
+        let intermediate = a.embed_dim as f64 * a.mlp_ratio;
+        let mut cfg = BeitConfig {
+            hidden_size: a.embed_dim,
+            num_hidden_layers: a.depth,
+            num_attention_heads: a.num_heads,
+            intermediate_size: intermediate as usize,
+            hidden_act: "gelu".into(),
+            layer_norm_eps: 1e-6,
+            image_size: a.img_size,
+            patch_size: a.patch_size,
+            num_channels: a.in_chans,
+            use_mask_token: false,
+            use_absolute_position_embeddings: a.use_abs_pos_emb,
+            use_relative_position_bias: a.use_rel_pos_bias,
+            use_shared_relative_position_bias: a.use_shared_rel_pos_bias,
+            layer_scale_init_value: a.init_values.filter(|v| *v > 0.0).unwrap_or(0.0),
+            drop_path_rate: a.drop_path_rate,
+            use_mean_pooling: mean_pooling,
+            family: Family::Timm,
+            timm_pretrained_cfg: obj.get("pretrained_cfg").cloned(),
+            ..BeitConfig::default()
+        };
+        let names: Vec<String> = match obj.get("label_names") {
+            Some(Value::Array(names)) if names.len() == num_classes => names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    n.as_str()
+                        .map_or_else(|| format!("LABEL_{i}"), str::to_string)
+                })
+                .collect(),
+            Some(Value::Array(names)) => {
+                return Err(config_error(format!(
+                    "`label_names` has {} names for {num_classes} classes",
+                    names.len()
+                )))
+            }
+            _ => (0..num_classes).map(|i| format!("LABEL_{i}")).collect(),
+        };
+        if num_classes > 0 {
+            cfg.set_labels(&names);
+        }
+        Ok(cfg)
     }
 }
 

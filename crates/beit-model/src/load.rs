@@ -168,6 +168,7 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
         return candle::safetensors::load(path, &Device::Cpu).map_err(|e| err(e.to_string()));
     }
     if name.ends_with(".bin") || name.ends_with(".pth") || name.ends_with(".pt") {
+        guard_torch_file(path)?;
         // unilm keeps the state dict under "model"; some trainers use "state_dict" or "module".
         let mut last_error = String::new();
         for key in [None, Some("model"), Some("state_dict"), Some("module")] {
@@ -185,6 +186,58 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
         "unknown weights format (expected .safetensors, .safetensors.index.json, .bin or .pth)"
             .into(),
     ))
+}
+
+/// Largest pickle (`data.pkl`, or the head of a non-zip file) scanned by [`guard_torch_file`]; a
+/// state dict's pickle is a few hundred KB.
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+/// Refuse a PyTorch file whose pickle names anything but tensor-rebuilding and container types
+/// (see [`crate::pickle_guard`]): `os.system`, `builtins.eval`, ... are named in the error.
+pub fn guard_torch_file(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let err = |message: String| BeitError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic).map_err(|e| err(e.to_string()))?;
+    let allow = crate::pickle_guard::Allow::default();
+    if n == 4 && magic == *b"PK\x03\x04" {
+        let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+            .map_err(|e| err(format!("not a readable zip archive: {e}")))?;
+        for i in 0..zip.len() {
+            let mut entry = zip
+                .by_index(i)
+                .map_err(|e| err(format!("zip entry {i}: {e}")))?;
+            let entry_name = entry
+                .name()
+                .map(|n| n.into_owned())
+                .map_err(|e| err(format!("zip entry {i}: {e}")))?;
+            if !entry_name.ends_with(".pkl") {
+                continue;
+            }
+            let mut bytes = Vec::new();
+            (&mut entry)
+                .take(MAX_PICKLE_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(|e| err(format!("{entry_name}: {e}")))?;
+            crate::pickle_guard::check_pickle(&bytes, 1, &allow)
+                .map_err(|m| err(format!("{entry_name}: {m}")))?;
+        }
+        Ok(())
+    } else {
+        // A bare pickle (or the legacy layout: a few pickles, then raw storages).
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .map_err(|e| err(e.to_string()))?
+            .take(MAX_PICKLE_BYTES)
+            .read_to_end(&mut bytes)
+            .map_err(|e| err(e.to_string()))?;
+        crate::pickle_guard::check_pickle(&bytes, 5, &allow).map_err(err)
+    }
 }
 
 fn read_sharded(index: &Path) -> Result<HashMap<String, Tensor>> {
@@ -222,7 +275,8 @@ fn read_sharded(index: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// Map any supported naming to HF `transformers` checkpoint names and drop index buffers.
 ///
-/// Recognised: HF names (kept); unilm/timm names (`blocks.N.attn.qkv.weight` + `q_bias`/`v_bias`,
+/// Recognised: HF names (kept); data2vec-vision names (`data2vec_vision.` -> `beit.`); a backbone
+/// saved without prefix (`embeddings.*`, `encoder.*`, `layernorm.*` -> `beit.*`); unilm/timm names (`blocks.N.attn.qkv.weight` + `q_bias`/`v_bias`,
 /// `gamma_1/2`, `norm`, `fc_norm`, `head`, `rel_pos_bias.*`); and the in-memory names of
 /// `transformers` >= 5 (`beit.layers.N.attention.q_proj`, `mlp.fc1`, `shared_position_bias`).
 pub fn normalize_names(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
@@ -230,6 +284,14 @@ pub fn normalize_names(tensors: HashMap<String, Tensor>) -> HashMap<String, Tens
         .keys()
         .any(|k| k.starts_with("blocks.") || k == "patch_embed.proj.weight");
     let has_lm_head = tensors.contains_key("lm_head.weight");
+    // A backbone saved alone (`BeitModel` / `Data2VecVisionModel.save_pretrained`, e.g. the
+    // data2vec-vision pre-trained checkpoints) has no `beit.` prefix: add it.
+    let headless = !tensors
+        .keys()
+        .any(|k| k.starts_with("beit.") || k.starts_with("data2vec_vision."))
+        && tensors
+            .keys()
+            .any(|k| k.starts_with("embeddings.") || k.starts_with("encoder."));
     let mut out = HashMap::new();
     for (name, t) in tensors {
         let name = name.strip_prefix("module.").unwrap_or(&name).to_string();
@@ -252,6 +314,23 @@ pub fn normalize_names(tensors: HashMap<String, Tensor>) -> HashMap<String, Tens
             }
             out.insert(map_unilm_name(&name, has_lm_head), t);
         } else {
+            let name = if let Some(rest) = name.strip_prefix("data2vec_vision.") {
+                format!("beit.{rest}")
+            } else if headless
+                && [
+                    "embeddings.",
+                    "encoder.",
+                    "layernorm.",
+                    "pooler.",
+                    "layers.",
+                ]
+                .iter()
+                .any(|p| name.starts_with(p))
+            {
+                format!("beit.{name}")
+            } else {
+                name
+            };
             out.insert(map_v5_name(&name), t);
         }
     }
@@ -376,7 +455,8 @@ pub fn expected_parameters(
     Ok(seen)
 }
 
-/// A VarBuilder backend that records what the model asks for and hands out zeros.
+/// A VarBuilder backend that records what the model asks for and hands out zeros (one broadcast
+/// scalar: nothing of the parameter's size is allocated).
 #[derive(Clone, Default)]
 struct Recorder(std::sync::Arc<Mutex<BTreeMap<String, Shape>>>);
 
@@ -393,7 +473,7 @@ impl SimpleBackend for Recorder {
             .lock()
             .expect("recorder lock")
             .insert(name.to_string(), s.clone());
-        Tensor::zeros(s, dtype, dev)
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle::Result<Tensor> {
         candle::bail!("recorder cannot provide `{name}` without a shape")

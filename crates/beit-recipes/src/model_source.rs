@@ -26,9 +26,20 @@ pub fn load_model(spec: &str, download: bool) -> Result<LoadedModel> {
     let checkpoint = Checkpoint::from_files(config, &weights)
         .with_context(|| format!("loading model `{spec}`"))?;
     let size = checkpoint.config.image_size as u32;
-    let processor = match &files.preprocessor_config {
-        Some(p) => ImageProcessor::from_file(p, size)?,
-        None => ImageProcessor::for_image_size(size),
+    let processor = if checkpoint.config.family == beit_model::config::Family::Timm {
+        // timm checkpoints describe their pipeline in config.json's `pretrained_cfg`.
+        let cfg = checkpoint
+            .config
+            .timm_pretrained_cfg
+            .clone()
+            .unwrap_or_default();
+        ImageProcessor::from_timm_pretrained_cfg(&cfg, size)
+            .with_context(|| format!("invalid `pretrained_cfg` in {}", files.config.display()))?
+    } else {
+        match &files.preprocessor_config {
+            Some(p) => ImageProcessor::from_file(p, size)?,
+            None => ImageProcessor::for_image_size(size),
+        }
     };
     Ok(LoadedModel {
         checkpoint,

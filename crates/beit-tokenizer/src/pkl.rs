@@ -10,7 +10,7 @@
 //! legacy sequence of pickles followed by raw storages.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Cursor, Read};
+use std::io::{Cursor, Read};
 use std::path::Path;
 
 use candle::pickle::{Object, Stack};
@@ -22,18 +22,36 @@ use crate::error::{Result, TokenizerError};
 /// as CPU tensors. Works on `dall_e`'s `encoder.pkl` and `decoder.pkl`.
 pub fn load_dalle_pkl(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| TokenizerError::io(path, e))?;
+    parse_dalle_pkl(&bytes, path)
+}
+
+/// [`load_dalle_pkl`] on bytes already in memory; `path` only names them in errors.
+pub fn parse_dalle_pkl(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>> {
     let err = |reason: String| TokenizerError::Pickle {
         path: path.to_path_buf(),
         reason,
     };
     if bytes.starts_with(b"PK") {
-        read_zip(&bytes, &err)
+        read_zip(bytes, &err)
     } else {
-        read_legacy(&bytes, &err)
+        read_legacy(bytes, &err)
     }
 }
 
 type ErrFn<'a> = &'a dyn Fn(String) -> TokenizerError;
+
+/// Largest `data.pkl` read (the DALL-E encoder's is about 10 KB).
+const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// Refuse pickles that name anything but tensor, container and module types (`dall_e.*` and
+/// `torch.nn.*` modules included): a pickle naming `os.system` or `builtins.eval` is an attack on
+/// whoever opens it with Python, and is reported with the callable's name.
+fn guard(bytes: &[u8], pickles: usize, err: ErrFn) -> Result<()> {
+    let allow = beit_model::pickle_guard::Allow {
+        module_prefixes: &["dall_e."],
+    };
+    beit_model::pickle_guard::check_pickle(bytes, pickles, &allow).map_err(err)
+}
 
 /// A tensor found in the object tree: which storage, its dtype and its view.
 struct TensorRef {
@@ -55,10 +73,16 @@ fn read_zip(bytes: &[u8], err: ErrFn) -> Result<HashMap<String, Tensor>> {
         .ok_or_else(|| err("no `data.pkl` in the zip archive".into()))?;
     let data_dir = pkl_name.trim_end_matches("data.pkl").to_string() + "data/";
     let root = {
-        let entry = zip
+        let mut entry = zip
             .by_name(&pkl_name)
             .map_err(|e| err(format!("{pkl_name}: {e}")))?;
-        unpickle(&mut BufReader::new(entry), err)?
+        let mut pkl = Vec::new();
+        (&mut entry)
+            .take(MAX_PICKLE_BYTES)
+            .read_to_end(&mut pkl)
+            .map_err(|e| err(format!("{pkl_name}: {e}")))?;
+        guard(&pkl, 1, err)?;
+        unpickle(&mut Cursor::new(pkl), err)?
     };
     let refs = collect_tensors(root, err)?;
     let mut out = HashMap::new();
@@ -87,6 +111,8 @@ fn read_legacy(bytes: &[u8], err: ErrFn) -> Result<HashMap<String, Tensor>> {
             "neither a zip archive nor a legacy torch.save file (bad magic number)".into(),
         ));
     }
+    // magic, protocol, sys_info, the module, the storage keys; raw storages follow.
+    guard(bytes, 5, err)?;
     let mut cur = Cursor::new(bytes);
     cur.set_position(MAGIC_PICKLE.len() as u64);
     let _protocol = unpickle(&mut cur, err)?;
@@ -122,7 +148,18 @@ fn read_legacy(bytes: &[u8], err: ErrFn) -> Result<HashMap<String, Tensor>> {
                 "storage {key} is not used by any tensor; cannot tell its element size"
             ))
         })?;
-        let mut data = vec![0u8; numel * size];
+        // The declared size must fit in what is left of the file before anything is allocated.
+        let remaining = bytes.len() as u64 - cur.position();
+        let len = (numel as u64)
+            .checked_mul(size as u64)
+            .filter(|&l| l <= remaining)
+            .ok_or_else(|| {
+                err(format!(
+                    "storage {key}: declares {numel} elements of {size} bytes but only {remaining} \
+                     bytes remain"
+                ))
+            })?;
+        let mut data = vec![0u8; len as usize];
         cur.read_exact(&mut data)
             .map_err(|e| err(format!("storage {key}: truncated data: {e}")))?;
         storages.insert(key.clone(), data);
@@ -155,17 +192,20 @@ fn materialise(r: &TensorRef, storage: &[u8], err: ErrFn) -> Result<Tensor> {
     if !r.contiguous {
         return Err(err(format!("tensor `{}` is not contiguous", r.name)));
     }
-    let n: usize = r.dims.iter().product();
-    let len = n * r.dtype.size_in_bytes();
-    let end = r.offset_bytes + len;
-    if end > storage.len() {
+    let end = r
+        .dims
+        .iter()
+        .try_fold(r.dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+        .and_then(|len| r.offset_bytes.checked_add(len));
+    let Some(end) = end.filter(|&e| e <= storage.len()) else {
         return Err(err(format!(
-            "tensor `{}` needs bytes {}..{end} but its storage has {}",
+            "tensor `{}` of shape {:?} at byte {} does not fit in its storage of {} bytes",
             r.name,
+            r.dims,
             r.offset_bytes,
             storage.len()
         )));
-    }
+    };
     Ok(Tensor::from_raw_buffer(
         &storage[r.offset_bytes..end],
         r.dtype,

@@ -1,0 +1,131 @@
+//! `beit-cli predict` and `attention` on every family of the architecture (timm BEiT v2/v1,
+//! data2vec-vision, DiT), against each library's own image pipeline and model on real photos
+//! (`scripts/family_fixtures.py`): the PNG, the big camera JPEG, and JPEG variants of a photo at
+//! 4:2:0, 4:2:2, 4:4:4, progressive, grey and CMYK. JPEGs are decoded by libjpeg-turbo as Pillow
+//! does, so the probabilities agree to float precision on JPEG as on PNG.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn cli() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_beit-cli"));
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+/// Run predict on the fixture's photos; return the worst probability difference.
+fn predict_matches_library(name: &str) -> f64 {
+    let dir = root().join("family").join(name);
+    let text = std::fs::read_to_string(dir.join("expected_predict.json")).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let expected = expected.as_array().unwrap();
+    let images: Vec<PathBuf> = expected
+        .iter()
+        .map(|e| root().join("data").join(e["image"].as_str().unwrap()))
+        .collect();
+    let classes = expected[0]["probabilities"].as_array().unwrap().len();
+    let out = cli()
+        .args([
+            "predict",
+            "--json",
+            "--top-k",
+            &classes.to_string(),
+            "--model",
+        ])
+        .arg(&dir)
+        .args(&images)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut worst = 0f64;
+    for (g, e) in got.as_array().unwrap().iter().zip(expected) {
+        let image = e["image"].as_str().unwrap();
+        let preds = g["predictions"].as_array().unwrap();
+        let top5: Vec<u64> = preds
+            .iter()
+            .take(5)
+            .map(|p| p["index"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = e["top5"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(top5, want, "{name} {image}: top-5");
+        let probs = e["probabilities"].as_array().unwrap();
+        let mut img_worst = 0f64;
+        for p in preds {
+            let i = p["index"].as_u64().unwrap() as usize;
+            let d = (p["probability"].as_f64().unwrap() - probs[i].as_f64().unwrap()).abs();
+            img_worst = img_worst.max(d);
+        }
+        println!("{name} {image}: max |p - library| {img_worst:.1e}");
+        worst = worst.max(img_worst);
+    }
+    assert!(worst <= 1e-5, "{name}: max probability difference {worst}");
+    worst
+}
+
+#[test]
+fn predict_timm_beit_v2_matches_timm() {
+    predict_matches_library("timm_beitv2");
+}
+
+#[test]
+fn predict_timm_beit_v1_matches_timm() {
+    predict_matches_library("timm_beit");
+}
+
+#[test]
+fn predict_data2vec_vision_matches_transformers() {
+    predict_matches_library("d2v_cls");
+}
+
+#[test]
+fn predict_dit_matches_transformers() {
+    predict_matches_library("dit_cls");
+}
+
+#[test]
+fn attention_runs_on_a_pretrained_backbone_and_a_timm_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["d2v_pt", "timm_beitv2", "dit_mim"] {
+        let png = tmp.path().join(format!("{name}.png"));
+        let out = cli()
+            .args(["attention", "--model"])
+            .arg(root().join("family").join(name))
+            .arg("--image")
+            .arg(root().join("data/jpeg/chelsea_420.jpg"))
+            .arg("--out")
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let img = image::open(&png).unwrap();
+        assert!(img.width() > 32 && img.height() >= 32, "{name}");
+    }
+    // A backbone is not a classifier: predict says so.
+    let out = cli()
+        .args(["predict", "--model"])
+        .arg(root().join("family/d2v_pt"))
+        .arg(root().join("data/chelsea.png"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not an image classifier"), "{err}");
+}
