@@ -542,7 +542,11 @@ pub fn trainable_classifier(
     // unilm's order: initialise everything (head × 0.001), then load the checkpoint over it.
     init_beit(
         &varmap,
-        &InitConfig::finetune(cfg.num_hidden_layers, cfg.layer_scale_init_value),
+        &InitConfig::classifier(
+            cfg.num_hidden_layers,
+            cfg.layer_scale_init_value,
+            checkpoint.is_none(),
+        ),
         &mut TrainRng::derive(init_seed, &[0x696e6974]),
     )?;
     let mut report = beit_model::load::LoadReport::default();

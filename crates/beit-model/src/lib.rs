@@ -33,6 +33,7 @@ pub mod layers;
 pub mod load;
 pub mod model;
 pub mod ops;
+pub mod param_info;
 pub mod relative_position;
 pub mod save;
 
