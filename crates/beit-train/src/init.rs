@@ -125,8 +125,9 @@ impl InitConfig {
     /// [`InitConfig::finetune`] (what the checkpoint lacks, i.e. the fresh head, keeps it).
     ///
     /// From scratch, unilm's scheme trains markedly worse in short runs: on the embedded
-    /// Fashion-MNIST recipe (8 epochs, 3 seeds each) it stays 5-10 points of top-1 below the same
-    /// model initialised as transformers does; `docs/training-parity.md` has the tables.
+    /// Fashion-MNIST recipe (8 epochs) it stalled in the warm-up epoch and ended 5-8 points of
+    /// top-1 below the same model initialised as transformers does (seed 0; PyTorch's peer
+    /// agrees with the latter); `docs/training-parity.md` has the tables.
     pub fn classifier(num_layers: usize, layer_scale_init: f64, from_scratch: bool) -> Self {
         if from_scratch {
             Self::transformers(num_layers, layer_scale_init)
