@@ -32,6 +32,7 @@ pub mod interpolate;
 pub mod layers;
 pub mod load;
 pub mod model;
+pub mod param_info;
 pub mod pickle_guard;
 pub mod relative_position;
 pub mod save;

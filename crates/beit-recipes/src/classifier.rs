@@ -11,8 +11,8 @@ use beit_train::{init_beit, InitConfig, TrainRng};
 use candle::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 
-/// A classifier whose parameters live in a `VarMap` (trainable), with unilm's fine-tuning init,
-/// then the weights of `checkpoint` (if any) after unilm's surgery (shared relative table copied
+/// A classifier whose parameters live in a `VarMap` (trainable), with unilm's fine-tuning init
+/// (transformers' init without a checkpoint), then the weights of `checkpoint` (if any) after unilm's surgery (shared relative table copied
 /// into every layer, tables resized, mismatched head dropped). The report lists what was loaded,
 /// left at its init (e.g. a new head) or unused (e.g. `lm_head`).
 pub fn trainable_classifier(
@@ -29,9 +29,15 @@ pub fn trainable_classifier(
     let model =
         BeitForImageClassification::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     // unilm's order: initialise everything (head x 0.001), then load the checkpoint over it.
+    // From scratch, transformers' initialisation (docs/training-parity.md: unilm's stalls the
+    // first epochs of a from-scratch run).
     init_beit(
         &varmap,
-        &InitConfig::finetune(cfg.num_hidden_layers, cfg.layer_scale_init_value),
+        &InitConfig::classifier(
+            cfg.num_hidden_layers,
+            cfg.layer_scale_init_value,
+            checkpoint.is_none(),
+        ),
         &mut TrainRng::derive(init_seed, &[0x696e6974]),
     )?;
     let mut report = beit_model::load::LoadReport::default();

@@ -4,7 +4,9 @@
 //! The engine never sees the model type. It works on **named parameters**: `candle::Var`s in a
 //! `candle_nn::VarMap`, named with Hugging Face `transformers` BEiT keys
 //! (`beit.embeddings.cls_token`, `beit.encoder.layer.3.output.dense.weight`, `lm_head.weight`,
-//! `classifier.bias`, …). Everything recipe-specific is decided from those names.
+//! `classifier.bias`, …). What a name means (layer id, no-decay, role at init) is the model's
+//! knowledge, asked through `beit_model::param_info::ParamInfo` (`*_with` entry points take it as a
+//! trait object; the plain ones use BEiT's).
 //!
 //! # How the pieces fit
 //!
@@ -115,13 +117,15 @@ pub use clip::{clip_grad_norm, global_grad_norm};
 pub use error::{Result, TrainError};
 pub use eval::{ClassificationMetrics, EvalAccumulator};
 pub use fit::{fit, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask};
-pub use init::{init_beit, InitConfig, Truncation};
+pub use init::{init_beit, init_beit_with, InitConfig, PatchEmbedInit, Truncation};
 pub use losses::{
     label_smoothing_cross_entropy, soft_target_cross_entropy, target_rank, topk_accuracy,
 };
 pub use metrics::{read_jsonl, MetricAverager, MetricsWriter, Throughput};
 pub use optimizer::{AdamW, AdamWConfig, StepStats};
-pub use param_groups::{build_param_groups, layer_id, named_vars, GroupingConfig, ParamGroup};
+pub use param_groups::{
+    build_param_groups, build_param_groups_with, layer_id, named_vars, GroupingConfig, ParamGroup,
+};
 pub use plot::{plot_metrics, PlotOptions};
 pub use precision::Precision;
 pub use progress::TrainProgress;

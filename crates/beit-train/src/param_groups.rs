@@ -1,27 +1,26 @@
-//! Parameter groups: layer ids, layer-wise lr decay and weight-decay exclusions, by parameter name.
+//! Parameter groups: layer ids, layer-wise lr decay and weight-decay exclusions.
 //!
-//! The rules follow the BEiT authors' fine-tuning code (unilm `optim_factory.py`), restated for
-//! Hugging Face `transformers` key names (the names our model uses):
+//! The rules follow the BEiT authors' fine-tuning code (unilm `optim_factory.py`). What depends
+//! on the model — the layer id of a parameter, which names the model keeps out of weight decay,
+//! which tensors are relative-position tables — comes from the model through
+//! [`ParamInfo`] (timm keeps the same knowledge on its models as `group_matcher()` and
+//! `no_weight_decay()`); [`build_param_groups_with`] takes it as a trait object, and
+//! [`build_param_groups`] uses BEiT's ([`beit_model::param_info::BeitParams`]). For BEiT:
 //!
-//! * **Layer id** (with `L` transformer blocks): the embeddings (`cls_token`, `mask_token`,
-//!   `position_embeddings`, `patch_embeddings.*`) get 0; everything under block `k`
-//!   (`beit.encoder.layer.k.*`, including that block's own relative-position table) gets `k + 1`;
-//!   the *shared* relative-position table and everything else (final norms, `lm_head`,
-//!   `classifier`, `pixel_head`) get `L + 1`.
+//! * **Layer id** (with `L` transformer blocks): the embeddings get 0; everything under block `k`
+//!   (including that block's own relative-position table) gets `k + 1`; the *shared*
+//!   relative-position table and everything else (final norms, heads) get `L + 1`.
 //! * **lr scale** of layer id `i`: `decay^(L + 1 - i)`, so the head trains at the full rate and the
 //!   embeddings at `decay^(L+1)`. Without layer decay (pre-training) every scale is 1.
-//! * **No weight decay** for every 1-D tensor (biases, LayerNorm weights, `lambda_*`), every name
-//!   ending in `.bias`, and `cls_token` / `position_embeddings`. `mask_token` and the
-//!   relative-position tables *are* decayed, as in unilm, unless
-//!   [`GroupingConfig::decay_rel_pos_tables`] is false (unilm's
+//! * **No weight decay** for every 1-D tensor (biases, LayerNorm weights, `lambda_*`) and every name
+//!   ending in `.bias` (the optimizer's generic rules), and for the names the model lists
+//!   (`cls_token` / `position_embeddings` for BEiT). `mask_token` and the relative-position tables
+//!   *are* decayed, as in unilm, unless [`GroupingConfig::decay_rel_pos_tables`] is false (unilm's
 //!   `--disable_weight_decay_on_rel_pos_bias`; timm never decays them).
-//!
-//! Both the classic `transformers` layout (`beit.encoder.layer.{k}.…`,
-//! `beit.encoder.relative_position_bias.…`) and the v5 layout (`beit.layers.{k}.…`,
-//! `beit.shared_position_bias.…`) are recognised, with or without the leading `beit.`.
 
 use std::collections::BTreeMap;
 
+use beit_model::param_info::{BeitParams, ParamInfo, ParamRole};
 use candle::Var;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -97,50 +96,20 @@ impl ParamGroup {
     }
 }
 
-/// Strip an optional leading `beit.` so base-model and head-model names share the rules.
-fn strip_backbone_prefix(name: &str) -> &str {
-    name.strip_prefix("beit.").unwrap_or(name)
-}
-
-/// The block index `k` if `name` lies under transformer block `k` (either transformers layout).
-pub fn block_index(name: &str) -> Option<usize> {
-    let rest = strip_backbone_prefix(name);
-    let tail = rest
-        .strip_prefix("encoder.layer.")
-        .or_else(|| rest.strip_prefix("layers."))?;
-    let idx = tail.split('.').next()?;
-    idx.parse().ok()
-}
-
-/// unilm's layer id of a parameter (see the module docs). `num_layers` is `L`.
+/// BEiT's layer id of a parameter (see the module docs). `num_layers` is `L`.
 pub fn layer_id(name: &str, num_layers: usize) -> usize {
-    let rest = strip_backbone_prefix(name);
-    if rest.starts_with("embeddings.") {
-        return 0;
-    }
-    if let Some(k) = block_index(name) {
-        return k + 1;
-    }
-    // Shared relative-position table, final norms and heads.
-    num_layers + 1
+    BeitParams::new(num_layers).layer_id(name)
 }
 
-/// Whether `name` is a relative-position bias table (per-block or shared).
-pub fn is_rel_pos_table(name: &str) -> bool {
-    name.ends_with("relative_position_bias_table")
-}
-
-/// Whether weight decay is switched off for a parameter of this name and rank.
-pub fn is_no_decay(name: &str, rank: usize, cfg: &GroupingConfig) -> bool {
-    if rank <= 1 || name.ends_with(".bias") {
+/// Whether weight decay is switched off for a parameter of this name and shape: the generic
+/// rules (rank <= 1, `.bias`), the model's own list, the relative-position tables when
+/// `cfg.decay_rel_pos_tables` is false, and `cfg.extra_no_decay`.
+pub fn is_no_decay(name: &str, dims: &[usize], cfg: &GroupingConfig, info: &dyn ParamInfo) -> bool {
+    if dims.len() <= 1 || name.ends_with(".bias") || info.no_weight_decay(name) {
         return true;
     }
-    // unilm's `no_weight_decay()` = {pos_embed, cls_token}.
-    let rest = strip_backbone_prefix(name);
-    if rest == "embeddings.cls_token" || rest == "embeddings.position_embeddings" {
-        return true;
-    }
-    if !cfg.decay_rel_pos_tables && is_rel_pos_table(name) {
+    if !cfg.decay_rel_pos_tables && info.role(name, dims) == Some(ParamRole::RelativePositionTable)
+    {
         return true;
     }
     cfg.extra_no_decay
@@ -156,15 +125,33 @@ pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     v
 }
 
-/// Split named parameters into groups by (layer id, decay/no-decay), in a deterministic order
-/// (layer id ascending, decay before no-decay, parameters sorted by name).
-///
-/// Pass only the parameters that should train (e.g. only the head for a linear probe).
-/// Fails on a duplicate name or a block index `>= num_layers`.
+/// Split named parameters into groups by (layer id, decay/no-decay) with BEiT's parameter rules;
+/// see [`build_param_groups_with`].
 pub fn build_param_groups(
     params: impl IntoIterator<Item = (String, Var)>,
     cfg: &GroupingConfig,
 ) -> Result<Vec<ParamGroup>> {
+    build_param_groups_with(params, cfg, &BeitParams::new(cfg.num_layers))
+}
+
+/// Split named parameters into groups by (layer id, decay/no-decay), in a deterministic order
+/// (layer id ascending, decay before no-decay, parameters sorted by name). `info` is the model's
+/// parameter knowledge (layer ids, no-decay names, roles).
+///
+/// Pass only the parameters that should train (e.g. only the head for a linear probe).
+/// Fails on a duplicate name, a block index `>= num_layers`, or an `info` for another depth.
+pub fn build_param_groups_with(
+    params: impl IntoIterator<Item = (String, Var)>,
+    cfg: &GroupingConfig,
+    info: &dyn ParamInfo,
+) -> Result<Vec<ParamGroup>> {
+    if info.num_layers() != cfg.num_layers {
+        return Err(TrainError::Config(format!(
+            "the grouping is configured for {} blocks but the model has {}",
+            cfg.num_layers,
+            info.num_layers()
+        )));
+    }
     let mut by_key: BTreeMap<(usize, bool), Vec<(String, Var)>> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for (name, var) in params {
@@ -174,7 +161,7 @@ pub fn build_param_groups(
                 message: "appears twice in the parameter list".into(),
             });
         }
-        if let Some(k) = block_index(&name) {
+        if let Some(k) = info.block_index(&name) {
             if k >= cfg.num_layers {
                 return Err(TrainError::Parameter {
                     name,
@@ -185,8 +172,8 @@ pub fn build_param_groups(
                 });
             }
         }
-        let id = layer_id(&name, cfg.num_layers);
-        let no_decay = is_no_decay(&name, var.rank(), cfg);
+        let id = info.layer_id(&name);
+        let no_decay = is_no_decay(&name, var.dims(), cfg, info);
         by_key.entry((id, no_decay)).or_default().push((name, var));
     }
     Ok(by_key
@@ -269,18 +256,75 @@ mod tests {
     #[test]
     fn no_decay_rules() {
         let c = GroupingConfig::pretrain(12);
-        assert!(is_no_decay("beit.embeddings.cls_token", 3, &c));
-        assert!(is_no_decay("beit.embeddings.position_embeddings", 3, &c));
-        assert!(!is_no_decay("beit.embeddings.mask_token", 3, &c));
-        assert!(is_no_decay("beit.encoder.layer.0.lambda_1", 1, &c));
-        assert!(is_no_decay("lm_head.bias", 1, &c));
-        assert!(!is_no_decay("lm_head.weight", 2, &c));
+        let info = BeitParams::new(12);
+        let nd = |n: &str, dims: &[usize], c: &GroupingConfig| is_no_decay(n, dims, c, &info);
+        assert!(nd("beit.embeddings.cls_token", &[1, 1, 8], &c));
+        assert!(nd("beit.embeddings.position_embeddings", &[1, 5, 8], &c));
+        assert!(!nd("beit.embeddings.mask_token", &[1, 1, 8], &c));
+        assert!(nd("beit.encoder.layer.0.lambda_1", &[8], &c));
+        assert!(nd("lm_head.bias", &[8], &c));
+        assert!(!nd("lm_head.weight", &[8, 8], &c));
         let t = "beit.encoder.relative_position_bias.relative_position_bias_table";
-        assert!(!is_no_decay(t, 2, &c));
+        assert!(!nd(t, &[12, 2], &c));
         let c2 = GroupingConfig {
             decay_rel_pos_tables: false,
             ..c
         };
-        assert!(is_no_decay(t, 2, &c2));
+        assert!(nd(t, &[12, 2], &c2));
+    }
+
+    /// A toy model's own rules reach the groups: the trainer parses no names itself.
+    #[test]
+    fn groups_follow_the_models_rules() {
+        struct Toy;
+        impl ParamInfo for Toy {
+            fn num_layers(&self) -> usize {
+                1
+            }
+            fn block_index(&self, name: &str) -> Option<usize> {
+                name.starts_with("b.").then_some(0)
+            }
+            fn layer_id(&self, name: &str) -> usize {
+                if name.starts_with("b.") {
+                    1
+                } else if name.starts_with("head") {
+                    2
+                } else {
+                    0
+                }
+            }
+            fn no_weight_decay(&self, name: &str) -> bool {
+                name == "stem.scale"
+            }
+            fn role(&self, _: &str, _: &[usize]) -> Option<ParamRole> {
+                None
+            }
+        }
+        let v =
+            |dims: &[usize]| Var::zeros(dims, candle::DType::F32, &candle::Device::Cpu).unwrap();
+        let params = vec![
+            ("stem.scale".to_string(), v(&[2, 2])),
+            ("stem.w".to_string(), v(&[2, 2])),
+            ("b.w".to_string(), v(&[2, 2])),
+            ("head".to_string(), v(&[2, 2])),
+        ];
+        let g = build_param_groups_with(params, &GroupingConfig::finetune(1, 0.5), &Toy).unwrap();
+        let s: Vec<(String, usize, f64)> = g
+            .iter()
+            .map(|g| (g.name.clone(), g.params.len(), g.lr_scale))
+            .collect();
+        assert_eq!(
+            s,
+            [
+                ("layer_0_decay".to_string(), 1, 0.25),
+                ("layer_0_no_decay".to_string(), 1, 0.25),
+                ("layer_1_decay".to_string(), 1, 0.5),
+                ("layer_2_decay".to_string(), 1, 1.0),
+            ]
+        );
+        let e = build_param_groups_with(vec![], &GroupingConfig::pretrain(3), &Toy)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 blocks") && e.contains("has 1"), "{e}");
     }
 }

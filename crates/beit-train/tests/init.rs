@@ -153,3 +153,91 @@ fn unknown_parameter_is_an_error() {
     let e = init_kind("something.scale", &[8]).unwrap_err().to_string();
     assert!(e.contains("something.scale"), "{e}");
 }
+
+#[test]
+fn transformers_scheme() -> anyhow::Result<()> {
+    let vm = tiny_classifier();
+    let cfg = InitConfig::transformers(L, 0.1);
+    let report = init_beit(&vm, &cfg, &mut TrainRng::seed_from_u64(5))?;
+    let v = |n: &str| var_values(&vm, n).unwrap();
+    // Zero class token, normal patch embedding with a zero bias, no depth rescale, no head scale.
+    assert!(v("beit.embeddings.cls_token").iter().all(|&x| x == 0.0));
+    let conv = v("beit.embeddings.patch_embeddings.projection.weight");
+    assert!((std_of(&conv) - 0.02).abs() < 0.004, "{}", std_of(&conv));
+    assert!(v("beit.embeddings.patch_embeddings.projection.bias")
+        .iter()
+        .all(|&x| x == 0.0));
+    for l in 0..L {
+        let w = v(&format!("beit.encoder.layer.{l}.output.dense.weight"));
+        assert!(
+            (std_of(&w) - 0.02).abs() < 0.003,
+            "layer {l}: {}",
+            std_of(&w)
+        );
+    }
+    assert!((std_of(&v("classifier.weight")) - 0.02).abs() < 0.006);
+    assert!(v("beit.encoder.layer.2.lambda_1").iter().all(|&x| x == 0.1));
+    // Untruncated: a wide tensor has values beyond 2 std (P(|z| > 2) is 4.6%).
+    let wide = v("beit.encoder.layer.0.intermediate.dense.weight");
+    assert!(wide.iter().any(|x| x.abs() > 0.04));
+    assert!(report
+        .iter()
+        .any(|(n, k)| n == "beit.embeddings.cls_token" && *k == InitKind::Zeros));
+    Ok(())
+}
+
+/// The rules come from the model's `ParamInfo`: a toy model with its own names initialises by
+/// the roles it reports, and a name it has no role for is an error naming it.
+#[test]
+fn roles_come_from_the_model() -> anyhow::Result<()> {
+    use beit_model::param_info::{ParamInfo, ParamRole};
+    use beit_train::init::init_beit_with;
+    struct Toy;
+    impl ParamInfo for Toy {
+        fn num_layers(&self) -> usize {
+            1
+        }
+        fn block_index(&self, name: &str) -> Option<usize> {
+            name.starts_with("blk.").then_some(0)
+        }
+        fn layer_id(&self, _: &str) -> usize {
+            0
+        }
+        fn no_weight_decay(&self, _: &str) -> bool {
+            false
+        }
+        fn role(&self, name: &str, _: &[usize]) -> Option<ParamRole> {
+            match name {
+                "blk.out" => Some(ParamRole::ResidualOutputWeight),
+                "gain" => Some(ParamRole::NormWeight),
+                "head" => Some(ParamRole::ClassifierWeight),
+                _ => None,
+            }
+        }
+    }
+    let vm = VarMap::new();
+    for n in ["blk.out", "gain", "head"] {
+        vm.get((64, 64), n, Init::Const(7.0), DType::F32, &Device::Cpu)?;
+    }
+    let cfg = InitConfig::finetune(1, 0.1);
+    init_beit_with(&vm, &cfg, &mut TrainRng::seed_from_u64(0), &Toy)?;
+    assert!(var_values(&vm, "gain")?.iter().all(|&x| x == 1.0));
+    let out = std_of(&var_values(&vm, "blk.out")?);
+    assert!((out - 0.02 / 2f64.sqrt()).abs() < 0.002, "{out}");
+    assert!((std_of(&var_values(&vm, "head")?) - 2e-5).abs() < 3e-6);
+    vm.get(3, "other", Init::Const(7.0), DType::F32, &Device::Cpu)?;
+    let e = init_beit_with(&vm, &cfg, &mut TrainRng::seed_from_u64(0), &Toy)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other"), "{e}");
+    let e = init_beit_with(
+        &vm,
+        &InitConfig::finetune(2, 0.1),
+        &mut TrainRng::seed_from_u64(0),
+        &Toy,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("2 blocks"), "{e}");
+    Ok(())
+}
