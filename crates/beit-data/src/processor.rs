@@ -266,7 +266,7 @@ impl ImageProcessor {
         if let Some(v) = get("std") {
             p.image_std = parse_triple(v).map_err(|r| field("std", r))?;
             if p.image_std.iter().any(|&s| s <= 0.0) {
-                return Err(field("std", format!("every entry must be positive")));
+                return Err(field("std", "every entry must be positive"));
             }
         }
         Ok(p)

@@ -173,11 +173,9 @@ fn unpickle(bytes: &[u8]) {
     if stack.read_loop(&mut std::io::Cursor::new(bytes)).is_err() {
         return;
     }
-    if let Ok(obj) = stack.finalize() {
-        if let candle::pickle::Object::Dict(entries) = obj {
-            for (k, v) in entries {
-                let _ = v.into_tensor_info(k, Path::new("archive/data"));
-            }
+    if let Ok(candle::pickle::Object::Dict(entries)) = stack.finalize() {
+        for (k, v) in entries {
+            let _ = v.into_tensor_info(k, Path::new("archive/data"));
         }
     }
 }
