@@ -2,7 +2,7 @@
 """Reference fixtures for beit-mim: masking statistics and MIM loss values (fixtures/mim/).
 
 The BEiT authors' generator (microsoft/unilm, beit/masking_generator.py) is restated below from its
-description in beit-reference.md §5.3, in plain Python with the standard `random` module, exactly as
+description of unilm's masking_generator.py, in plain Python with the standard `random` module, exactly as
 the original draws its numbers: `random.uniform` for the block area and the log aspect ratio,
 `round` (banker's rounding) for the block sides, `random.randint` (inclusive) for the corner.
 

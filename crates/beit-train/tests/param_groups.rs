@@ -6,7 +6,7 @@ use beit_train::{build_param_groups, GroupingConfig, ParamGroup};
 use candle::{DType, Device, Var};
 use serde_json::Value;
 
-/// The per-block tensors of the classic `transformers` layout (beit-reference §3.2), with shapes.
+/// The per-block tensors of the classic `transformers` layout, with shapes.
 fn block_params(i: usize, per_layer_table: bool) -> Vec<(String, Vec<usize>)> {
     let p = format!("beit.encoder.layer.{i}.");
     let mut v: Vec<(String, Vec<usize>)> = vec![
@@ -125,7 +125,7 @@ fn names_in<'a>(groups: &'a [ParamGroup], group: &str) -> Vec<&'a str> {
 #[test]
 fn mim_groups_pretrain() {
     let names = mim_names();
-    assert_eq!(names.len(), 213); // beit-reference §3.2
+    assert_eq!(names.len(), 213); // BEiT-base MIM, shared relative table
     let groups = build_param_groups(vars(&names), &GroupingConfig::pretrain(12)).unwrap();
     let s = summary(&groups);
     // Embeddings: mask_token and the conv weight decay; cls_token and the conv bias do not.
@@ -166,7 +166,7 @@ fn mim_groups_pretrain() {
 #[test]
 fn classifier_groups_finetune_layer_decay() {
     let names = classifier_names();
-    assert_eq!(names.len(), 223); // beit-reference §3.3
+    assert_eq!(names.len(), 223); // BEiT-base classifier, per-layer relative tables
     let groups = build_param_groups(vars(&names), &GroupingConfig::finetune(12, 0.65)).unwrap();
     let s = summary(&groups);
     let d: f64 = 0.65;
