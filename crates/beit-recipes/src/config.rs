@@ -185,7 +185,7 @@ pub fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Res
 }
 
 /// Merge `over` into `base`: tables recursively, any other value replaced.
-pub(crate) fn merge(base: &mut toml::Table, over: toml::Table) {
+fn merge(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
@@ -204,17 +204,33 @@ pub fn load_config<T: DeserializeOwned + Serialize + Default>(
     sets: &[String],
     flags: &[(String, toml::Value)],
 ) -> Result<T> {
+    let text = match path {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let origin = path.map(|p| p.display().to_string()).unwrap_or_default();
+    parse_config(text.as_deref().map(|t| (t, origin.as_str())), sets, flags)
+}
+
+/// [`load_config`] of a recipe `text` named `origin` in errors (e.g. one compiled into the
+/// binary), or of the defaults alone.
+pub fn parse_config<T: DeserializeOwned + Serialize + Default>(
+    source: Option<(&str, &str)>,
+    sets: &[String],
+    flags: &[(String, toml::Value)],
+) -> Result<T> {
     let mut table = toml::Table::try_from(T::default()).context("serialising the defaults")?;
-    if let Some(p) = path {
-        let text = std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read config {}", p.display()))?;
+    if let Some((text, origin)) = source {
         // Deserialise the text alone first: its errors carry line/column and the field name.
-        if let Err(e) = toml::from_str::<T>(&text) {
-            bail!("config {}: {}", p.display(), e.to_string().trim_end());
+        if let Err(e) = toml::from_str::<T>(text) {
+            bail!("config {origin}: {}", e.to_string().trim_end());
         }
         let file = text
             .parse::<toml::Table>()
-            .with_context(|| format!("config {}", p.display()))?;
+            .with_context(|| format!("config {origin}"))?;
         merge(&mut table, file);
     }
     let check = |table: &toml::Table, origin: &str| -> Result<()> {

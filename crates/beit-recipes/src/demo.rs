@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{parse_set, set_dotted};
+use crate::config::parse_config;
 use crate::finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
 use crate::pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};
 use crate::tokenizer::{train_tokenizer, TokenizerConfig, TokenizerJob, TokenizerOutcome};
@@ -60,23 +60,13 @@ pub struct DemoConfig {
 impl DemoConfig {
     /// The recipe `text` (from `origin`) with the quick overrides (when `quick`) and `sets`.
     pub fn parse(text: &str, origin: &str, quick: bool, sets: &[String]) -> Result<Self> {
-        let mut table = toml::Table::try_from(Self::default())?;
-        let file: toml::Table = text.parse().with_context(|| format!("config {origin}"))?;
-        if let Err(e) = toml::from_str::<Self>(text) {
-            bail!("config {origin}: {}", e.to_string().trim_end());
-        }
-        crate::config::merge(&mut table, file);
         let quick = if quick { QUICK } else { &[] };
-        for item in quick
+        let sets: Vec<String> = quick
             .iter()
             .map(|s| s.to_string())
             .chain(sets.iter().cloned())
-        {
-            let (key, value) = parse_set(&item)?;
-            set_dotted(&mut table, &key, value).with_context(|| format!("--set `{item}`"))?;
-        }
-        Self::deserialize(toml::Value::Table(table))
-            .map_err(|e| anyhow::anyhow!("config {origin}: {}", e.to_string().trim_end()))
+            .collect();
+        parse_config(Some((text, origin)), &sets, &[])
     }
 }
 
