@@ -36,6 +36,7 @@ pub mod linear_probe;
 pub mod model_source;
 pub mod pretrain;
 pub mod segment;
+pub mod tensor_batches;
 pub mod tokenizer;
 
 pub use config::{load_config, parse_set, set_dotted, write_resolved_config, TrainSection};

@@ -20,13 +20,13 @@ use beit_train::{
 };
 use candle::{DType, Tensor};
 use candle_nn::{Init, Module, VarBuilder, VarMap};
-use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
 use crate::device::parse_device;
 use crate::evaluate::progress_bar;
 use crate::model_source::load_model;
+use crate::tensor_batches::epoch_batch_indices;
 
 /// A linear-probe recipe (`configs/linear_probe_*.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,13 +314,10 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         &mut task,
         |epoch| {
             // This epoch's order: a permutation drawn from (seed, epoch), so a resumed run agrees.
-            let mut perm: Vec<u32> = (0..n as u32).collect();
-            perm.shuffle(&mut TrainRng::derive(t.seed, &[0x7065726d, epoch]));
-            let perm = Tensor::from_vec(perm, n, xtr.device())?;
-            Ok((0..n / bs).map(move |i| {
-                let idx = perm.narrow(0, i * bs, bs)?;
-                Ok((xtr.index_select(&idx, 0)?, ytr.index_select(&idx, 0)?))
-            }))
+            let batches = epoch_batch_indices(n, bs, t.seed, 0x7065726d, epoch, xtr.device())?;
+            Ok(batches
+                .into_iter()
+                .map(move |idx| Ok((xtr.index_select(&idx, 0)?, ytr.index_select(&idx, 0)?))))
         },
         &FitOptions {
             eval_every: Some(t.eval_every.max(1)),

@@ -16,17 +16,15 @@ use beit_tokenizer::pixels::{save_image, tensor_to_image};
 use beit_tokenizer::train::{evaluate, mean_image_mse, EvalStats};
 use beit_tokenizer::weights::WeightsFile;
 use beit_tokenizer::{dvae_losses, Dvae, DvaeConfig, GumbelConfig, VisualTokenizer};
-use beit_train::{
-    fit, FitOptions, ParamGroup, StepContext, StepOutput, TrainLoop, TrainRng, TrainTask,
-};
+use beit_train::{fit, FitOptions, ParamGroup, StepContext, StepOutput, TrainLoop, TrainTask};
 use candle::{Device, Tensor};
 use image::RgbImage;
-use rand::seq::SliceRandom;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
 use crate::device::parse_device;
+use crate::tensor_batches::epoch_batch_indices;
 
 /// A tokenizer recipe (`configs/tokenizer_*.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,10 +287,10 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
         tl,
         &mut task,
         |epoch| {
-            let mut order: Vec<u32> = (0..n as u32).collect();
-            order.shuffle(&mut TrainRng::derive(t.seed, &[0x6476_6165, epoch]));
-            let order = Tensor::from_vec(order, n, train.device())?;
-            Ok((0..n / bs).map(move |i| Ok(train.index_select(&order.narrow(0, i * bs, bs)?, 0)?)))
+            let batches = epoch_batch_indices(n, bs, t.seed, 0x6476_6165, epoch, train.device())?;
+            Ok(batches
+                .into_iter()
+                .map(move |idx| Ok(train.index_select(&idx, 0)?)))
         },
         &FitOptions {
             stop_after: job.stop_after,
