@@ -93,6 +93,7 @@ pub mod accumulate;
 mod adamw_cpu;
 pub mod checkpoint;
 pub mod clip;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod fit;
