@@ -1,5 +1,5 @@
 //! Data-parallel training under `mpirun` (feature `mpi`; needs OpenMPI's `mpirun` on the PATH):
-//! `finetune` and `pretrain` on two processes log the same per-step losses (relative difference
+//! `finetune`, `linear-probe` and `pretrain` on two processes log the same per-step losses (relative difference
 //! <= 1e-5) and the same evaluation accuracy as one process with the same global batch, and a
 //! run stopped on one world size resumes on another with the same losses. Only rank 0 writes.
 //!
@@ -157,6 +157,41 @@ fn finetune_on_two_processes_matches_one_and_resumes_on_another_count() {
     run(0, &args(&["finetune", "--resume"], &cfg, &mixed));
     assert_close(&reference, &losses(&mixed), "finetune, resumed on 1 of 2");
     assert_eq!(records(&mixed, "eval")[1]["acc1"], e1[1]["acc1"]);
+
+    // The linear probe of the exported model: features extracted sharded and gathered.
+    let probe = |out: &Path| -> Vec<String> {
+        [
+            "linear-probe",
+            "--layer",
+            "1",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--data",
+            "fashion-mnist",
+            "--set",
+            "data.max_train_samples=48",
+            "--set",
+            "data.max_val_samples=30",
+            "--model",
+            one.join("best_model").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (p1, p2) = (tmp.path().join("probe1"), tmp.path().join("probe2"));
+    run(0, &probe(&p1));
+    run(2, &probe(&p2));
+    assert_close(&losses(&p1), &losses(&p2), "linear probe, 2 processes vs 1");
+    let (e1, e2) = (records(&p1, "eval"), records(&p2, "eval"));
+    assert_eq!(e1.len(), 2);
+    for (a, b) in e1.iter().zip(&e2) {
+        assert_eq!(a["acc1"], b["acc1"], "probe accuracy: {a:?} vs {b:?}");
+    }
+    assert!(p2.join("linear_head.safetensors").is_file());
 }
 
 /// A 2-block width-16 MIM model on 16 px images (4x4 patches), 6 blockwise-masked patches,
