@@ -54,7 +54,15 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing(&cli.log);
+    // Under `mpirun` / `srun` (feature `mpi`): one process of a data-parallel job.
+    #[cfg(feature = "mpi")]
+    let mpi = beit_recipes::dist::init_from_launcher().unwrap_or_else(|e| {
+        eprintln!("error: starting MPI: {e:#}");
+        std::process::exit(1)
+    });
+    let rank = beit_train::dist::world().rank();
+    // Rank 0 logs; the others only warn.
+    init_tracing(if rank == 0 { cli.log.as_str() } else { "warn" });
     memory::configure();
     let result = match cli.command {
         Command::Predict(a) => commands::predict::run(a),
@@ -72,7 +80,12 @@ fn main() {
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.
-        eprintln!("error: {err:#}");
+        match rank {
+            0 => eprintln!("error: {err:#}"),
+            r => eprintln!("error: rank {r}: {err:#}"),
+        }
+        #[cfg(feature = "mpi")]
+        beit_recipes::dist::abort_job(mpi, 1);
         std::process::exit(1);
     }
 }

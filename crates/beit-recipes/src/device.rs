@@ -5,8 +5,10 @@ use candle::Device;
 
 /// Turn a `--device` string into a candle [`Device`].
 ///
-/// `cpu`, `cuda` (= `cuda:0`), `cuda:N`, `metal`, `metal:N`. A GPU device in a binary built without
-/// the matching cargo feature is a clear error naming the feature to enable.
+/// `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`. Without an index a GPU is the process's local rank
+/// in a data-parallel run (one process per device: `cuda` is `cuda:<local rank>`), else 0. A GPU
+/// device in a binary built without the matching cargo feature is a clear error naming the
+/// feature to enable.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let spec = spec.trim().to_ascii_lowercase();
     let (kind, ordinal) = match spec.split_once(':') {
@@ -16,7 +18,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 .with_context(|| format!("invalid device ordinal in `--device {spec}`"))?;
             (k.to_string(), n)
         }
-        None => (spec.clone(), 0),
+        None => (spec.clone(), beit_train::dist::world().local_rank()),
     };
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),

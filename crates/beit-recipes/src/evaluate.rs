@@ -30,11 +30,13 @@ pub fn progress_bar(len: u64, label: &str) -> ProgressBar {
     pb
 }
 
-/// Evaluate `forward` (pixels -> logits) over every batch of `loader`'s epoch 0.
+/// Evaluate `forward` (pixels -> logits) over every batch of `loader`'s epoch 0. With `world`,
+/// `loader` holds this rank's shard of the split and the counts are summed over the ranks.
 pub fn evaluate(
     loader: &Loader,
     num_classes: usize,
     show_progress: bool,
+    world: Option<&dyn beit_train::dist::Collective>,
     mut forward: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<ClassificationMetrics> {
     let pb = if show_progress {
@@ -53,6 +55,9 @@ pub fn evaluate(
         pb.inc(batch.len() as u64);
     }
     pb.finish_and_clear();
+    if let Some(w) = world {
+        acc.all_reduce(w)?;
+    }
     Ok(acc.finish())
 }
 
@@ -207,7 +212,7 @@ pub fn eval_classifier(job: &EvalJob) -> Result<EvalReport> {
         },
         device,
     )?;
-    let m = evaluate(&loader, num_labels, job.progress, |x| {
+    let m = evaluate(&loader, num_labels, job.progress, None, |x| {
         classifier_logits(&model, x)
     })?;
     let per_class = m

@@ -338,9 +338,14 @@ impl TrainTask for ClassifierTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let m = evaluate(self.eval_loader, self.num_classes, self.progress, |x| {
-            classifier_logits(&self.model, x)
-        })?;
+        let world = beit_train::dist::world();
+        let m = evaluate(
+            self.eval_loader,
+            self.num_classes,
+            self.progress && world.rank() == 0,
+            Some(&*world),
+            |x| classifier_logits(&self.model, x),
+        )?;
         tracing::info!(
             "validation: acc1 {:.2}% acc5 {:.2}% loss {:.4} ({} images)",
             m.acc1,
@@ -376,6 +381,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let out = cfg.output.clone();
     prepare_output_dir(&out, job.resume.is_some())?;
     let micro = t.micro_batch()?;
+    let rank_micro = crate::dist::rank_micro_batch(micro)?;
 
     let splits = load_splits(&cfg.data)?;
     tracing::info!("data: {}", splits.description);
@@ -432,15 +438,15 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     // Data pipelines.
     let train_tf = cfg.aug.train_transform()?;
     let eval_tf = cfg.aug.eval_transform()?;
-    let loader_cfg = LoaderConfig {
-        batch_size: micro,
+    let loader_cfg = crate::dist::shard_loader(LoaderConfig {
+        batch_size: rank_micro,
         shuffle: true,
         drop_last: true,
         seed: t.seed,
         num_threads: cfg.data.num_workers,
         prefetch: cfg.data.prefetch.max(1),
         ..LoaderConfig::default()
-    };
+    });
     let mut train_loader = Loader::new(
         splits.train.clone(),
         Arc::new(train_tf),
@@ -451,18 +457,21 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     if let Some(m) = mixup {
         train_loader = train_loader.with_mixup(m)?;
     }
+    crate::dist::warn_if_n_dependent(t.drop_path_rate, mixup.is_some());
     let eval_loader = Loader::new(
-        splits.val.clone(),
+        crate::dist::eval_shard(splits.val.clone()),
         Arc::new(eval_tf.clone()),
         LoaderConfig {
             batch_size: t.eval_batch_size.unwrap_or((micro * 3).div_ceil(2)),
             shuffle: false,
             drop_last: false,
+            rank: 0,
+            world_size: 1,
             ..loader_cfg
         },
         device.clone(),
     )?;
-    let batches = train_loader.batches_per_epoch() as u64;
+    let batches = crate::dist::global_batches_per_epoch(splits.train.len(), micro);
     if batches < t.accum_steps {
         bail!(
             "{} training images make {batches} micro-batches of {micro}, fewer than one step of \

@@ -30,6 +30,7 @@ pub mod classifier;
 pub mod config;
 pub mod demo;
 pub mod device;
+pub mod dist;
 pub mod evaluate;
 pub mod finetune;
 pub mod linear_probe;

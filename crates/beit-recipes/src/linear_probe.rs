@@ -148,6 +148,37 @@ pub struct LinearProbeOutcome {
     pub metrics: PathBuf,
 }
 
+/// Data-parallel feature extraction: each rank extracted the rows `r, r + N, ...` of a split of
+/// `n` images (`x`, `y`); every rank gets all `n` rows, in order (an all-gather made of one sum
+/// all-reduce over disjoint rows).
+fn gather_rows(x: Tensor, y: Tensor, n: usize) -> Result<(Tensor, Tensor)> {
+    let world = beit_train::dist::world();
+    let (size, rank) = (world.size(), world.rank());
+    if size == 1 {
+        return Ok((x, y));
+    }
+    let (rows, dim) = x.dims2()?;
+    if rows != (rank..n).step_by(size).count() {
+        bail!(
+            "rank {rank} extracted {rows} feature rows for its shard of {n} images (unreadable              files?); a data-parallel linear probe needs every image"
+        );
+    }
+    let local = x.to_vec2::<f32>()?;
+    let labels = y.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut all = vec![0f32; n * (dim + 1)];
+    for (k, (row, label)) in local.iter().zip(&labels).enumerate() {
+        let g = k * size + rank;
+        all[g * (dim + 1)..g * (dim + 1) + dim].copy_from_slice(row);
+        all[g * (dim + 1) + dim] = *label;
+    }
+    world.all_reduce_sum_f32("feature all-gather", &mut all)?;
+    let t = Tensor::from_vec(all, (n, dim + 1), x.device())?;
+    Ok((
+        t.narrow(1, 0, dim)?.contiguous()?,
+        t.narrow(1, dim, 1)?.squeeze(1)?.to_dtype(DType::U32)?,
+    ))
+}
+
 /// The probe's task: a linear head over cached features.
 struct ProbeTask<'a> {
     head: candle_nn::Linear,
@@ -238,20 +269,24 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
             device.clone(),
         )
     };
-    let (mut xtr, ytr) = extract(
+    // Data-parallel: each rank extracts its shard of each split, then all get every row.
+    let progress = job.progress && crate::dist::is_primary();
+    let (xtr, ytr) = extract(
         &backbone,
-        &feature_loader(splits.train.clone())?,
+        &feature_loader(crate::dist::eval_shard(splits.train.clone()))?,
         cfg.layer,
         "features (train)",
-        job.progress,
+        progress,
     )?;
-    let (mut xva, yva) = extract(
+    let (mut xtr, ytr) = gather_rows(xtr, ytr, splits.train.len())?;
+    let (xva, yva) = extract(
         &backbone,
-        &feature_loader(splits.val.clone())?,
+        &feature_loader(crate::dist::eval_shard(splits.val.clone()))?,
         cfg.layer,
         "features (val)",
-        job.progress,
+        progress,
     )?;
+    let (mut xva, yva) = gather_rows(xva, yva, splits.val.len())?;
     tracing::info!(
         "features of block {} ({} dims): {} train / {} val images in {:.1}s",
         cfg.layer,
@@ -291,6 +326,10 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
 
     let n = xtr.dim(0)?;
     let bs = t.batch_size.min(n);
+    // Each rank trains on its positions `r, r + N, ...` of every batch.
+    crate::dist::rank_micro_batch(bs)?;
+    let world = beit_train::dist::world();
+    let (rank, size) = (world.rank(), world.size());
     let train_cfg = t.engine((n / bs) as u64, job.progress)?;
     write_resolved_config(&out, cfg)?;
     let run_config = serde_json::to_value(cfg)?;
@@ -315,9 +354,16 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         |epoch| {
             // This epoch's order: a permutation drawn from (seed, epoch), so a resumed run agrees.
             let batches = epoch_batch_indices(n, bs, t.seed, 0x7065726d, epoch, xtr.device())?;
-            Ok(batches
-                .into_iter()
-                .map(move |idx| Ok((xtr.index_select(&idx, 0)?, ytr.index_select(&idx, 0)?))))
+            Ok(batches.into_iter().map(move |idx| {
+                let idx = if size > 1 {
+                    let all = idx.to_vec1::<u32>()?;
+                    let mine: Vec<u32> = all.into_iter().skip(rank).step_by(size).collect();
+                    Tensor::new(mine, idx.device())?
+                } else {
+                    idx
+                };
+                Ok((xtr.index_select(&idx, 0)?, ytr.index_select(&idx, 0)?))
+            }))
         },
         &FitOptions {
             eval_every: Some(t.eval_every.max(1)),
@@ -336,9 +382,11 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         }
     };
     let head_path = out.join("linear_head.safetensors");
-    varmap
-        .save(&head_path)
-        .with_context(|| format!("cannot write {}", head_path.display()))?;
+    if crate::dist::is_primary() {
+        varmap
+            .save(&head_path)
+            .with_context(|| format!("cannot write {}", head_path.display()))?;
+    }
     Ok(LinearProbeOutcome {
         num_layers: layers,
         data: splits.description,

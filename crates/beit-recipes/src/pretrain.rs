@@ -23,8 +23,8 @@ use beit_data::{
     RandomResizedCrop, TwoViewTransform,
 };
 use beit_mim::{
-    masked_token_loss, mim_loss, MaskSampler, MaskStrategy, MaskingSpec, MimInputs, MimTarget,
-    PixelRegressionHead,
+    masked_token_loss, mim_loss, MaskBatch, MaskSampler, MaskStrategy, MaskingSpec, MimInputs,
+    MimTarget, PixelRegressionHead,
 };
 use beit_model::load::{load_into_varmap, Architecture, Checkpoint};
 use beit_model::save::{save_hf, varmap_tensors};
@@ -337,12 +337,23 @@ impl TrainTask for MimTask {
     fn train_step(&mut self, batch: Batch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
         let pos = ctx.position;
         let b = batch.len();
-        // Masks are keyed by the global micro-batch index, so a resumed run draws the same.
+        // Masks are keyed by the global micro-batch index, so a resumed run draws the same, and
+        // by the sample's position in the global micro-batch, so that they do not depend on the
+        // number of data-parallel processes.
         let micro = pos.epoch * self.batches_per_epoch + pos.batch_in_epoch;
-        let mask = self
-            .sampler
-            .sample_batch(self.seed, micro, b)
-            .to_tensor(&self.device)?;
+        let (rank, size) = ctx.rank_and_size;
+        let (height, width) = self.sampler.grid();
+        let mask = MaskBatch {
+            height,
+            width,
+            masks: (0..b)
+                .map(|k| {
+                    self.sampler
+                        .sample_at(self.seed, micro, (k * size + rank) as u64)
+                })
+                .collect(),
+        }
+        .to_tensor(&self.device)?;
         let token_ids = match (&self.tokenizer, &batch.tokenizer_images) {
             (Some(t), Some(view)) => Some(t.tokenize(view)?.reshape((b, self.grid * self.grid))?),
             (Some(_), None) => bail!("the loader produced no tokenizer view"),
@@ -372,6 +383,12 @@ impl TrainTask for MimTask {
                 self.pixel_head.as_ref(),
             )?
         };
+        // The loss is a mean over masked patches (all patches for `all-tokens`): data-parallel
+        // ranks are weighted by them.
+        ctx.loss_weight = Some(match self.target {
+            MimTarget::AllTokens => (b * self.grid * self.grid) as f64,
+            _ => out.num_masked as f64,
+        });
         let mut metrics = vec![("masked".to_string(), out.num_masked as f64 / b as f64)];
         if let Some(acc) = out.mlm_acc {
             metrics.push(("mlm_acc".to_string(), acc as f64));
@@ -395,6 +412,8 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         bail!("no training data: pass --data (or set data.source in the config)");
     }
     let micro_batch = cfg.train.micro_batch()?;
+    let rank_micro = crate::dist::rank_micro_batch(micro_batch)?;
+    crate::dist::warn_if_n_dependent(cfg.train.drop_path_rate, false);
 
     // Tokenizer (frozen: built from plain tensors, so no gradient reaches it).
     let tokenizer = match (&cfg.tokenizer, target.needs_visual_tokens()) {
@@ -468,18 +487,18 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let loader = Loader::new(
         dataset.clone(),
         Arc::new(transform),
-        LoaderConfig {
-            batch_size: micro_batch,
+        crate::dist::shard_loader(LoaderConfig {
+            batch_size: rank_micro,
             shuffle: true,
             drop_last: true,
             seed: cfg.train.seed,
             num_threads: cfg.data.num_workers,
             prefetch: cfg.data.prefetch.max(1),
             ..LoaderConfig::default()
-        },
+        }),
         device.clone(),
     )?;
-    let batches_per_epoch = loader.batches_per_epoch() as u64;
+    let batches_per_epoch = crate::dist::global_batches_per_epoch(dataset.len(), micro_batch);
     if batches_per_epoch == 0 {
         bail!(
             "{what}: {} images do not fill one micro-batch of {micro_batch}",
@@ -600,7 +619,9 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         tracing::warn!("{} ({})", loader.summary(), s.reason);
     }
     let steps = done.summary.steps;
-    let export_dir = if done.finished {
+    let export_dir = if done.finished && !crate::dist::is_primary() {
+        None // rank 0 exports
+    } else if done.finished {
         let dir = output.join("model");
         save_hf(
             &dir,

@@ -84,6 +84,31 @@ impl EvalAccumulator {
         }
     }
 
+    /// Sum the counts of every rank of a data-parallel evaluation (each rank evaluated its
+    /// own shard of the split): afterwards every rank holds the counts of the whole split.
+    /// Counts travel as f64, exact below 2^53. No-op in a world of 1.
+    pub fn all_reduce(&mut self, world: &dyn crate::dist::Collective) -> Result<()> {
+        if world.size() == 1 {
+            return Ok(());
+        }
+        let mut buf = vec![
+            self.images as f64,
+            self.loss_sum,
+            self.top1 as f64,
+            self.top5 as f64,
+        ];
+        buf.extend(self.confusion.iter().flatten().map(|&c| c as f64));
+        world.all_reduce_sum_f64("evaluation counts all-reduce", &mut buf)?;
+        self.images = buf[0] as usize;
+        self.loss_sum = buf[1];
+        self.top1 = buf[2] as u64;
+        self.top5 = buf[3] as u64;
+        for (c, v) in self.confusion.iter_mut().flatten().zip(&buf[4..]) {
+            *c = *v as u64;
+        }
+        Ok(())
+    }
+
     /// Add a batch of logits `(B, C)` with labels `(B,)`.
     pub fn add(&mut self, logits: &Tensor, labels: &Tensor) -> Result<()> {
         let logits = logits.detach().to_dtype(DType::F32)?;

@@ -33,6 +33,13 @@ pub struct StepContext<'a> {
     pub position: Position,
     /// The run's generator (checkpointed): draw masks, dropout and drop-path seeds from it.
     pub rng: &'a mut TrainRng,
+    /// Set by a task whose loss is a mean over something other than the micro-batch's samples
+    /// (e.g. masked patches): the number of terms. Used to weight the ranks of a data-parallel
+    /// run ([`TrainLoop::micro_step_weighted`]); `None` means the batch size.
+    pub loss_weight: Option<f64>,
+    /// This process's rank and the world size (`(0, 1)` in a single process). In a
+    /// data-parallel run each rank gets its own shard of every micro-batch.
+    pub rank_and_size: (usize, usize),
 }
 
 /// The recipe-specific part of a training run.
@@ -56,7 +63,8 @@ pub trait TrainTask {
         Ok(Vec::new())
     }
 
-    /// The watched metric improved to the values in `metrics` (after `at.step` steps).
+    /// The watched metric improved to the values in `metrics` (after `at.step` steps). Called
+    /// on rank 0 only (the rank that writes files).
     fn on_best(
         &mut self,
         _metrics: &BTreeMap<String, f64>,
@@ -185,14 +193,16 @@ where
                 }
             };
             let position = tl.position();
-            let out = task.train_step(
-                batch,
-                &mut StepContext {
-                    position,
-                    rng: tl.rng(),
-                },
-            )?;
-            if let Some(report) = tl.micro_step(out)? {
+            let rank_and_size = (tl.world().rank(), tl.world().size());
+            let mut ctx = StepContext {
+                position,
+                rng: tl.rng(),
+                loss_weight: None,
+                rank_and_size,
+            };
+            let out = task.train_step(batch, &mut ctx)?;
+            let loss_weight = ctx.loss_weight;
+            if let Some(report) = tl.micro_step_weighted(out, loss_weight)? {
                 if first_step.is_none() {
                     first_step = Some(report.clone());
                 }
@@ -249,7 +259,9 @@ fn evaluate<T: TrainTask>(
             ))
         })?;
         if improves(best, value, best_eval.as_ref()) {
-            task.on_best(&record.metrics, pos)?;
+            if tl.world().rank() == 0 {
+                task.on_best(&record.metrics, pos)?;
+            }
             *best_eval = Some(record.clone());
         }
     }

@@ -19,12 +19,14 @@
 //! Records of `metrics.jsonl` (one JSON object per line):
 //!
 //! * `{"kind":"step","step":s,"epoch":e,"loss":…,"lr":…,"wd":…,"grad_norm":…,<caller metrics>…,"images_per_sec":…}`
+//!   (plus `"comm_seconds"`, the time in collectives, in a data-parallel run)
 //!   after every optimizer step (`"skipped":true` when a non-finite gradient norm skipped the update);
 //! * `{"kind":"epoch","step":s,"epoch":e,"loss":…,<caller metrics>…}` with sample-weighted epoch means;
 //! * `{"kind":"eval","step":s,"epoch":e,…}` from [`TrainLoop::record_eval`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle::{DType, Tensor, Var};
 use candle_nn::VarMap;
@@ -34,6 +36,7 @@ use serde_json::{json, Map, Value};
 use crate::accumulate::GradAccumulator;
 use crate::checkpoint::{Checkpoint, CheckpointManager, TrainerState};
 use crate::clip::{clip_grad_norm, global_grad_norm};
+use crate::dist::{self, Collective};
 use crate::error::{Result, TrainError};
 use crate::metrics::{MetricAverager, MetricsWriter, Throughput};
 use crate::optimizer::{AdamW, AdamWConfig};
@@ -289,11 +292,17 @@ pub struct TrainLoop {
     throughput: Throughput,
     state: TrainerState,
     rng: TrainRng,
-    metrics: MetricsWriter,
+    /// The log; `None` on ranks other than 0 (only rank 0 writes).
+    metrics: Option<MetricsWriter>,
+    metrics_path: PathBuf,
     checkpoints: CheckpointManager,
     progress: TrainProgress,
     last_saved: Option<(u64, PathBuf)>,
     warned_missing_grads: bool,
+    /// The data-parallel world ([`dist::world`] when the loop was opened).
+    world: Arc<dyn Collective>,
+    /// Seconds spent in collectives (waits for slower ranks included) since the last step.
+    comm_seconds: f64,
 }
 
 impl std::fmt::Debug for TrainLoop {
@@ -320,6 +329,15 @@ impl TrainLoop {
         let rng = TrainRng::seed_from_u64(cfg.seed);
         let train_config = serde_json::to_value(&cfg).unwrap_or(Value::Null);
         let state = TrainerState::new(cfg.seed, rng.state(), train_config, run_config);
+        let world = dist::world();
+        if world.rank() != 0 {
+            // Rank 0 checks and creates the run directory first.
+            world.barrier("opening the run directory")?;
+            let metrics_path = out_dir.join(METRICS_FILE);
+            let tl = Self::assemble(cfg, varmap, groups, out_dir, state, rng, None, metrics_path)?;
+            dist::broadcast_vars(&*tl.world, &tl.varmap)?;
+            return Ok(tl);
+        }
         // A fresh run in a directory of an earlier one would truncate its log, and rotation
         // (newest steps first) would delete the new run's checkpoints in favour of the old ones.
         if out_dir.is_dir() {
@@ -332,7 +350,23 @@ impl TrainLoop {
             }
         }
         let metrics = MetricsWriter::create(out_dir.join(METRICS_FILE))?;
-        Self::assemble(cfg, varmap, groups, out_dir, state, rng, metrics)
+        let metrics_path = metrics.path().to_path_buf();
+        let tl = Self::assemble(
+            cfg,
+            varmap,
+            groups,
+            out_dir,
+            state,
+            rng,
+            Some(metrics),
+            metrics_path,
+        )?;
+        if world.size() > 1 {
+            world.barrier("opening the run directory")?;
+            // Every rank starts from rank 0's initial weights.
+            dist::broadcast_vars(&*world, &tl.varmap)?;
+        }
+        Ok(tl)
     }
 
     /// [`TrainLoop::resume`] from `resume` when given, else [`TrainLoop::new`].
@@ -363,6 +397,12 @@ impl TrainLoop {
         run_config: Value,
     ) -> Result<Self> {
         cfg.validate()?;
+        let world = dist::world();
+        let primary = world.rank() == 0;
+        if !primary {
+            // Rank 0 trims the log and the abandoned checkpoints first.
+            world.barrier("opening the checkpoint to resume")?;
+        }
         let ck = Checkpoint::open(checkpoint)?;
         ck.load_model(&varmap)?;
         let mut state = ck.state.clone();
@@ -393,7 +433,7 @@ impl TrainLoop {
         // Step checkpoints newer than the one resumed from belong to the abandoned continuation
         // (like the metrics records after it, dropped below); left in place, rotation would keep
         // them and delete the new ones.
-        if out_dir.is_dir() {
+        if primary && out_dir.is_dir() {
             for (step, dir) in CheckpointManager::new(out_dir, 1)?.list()? {
                 if step > state.step {
                     tracing::warn!(
@@ -405,9 +445,32 @@ impl TrainLoop {
                 }
             }
         }
-        let metrics = MetricsWriter::resume(out_dir.join(METRICS_FILE), state.step)?;
-        let mut tl = Self::assemble(cfg, varmap, groups, out_dir, state, rng, metrics)?;
+        let metrics_path = out_dir.join(METRICS_FILE);
+        let metrics = if primary {
+            Some(MetricsWriter::resume(&metrics_path, state.step)?)
+        } else {
+            None
+        };
+        let mut tl = Self::assemble(
+            cfg,
+            varmap,
+            groups,
+            out_dir,
+            state,
+            rng,
+            metrics,
+            metrics_path,
+        )?;
         tl.optimizer.load(&ck.optimizer_path())?;
+        if primary && world.size() > 1 {
+            world.barrier("opening the checkpoint to resume")?;
+        }
+        // All ranks read the same checkpoint (a shared file system); the comparison makes sure.
+        dist::check_in_sync(
+            &*world,
+            dist::weights_checksum(&tl.varmap)?,
+            &format!("resuming from {}", ck.dir.display()),
+        )?;
         tl.last_saved = Some((tl.state.step, ck.dir.clone()));
         tracing::info!(
             "resumed from {} at step {} (epoch {}, batch {})",
@@ -419,6 +482,7 @@ impl TrainLoop {
         Ok(tl)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         cfg: TrainConfig,
         varmap: VarMap,
@@ -426,12 +490,14 @@ impl TrainLoop {
         out_dir: &Path,
         state: TrainerState,
         rng: TrainRng,
-        metrics: MetricsWriter,
+        metrics: Option<MetricsWriter>,
+        metrics_path: PathBuf,
     ) -> Result<Self> {
+        let world = dist::world();
         let optimizer = AdamW::new(groups, cfg.adamw)?;
         let vars = optimizer.vars();
         let checkpoints = CheckpointManager::new(out_dir, cfg.keep_last)?;
-        let progress = if cfg.show_progress {
+        let progress = if cfg.show_progress && world.rank() == 0 {
             TrainProgress::new(cfg.total_steps(), state.step, "train")
         } else {
             TrainProgress::hidden(cfg.total_steps())
@@ -451,10 +517,13 @@ impl TrainLoop {
             state,
             rng,
             metrics,
+            metrics_path,
             checkpoints,
             progress,
             last_saved: None,
             warned_missing_grads: false,
+            world,
+            comm_seconds: 0.0,
         })
     }
 
@@ -495,7 +564,19 @@ impl TrainLoop {
 
     /// The metrics log.
     pub fn metrics_path(&self) -> &Path {
-        self.metrics.path()
+        &self.metrics_path
+    }
+
+    /// The data-parallel world the loop runs in.
+    pub fn world(&self) -> &Arc<dyn Collective> {
+        &self.world
+    }
+
+    fn write_record(&mut self, rec: Map<String, Value>) -> Result<()> {
+        match &mut self.metrics {
+            Some(m) => m.write(&Value::Object(rec)),
+            None => Ok(()),
+        }
     }
 
     /// Scheduled learning rate at optimizer step `step`.
@@ -520,6 +601,19 @@ impl TrainLoop {
     /// Back-propagate one micro-batch; after `accum_steps` of them take an optimizer step and
     /// return its report. Fails on a non-finite loss (as unilm stops), naming the step.
     pub fn micro_step(&mut self, out: StepOutput) -> Result<Option<StepReport>> {
+        self.micro_step_weighted(out, None)
+    }
+
+    /// [`TrainLoop::micro_step`] for a loss that is a mean over `loss_weight` terms rather than
+    /// over the `batch_size` samples (e.g. the masked patches of a MIM batch). It matters only
+    /// in a data-parallel run, where each rank's loss then counts in proportion to its terms,
+    /// so that the gradient and the logged loss are those of the whole micro-batch: the same
+    /// as one process that sees all of it.
+    pub fn micro_step_weighted(
+        &mut self,
+        out: StepOutput,
+        loss_weight: Option<f64>,
+    ) -> Result<Option<StepReport>> {
         if self.is_done() {
             return Err(TrainError::Config(format!(
                 "training already finished ({} steps)",
@@ -533,7 +627,26 @@ impl TrainLoop {
                 loss.dims()
             )));
         }
-        let loss_val = loss.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+        let mut loss_val = loss.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+        let mut batch_size = out.batch_size as f64;
+        let mut metrics = out.metrics;
+        // In a data-parallel run, this rank's share of the global micro-batch's loss.
+        let mut share = 1.0;
+        if self.world.size() > 1 {
+            let w = loss_weight.unwrap_or(batch_size);
+            let mut sums = vec![loss_val * w, w, batch_size];
+            sums.extend(metrics.iter().map(|(_, v)| v * batch_size));
+            let t0 = std::time::Instant::now();
+            self.world
+                .all_reduce_sum_f64("loss all-reduce", &mut sums)?;
+            self.comm_seconds += t0.elapsed().as_secs_f64();
+            share = w * self.world.size() as f64 / sums[1];
+            loss_val = sums[0] / sums[1];
+            batch_size = sums[2];
+            for ((_, v), s) in metrics.iter_mut().zip(&sums[3..]) {
+                *v = s / batch_size;
+            }
+        }
         if !loss_val.is_finite() {
             return Err(TrainError::NonFinite {
                 what: "loss",
@@ -542,21 +655,22 @@ impl TrainLoop {
             });
         }
         let accum = self.cfg.accum_steps;
-        let scaled = if accum > 1 {
+        let scaled = if share != 1.0 {
+            (loss * (share / accum as f64))?
+        } else if accum > 1 {
             (loss / accum as f64)?
         } else {
             loss
         };
         let grads = scaled.backward()?;
         self.accum.add(grads, &self.vars)?;
-        let w = out.batch_size as f64;
-        self.step_avg.add("loss", loss_val, w);
-        for (k, v) in &out.metrics {
-            self.step_avg.add(k, *v, w);
+        self.step_avg.add("loss", loss_val, batch_size);
+        for (k, v) in &metrics {
+            self.step_avg.add(k, *v, batch_size);
         }
-        self.step_samples += out.batch_size as u64;
+        self.step_samples += batch_size as u64;
         self.state.batch_in_epoch += 1;
-        self.state.samples_seen += out.batch_size as u64;
+        self.state.samples_seen += batch_size as u64;
         if (self.accum.micro_batches() as u64) < accum {
             return Ok(None);
         }
@@ -565,6 +679,11 @@ impl TrainLoop {
 
     fn optimizer_step(&mut self) -> Result<StepReport> {
         let mut grads = self.accum.take();
+        // Data-parallel: every rank continues with the mean of the ranks' gradients.
+        let t0 = std::time::Instant::now();
+        dist::all_reduce_grads(&*self.world, &mut grads, &self.vars)?;
+        self.comm_seconds += t0.elapsed().as_secs_f64();
+        let comm_seconds = std::mem::take(&mut self.comm_seconds);
         let it = self.state.step;
         let lr = self.lr_sched.value(it);
         let wd = self.wd_sched.value(it);
@@ -616,10 +735,14 @@ impl TrainLoop {
             rec.insert(k.clone(), json!(v));
         }
         rec.insert("images_per_sec".into(), json!(images_per_sec));
+        if self.world.size() > 1 {
+            // Time in the step's collectives (gradient and loss all-reduces, waits included).
+            rec.insert("comm_seconds".into(), json!(comm_seconds));
+        }
         if skipped {
             rec.insert("skipped".into(), json!(true));
         }
-        self.metrics.write(&Value::Object(rec))?;
+        self.write_record(rec)?;
         self.progress.update(step, loss, lr, images_per_sec);
         if step % self.cfg.log_every == 0 || step == 1 {
             let extra: String = means.iter().map(|(k, v)| format!(" {k} {v:.4}")).collect();
@@ -640,7 +763,7 @@ impl TrainLoop {
             for (k, v) in &means {
                 rec.insert(k.clone(), json!(v));
             }
-            self.metrics.write(&Value::Object(rec))?;
+            self.write_record(rec)?;
             tracing::info!(
                 "epoch {epoch} done: {}",
                 means
@@ -693,7 +816,7 @@ impl TrainLoop {
         for (k, v) in metrics {
             rec.insert((*k).to_string(), json!(v));
         }
-        self.metrics.write(&Value::Object(rec))?;
+        self.write_record(rec)?;
         tracing::info!(
             "eval at step {}: {}",
             self.state.step,
@@ -724,12 +847,16 @@ impl TrainLoop {
             self.ensure_step_boundary()?;
             self.state.rng = self.rng.state();
             self.state.epoch_sums = self.epoch_avg.sums();
-            let dir = self.checkpoints.save_as(
-                crate::checkpoint::BEST_DIR,
-                &self.varmap,
-                &self.optimizer,
-                &self.state,
-            )?;
+            let dir = if self.world.rank() == 0 {
+                self.checkpoints.save_as(
+                    crate::checkpoint::BEST_DIR,
+                    &self.varmap,
+                    &self.optimizer,
+                    &self.state,
+                )?
+            } else {
+                self.checkpoints.best_dir()
+            };
             tracing::info!("new best {} {value:.4}: saved {}", best.name, dir.display());
         }
         Ok(better)
@@ -748,15 +875,26 @@ impl TrainLoop {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         self.ensure_step_boundary()?;
         if let Some((s, p)) = &self.last_saved {
-            if *s == self.state.step && p.exists() {
+            // In a data-parallel run the decision must be the same on every rank (the save
+            // involves a collective), so it cannot depend on when rank 0's files appear.
+            if *s == self.state.step && (self.world.size() > 1 || p.exists()) {
                 return Ok(p.clone());
             }
         }
         self.state.rng = self.rng.state();
         self.state.epoch_sums = self.epoch_avg.sums();
-        let dir = self
-            .checkpoints
-            .save(&self.varmap, &self.optimizer, &self.state)?;
+        // Data-parallel: the ranks' weights must agree before rank 0 saves them for all.
+        dist::check_in_sync(
+            &*self.world,
+            dist::weights_checksum(&self.varmap)?,
+            &format!("checkpoint at step {}", self.state.step),
+        )?;
+        let dir = if self.world.rank() == 0 {
+            self.checkpoints
+                .save(&self.varmap, &self.optimizer, &self.state)?
+        } else {
+            self.checkpoints.step_dir(self.state.step)
+        };
         tracing::debug!("saved checkpoint {}", dir.display());
         self.last_saved = Some((self.state.step, dir.clone()));
         Ok(dir)
@@ -768,7 +906,16 @@ impl TrainLoop {
         let checkpoint = self.save_checkpoint()?;
         self.progress.finish();
         let png = self.out_dir().join(PLOT_FILE);
-        let plot = match plot_metrics(self.metrics.path(), &png, &PlotOptions::default()) {
+        if self.metrics.is_none() {
+            // Not rank 0: nothing to draw.
+            return Ok(TrainSummary {
+                steps: self.state.step,
+                checkpoint,
+                metrics: self.metrics_path.clone(),
+                plot: None,
+            });
+        }
+        let plot = match plot_metrics(&self.metrics_path, &png, &PlotOptions::default()) {
             Ok(_) => Some(png),
             Err(e) => {
                 tracing::warn!("no plot: {e}");
@@ -778,7 +925,7 @@ impl TrainLoop {
         Ok(TrainSummary {
             steps: self.state.step,
             checkpoint,
-            metrics: self.metrics.path().to_path_buf(),
+            metrics: self.metrics_path.clone(),
             plot,
         })
     }

@@ -52,6 +52,9 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         download: args.download,
         progress: true,
     })?;
+    if !beit_recipes::dist::is_primary() {
+        return Ok(()); // rank 0 prints the summary
+    }
     let mut rows = vec![
         (
             "model".to_string(),

@@ -58,6 +58,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         progress: !args.quiet,
         stop_after: args.stop_after,
     })?;
+    if !beit_recipes::dist::is_primary() {
+        return Ok(()); // rank 0 prints the summary
+    }
     let acc = out
         .last_mlm_acc
         .map(|a| format!(", masked-token accuracy {:.1}%", 100.0 * a))

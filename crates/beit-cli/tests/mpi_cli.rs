@@ -1,0 +1,300 @@
+//! Data-parallel training under `mpirun` (feature `mpi`; needs OpenMPI's `mpirun` on the PATH):
+//! `finetune`, `linear-probe` and `pretrain` on two processes log the same per-step losses (relative difference
+//! <= 1e-5) and the same evaluation accuracy as one process with the same global batch, and a
+//! run stopped on one world size resumes on another with the same losses. Only rank 0 writes.
+//!
+//! Drop path and mixup/CutMix are off: they are drawn per rank (docs/distributed.md).
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use beit_tokenizer::{Dvae, DvaeConfig};
+use candle::Device;
+use serde_json::Value;
+
+/// `beit-cli ARGS` on `n` processes (`mpirun -n n`), or as a plain process when `n == 0`.
+fn run(n: usize, args: &[String]) -> Output {
+    let bin = env!("CARGO_BIN_EXE_beit-cli");
+    let mut c = if n == 0 {
+        Command::new(bin)
+    } else {
+        let mut c = Command::new("mpirun");
+        c.args(["-n", &n.to_string(), "--oversubscribe", "--bind-to", "none"])
+            .arg(bin);
+        c
+    };
+    c.args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("BEIT_LOG", "info")
+        .env("RAYON_NUM_THREADS", "1")
+        .env("BEIT_DIST_TIMEOUT_S", "120")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+    let out = c
+        .output()
+        .expect("mpirun / beit-cli runs (is OpenMPI installed?)");
+    assert!(
+        out.status.success(),
+        "{} processes: beit-cli {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+        n.max(1),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn records(dir: &Path, kind: &str) -> Vec<serde_json::Map<String, Value>> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == kind)
+        .map(|r| r.as_object().unwrap().clone())
+        .collect()
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    records(dir, "step")
+        .iter()
+        .map(|r| r["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn assert_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    let mut worst = 0f64;
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let rel = (x - y).abs() / x.abs().max(1e-12);
+        assert!(
+            rel <= 1e-5,
+            "{what}: step {} loss {x} vs {y} (rel {rel:e})",
+            i + 1
+        );
+        worst = worst.max(rel);
+    }
+    eprintln!(
+        "{what}: {} steps, largest relative difference {worst:e}",
+        a.len()
+    );
+}
+
+fn args(list: &[&str], cfg: &Path, out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+    v.extend([
+        "--config".into(),
+        cfg.display().to_string(),
+        "--output".into(),
+        out.display().to_string(),
+    ]);
+    v
+}
+
+/// A 2-block width-32 classifier from scratch on 28 px Fashion-MNIST; RandAugment and random
+/// erasing on (seeded per image), drop path and mixup off; 2 accumulated micro-batches of 8.
+const FINETUNE: &str = r#"
+[data]
+source = "fashion-mnist"
+max_train_samples = 48
+max_val_samples = 30
+num_workers = 1
+[architecture]
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+intermediate_size = 64
+patch_size = 7
+[train]
+epochs = 2
+batch_size = 16
+accum_steps = 2
+lr = 3e-3
+warmup_epochs = 1
+drop_path_rate = 0.0
+clip_grad = 1.0
+keep_last = 5
+seed = 3
+log_every = 1
+[aug]
+input_size = 28
+auto_augment = "rand-m9-mstd0.5-inc1"
+reprob = 0.25
+mixup = 0.0
+cutmix = 0.0
+eval_resize = "squash"
+"#;
+
+#[test]
+fn finetune_on_two_processes_matches_one_and_resumes_on_another_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("ft.toml");
+    std::fs::write(&cfg, FINETUNE).unwrap();
+    let (one, two, mixed) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("mixed"),
+    );
+    run(0, &args(&["finetune"], &cfg, &one));
+    run(2, &args(&["finetune"], &cfg, &two));
+    let reference = losses(&one);
+    assert_eq!(reference.len(), 6, "3 steps x 2 epochs");
+    assert_close(&reference, &losses(&two), "finetune, 2 processes vs 1");
+    let (e1, e2) = (records(&one, "eval"), records(&two, "eval"));
+    assert_eq!(e1.len(), 2);
+    assert_eq!(e1.len(), e2.len());
+    for (a, b) in e1.iter().zip(&e2) {
+        assert_eq!(a["acc1"], b["acc1"], "eval accuracy: {a:?} vs {b:?}");
+        assert_eq!(a["acc5"], b["acc5"]);
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() <= 1e-5 * la.abs(), "eval loss {la} vs {lb}");
+    }
+    assert!(two.join("best_model").is_dir() && two.join("curves.png").is_file());
+
+    // Stopped after 2 steps on two processes, resumed on one.
+    run(2, &args(&["finetune", "--stop-after", "2"], &cfg, &mixed));
+    assert_eq!(losses(&mixed).len(), 2);
+    run(0, &args(&["finetune", "--resume"], &cfg, &mixed));
+    assert_close(&reference, &losses(&mixed), "finetune, resumed on 1 of 2");
+    assert_eq!(records(&mixed, "eval")[1]["acc1"], e1[1]["acc1"]);
+
+    // The linear probe of the exported model: features extracted sharded and gathered.
+    let probe = |out: &Path| -> Vec<String> {
+        [
+            "linear-probe",
+            "--layer",
+            "1",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--data",
+            "fashion-mnist",
+            "--set",
+            "data.max_train_samples=48",
+            "--set",
+            "data.max_val_samples=30",
+            "--model",
+            one.join("best_model").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (p1, p2) = (tmp.path().join("probe1"), tmp.path().join("probe2"));
+    run(0, &probe(&p1));
+    run(2, &probe(&p2));
+    assert_close(&losses(&p1), &losses(&p2), "linear probe, 2 processes vs 1");
+    let (e1, e2) = (records(&p1, "eval"), records(&p2, "eval"));
+    assert_eq!(e1.len(), 2);
+    for (a, b) in e1.iter().zip(&e2) {
+        assert_eq!(a["acc1"], b["acc1"], "probe accuracy: {a:?} vs {b:?}");
+    }
+    assert!(p2.join("linear_head.safetensors").is_file());
+}
+
+/// A 2-block width-16 MIM model on 16 px images (4x4 patches), 6 blockwise-masked patches,
+/// visual tokens from a random dVAE; 2 accumulated micro-batches of 8.
+const PRETRAIN: &str = r#"
+[architecture]
+hidden_size = 16
+num_hidden_layers = 2
+num_attention_heads = 2
+intermediate_size = 32
+image_size = 16
+patch_size = 4
+[data]
+source = "fashion-mnist"
+max_train_samples = 32
+num_workers = 1
+prefetch = 2
+[aug]
+crop_scale = [0.5, 1.0]
+[masking]
+num_masking_patches = 6
+[train]
+drop_path_rate = 0.0
+epochs = 2
+batch_size = 16
+accum_steps = 2
+lr = 3e-3
+min_lr = 1e-5
+warmup_epochs = 0
+keep_last = 5
+log_every = 1
+"#;
+
+fn tokenizer(dir: &Path) -> PathBuf {
+    let cfg = DvaeConfig {
+        image_size: 16,
+        channels: 3,
+        vocab_size: 16,
+        downsample: 4,
+        n_hid: 8,
+        n_init: 8,
+        n_blk_per_group: 1,
+    };
+    let out = dir.join("tok");
+    Dvae::new(&cfg, 3, &Device::Cpu)
+        .unwrap()
+        .export(&out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn pretrain_on_two_processes_matches_one_and_resumes_on_another_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("pt.toml");
+    std::fs::write(&cfg, PRETRAIN).unwrap();
+    let tok = tokenizer(tmp.path());
+    let pt = |extra: &[&str]| {
+        let mut v = vec!["pretrain", "--tokenizer", tok.to_str().unwrap()];
+        v.extend(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let (one, two, mixed) = (
+        tmp.path().join("one"),
+        tmp.path().join("two"),
+        tmp.path().join("mixed"),
+    );
+    let a = |extra: &[&str], out: &Path| {
+        let mut v = pt(extra);
+        v.extend(args(&[], &cfg, out));
+        v
+    };
+    run(0, &a(&[], &one));
+    run(2, &a(&[], &two));
+    let reference = losses(&one);
+    assert_eq!(reference.len(), 4, "2 steps x 2 epochs");
+    assert_close(&reference, &losses(&two), "pretrain, 2 processes vs 1");
+    assert!(two.join("model").join("model.safetensors").is_file());
+
+    // Stopped after 1 step on one process, resumed on two.
+    run(0, &a(&["--stop-after", "1"], &mixed));
+    run(2, &a(&["--resume"], &mixed));
+    assert_close(&reference, &losses(&mixed), "pretrain, resumed on 2 of 1");
+}
+
+#[test]
+fn an_indivisible_micro_batch_is_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("ft.toml");
+    std::fs::write(&cfg, FINETUNE).unwrap();
+    let out = Command::new("mpirun")
+        .args(["-n", "3", "--oversubscribe", "--bind-to", "none"])
+        .arg(env!("CARGO_BIN_EXE_beit-cli"))
+        .args(args(&["finetune"], &cfg, &tmp.path().join("run")))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot be split evenly over 3 processes"),
+        "{err}"
+    );
+}

@@ -1,0 +1,126 @@
+//! The recipes' side of data-parallel training (see `beit_train::dist` for the engine's side and
+//! `docs/distributed.md` for launching).
+//!
+//! `train.batch_size` stays the global batch: with `A` accumulation steps it makes global
+//! micro-batches of `m = batch_size / A` samples, the same on any number of processes `N`. Each
+//! rank's loader has micro-batches of `m / N`; as PyTorch's `DistributedSampler`, rank `r` reads
+//! positions `r, r + N, r + 2N, ...` of the epoch's permutation, so that rank `r`'s `k`-th sample
+//! of micro-batch `j` is sample `k·N + r` of the global micro-batch `j` (the one a single process
+//! would read): together the ranks read exactly that micro-batch. Augmentations are seeded by
+//! `(seed, epoch, dataset index)` and MIM masks by `(seed, micro-batch, position in the global
+//! micro-batch)`, so the data does not depend on `N`. Mixup/CutMix (which
+//! mixes a batch with itself reversed) and drop path (drawn per micro-batch from the model's
+//! generator) do depend on how the batch is split: [`warn_if_n_dependent`] says so.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use beit_data::{Dataset, LoaderConfig, Subset};
+use beit_train::dist;
+
+/// This rank's share of a global micro-batch of `micro` samples. Fails when `N` does not
+/// divide it.
+pub fn rank_micro_batch(micro: usize) -> Result<usize> {
+    let n = dist::world().size();
+    if !micro.is_multiple_of(n) {
+        bail!(
+            "train.batch_size / train.accum_steps = {micro} samples per micro-batch cannot be \
+             split evenly over {n} processes (choose a batch size that is a multiple of \
+             accum_steps x {n})"
+        );
+    }
+    Ok(micro / n)
+}
+
+/// Shard a training loader's epochs over the world's ranks.
+pub fn shard_loader(cfg: LoaderConfig) -> LoaderConfig {
+    let w = dist::world();
+    LoaderConfig {
+        rank: w.rank(),
+        world_size: w.size(),
+        ..cfg
+    }
+}
+
+/// The global micro-batches of an epoch of `len` samples (a trailing partial one dropped): the
+/// same on every `N` (each rank's loader may have one more, never read).
+pub fn global_batches_per_epoch(len: usize, micro: usize) -> u64 {
+    (len / micro.max(1)) as u64
+}
+
+/// This rank's share of an evaluation split: samples `r, r + N, ...` (no padding, so the summed
+/// counts are those of the split).
+pub fn eval_shard(ds: Arc<dyn Dataset>) -> Arc<dyn Dataset> {
+    let w = dist::world();
+    if w.size() == 1 {
+        return ds;
+    }
+    let idx: Vec<usize> = (w.rank()..ds.len()).step_by(w.size()).collect();
+    Arc::new(Subset::new(ds, idx))
+}
+
+/// Log once (rank 0) what makes a data-parallel run differ from a single process.
+pub fn warn_if_n_dependent(drop_path: f64, mixup: bool) {
+    let w = dist::world();
+    if w.size() == 1 || w.rank() != 0 {
+        return;
+    }
+    tracing::info!(
+        "data-parallel run: {} processes ({}), local rank {}",
+        w.size(),
+        w.backend(),
+        w.local_rank()
+    );
+    if drop_path > 0.0 {
+        tracing::warn!(
+            "drop path ({drop_path}) is drawn per rank: the run is statistically, not bitwise, \
+             the same as one process"
+        );
+    }
+    if mixup {
+        tracing::warn!(
+            "mixup/CutMix mixes each rank's share of the batch: the pairs differ from one \
+             process's"
+        );
+    }
+}
+
+/// Whether this process writes the run's files.
+pub fn is_primary() -> bool {
+    dist::is_primary()
+}
+
+/// Environment variables set by the launchers (`mpirun` of OpenMPI, MPICH/Intel MPI's
+/// `mpiexec`, PMIx, `srun --mpi=pmi2|pmix`): their presence means the process is one of an MPI
+/// job.
+const LAUNCHER_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"];
+
+/// Whether a launcher started this process as part of an MPI job.
+pub fn launched_by_mpi() -> bool {
+    LAUNCHER_VARS.iter().any(|k| std::env::var_os(k).is_some())
+}
+
+/// When launched by `mpirun` / `srun`, initialise MPI and make it the process's world; a
+/// plain start stays a single process (`None`). Keep the guard until the end of a successful
+/// run; on failure call [`abort_job`] so that the other ranks end too.
+#[cfg(feature = "mpi")]
+pub fn init_from_launcher() -> Result<Option<beit_train::dist::MpiGuard>> {
+    if !launched_by_mpi() {
+        return Ok(None);
+    }
+    let guard = beit_train::dist::MpiWorld::init()?;
+    dist::install(guard.world())?;
+    Ok(Some(guard))
+}
+
+/// End a failed data-parallel job: every rank stops (MPI_Abort) rather than waiting for the
+/// failed one in a collective. Returns when there is no MPI world (the caller then exits).
+#[cfg(feature = "mpi")]
+pub fn abort_job(guard: Option<beit_train::dist::MpiGuard>, code: i32) {
+    if let Some(g) = guard {
+        if dist::world().size() > 1 {
+            g.abort(code);
+        }
+        drop(g);
+    }
+}
