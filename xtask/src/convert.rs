@@ -4,6 +4,9 @@
 //!   `pytorch_model.bin` becomes `<out>/config.json` + `<out>/model.safetensors` with
 //!   `transformers` key names. The name mapping is `beit_model::load::normalize_names`; the result is
 //!   checked against the config key by key before anything is written.
+//! - BEiT semantic segmentation: a unilm/mmseg UperNet checkpoint (`{"state_dict": ...}` with
+//!   `backbone.*`, `decode_head.conv_seg`, ...) becomes a `BeitForSemanticSegmentation` directory
+//!   (`beit_model::segmentation::normalize_segmentation_names`), config given or inferred.
 //! - DALL-E: OpenAI's pickled `encoder.pkl` / `decoder.pkl` (whole `nn.Module`s) become one
 //!   safetensors file with `dall_e`'s state-dict names, read by `beit_tokenizer::pkl::load_dalle_pkl`
 //!   without executing the pickle.
@@ -16,6 +19,10 @@ use beit_model::load::{
     check_exact, expected_parameters, normalize_names, read_weights, Architecture,
 };
 use beit_model::save::save_hf;
+use beit_model::segmentation::{
+    expected_segmentation_parameters, normalize_segmentation_names, save_segmentation_hf,
+    SegmentationConfig,
+};
 use beit_model::BeitConfig;
 use beit_tokenizer::dalle::{DecoderConfig, EncoderConfig};
 use beit_tokenizer::weights::{save_weights, WeightsFile};
@@ -78,11 +85,7 @@ fn convert_beit(args: &ConvertArgs) -> Result<()> {
         .keys()
         .any(|k| k.starts_with("decode_head.") || k.starts_with("backbone."))
     {
-        bail!(
-            "{} is a semantic-segmentation checkpoint (UperNet `backbone.`/`decode_head.` keys); \
-             beit-model has no segmentation head, so it cannot be converted",
-            input.display()
-        );
+        return convert_segmentation(args, raw);
     }
     let tensors = normalize_names(raw);
     let arch = Architecture::detect(tensors.keys());
@@ -112,6 +115,128 @@ fn convert_beit(args: &ConvertArgs) -> Result<()> {
         expected.len(),
     );
     Ok(())
+}
+
+/// A unilm/mmseg UperNet checkpoint (`backbone.*`, `fpnN`, `decode_head.conv_seg`, ...; or
+/// already HF-named) -> `BeitForSemanticSegmentation` in HF layout. Without `--config` the
+/// config is inferred: the backbone from its shapes, the heads from theirs, and `out_indices`
+/// from unilm's recipes ([3, 5, 7, 11] for 12 blocks, [7, 11, 15, 23] for 24, in unilm's
+/// indexing), written in transformers' indexing (one more: the same blocks).
+fn convert_segmentation(args: &ConvertArgs, raw: HashMap<String, Tensor>) -> Result<()> {
+    let input = &args.input;
+    let mut tensors = normalize_segmentation_names(raw);
+    let (cfg, seg, origin) = match &args.config {
+        Some(path) => {
+            let cfg = BeitConfig::from_file(path)?;
+            let seg = SegmentationConfig::from_config(&cfg)
+                .with_context(|| format!("the segmentation fields of {}", path.display()))?;
+            (cfg, seg, path.display().to_string())
+        }
+        None => {
+            let labels = match &args.labels {
+                Some(path) => Some(read_labels(path)?),
+                None => None,
+            };
+            let (cfg, seg) =
+                infer_segmentation_config(&tensors, labels.as_deref()).with_context(|| {
+                    format!("inferring a segmentation config for {}", input.display())
+                })?;
+            (cfg, seg, "inferred from the tensor shapes".to_string())
+        }
+    };
+    let mut cfg = cfg;
+    seg.store(&mut cfg);
+    let expected = expected_segmentation_parameters(&cfg)?;
+    // mmseg drops nothing, but older checkpoints may lack the BatchNorm batch counters.
+    for (name, shape) in &expected {
+        if name.ends_with(".num_batches_tracked") && !tensors.contains_key(name) {
+            tensors.insert(
+                name.clone(),
+                Tensor::zeros(shape, candle::DType::F32, &candle::Device::Cpu)?,
+            );
+        }
+    }
+    check_exact(&tensors, &expected, &input.display().to_string())?;
+    save_segmentation_hf(&args.output, &cfg, &seg, &tensors)?;
+    let params: usize = expected
+        .iter()
+        .filter(|(k, _)| !k.ends_with(".num_batches_tracked"))
+        .map(|(_, s)| s.elem_count())
+        .sum();
+    println!(
+        "{} -> {} (BeitForSemanticSegmentation: {} tensors, {params} values; out_indices {:?}; \
+         config {origin})",
+        input.display(),
+        args.output.display(),
+        expected.len(),
+        seg.out_indices,
+    );
+    Ok(())
+}
+
+/// Backbone and head settings of a segmentation checkpoint (HF names) from its shapes.
+fn infer_segmentation_config(
+    tensors: &HashMap<String, Tensor>,
+    labels: Option<&[String]>,
+) -> Result<(BeitConfig, SegmentationConfig)> {
+    const CLASSIFIER: &str = "decode_head.classifier.weight";
+    let classes = tensors
+        .get(CLASSIFIER)
+        .map(|t| t.dims()[0])
+        .with_context(|| {
+            format!(
+                "a segmentation checkpoint (backbone./decode_head. keys) without `{CLASSIFIER}`"
+            )
+        })?;
+    let backbone: HashMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("beit."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut cfg = infer_config(&backbone, Architecture::Backbone, None)?;
+    // The segmentation backbone has no pooler; transformers' ADE20K configs use mean pooling
+    // (no final LayerNorm), as unilm's backbone has none.
+    cfg.use_mean_pooling = true;
+    let names: Vec<String> = match labels {
+        Some(l) if l.len() == classes => l.to_vec(),
+        Some(l) => bail!(
+            "the label file has {} names but the decode head has {classes} classes",
+            l.len()
+        ),
+        None => (0..classes).map(|i| format!("LABEL_{i}")).collect(),
+    };
+    cfg.set_labels(&names);
+    let count = |prefix: &str, suffix: &str| {
+        (0..)
+            .take_while(|i| tensors.contains_key(&format!("{prefix}{i}{suffix}")))
+            .count()
+    };
+    let unilm: Vec<usize> = match cfg.num_hidden_layers {
+        12 => vec![3, 5, 7, 11],
+        24 => vec![7, 11, 15, 23],
+        l => bail!(
+            "`out_indices` cannot be inferred for {l} blocks (unilm's recipes cover 12 and 24); \
+             pass --config with them"
+        ),
+    };
+    let defaults = SegmentationConfig::default();
+    let aux = tensors.contains_key("auxiliary_head.classifier.weight");
+    let seg = SegmentationConfig {
+        out_indices: unilm.iter().map(|k| k + 1).collect(),
+        pool_scales: match count("decode_head.psp_modules.", ".1.conv.weight") {
+            4 => defaults.pool_scales.clone(),
+            n => bail!("{n} pyramid pooling branches; pass --config with their `pool_scales`"),
+        },
+        use_auxiliary_head: aux,
+        auxiliary_channels: tensors
+            .get("auxiliary_head.convs.0.conv.weight")
+            .map_or(defaults.auxiliary_channels, |t| t.dims()[0]),
+        auxiliary_num_convs: count("auxiliary_head.convs.", ".conv.weight"),
+        auxiliary_concat_input: tensors.contains_key("auxiliary_head.conv_cat.conv.weight"),
+        ..defaults
+    };
+    seg.validate(&cfg)?;
+    Ok((cfg, seg))
 }
 
 fn read_labels(path: &Path) -> Result<Vec<String>> {

@@ -222,6 +222,56 @@ fn dalle_pickle_to_safetensors() -> Result<()> {
     Ok(())
 }
 
+/// The unilm/mmseg copy of the tiny UperNet fixture (`scripts/seg_fixtures.py`: `backbone.`
+/// prefix, fused qkv, `conv_seg`, `{"state_dict": ...}`) converts to exactly the tensors
+/// `transformers` saved for the same model.
+#[test]
+fn mmseg_segmentation_checkpoint_converts_to_the_hub_layout() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out_dir = tmp.path().join("seg");
+    let config = fixture("seg/aux_mmseg/config.json");
+    let stdout = ok(&convert(&[
+        fixture("seg/aux_mmseg/model.pth").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]));
+    assert!(stdout.contains("BeitForSemanticSegmentation"), "{stdout}");
+    let got = candle::safetensors::load(out_dir.join("model.safetensors"), &Device::Cpu)?;
+    let want = candle::safetensors::load(fixture("seg/aux/model.safetensors"), &Device::Cpu)?;
+    let mut names: Vec<_> = want.keys().collect();
+    names.sort();
+    assert_eq!(got.len(), want.len());
+    for k in names {
+        let g = got.get(k).unwrap_or_else(|| panic!("`{k}` missing"));
+        let (g, w) = (
+            g.to_dtype(candle::DType::F32)?,
+            want[k].to_dtype(candle::DType::F32)?,
+        );
+        assert_eq!(g.dims(), w.dims(), "{k}");
+        assert_eq!(max_err(&g, &w)?, 0.0, "{k}");
+    }
+    let cfg = BeitConfig::from_file(out_dir.join("config.json"))?;
+    assert_eq!(cfg.extra["out_indices"].to_string(), "[1,2,3,4]");
+    // The converted directory loads as a segmentation model.
+    beit_model::segmentation::segmentation_model(&Checkpoint::from_dir(&out_dir)?, &Device::Cpu)?;
+
+    // Without a config, 4 blocks leave `out_indices` unknown: the error says what to pass.
+    let out = convert(&[
+        fixture("seg/aux_mmseg/model.pth").to_str().unwrap(),
+        "-o",
+        tmp.path().join("inferred").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("out_indices") && stderr.contains("--config"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 #[test]
 fn unsupported_inputs_fail_clearly() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -240,7 +290,7 @@ fn unsupported_inputs_fail_clearly() -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr.contains("semantic-segmentation checkpoint"),
+        stderr.contains("segmentation checkpoint") && stderr.contains("decode_head.classifier"),
         "{stderr}"
     );
     // A missing file is named.

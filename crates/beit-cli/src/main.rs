@@ -48,6 +48,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Semantic segmentation of images (class per pixel; label and overlay PNGs).
     Segment(commands::segment::SegmentArgs),
+    /// Fine-tune a semantic segmentation model (UperNet, unilm's ADE20K recipe).
+    FinetuneSeg(commands::finetune_seg::FinetuneSegArgs),
     /// Evaluate a segmentation model: mIoU, mAcc, aAcc, per-class IoU (mmseg's accumulation).
     EvalSeg(commands::eval_seg::EvalSegArgs),
 }
@@ -77,6 +79,7 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Segment(a) => commands::segment::run(a),
         Command::EvalSeg(a) => commands::eval_seg::run(a),
+        Command::FinetuneSeg(a) => commands::finetune_seg::run(a),
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.

@@ -461,7 +461,9 @@ fn config_typos_are_named() {
     for entry in std::fs::read_dir(&configs).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        let cmd = if name.starts_with("finetune_") {
+        let cmd = if name.starts_with("finetune_seg_") {
+            "finetune-seg"
+        } else if name.starts_with("finetune_") {
             "finetune"
         } else if name.starts_with("linear_probe_") {
             "linear-probe"

@@ -38,6 +38,7 @@ pub mod rand_augment;
 pub mod random_erasing;
 pub mod resize;
 pub mod sampler;
+pub mod seg_augment;
 pub mod segmentation;
 pub mod source;
 pub mod transform;

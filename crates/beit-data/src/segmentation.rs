@@ -557,34 +557,23 @@ pub fn fashion_seg_classes() -> Vec<String> {
 /// Pixel value (0..=255) above which a Fashion-MNIST pixel belongs to the garment.
 pub const FASHION_SEG_THRESHOLD: u8 = 25;
 
-/// Write a small real segmentation set in the ADE20K layout under `root` (`images/<split>/*.png`
-/// with `annotations/<split>/*.png`, no zero-label reduction): each image is a 2x2 mosaic of four
+/// The Fashion-MNIST segmentation pairs, in memory: each image is a 2x2 mosaic of four
 /// Fashion-MNIST garments drawn from `split` (56x56 grey photos stored as RGB); a pixel brighter
 /// than [`FASHION_SEG_THRESHOLD`] is labelled with its garment's class + 1, the background 0
 /// (classes: [`fashion_seg_classes`]). Derived from real images: the garment shapes are real, the
 /// scene layout is synthetic. Deterministic for a given `seed`.
-pub fn write_fashion_segmentation(
-    root: &Path,
-    split_name: &str,
+pub fn fashion_segmentation(
     split: &MnistSplit,
     count: usize,
     seed: u64,
-) -> Result<()> {
+) -> Result<Vec<(RgbImage, LabelMap)>> {
     if split.is_empty() {
         return Err(DataError::Empty("Fashion-MNIST split".into()));
-    }
-    let img_dir = root.join("images").join(split_name);
-    let ann_dir = root.join("annotations").join(split_name);
-    for d in [&img_dir, &ann_dir] {
-        std::fs::create_dir_all(d).map_err(|source| DataError::Io {
-            path: d.clone(),
-            source,
-        })?;
     }
     let mut order: Vec<usize> = (0..split.len()).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed));
     let side = 2 * SIDE;
-    let palette = fashion_palette();
+    let mut out = Vec::with_capacity(count);
     for n in 0..count {
         let mut img = RgbImage::new(side as u32, side as u32);
         let mut labels = vec![0u8; side * side];
@@ -603,17 +592,44 @@ pub fn write_fashion_segmentation(
                 }
             }
         }
+        let map = LabelMap {
+            width: side as u32,
+            height: side as u32,
+            labels,
+        };
+        out.push((img, map));
+    }
+    Ok(out)
+}
+
+/// Write [`fashion_segmentation`]'s pairs in the ADE20K layout under `root`
+/// (`images/<split_name>/*.png` with `annotations/<split_name>/*.png`, no zero-label reduction).
+pub fn write_fashion_segmentation(
+    root: &Path,
+    split_name: &str,
+    split: &MnistSplit,
+    count: usize,
+    seed: u64,
+) -> Result<()> {
+    let img_dir = root.join("images").join(split_name);
+    let ann_dir = root.join("annotations").join(split_name);
+    for d in [&img_dir, &ann_dir] {
+        std::fs::create_dir_all(d).map_err(|source| DataError::Io {
+            path: d.clone(),
+            source,
+        })?;
+    }
+    let palette = fashion_palette();
+    for (n, (img, map)) in fashion_segmentation(split, count, seed)?
+        .into_iter()
+        .enumerate()
+    {
         let name = format!("fashion_{split_name}_{n:05}");
         let img_path = img_dir.join(format!("{name}.png"));
         img.save(&img_path).map_err(|e| DataError::Format {
             path: img_path.clone(),
             reason: e.to_string(),
         })?;
-        let map = LabelMap {
-            width: side as u32,
-            height: side as u32,
-            labels,
-        };
         write_label_png(&ann_dir.join(format!("{name}.png")), &map, &palette)?;
     }
     Ok(())

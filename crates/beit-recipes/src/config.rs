@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use beit_train::{AdamWConfig, TrainConfig};
+use beit_train::{AdamWConfig, ScheduleKind, TrainConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -31,8 +31,14 @@ pub struct TrainSection {
     pub accum_steps: u64,
     /// Peak learning rate, absolute (`--lr`, 4e-3).
     pub lr: f64,
-    /// Final learning rate of the cosine (`--min_lr`, 1e-6).
+    /// Final learning rate of the schedule (`--min_lr`, 1e-6).
     pub min_lr: f64,
+    /// Learning-rate schedule: `cosine` (warm-up + half cosine, unilm's classification and
+    /// pre-training) or `poly` (mmcv's linear warm-up from 1e-6 x lr + polynomial decay, unilm's
+    /// semantic segmentation).
+    pub schedule: ScheduleKind,
+    /// Exponent of the `poly` schedule (mmseg `power`, 1.0).
+    pub poly_power: f64,
     /// Linear warm-up epochs (`--warmup_epochs`, 20).
     pub warmup_epochs: u64,
     /// Warm-up steps, overriding the epochs when `warmup_epochs > 0` (`--warmup_steps`).
@@ -79,6 +85,8 @@ impl Default for TrainSection {
             accum_steps: 1,
             lr: 4e-3,
             min_lr: 1e-6,
+            schedule: ScheduleKind::Cosine,
+            poly_power: 1.0,
             warmup_epochs: 20,
             warmup_steps: None,
             weight_decay: 0.05,
@@ -123,6 +131,8 @@ impl TrainSection {
             accum_steps: self.accum_steps,
             lr: self.lr,
             min_lr: self.min_lr,
+            lr_schedule: self.schedule,
+            poly_power: self.poly_power,
             warmup_epochs: self.warmup_epochs,
             warmup_steps: self.warmup_steps,
             weight_decay: self.weight_decay,
@@ -378,6 +388,14 @@ mod tests {
         assert_eq!(t.micro_batch().unwrap(), 4);
         let e = t.engine(30, false).unwrap();
         assert_eq!((e.steps_per_epoch(), e.total_steps()), (10, 1000));
+        let e = format!(
+            "{:#}",
+            parse_config::<TrainSection>(None, &["schedule=\"polynomial\"".into()], &[])
+                .unwrap_err()
+        );
+        assert!(e.contains("polynomial") && e.contains("poly"), "{e}");
+        let p: TrainSection = parse_config(None, &["schedule=\"poly\"".into()], &[]).unwrap();
+        assert_eq!(p.engine(30, false).unwrap().lr_schedule, ScheduleKind::Poly);
         assert!(TrainSection {
             epochs: 0,
             ..TrainSection::default()

@@ -6,6 +6,7 @@
 //! | [`tokenizer::TokenizerJob`] | [`tokenizer::train_tokenizer`] | our dVAE, Gumbel-softmax relaxation |
 //! | [`pretrain::PretrainJob`] | [`pretrain::pretrain`] | masked image modeling (and the Table 4 ablations) |
 //! | [`finetune::FinetuneJob`] | [`finetune::finetune`] | image classification, the unilm recipe |
+//! | [`finetune_seg::FinetuneSegJob`] | [`finetune_seg::finetune_seg`] | semantic segmentation, unilm's ADE20K recipe |
 //! | [`linear_probe::LinearProbeJob`] | [`linear_probe::linear_probe`] | a linear head on frozen block features |
 //! | [`evaluate::EvalJob`] | [`evaluate::eval_classifier`] | top-1/top-5, per class, confusions |
 //! | [`demo::DemoJob`] | [`demo::demo`] | tokenizer -> pre-training -> fine-tuning vs random init |
@@ -33,6 +34,7 @@ pub mod device;
 pub mod dist;
 pub mod evaluate;
 pub mod finetune;
+pub mod finetune_seg;
 pub mod linear_probe;
 pub mod model_source;
 pub mod pretrain;
@@ -45,6 +47,7 @@ pub use demo::{demo, DemoConfig, DemoJob, DemoOutcome};
 pub use device::parse_device;
 pub use evaluate::{eval_classifier, evaluate, EvalJob, EvalReport};
 pub use finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
+pub use finetune_seg::{finetune_seg, FinetuneSegConfig, FinetuneSegJob, FinetuneSegOutcome};
 pub use linear_probe::{linear_probe, LinearProbeConfig, LinearProbeJob, LinearProbeOutcome};
 pub use model_source::{load_model, LoadedModel};
 pub use pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};

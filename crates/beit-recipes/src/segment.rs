@@ -50,12 +50,16 @@ pub struct ImageSegmentation {
 pub enum Inference {
     /// The processor's resize, one forward pass.
     Whole,
-    /// mmseg's slide inference with square `crop` windows every `stride` pixels.
+    /// mmseg's slide inference with square `crop` windows every `stride` pixels, after a
+    /// keep-ratio resize into `scale` = `(long, short)` (mmseg's test `img_scale`).
     Sliding {
         /// Window side.
         crop: usize,
         /// Step between windows.
         stride: usize,
+        /// `(long, short)` bounds of the resize before the windows (`(4·crop, crop)` for
+        /// `--sliding-window`, mmseg's ADE20K `(2560, 640)`).
+        scale: (usize, usize),
     },
 }
 
@@ -84,7 +88,11 @@ impl Inference {
                 "--sliding-window: crop {crop} must be a multiple of the patch size {patch_size}"
             );
         }
-        Ok(Self::Sliding { crop, stride })
+        Ok(Self::Sliding {
+            crop,
+            stride,
+            scale: (4 * crop, crop),
+        })
     }
 }
 
@@ -106,9 +114,11 @@ pub fn segment_image(
                 .logits
                 .squeeze(0)?
         }
-        Inference::Sliding { crop, stride } => {
-            sliding_logits(model, processor, img, crop, stride, device)?
-        }
+        Inference::Sliding {
+            crop,
+            stride,
+            scale,
+        } => sliding_logits(model, processor, img, crop, stride, scale, device)?,
     };
     Ok(label_map(&logits, h, w)?)
 }
@@ -121,12 +131,13 @@ fn sliding_logits(
     img: &RgbImage,
     crop: usize,
     stride: usize,
+    (max_long, max_short): (usize, usize),
     device: &Device,
 ) -> Result<Tensor> {
     let (w, h) = img.dimensions();
-    // mmseg's Resize(img_scale=(4 * crop, crop), keep_ratio=True).
+    // mmseg's Resize(img_scale=(max_long, max_short), keep_ratio=True).
     let (long, short) = (w.max(h) as f64, w.min(h) as f64);
-    let scale = (4.0 * crop as f64 / long).min(crop as f64 / short);
+    let scale = (max_long as f64 / long).min(max_short as f64 / short);
     let nw = ((w as f64 * scale + 0.5) as u32).max(1);
     let nh = ((h as f64 * scale + 0.5) as u32).max(1);
     let resized = resize(img, nw, nh, processor.resample)?;
@@ -396,7 +407,8 @@ mod tests {
             Inference::parse(Some("640,426"), 16).unwrap(),
             Inference::Sliding {
                 crop: 640,
-                stride: 426
+                stride: 426,
+                scale: (2560, 640)
             }
         );
         for bad in ["640", "640,0", "100,426", "641,426", "a,b"] {

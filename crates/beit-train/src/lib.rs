@@ -136,7 +136,7 @@ pub use plot::{plot_metrics, PlotOptions};
 pub use precision::Precision;
 pub use progress::TrainProgress;
 pub use rng::{RngState, TrainRng};
-pub use schedule::CosineSchedule;
+pub use schedule::{CosineSchedule, LrSchedule, PolySchedule, ScheduleKind};
 pub use train_loop::{
     BestMetric, Position, StepOutput, StepReport, TrainConfig, TrainLoop, TrainSummary,
 };

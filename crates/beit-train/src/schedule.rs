@@ -1,4 +1,6 @@
-//! Per-step schedules: linear warm-up followed by a half cosine, as unilm's `cosine_scheduler`.
+//! Per-step schedules: linear warm-up followed by a half cosine, as unilm's `cosine_scheduler`
+//! ([`CosineSchedule`]), or mmcv's polynomial decay with linear warm-up, as unilm's semantic
+//! segmentation recipe uses it ([`PolySchedule`]); [`LrSchedule`] is either.
 //!
 //! For `total` steps of which `warmup` are warm-up:
 //!
@@ -99,9 +101,139 @@ impl CosineSchedule {
     }
 }
 
+/// mmcv's `PolyLrUpdaterHook` with `warmup='linear'` (unilm's ADE20K recipe: power 1.0,
+/// `min_lr` 0, 1,500 warm-up iterations, `warmup_ratio` 1e-6), evaluated per optimizer step:
+///
+/// * the regular value of step `i` of `total`: `(base − final)·(1 − i/total)^power + final`;
+/// * during the warm-up (`i < warmup`) it is scaled by `1 − (1 − i/warmup)·(1 − warmup_ratio)`,
+///   which rises linearly from `warmup_ratio` towards 1.
+///
+/// Steps past the end keep the last value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PolySchedule {
+    /// Peak value (`lr`).
+    pub base: f64,
+    /// Value approached at the end (`min_lr`).
+    pub final_value: f64,
+    /// Total number of optimizer steps (`max_iters`).
+    pub total_steps: u64,
+    /// Number of warm-up steps (`warmup_iters`).
+    pub warmup_steps: u64,
+    /// Exponent of the decay (`power`).
+    pub power: f64,
+    /// Scale of the regular value at step 0 of the warm-up (`warmup_ratio`).
+    pub warmup_ratio: f64,
+}
+
+impl PolySchedule {
+    /// Build a schedule; fails on 0 steps, a warm-up covering every step, or a non-finite or
+    /// negative power.
+    pub fn new(
+        base: f64,
+        final_value: f64,
+        total_steps: u64,
+        warmup_steps: u64,
+        power: f64,
+        warmup_ratio: f64,
+    ) -> Result<Self> {
+        if total_steps == 0 {
+            return Err(TrainError::Config("schedule with 0 total steps".into()));
+        }
+        if warmup_steps >= total_steps {
+            return Err(TrainError::Config(format!(
+                "{warmup_steps} warm-up steps leave nothing of {total_steps} total steps"
+            )));
+        }
+        if !(power.is_finite() && power >= 0.0) {
+            return Err(TrainError::Config(format!(
+                "poly_power must be finite and >= 0, got {power}"
+            )));
+        }
+        if !(0.0..=1.0).contains(&warmup_ratio) {
+            return Err(TrainError::Config(format!(
+                "warmup_ratio must lie in [0, 1], got {warmup_ratio}"
+            )));
+        }
+        Ok(Self {
+            base,
+            final_value,
+            total_steps,
+            warmup_steps,
+            power,
+            warmup_ratio,
+        })
+    }
+
+    /// The value at optimizer step `step` (0-based).
+    pub fn value(&self, step: u64) -> f64 {
+        let step = step.min(self.total_steps - 1);
+        let progress = step as f64 / self.total_steps as f64;
+        let regular =
+            (self.base - self.final_value) * (1.0 - progress).powf(self.power) + self.final_value;
+        if step < self.warmup_steps {
+            let k = (1.0 - step as f64 / self.warmup_steps as f64) * (1.0 - self.warmup_ratio);
+            return regular * (1.0 - k);
+        }
+        regular
+    }
+}
+
+/// Which learning-rate schedule a run follows (`[train] schedule`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Linear warm-up + half cosine (unilm's classification and pre-training recipes).
+    #[default]
+    Cosine,
+    /// Linear warm-up (from `warmup_ratio` 1e-6) + polynomial decay (mmseg / unilm's
+    /// segmentation recipe).
+    Poly,
+}
+
+/// A learning-rate schedule of either kind.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum LrSchedule {
+    /// [`CosineSchedule`].
+    Cosine(CosineSchedule),
+    /// [`PolySchedule`].
+    Poly(PolySchedule),
+}
+
+impl LrSchedule {
+    /// The value at optimizer step `step` (0-based).
+    pub fn value(&self, step: u64) -> f64 {
+        match self {
+            Self::Cosine(s) => s.value(step),
+            Self::Poly(s) => s.value(step),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poly_matches_mmcv() {
+        // mmcv: warm-up lr = regular * (1 - (1 - i/w)(1 - ratio)), regular = (base - min)(1 -
+        // i/T)^p + min. Values computed by hand for base 1, T 10, w 4, ratio 0.
+        let s = PolySchedule::new(1.0, 0.0, 10, 4, 1.0, 0.0).unwrap();
+        assert_eq!(s.value(0), 0.0);
+        assert!((s.value(2) - 0.8 * 0.5).abs() < 1e-15);
+        assert!((s.value(4) - 0.6).abs() < 1e-15);
+        assert!((s.value(9) - 0.1).abs() < 1e-15);
+        assert_eq!(s.value(50), s.value(9));
+        // Power 2, min 0.5, the ADE20K warm-up ratio at step 0.
+        let s = PolySchedule::new(3e-5, 0.0, 160_000, 1_500, 1.0, 1e-6).unwrap();
+        assert!((s.value(0) - 3e-11).abs() < 1e-20);
+        assert!((s.value(1_500) - 3e-5 * (1.0 - 1_500.0 / 160_000.0)).abs() < 1e-18);
+        let s = PolySchedule::new(2.0, 0.5, 4, 0, 2.0, 1e-6).unwrap();
+        assert!((s.value(2) - (1.5 * 0.25 + 0.5)).abs() < 1e-15);
+        assert!(PolySchedule::new(1.0, 0.0, 5, 5, 1.0, 0.0).is_err());
+        assert!(PolySchedule::new(1.0, 0.0, 5, 0, f64::NAN, 0.0).is_err());
+        let l = LrSchedule::Poly(PolySchedule::new(1.0, 0.0, 10, 0, 1.0, 0.0).unwrap());
+        assert!((l.value(5) - 0.5).abs() < 1e-15);
+    }
 
     #[test]
     fn hand_values() {

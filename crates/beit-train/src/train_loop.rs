@@ -44,7 +44,7 @@ use crate::param_groups::ParamGroup;
 use crate::plot::{plot_metrics, PlotOptions};
 use crate::progress::TrainProgress;
 use crate::rng::TrainRng;
-use crate::schedule::CosineSchedule;
+use crate::schedule::{CosineSchedule, LrSchedule, PolySchedule, ScheduleKind};
 
 /// File name of the metrics log inside the run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -67,8 +67,14 @@ pub struct TrainConfig {
     pub accum_steps: u64,
     /// Peak learning rate.
     pub lr: f64,
-    /// Final learning rate of the cosine (`--min_lr`).
+    /// Final learning rate of the schedule (`--min_lr`).
     pub min_lr: f64,
+    /// The learning-rate schedule: warm-up + cosine (default) or mmseg's warm-up + poly.
+    #[serde(default)]
+    pub lr_schedule: ScheduleKind,
+    /// Exponent of the poly schedule (mmseg `power`, 1.0).
+    #[serde(default = "default_poly_power")]
+    pub poly_power: f64,
     /// Warm-up epochs.
     pub warmup_epochs: u64,
     /// Warm-up steps overriding `warmup_epochs` (used only when `warmup_epochs > 0`, as unilm).
@@ -104,6 +110,13 @@ pub struct TrainConfig {
     pub show_progress: bool,
 }
 
+fn default_poly_power() -> f64 {
+    1.0
+}
+
+/// mmseg's `warmup_ratio` of the poly schedule's linear warm-up (unilm's ADE20K recipe).
+pub const POLY_WARMUP_RATIO: f64 = 1e-6;
+
 fn default_log_every() -> u64 {
     10
 }
@@ -123,6 +136,8 @@ impl Default for TrainConfig {
             accum_steps: 1,
             lr: 1e-3,
             min_lr: 0.0,
+            lr_schedule: ScheduleKind::Cosine,
+            poly_power: default_poly_power(),
             warmup_epochs: 0,
             warmup_steps: None,
             weight_decay: 0.05,
@@ -183,16 +198,28 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The per-step learning-rate schedule.
-    pub fn lr_schedule(&self) -> Result<CosineSchedule> {
-        CosineSchedule::from_epochs(
+    /// The per-step learning-rate schedule. Both kinds take their warm-up length the same way
+    /// (`warmup_epochs` epochs, replaced by `warmup_steps` when both are set).
+    pub fn lr_schedule(&self) -> Result<LrSchedule> {
+        let cosine = CosineSchedule::from_epochs(
             self.lr,
             self.min_lr,
             self.epochs,
             self.steps_per_epoch(),
             self.warmup_epochs,
             self.warmup_steps,
-        )
+        )?;
+        Ok(match self.lr_schedule {
+            ScheduleKind::Cosine => LrSchedule::Cosine(cosine),
+            ScheduleKind::Poly => LrSchedule::Poly(PolySchedule::new(
+                self.lr,
+                self.min_lr,
+                cosine.total_steps,
+                cosine.warmup_steps,
+                self.poly_power,
+                POLY_WARMUP_RATIO,
+            )?),
+        })
     }
 
     /// The per-step weight-decay schedule (no warm-up).
@@ -283,7 +310,7 @@ pub struct TrainLoop {
     varmap: VarMap,
     optimizer: AdamW,
     vars: Vec<Var>,
-    lr_sched: CosineSchedule,
+    lr_sched: LrSchedule,
     wd_sched: CosineSchedule,
     accum: GradAccumulator,
     step_avg: MetricAverager,

@@ -40,6 +40,7 @@ fn bf16_compute_with_f32_master_weights_trains() -> anyhow::Result<()> {
         checkpoint_each_epoch: false,
         keep_last: 1,
         show_progress: false,
+        ..TrainConfig::default()
     };
     let dir = tempfile::tempdir()?;
     let mut tl = TrainLoop::new(cfg, vm.clone(), groups, dir.path(), serde_json::json!({}))?;

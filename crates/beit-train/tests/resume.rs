@@ -60,6 +60,7 @@ fn config() -> TrainConfig {
         checkpoint_each_epoch: false,
         keep_last: 2,
         show_progress: false,
+        ..TrainConfig::default()
     }
 }
 

@@ -137,6 +137,7 @@ fn config(epochs: u64) -> TrainConfig {
         checkpoint_each_epoch: false,
         keep_last: 1,
         show_progress: false,
+        ..TrainConfig::default()
     }
 }
 

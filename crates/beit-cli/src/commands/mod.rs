@@ -6,6 +6,7 @@ pub mod demo;
 pub mod eval;
 pub mod eval_seg;
 pub mod finetune;
+pub mod finetune_seg;
 pub mod linear_probe;
 pub mod mask;
 pub mod predict;
