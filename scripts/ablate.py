@@ -285,7 +285,7 @@ def write_report(args, variants, seeds, results, wall):
     for v, m, sd, accs, pre, ft in rows:
         pre_t = f"{sum(pre) / len(pre):.0f}" if pre else "-"
         lines.append(
-            f"| {LABELS[v]} | **{m:.2f} ± {sd:.2f}** | {len(accs)} | {', '.join(f'{a:.2f}' for a in accs)} | {pre_t} | {sum(ft) / len(ft):.0f} |"
+            f"| {LABELS[v]} | **{m:.2f}{'' if math.isnan(sd) else f' ± {sd:.2f}'}** | {len(accs)} | {', '.join(f'{a:.2f}' for a in accs)} | {pre_t} | {sum(ft) / len(ft):.0f} |"
         )
     lines.append("")
     if wall is not None:
