@@ -68,6 +68,16 @@ impl DemoConfig {
             .collect();
         parse_config(Some((text, origin)), &sets, &[])
     }
+
+    /// Seed every stage's training (`tokenizer.train.seed`, `pretrain.train.seed`,
+    /// `finetune.train.seed`): the dVAE's and the BEiT's initialisation, the sampling of
+    /// batches, augmentations, masks and drop path. The images (the labelled subset included)
+    /// stay the same.
+    pub fn set_seed(&mut self, seed: u64) {
+        self.tokenizer.train.seed = seed;
+        self.pretrain.train.seed = seed;
+        self.finetune.train.seed = seed;
+    }
 }
 
 /// A demo run.
@@ -309,6 +319,11 @@ fn write_summary(
             "finetune_scratch": scratch.loss_first_last,
         },
         "quick": job.quick,
+        "seeds": {
+            "tokenizer": job.config.tokenizer.train.seed,
+            "pretrain": job.config.pretrain.train.seed,
+            "finetune": job.config.finetune.train.seed,
+        },
         "labels_per_class": job.config.finetune.data.train_per_class,
         "data": pretrained.data,
         "accuracy_pretrained": final_acc1(pretrained),
@@ -339,5 +354,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("lrr"), "{e:#}");
+        let mut seeded = full.clone();
+        seeded.set_seed(7);
+        assert_eq!(
+            (
+                seeded.tokenizer.train.seed,
+                seeded.pretrain.train.seed,
+                seeded.finetune.train.seed
+            ),
+            (7, 7, 7)
+        );
+        assert_eq!(seeded.finetune.data, full.finetune.data);
     }
 }

@@ -24,6 +24,10 @@ pub struct DemoArgs {
     /// Override a recipe value, e.g. `--set finetune.data.train_per_class=100`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Seed of every stage's training (initialisation, batches, augmentation, masks); the
+    /// images stay the same. Overrides the recipe's `*.train.seed`.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Replace the stage folders of an earlier demo run in OUTPUT.
     #[arg(long)]
     overwrite: bool,
@@ -44,7 +48,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ),
         None => (DEMO_TOML.to_string(), "built-in configs/demo.toml".into()),
     };
-    let config = DemoConfig::parse(&text, &origin, args.quick, &args.set)?;
+    let mut config = DemoConfig::parse(&text, &origin, args.quick, &args.set)?;
+    if let Some(seed) = args.seed {
+        config.set_seed(seed);
+    }
     println!(
         "BEiT demo{}: dVAE tokenizer -> MIM pre-training -> fine-tuning vs. random init; output \
          in {}",
