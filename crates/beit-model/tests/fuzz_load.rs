@@ -397,6 +397,63 @@ targets! {
     fuzz_checkpoint_dir_short, fuzz_checkpoint_dir_100k => checkpoint_target;
 }
 
+/// Regression: streams the 100k pickle run found (and their siblings) that made candle's pickle
+/// machine index past the end of a tuple taken from the file (`Vec::remove` panicked). The
+/// vendored candle-core checks the lengths (`vendor/candle-core-pickle-bounds.patch`): each is now
+/// an error, and the guard plus the pickle machine, as the loader runs them, return without a panic.
+#[test]
+fn short_tuples_and_long_integers_in_a_pickle_are_errors() {
+    let entry = |value: &[u8]| {
+        // {"w": value} in protocol 2, with a dict built by MARK ... SETITEMS.
+        let mut p = b"\x80\x02}(X\x01\x00\x00\x00w".to_vec();
+        p.extend_from_slice(value);
+        p.extend_from_slice(b"u.");
+        p
+    };
+    let rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n";
+    let storage3 = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000tQ";
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // _rebuild_tensor_v2 with 3 arguments instead of 6 (the crash the fuzzer found).
+    let mut v = rebuild.to_vec();
+    v.extend_from_slice(b"(K\x01K\x02K\x03tR");
+    cases.push(("3 arguments", entry(&v)));
+    // 4 arguments, but the storage reference has 3 fields instead of 5.
+    let mut v = rebuild.to_vec();
+    v.extend_from_slice(b"(");
+    v.extend_from_slice(storage3);
+    v.extend_from_slice(b"K\x00(K\x02t(K\x01ttR");
+    cases.push(("short storage", entry(&v)));
+    // _rebuild_from_type_v2 and _rebuild_parameter with too few arguments.
+    let mut v = b"ctorch._tensor\n_rebuild_from_type_v2\n".to_vec();
+    v.extend_from_slice(b"(K\x01K\x02tR");
+    cases.push(("_rebuild_from_type_v2", entry(&v)));
+    let mut v = b"ctorch._utils\n_rebuild_parameter\n".to_vec();
+    v.extend_from_slice(b")R");
+    cases.push(("_rebuild_parameter", entry(&v)));
+    for (what, bytes) in &cases {
+        unpickle(bytes);
+        let mut stack = candle::pickle::Stack::empty();
+        stack
+            .read_loop(&mut std::io::Cursor::new(bytes))
+            .unwrap_or_else(|e| panic!("{what}: the stream itself is valid: {e}"));
+        let Ok(candle::pickle::Object::Dict(mut entries)) = stack.finalize() else {
+            panic!("{what}: not a dict")
+        };
+        let (k, v) = entries.pop().unwrap();
+        let e = v.into_tensor_info(k, Path::new("archive/data"));
+        assert!(e.is_err(), "{what}: {e:?}");
+    }
+    // LONG1 with 9 and 40 bytes: more than an i64 holds (the shift overflowed, a panic in debug).
+    for n in [9u8, 40] {
+        let mut p = vec![0x80, 2, 0x8a, n];
+        p.extend(std::iter::repeat_n(0xffu8, n as usize));
+        p.push(b'.');
+        unpickle(&p);
+        let mut stack = candle::pickle::Stack::empty();
+        assert!(stack.read_loop(&mut std::io::Cursor::new(&p)).is_err());
+    }
+}
+
 #[test]
 fn code_running_pickles_are_refused_naming_the_callable() {
     let dir = tempfile::tempdir().unwrap();

@@ -224,6 +224,10 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
+                // beit-rs patch: the tuple's length comes from the file; check it, do not panic.
+                if args.len() < 3 {
+                    crate::bail!("_rebuild_from_type_v2 expects 3 arguments, got {}", args.len())
+                }
                 let callable = args.remove(0);
                 let args = args.remove(1);
                 (callable, args)
@@ -233,6 +237,9 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
+                if args.is_empty() {
+                    crate::bail!("_rebuild_parameter expects arguments, got none")
+                }
                 args.remove(0).reduce()?
             }
             _ => (callable, args),
@@ -603,6 +610,10 @@ impl Stack {
             }
             OpCode::Long1 => {
                 let n_bytes = r.read_u8()?;
+                // beit-rs patch: an i64 holds at most 8 bytes; more would overflow the shift.
+                if n_bytes > 8 {
+                    crate::bail!("LONG1 with {n_bytes} bytes does not fit an i64")
+                }
                 let mut v = 0;
                 // Decode the next n bytes in little endian
                 for i in 0..n_bytes {
@@ -625,11 +636,18 @@ impl From<Object> for E {
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
+    // beit-rs patch: both tuples' lengths come from the file; check them, do not panic.
+    if args.len() < 4 {
+        crate::bail!("_rebuild_tensor_v2 expects at least 4 arguments, got {}", args.len())
+    }
     let stride = Vec::<usize>::try_from(args.remove(3))?;
     let size = Vec::<usize>::try_from(args.remove(2))?;
     let offset = args.remove(1).int_or_long()? as usize;
     let storage = args.remove(0).persistent_load()?;
     let mut storage = storage.tuple()?;
+    if storage.len() < 5 {
+        crate::bail!("a storage reference has 5 fields, got {}", storage.len())
+    }
     let storage_size = storage.remove(4).int_or_long()? as usize;
     let path = storage.remove(2).unicode()?;
     let (_module_name, class_name) = storage.remove(1).class()?;
