@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 
 use candle::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// LayerNorm over the last dimension ([`beit_kernels::layer_norm`]: keeps gradients).
 #[derive(Debug, Clone)]
@@ -114,35 +113,86 @@ impl Module for Activation {
 
 /// The random source of stochastic layers (DropPath, dropout), shared by all layers of a model.
 ///
-/// candle cannot seed its CPU RNG, so masks are drawn here on the host from a seeded generator and
-/// uploaded; re-seeding (e.g. from the training step) makes a resumed run draw the same masks.
+/// candle cannot seed its CPU RNG, so masks are drawn here on the host and uploaded. The draws are
+/// counter-based: the value for element `e` of batch sample `s` in the `d`-th draw since the last
+/// reseed is a hash of `(seed, d, id(s), e)`. `id(s)` is `s` after [`reseed`](Self::reseed), or
+/// the sample's global index after [`reseed_for_samples`](Self::reseed_for_samples): a
+/// data-parallel run that gives each process a share of the batch then draws, for every image,
+/// exactly what one process draws for it. Reseeding from the training step makes a resumed run
+/// draw the same masks.
 #[derive(Debug, Clone)]
-pub struct StochasticRng(Arc<Mutex<StdRng>>);
+pub struct StochasticRng(Arc<Mutex<RngState>>);
+
+#[derive(Debug)]
+struct RngState {
+    seed: u64,
+    draws: u64,
+    samples: Vec<u64>,
+}
+
+/// SplitMix64's finaliser: a bijective mix of 64 bits.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
 impl StochasticRng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
-        Self(Arc::new(Mutex::new(StdRng::seed_from_u64(seed))))
+        Self(Arc::new(Mutex::new(RngState {
+            seed,
+            draws: 0,
+            samples: Vec::new(),
+        })))
     }
 
-    /// Restart the stream from `seed`.
+    fn state(&self) -> std::sync::MutexGuard<'_, RngState> {
+        // A poisoned lock only means another thread panicked mid-draw; the state is plain data.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Restart the stream from `seed`; batch sample `s` is keyed by `s`.
     pub fn reseed(&self, seed: u64) {
-        *self.0.lock().expect("rng lock") = StdRng::seed_from_u64(seed);
+        self.reseed_for_samples(seed, Vec::new());
     }
 
-    /// `n` uniform samples in [0, 1).
-    fn uniform(&self, n: usize) -> Vec<f32> {
-        let mut rng = self.0.lock().expect("rng lock");
-        (0..n).map(|_| rng.random::<f32>()).collect()
+    /// Restart the stream from `seed`, keying batch sample `s` by `samples[s]` (its index in the
+    /// global batch of a data-parallel step; samples beyond the list are keyed by `s`).
+    pub fn reseed_for_samples(&self, seed: u64, samples: Vec<u64>) {
+        *self.state() = RngState {
+            seed,
+            draws: 0,
+            samples,
+        };
     }
 
-    /// A keep-mask (0 or `1/keep`) of `shape`, the inverted-dropout scaling folded in.
+    /// One draw: `batch x per_sample` uniform values in [0, 1), sample-major.
+    fn uniform(&self, batch: usize, per_sample: usize) -> Vec<f32> {
+        let mut st = self.state();
+        let base = mix64(mix64(st.seed) ^ st.draws);
+        st.draws += 1;
+        let mut out = Vec::with_capacity(batch * per_sample);
+        for s in 0..batch {
+            let id = st.samples.get(s).copied().unwrap_or(s as u64);
+            let key = mix64(base ^ id);
+            // The top 24 bits: an exact f32 in [0, 1).
+            out.extend(
+                (0..per_sample).map(|e| (mix64(key ^ e as u64) >> 40) as f32 / (1u32 << 24) as f32),
+            );
+        }
+        out
+    }
+
+    /// A keep-mask (0 or `1/keep`) of `shape` (batch first), the inverted-dropout scaling folded in.
     fn keep_mask(&self, shape: &[usize], drop: f64, like: &Tensor) -> Result<Tensor> {
-        let n = shape.iter().product();
+        let batch = shape.first().copied().unwrap_or(1);
+        let per_sample = shape.iter().skip(1).product();
         let keep = 1.0 - drop;
         let scale = (1.0 / keep) as f32;
         let values: Vec<f32> = self
-            .uniform(n)
+            .uniform(batch, per_sample)
             .into_iter()
             .map(|u| if (u as f64) < keep { scale } else { 0.0 })
             .collect();
@@ -181,7 +231,7 @@ impl DropPath {
         let scale = (1.0 / keep) as f32;
         Some(
             self.rng
-                .uniform(batch)
+                .uniform(batch, 1)
                 .into_iter()
                 .map(|u| if (u as f64) < keep { scale } else { 0.0 })
                 .collect(),
@@ -259,6 +309,34 @@ mod tests {
         let grads = c.sqr()?.sum_all()?.backward()?;
         assert!(grads.get(w.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
         Ok(())
+    }
+
+    #[test]
+    fn draws_keyed_by_global_sample_do_not_depend_on_how_the_batch_is_split() {
+        // One process with 6 images vs two processes with images 0, 2, 4 and 1, 3, 5 (the
+        // interleaved shards of a data-parallel step): each image gets the same draws.
+        let one = StochasticRng::new(0);
+        one.reseed(11);
+        let full: Vec<Vec<f32>> = (0..3).map(|_| one.uniform(6, 4)).collect();
+        for rank in 0..2u64 {
+            let r = StochasticRng::new(0);
+            r.reseed_for_samples(11, vec![rank, rank + 2, rank + 4]);
+            for draw in &full {
+                let part = r.uniform(3, 4);
+                for (k, chunk) in part.chunks(4).enumerate() {
+                    let s = (2 * k as u64 + rank) as usize;
+                    assert_eq!(chunk, &draw[s * 4..s * 4 + 4]);
+                }
+            }
+        }
+        // Successive draws and samples differ; values lie in [0, 1) with a sane mean.
+        assert_ne!(full[0], full[1]);
+        assert_ne!(full[0][..4], full[0][4..8]);
+        let r = StochasticRng::new(3);
+        let many = r.uniform(1000, 10);
+        assert!(many.iter().all(|&u| (0.0..1.0).contains(&u)));
+        let mean = many.iter().sum::<f32>() / many.len() as f32;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! of micro-batch `j` is sample `k·N + r` of the global micro-batch `j` (the one a single process
 //! would read): together the ranks read exactly that micro-batch. Augmentations are seeded by
 //! `(seed, epoch, dataset index)` and MIM masks by `(seed, micro-batch, position in the global
-//! micro-batch)`, so the data does not depend on `N`. Mixup/CutMix (which
-//! mixes a batch with itself reversed) and drop path (drawn per micro-batch from the model's
-//! generator) do depend on how the batch is split: [`warn_if_n_dependent`] says so.
+//! micro-batch)`, and drop path / dropout by `(step seed, position in the global micro-batch)`
+//! ([`global_positions`]), so the data and the regularisers do not depend on `N`. Mixup/CutMix
+//! (which mixes a batch with itself reversed, as timm does under DDP) does depend on how the batch
+//! is split: [`warn_if_n_dependent`] says so.
 
 use std::sync::Arc;
 
@@ -30,6 +31,12 @@ pub fn rank_micro_batch(micro: usize) -> Result<usize> {
         );
     }
     Ok(micro / n)
+}
+
+/// The positions in the global micro-batch of this rank's `local` samples: `k·N + r` for its
+/// `k`-th sample (`(rank, size)` from [`beit_train::StepContext::rank_and_size`]).
+pub fn global_positions(local: usize, (rank, size): (usize, usize)) -> Vec<u64> {
+    (0..local).map(|k| (k * size + rank) as u64).collect()
 }
 
 /// Shard a training loader's epochs over the world's ranks.
@@ -60,7 +67,7 @@ pub fn eval_shard(ds: Arc<dyn Dataset>) -> Arc<dyn Dataset> {
 }
 
 /// Log once (rank 0) what makes a data-parallel run differ from a single process.
-pub fn warn_if_n_dependent(drop_path: f64, mixup: bool) {
+pub fn warn_if_n_dependent(mixup: bool) {
     let w = dist::world();
     if w.size() == 1 || w.rank() != 0 {
         return;
@@ -71,12 +78,6 @@ pub fn warn_if_n_dependent(drop_path: f64, mixup: bool) {
         w.backend(),
         w.local_rank()
     );
-    if drop_path > 0.0 {
-        tracing::warn!(
-            "drop path ({drop_path}) is drawn per rank: the run is statistically, not bitwise, \
-             the same as one process"
-        );
-    }
     if mixup {
         tracing::warn!(
             "mixup/CutMix mixes each rank's share of the batch: the pairs differ from one \

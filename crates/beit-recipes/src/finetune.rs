@@ -318,7 +318,11 @@ impl TrainTask for ClassifierTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: Batch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        self.model.backbone().rng().reseed(ctx.rng.next_u64());
+        let samples = crate::dist::global_positions(batch.images.dim(0)?, ctx.rank_and_size);
+        self.model
+            .backbone()
+            .rng()
+            .reseed_for_samples(ctx.rng.next_u64(), samples);
         let logits = self
             .model
             .forward(&batch.images, ForwardOptions::train())?
@@ -457,7 +461,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     if let Some(m) = mixup {
         train_loader = train_loader.with_mixup(m)?;
     }
-    crate::dist::warn_if_n_dependent(t.drop_path_rate, mixup.is_some());
+    crate::dist::warn_if_n_dependent(mixup.is_some());
     let eval_loader = Loader::new(
         crate::dist::eval_shard(splits.val.clone()),
         Arc::new(eval_tf.clone()),

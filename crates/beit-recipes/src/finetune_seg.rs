@@ -574,7 +574,11 @@ impl TrainTask for SegTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: SegBatch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        self.model.backbone().rng().reseed(ctx.rng.next_u64());
+        let samples = crate::dist::global_positions(batch.pixels.dim(0)?, ctx.rank_and_size);
+        self.model
+            .backbone()
+            .rng()
+            .reseed_for_samples(ctx.rng.next_u64(), samples);
         let out = self.model.forward(&batch.pixels, ForwardOptions::train())?;
         let loss = self.model.loss(&out, &batch.labels)?;
         Ok(StepOutput {

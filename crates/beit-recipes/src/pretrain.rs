@@ -341,16 +341,14 @@ impl TrainTask for MimTask {
         // by the sample's position in the global micro-batch, so that they do not depend on the
         // number of data-parallel processes.
         let micro = pos.epoch * self.batches_per_epoch + pos.batch_in_epoch;
-        let (rank, size) = ctx.rank_and_size;
+        let positions = crate::dist::global_positions(b, ctx.rank_and_size);
         let (height, width) = self.sampler.grid();
         let mask = MaskBatch {
             height,
             width,
-            masks: (0..b)
-                .map(|k| {
-                    self.sampler
-                        .sample_at(self.seed, micro, (k * size + rank) as u64)
-                })
+            masks: positions
+                .iter()
+                .map(|&p| self.sampler.sample_at(self.seed, micro, p))
                 .collect(),
         }
         .to_tensor(&self.device)?;
@@ -359,8 +357,12 @@ impl TrainTask for MimTask {
             (Some(_), None) => bail!("the loader produced no tokenizer view"),
             (None, _) => None,
         };
-        // Drop path draws from the model's generator, seeded from the run's checkpointed one.
-        self.model.backbone().rng().reseed(ctx.rng.next_u64());
+        // Drop path draws from the model's generator, seeded from the run's checkpointed one and
+        // keyed by each image's position in the global micro-batch, as the masks are.
+        self.model
+            .backbone()
+            .rng()
+            .reseed_for_samples(ctx.rng.next_u64(), positions);
         let opts = ForwardOptions::train();
         let out = if self.target == MimTarget::VisualTokens {
             // The last block, the final LayerNorm and lm_head on the masked rows only.
@@ -413,7 +415,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     }
     let micro_batch = cfg.train.micro_batch()?;
     let rank_micro = crate::dist::rank_micro_batch(micro_batch)?;
-    crate::dist::warn_if_n_dependent(cfg.train.drop_path_rate, false);
+    crate::dist::warn_if_n_dependent(false);
 
     // Tokenizer (frozen: built from plain tensors, so no gradient reaches it).
     let tokenizer = match (&cfg.tokenizer, target.needs_visual_tokens()) {
