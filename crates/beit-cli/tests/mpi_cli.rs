@@ -2,6 +2,8 @@
 //! `finetune`, `linear-probe` and `pretrain` on two processes log the same per-step losses (relative difference
 //! <= 1e-5) and the same evaluation accuracy as one process with the same global batch, and a
 //! run stopped on one world size resumes on another with the same losses. Only rank 0 writes.
+//! `finetune-seg` runs on two processes with its ranks in sync (its BatchNorm makes it
+//! statistically, not bitwise, one process's run).
 //!
 //! Drop path is on (drawn per image by its position in the global micro-batch); mixup/CutMix is
 //! off: it mixes each rank's share of the batch (docs/distributed.md).
@@ -276,6 +278,82 @@ fn pretrain_on_two_processes_matches_one_and_resumes_on_another_count() {
     run(0, &a(&["--stop-after", "1"], &mixed));
     run(2, &a(&["--resume"], &mixed));
     assert_close(&reference, &losses(&mixed), "pretrain, resumed on 2 of 1");
+}
+
+/// A tiny from-scratch segmentation recipe (2 blocks of width 16, 32-px crops of Fashion-MNIST
+/// mosaics), step checkpoints, 5 validation mosaics (an uneven split over 2 ranks).
+const SEGMENTATION: &str = r#"
+[data]
+source = "fashion-mnist"
+iters_per_epoch = 3
+fashion_train_images = 24
+fashion_val_images = 5
+[architecture]
+hidden_size = 16
+num_hidden_layers = 2
+num_attention_heads = 2
+intermediate_size = 32
+patch_size = 8
+[segmentation]
+out_indices = [1, 2, 2, 2]
+auxiliary_channels = 8
+[train]
+epochs = 2
+batch_size = 4
+lr = 1e-2
+schedule = "poly"
+warmup_epochs = 1
+warmup_steps = 2
+checkpoint_every = 2
+keep_last = 5
+seed = 1
+log_every = 1
+[aug]
+crop_size = 32
+scale = [128, 32]
+eval_stride = 24
+"#;
+
+/// `finetune-seg` under `mpirun -n 2`: the ranks read their shares, stay identical (the weight
+/// checksum, BatchNorm running statistics included, is compared at every checkpoint and would
+/// stop the run), the sharded validation counts are summed, and rank 0 alone writes. BatchNorm
+/// normalises with each rank's batch statistics, so the losses are close to one process's, not
+/// equal.
+#[test]
+fn finetune_seg_runs_on_two_processes_with_ranks_in_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("seg.toml");
+    std::fs::write(&cfg, SEGMENTATION).unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run(0, &args(&["finetune-seg"], &cfg, &one));
+    let out = run(2, &args(&["finetune-seg"], &cfg, &two));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("segmentation fine-tuning done").count(),
+        1,
+        "rank 0 alone reports: {stdout}"
+    );
+    let (l1, l2) = (losses(&one), losses(&two));
+    assert_eq!((l1.len(), l2.len()), (6, 6), "3 steps x 2 epochs");
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!(b.is_finite() && (a - b).abs() < 0.25 * a, "loss {a} vs {b}");
+    }
+    let evals = records(&two, "eval");
+    assert_eq!(evals.len(), 2);
+    for e in &evals {
+        let miou = e["mIoU"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&miou), "{e:?}");
+    }
+    assert!(two.join("checkpoint-00000006").is_dir());
+    let tensors = candle::safetensors::load(
+        two.join("final_model/model.safetensors"),
+        &candle::Device::Cpu,
+    )
+    .unwrap();
+    let tracked = tensors["decode_head.bottleneck.bn.num_batches_tracked"]
+        .to_scalar::<i64>()
+        .unwrap();
+    assert_eq!(tracked, 6, "one BatchNorm update per micro-batch, rank 0's");
 }
 
 #[test]

@@ -15,6 +15,13 @@
 //! step. BatchNorm running statistics are buffers: never in the optimizer, always in the
 //! checkpoints and exports. The best model by mIoU is exported in Hugging Face layout
 //! (`best_model/`, with `best.json`), the last one in `final_model/` when the run completes.
+//!
+//! Under `mpirun` each rank reads its share of every global micro-batch (positions `r, r + N,
+//! ...`, the same samples and augmentations as one process), the ranks' losses are weighted by
+//! their labelled pixels, validation is sharded and its counts summed, and rank 0 writes. The
+//! decode head's BatchNorm normalises with each rank's batch statistics (mmseg's SyncBatchNorm
+//! is not implemented) and every rank then takes rank 0's running statistics (as PyTorch's DDP
+//! broadcasts buffers), so the run is statistically, not bitwise, that of one process.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -521,6 +528,8 @@ struct SegBatch {
     pixels: Tensor,
     labels: Tensor,
     len: usize,
+    /// Label pixels not equal to the ignore index (the losses' denominator).
+    labelled_pixels: usize,
 }
 
 /// Where a run stands on its best model (`best.json`).
@@ -580,7 +589,16 @@ impl TrainTask for SegTask<'_> {
             .rng()
             .reseed_for_samples(ctx.rng.next_u64(), samples);
         let out = self.model.forward(&batch.pixels, ForwardOptions::train())?;
+        // The forward pass moved the BatchNorm running statistics by this rank's batch: every
+        // rank takes rank 0's (PyTorch DDP's buffer broadcast), so the ranks stay identical.
+        beit_train::dist::broadcast_vars_where(
+            &*beit_train::dist::world(),
+            &self.varmap,
+            is_buffer,
+        )?;
         let loss = self.model.loss(&out, &batch.labels)?;
+        // Both losses are means over the labelled pixels: ranks are weighted by their count.
+        ctx.loss_weight = Some(batch.labelled_pixels as f64);
         Ok(StepOutput {
             loss,
             batch_size: batch.len,
@@ -590,7 +608,9 @@ impl TrainTask for SegTask<'_> {
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
         let mut metrics = SegMetrics::new(self.model.num_labels(), IGNORE_INDEX as u32);
-        for i in 0..self.val.len() {
+        // Data-parallel: rank r evaluates pairs r, r + N, ...; the counts are summed.
+        let world = beit_train::dist::world();
+        for i in (world.rank()..self.val.len()).step_by(world.size()) {
             let (img, labels) = self.val.load(i)?;
             let pred = segment_image(
                 &self.model,
@@ -604,6 +624,7 @@ impl TrainTask for SegTask<'_> {
                 .update(&pred, &gt)
                 .map_err(|e| anyhow::anyhow!("validation pair {i}: {e}"))?;
         }
+        metrics.all_reduce(&*world)?;
         let s = metrics.scores();
         tracing::info!(
             "validation: mIoU {:.2} mAcc {:.2} aAcc {:.2} ({} images)",
@@ -649,6 +670,9 @@ struct Stream<'a> {
     micro: usize,
     batches_per_epoch: u64,
     device: Device,
+    /// This process's rank and the world size: it reads its share of each micro-batch.
+    rank: usize,
+    world_size: usize,
 }
 
 impl Stream<'_> {
@@ -661,8 +685,9 @@ impl Stream<'_> {
     fn batch(&self, epoch: u64, b: u64, cache: &mut Option<(u64, Vec<usize>)>) -> Result<SegBatch> {
         let n = self.pairs.len() as u64;
         let per_epoch = self.batches_per_epoch * self.micro as u64;
-        let mut items = Vec::with_capacity(self.micro);
-        for j in 0..self.micro as u64 {
+        let mut items = Vec::with_capacity(self.micro / self.world_size);
+        // This rank's share of the global micro-batch: positions rank, rank + N, ...
+        for j in (self.rank as u64..self.micro as u64).step_by(self.world_size) {
             let in_epoch = b * self.micro as u64 + j;
             let p = epoch.wrapping_mul(per_epoch).wrapping_add(in_epoch);
             let pass = p / n;
@@ -690,10 +715,12 @@ impl Stream<'_> {
             pixels.extend_from_slice(&s.pixels);
             labels.extend(s.labels.iter().map(|&v| v as u32));
         }
+        let labelled_pixels = labels.iter().filter(|&&v| v != IGNORE_INDEX as u32).count();
         Ok(SegBatch {
             pixels: Tensor::from_vec(pixels, (len, 3, side, side), &self.device)?,
             labels: Tensor::from_vec(labels, (len, side, side), &self.device)?,
             len,
+            labelled_pixels,
         })
     }
 }
@@ -706,6 +733,16 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let out = cfg.output.clone();
     prepare_output_dir(&out, job.resume.is_some())?;
     let micro = t.micro_batch()?;
+    crate::dist::rank_micro_batch(micro)?;
+    let world = beit_train::dist::world();
+    if world.size() > 1 && world.rank() == 0 {
+        tracing::warn!(
+            "data-parallel run on {} processes: the decode head's BatchNorm normalises with each \
+             rank's batch statistics (no SyncBatchNorm), so the run is statistically, not \
+             bitwise, the same as one process",
+            world.size()
+        );
+    }
     let transform = cfg.aug.train_transform()?;
     let processor = cfg.aug.processor()?;
 
@@ -809,6 +846,8 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         micro,
         batches_per_epoch: batches,
         device,
+        rank: world.rank(),
+        world_size: world.size(),
     };
     let done = fit(
         tl,
@@ -827,7 +866,7 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
             stop_after: job.stop_after,
         },
     )?;
-    let final_model = if done.finished {
+    let final_model = if done.finished && crate::dist::is_primary() {
         let dir = out.join("final_model");
         task.export(&dir)?;
         Some(dir)

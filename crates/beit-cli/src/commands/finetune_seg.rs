@@ -50,6 +50,9 @@ pub fn run(args: FinetuneSegArgs) -> Result<()> {
         stop_after: args.stop_after,
         progress: true,
     })?;
+    if !beit_recipes::dist::is_primary() {
+        return Ok(()); // rank 0 prints the summary
+    }
     let mut rows = vec![
         ("steps".to_string(), out.steps.to_string()),
         ("data".to_string(), out.data.clone()),

@@ -220,10 +220,20 @@ fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 /// Give every rank rank 0's values of every variable of `varmap` (one broadcast per
 /// variable). No-op in a world of 1.
 pub fn broadcast_vars(world: &dyn Collective, varmap: &VarMap) -> Result<()> {
+    broadcast_vars_where(world, varmap, |_| true)
+}
+
+/// [`broadcast_vars`] for the variables whose name `keep` accepts, e.g. BatchNorm running
+/// statistics after a training forward pass (what PyTorch's DDP does with buffers).
+pub fn broadcast_vars_where(
+    world: &dyn Collective,
+    varmap: &VarMap,
+    keep: impl Fn(&str) -> bool,
+) -> Result<()> {
     if world.size() == 1 {
         return Ok(());
     }
-    for (name, var) in sorted_vars(varmap) {
+    for (name, var) in sorted_vars(varmap).into_iter().filter(|(n, _)| keep(n)) {
         let t = var.as_tensor();
         let mut host = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         world.broadcast_f32(&format!("broadcast of {name}"), &mut host)?;
@@ -287,13 +297,13 @@ pub fn check_in_sync(world: &dyn Collective, checksum: f64, what: &str) -> Resul
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle::Device;
 
     /// A fake world of `n` identical ranks: sums multiply by `n` (what `n` ranks holding the same
     /// buffer would get), broadcasts are identities.
-    struct Replicated(usize);
+    pub(crate) struct Replicated(pub(crate) usize);
 
     impl Collective for Replicated {
         fn rank(&self) -> usize {
