@@ -3,6 +3,7 @@
 # no system CUDA toolkit, using NVIDIA's CUDA wheels from PyPI.
 #
 # Usage: scripts/build_cuda.sh [extra cargo args...]
+#        scripts/build_cuda.sh --features nccl,mpi   # data-parallel over NCCL (docs/distributed.md)
 #
 # Environment (all optional):
 #   CUDA_VENV             venv that holds the CUDA wheels (default .cuda-venv in the repository, git-ignored);
@@ -11,6 +12,9 @@
 #                         Keep its major.minor at or below the CUDA version of the
 #                         driver on the GPU machine (13.0, driver 580, on the H100/H200
 #                         machines): PTX from a newer nvcc is refused by an older driver.
+#   NCCL_WHEEL_VERSION    version of PyPI's `nvidia-nccl-cu13` (default 2.30.7, the NCCL that
+#                         cudarc's bindings describe), installed only when an argument names
+#                         the `nccl` feature.
 #   CUDA_COMPUTE_CAP      GPU architecture to compile the kernels for (default 90 =
 #                         Hopper, which cudaforge turns into sm_90a).
 #   CARGO_TARGET_DIR      cargo's target dir (default target-cuda in the repository).
@@ -63,6 +67,19 @@ for lib in "$wheel_root"/lib/lib*.so.*; do
     ln -sfn "$lib" "$cuda_root/lib64/$name"
     ln -sfn "$lib" "$cuda_root/lib64/${name%%.so.*}.so"
 done
+# NCCL, when the features name it: cudarc (candle's `nccl` feature) links `-lnccl`; NVIDIA's
+# nvidia-nccl-cu13 wheel ships libnccl.so.2 (in nvidia/nccl/lib, beside the CUDA wheels).
+if [[ " $* " == *nccl* ]]; then
+    NCCL_WHEEL_VERSION="${NCCL_WHEEL_VERSION:-2.30.7}"
+    nccl_pkg="nvidia-nccl-cu${cuda_major}"
+    if [ "$("$CUDA_VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$nccl_pkg'))" 2>/dev/null)" != "$NCCL_WHEEL_VERSION" ]; then
+        "$CUDA_VENV/bin/pip" install --quiet "${nccl_pkg}==${NCCL_WHEEL_VERSION}"
+    fi
+    nccl_lib="$("$CUDA_VENV/bin/python" -c "import nvidia, pathlib; print(next(p for d in nvidia.__path__ for p in pathlib.Path(d, 'nccl', 'lib').glob('libnccl.so.*')))")"
+    ln -sfn "$nccl_lib" "$cuda_root/lib64/libnccl.so.2"
+    ln -sfn "$nccl_lib" "$cuda_root/lib64/libnccl.so"
+    echo "NCCL: $nccl_lib ($NCCL_WHEEL_VERSION)"
+fi
 # Link-time stand-in for the driver: one empty function per `cu*` name that
 # cuda.h declares (legacy `_v2` names included), soname libcuda.so.1 so that the
 # binary asks for the real driver library at run time. It is never loaded: it

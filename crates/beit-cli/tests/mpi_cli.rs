@@ -18,6 +18,11 @@ use serde_json::Value;
 
 /// `beit-cli ARGS` on `n` processes (`mpirun -n n`), or as a plain process when `n == 0`.
 fn run(n: usize, args: &[String]) -> Output {
+    run_env(n, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+fn run_env(n: usize, args: &[String], env: &[(&str, &str)]) -> Output {
     let bin = env!("CARGO_BIN_EXE_beit-cli");
     let mut c = if n == 0 {
         Command::new(bin)
@@ -34,7 +39,8 @@ fn run(n: usize, args: &[String]) -> Output {
         .env("BEIT_DIST_TIMEOUT_S", "120")
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none");
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .envs(env.iter().copied());
     let out = c
         .output()
         .expect("mpirun / beit-cli runs (is OpenMPI installed?)");
@@ -374,6 +380,46 @@ fn an_indivisible_micro_batch_is_refused_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot be split evenly over 3 processes"),
+        "{err}"
+    );
+}
+
+/// A world of 1 with the all-reduce forced (`BEIT_DIST_FORCE_REDUCE=1`, what
+/// `scripts/gpu_nccl_check.sh` does to exercise NCCL on one GPU) logs the losses of a plain
+/// process; an unknown `BEIT_DIST_BACKEND` is refused naming the variable.
+#[test]
+fn a_forced_all_reduce_in_a_world_of_one_changes_nothing_and_the_backend_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("ft.toml");
+    std::fs::write(&cfg, FINETUNE).unwrap();
+    let (one, forced) = (tmp.path().join("one"), tmp.path().join("forced"));
+    let quick = ["finetune", "--stop-after", "3"];
+    run(0, &args(&quick, &cfg, &one));
+    run_env(
+        1,
+        &args(&quick, &cfg, &forced),
+        &[
+            ("BEIT_DIST_FORCE_REDUCE", "1"),
+            ("BEIT_DIST_BACKEND", "mpi"),
+        ],
+    );
+    let reference = losses(&one);
+    assert_eq!(reference.len(), 3);
+    assert_close(&reference, &losses(&forced), "forced all-reduce, 1 process");
+
+    let out = Command::new("mpirun")
+        .args(["-n", "1", "--bind-to", "none"])
+        .arg(env!("CARGO_BIN_EXE_beit-cli"))
+        .args(args(&quick, &cfg, &tmp.path().join("bad")))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("BEIT_DIST_BACKEND", "gloo")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BEIT_DIST_BACKEND=\"gloo\": expected `nccl` or `mpi`"),
         "{err}"
     );
 }

@@ -101,7 +101,8 @@ pub fn launched_by_mpi() -> bool {
     LAUNCHER_VARS.iter().any(|k| std::env::var_os(k).is_some())
 }
 
-/// When launched by `mpirun` / `srun`, initialise MPI and make it the process's world; a
+/// When launched by `mpirun` / `srun`, initialise MPI and make it (or, in a `nccl` build, NCCL
+/// over it for CUDA tensors: `beit_train::dist::transport_from_env`) the process's world; a
 /// plain start stays a single process (`None`). Keep the guard until the end of a successful
 /// run; on failure call [`abort_job`] so that the other ranks end too.
 #[cfg(feature = "mpi")]
@@ -110,7 +111,7 @@ pub fn init_from_launcher() -> Result<Option<beit_train::dist::MpiGuard>> {
         return Ok(None);
     }
     let guard = beit_train::dist::MpiWorld::init()?;
-    dist::install(guard.world())?;
+    dist::install(dist::transport_from_env(guard.world())?)?;
     Ok(Some(guard))
 }
 

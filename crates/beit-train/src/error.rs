@@ -69,6 +69,16 @@ pub enum TrainError {
         value: f64,
     },
 
+    /// A collective operation of a data-parallel run (MPI, NCCL) failed or was called on
+    /// inconsistent inputs.
+    #[error("{what}: {message}")]
+    Collective {
+        /// The collective (e.g. `gradient all-reduce`).
+        what: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// Drawing a plot failed.
     #[error("plot {path}: {message}")]
     Plot {

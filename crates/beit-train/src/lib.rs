@@ -30,10 +30,11 @@
 //!        └── finish() ──► plot::plot_metrics                   curves.png from metrics.jsonl
 //! ```
 //!
-//! Data-parallel runs ([`dist`], feature `mpi` for the MPI world): the loop all-reduces and
-//! averages the gradients before clipping, logs global losses, writes files on rank 0 only and
-//! compares a weight checksum across ranks at every checkpoint; without an installed world
-//! everything is the single-process path.
+//! Data-parallel runs ([`dist`], feature `mpi` for the MPI world, `nccl` for the gradients
+//! all-reduced on the GPUs by NCCL): the loop all-reduces and averages the gradients before
+//! clipping, logs global losses, writes files on rank 0 only and compares a weight checksum
+//! across ranks at every checkpoint; without an installed world everything is the
+//! single-process path.
 //!
 //! [`losses`] has the fine-tuning losses (label smoothing, soft targets) and top-k accuracy,
 //! [`eval`] the classification metrics of an evaluation pass. [`precision::Precision`] tells the

@@ -6,9 +6,10 @@
 //! * [`Collective`]: what a data-parallel run needs from its transport (rank, world size, local
 //!   rank, in-place sum all-reduce of f32/f64 buffers, broadcast from rank 0, barrier).
 //!   [`SingleProcess`] is the default (every operation is a no-op); [`MpiWorld`] (feature `mpi`)
-//!   runs over MPI on the host.
-//! * The process-wide world: [`install`] once at start-up (the CLI does it when built with `mpi`),
-//!   [`world`] everywhere else. Without [`install`], [`world`] is a [`SingleProcess`] and every
+//!   runs over MPI on the host; [`NcclWorld`] (feature `nccl`) is the MPI world with the tensor
+//!   all-reduce of CUDA tensors (the gradients) done by NCCL on the GPUs.
+//! * The process-wide world: [`install`] once at start-up (the CLI does it when built with `mpi`,
+//!   choosing the transport with [`transport_from_env`]), [`world`] everywhere else. Without [`install`], [`world`] is a [`SingleProcess`] and every
 //!   code path is the single-process one, at no cost.
 //! * Helpers the engine uses: [`all_reduce_grads`] (one flattened buffer per optimizer step,
 //!   averaged), [`broadcast_vars`] (rank 0's initial weights), [`weights_checksum`] and
@@ -24,6 +25,8 @@
 
 #[cfg(feature = "mpi")]
 mod mpi_world;
+#[cfg(feature = "nccl")]
+mod nccl_world;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -36,11 +39,19 @@ use crate::error::{Result, TrainError};
 
 #[cfg(feature = "mpi")]
 pub use mpi_world::{MpiGuard, MpiWorld};
+#[cfg(feature = "nccl")]
+pub use nccl_world::NcclWorld;
 
 /// Environment variable: seconds a collective may take before the job is ended.
 pub const TIMEOUT_ENV: &str = "BEIT_DIST_TIMEOUT_S";
 /// Default collective timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Environment variable: the transport of an MPI job, `nccl` (the default of a `nccl` build:
+/// CUDA gradients through NCCL) or `mpi` (everything through MPI on the host).
+pub const BACKEND_ENV: &str = "BEIT_DIST_BACKEND";
+/// Environment variable: `1` makes [`all_reduce_grads`] all-reduce even in a world of 1, which
+/// exercises a transport on a single device (NCCL on one GPU: `scripts/gpu_nccl_check.sh`).
+pub const FORCE_REDUCE_ENV: &str = "BEIT_DIST_FORCE_REDUCE";
 
 /// The collective operations of a data-parallel run. `what` names the operation in errors and in
 /// the watchdog's message.
@@ -64,8 +75,9 @@ pub trait Collective: Send + Sync {
     /// Wait for every rank.
     fn barrier(&self, what: &str) -> Result<()>;
 
-    /// Sum a tensor over all ranks. The default goes through the host (f32); a device
-    /// transport (NCCL) overrides it to stay on the device.
+    /// Sum a tensor over all ranks. The default goes through the host (f32) and leaves `t`
+    /// unchanged; a device transport (NCCL) overrides it to stay on the device and may sum in
+    /// place, so that `t`'s storage holds the sum too: pass a buffer the caller owns.
     fn all_reduce_sum_tensor(&self, what: &str, t: &Tensor) -> Result<Tensor> {
         let mut host = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         self.all_reduce_sum_f32(what, &mut host)?;
@@ -160,14 +172,43 @@ pub fn local_rank_from_env() -> Option<usize> {
     .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
+/// The transport to install over MPI, from [`BACKEND_ENV`]: in a `nccl` build an
+/// [`NcclWorld`] over `mpi` unless the variable says `mpi`; otherwise `mpi` itself. A `nccl`
+/// request in a build without the feature is an error naming it.
+#[cfg(feature = "mpi")]
+pub fn transport_from_env(mpi: Arc<MpiWorld>) -> Result<Arc<dyn Collective>> {
+    let choice = std::env::var(BACKEND_ENV).ok();
+    match choice.as_deref().map(str::trim) {
+        Some("mpi") => Ok(mpi),
+        #[cfg(feature = "nccl")]
+        None | Some("") | Some("nccl") => Ok(Arc::new(NcclWorld::new(mpi))),
+        #[cfg(not(feature = "nccl"))]
+        None | Some("") => Ok(mpi),
+        #[cfg(not(feature = "nccl"))]
+        Some("nccl") => Err(TrainError::Config(format!(
+            "{BACKEND_ENV}=nccl: this binary was built without NCCL; rebuild with `--features \
+             nccl`"
+        ))),
+        Some(other) => Err(TrainError::Config(format!(
+            "{BACKEND_ENV}={other:?}: expected `nccl` or `mpi`"
+        ))),
+    }
+}
+
+/// Whether [`FORCE_REDUCE_ENV`] is set to `1`.
+fn force_reduce() -> bool {
+    std::env::var(FORCE_REDUCE_ENV).is_ok_and(|v| v.trim() == "1")
+}
+
 /// All-reduce the gradients of `vars` in `grads` and divide them by the world size: after it
 /// every rank holds the mean of the ranks' gradients. All gradients travel in one flattened
-/// buffer (per dtype-independent f32 layout, in `vars` order), with one presence flag per
-/// parameter, so a parameter that got no gradient on any rank stays without one (AdamW then
-/// skips it, as in a single process). No-op in a world of 1.
+/// buffer (per dtype-independent f32 layout, in `vars` order, on the parameters' device: with
+/// NCCL it never leaves the GPU), with one presence flag per parameter, so a parameter that got
+/// no gradient on any rank stays without one (AdamW then skips it, as in a single process).
+/// No-op in a world of 1 (unless [`FORCE_REDUCE_ENV`] is `1`).
 pub fn all_reduce_grads(world: &dyn Collective, grads: &mut GradStore, vars: &[Var]) -> Result<()> {
     let n = world.size();
-    if n == 1 || vars.is_empty() {
+    if vars.is_empty() || (n == 1 && !force_reduce()) {
         return Ok(());
     }
     let device = vars[0].device().clone();
@@ -370,6 +411,60 @@ pub(crate) mod tests {
         assert_ne!(c1, c2, "a swap of two values changes the checksum");
         check_in_sync(&Replicated(2), c2, "test").unwrap();
         check_in_sync(&SingleProcess, c2, "test").unwrap();
+    }
+
+    /// A world of 1 that counts the host all-reduces it is asked for.
+    struct CountingSingle(std::sync::atomic::AtomicUsize);
+
+    impl Collective for CountingSingle {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            1
+        }
+        fn local_rank(&self) -> usize {
+            0
+        }
+        fn backend(&self) -> &'static str {
+            "counting"
+        }
+        fn all_reduce_sum_f32(&self, _: &str, _: &mut [f32]) -> Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, _: &str, _: &mut [f64]) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f32(&self, _: &str, _: &mut [f32]) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f64(&self, _: &str, _: &mut [f64]) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_world_of_one_reduces_only_when_forced_and_keeps_the_gradients() {
+        // Only this test touches the variable.
+        let dev = Device::Cpu;
+        let a = Var::new(&[1f32, -2., 3.], &dev).unwrap();
+        let loss = a.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let world = CountingSingle(Default::default());
+        let calls = || world.0.load(std::sync::atomic::Ordering::SeqCst);
+        let mut grads = loss.backward().unwrap();
+        std::env::remove_var(FORCE_REDUCE_ENV);
+        all_reduce_grads(&world, &mut grads, std::slice::from_ref(&a)).unwrap();
+        assert_eq!(calls(), 0, "a world of 1 skips the all-reduce");
+        std::env::set_var(FORCE_REDUCE_ENV, "1");
+        all_reduce_grads(&world, &mut grads, std::slice::from_ref(&a)).unwrap();
+        std::env::remove_var(FORCE_REDUCE_ENV);
+        assert_eq!(calls(), 1, "forced: one all-reduce of the flattened buffer");
+        let g = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, vec![2., -4., 6.]);
     }
 
     #[test]

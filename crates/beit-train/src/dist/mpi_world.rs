@@ -121,6 +121,24 @@ impl MpiWorld {
         self.timeout
     }
 
+    /// Replace `buf` by rank 0's bytes (the NCCL unique id travels this way).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(super) fn broadcast_bytes(&self, what: &str, buf: &mut [u8]) -> Result<()> {
+        self.with_comm(what, |c| {
+            let root = c.process_at_rank(0);
+            for chunk in buf.chunks_mut(CHUNK) {
+                root.broadcast_into(chunk);
+            }
+        })
+    }
+
+    /// Run `f`, a blocking step of another transport (waiting for an NCCL collective), under
+    /// the watchdog: past the timeout the job is ended as for an MPI collective.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(super) fn watched<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        self.with_comm(what, |_| f())
+    }
+
     /// Run `f` on the communicator, watched by the watchdog.
     fn with_comm<T>(&self, what: &str, f: impl FnOnce(&SimpleCommunicator) -> T) -> Result<T> {
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
