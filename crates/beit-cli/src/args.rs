@@ -48,6 +48,9 @@ pub struct CommonArgs {
     /// Seed of initialisation, data order, augmentation, drop path.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 impl CommonArgs {

@@ -110,7 +110,7 @@ fn from_scratch_the_loss_falls_and_miou_is_logged() {
     let out_dir = tmp.path().join("run");
     let out = run_ok(
         cli()
-            .args(["finetune-seg", "--config"])
+            .args(["finetune-seg", "--quiet", "--config"])
             .arg(&config)
             .arg("--output")
             .arg(&out_dir),

@@ -48,7 +48,7 @@ pub fn run(args: FinetuneSegArgs) -> Result<()> {
         resume,
         download: args.download,
         stop_after: args.stop_after,
-        progress: true,
+        progress: !args.common.quiet,
     })?;
     if !beit_recipes::dist::is_primary() {
         return Ok(()); // rank 0 prints the summary

@@ -50,7 +50,7 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         config,
         resume,
         download: args.download,
-        progress: true,
+        progress: !args.common.quiet,
     })?;
     if !beit_recipes::dist::is_primary() {
         return Ok(()); // rank 0 prints the summary

@@ -34,9 +34,6 @@ pub struct PretrainArgs {
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
-    /// No progress bar (logs only).
-    #[arg(long)]
-    quiet: bool,
 }
 
 /// Run the command.
@@ -55,7 +52,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     let out = pretrain(&PretrainJob {
         config,
         resume,
-        progress: !args.quiet,
+        progress: !args.common.quiet,
         stop_after: args.stop_after,
     })?;
     if !beit_recipes::dist::is_primary() {
