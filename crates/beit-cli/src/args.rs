@@ -115,6 +115,46 @@ impl ResumeArg {
     }
 }
 
+/// The flags of the fine-tuning commands (`finetune`, `finetune-seg`) beyond [`CommonArgs`].
+#[derive(Args, Debug, Clone, Default)]
+pub struct FinetuneRunArgs {
+    #[command(flatten)]
+    pub resume: ResumeArg,
+    /// Allow downloading a hub checkpoint missing from the local cache.
+    #[arg(long)]
+    pub download: bool,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Stop (with a checkpoint) once this many optimizer steps are done, e.g. to fit a time
+    /// limit; continue later with `--resume`.
+    #[arg(long, value_name = "STEPS")]
+    pub stop_after: Option<u64>,
+}
+
+impl FinetuneRunArgs {
+    /// The job the flags describe over the recipe `C` (whose run directory `output` names), or
+    /// `None` when `--print-config` printed the resolved recipe instead.
+    pub fn job<C: DeserializeOwned + Serialize + Default>(
+        &self,
+        common: &CommonArgs,
+        output: impl Fn(&C) -> &Path,
+    ) -> Result<Option<beit_recipes::FinetuneJob<C>>> {
+        let config: C = common.resolve(vec![])?;
+        if self.print_config {
+            print!("{}", toml::to_string_pretty(&config)?);
+            return Ok(None);
+        }
+        Ok(Some(beit_recipes::FinetuneJob {
+            resume: self.resume.checkpoint(output(&config)),
+            config,
+            download: self.download,
+            stop_after: self.stop_after,
+            progress: !common.quiet,
+        }))
+    }
+}
+
 /// Print `rows` as two aligned columns under `title`.
 pub fn print_table(title: &str, rows: &[(String, String)]) {
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

@@ -249,11 +249,13 @@ impl AugSection {
     }
 }
 
-/// A fine-tuning run.
+/// A fine-tuning run of the recipe `C`: [`FinetuneConfig`] (classification, [`finetune`]) or
+/// [`crate::FinetuneSegConfig`] (segmentation, [`crate::finetune_seg`], as
+/// [`crate::FinetuneSegJob`]).
 #[derive(Debug, Clone)]
-pub struct FinetuneJob {
+pub struct FinetuneJob<C = FinetuneConfig> {
     /// The resolved recipe.
-    pub config: FinetuneConfig,
+    pub config: C,
     /// Resume from this checkpoint (or run directory: its newest checkpoint).
     pub resume: Option<PathBuf>,
     /// Allow downloading a hub checkpoint missing from the cache.

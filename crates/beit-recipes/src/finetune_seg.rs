@@ -287,20 +287,8 @@ impl SegAugSection {
     }
 }
 
-/// A segmentation fine-tuning run.
-#[derive(Debug, Clone)]
-pub struct FinetuneSegJob {
-    /// The resolved recipe.
-    pub config: FinetuneSegConfig,
-    /// Resume from this checkpoint (or run directory: its newest checkpoint).
-    pub resume: Option<PathBuf>,
-    /// Allow downloading a hub checkpoint missing from the cache.
-    pub download: bool,
-    /// Stop (with a checkpoint) once this many optimizer steps are done.
-    pub stop_after: Option<u64>,
-    /// Draw progress bars.
-    pub progress: bool,
-}
+/// A segmentation fine-tuning run: the fine-tuning job over the segmentation recipe.
+pub type FinetuneSegJob = crate::finetune::FinetuneJob<FinetuneSegConfig>;
 
 /// What a segmentation fine-tuning run produced.
 #[derive(Debug, Clone)]

@@ -1,10 +1,10 @@
 //! `beit-cli finetune`: fine-tune an image classifier (`beit_recipes::finetune`).
 
 use anyhow::Result;
-use beit_recipes::{finetune, FinetuneConfig, FinetuneJob};
+use beit_recipes::{finetune, FinetuneConfig};
 use clap::Args;
 
-use crate::args::{print_table, CommonArgs, ResumeArg};
+use crate::args::{print_table, CommonArgs, FinetuneRunArgs};
 
 /// Fine-tune an image classifier (unilm recipe: layer decay, mixup/CutMix, label smoothing,
 /// RandAugment, random erasing, drop path, warm-up + cosine).
@@ -23,34 +23,15 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub resume: ResumeArg,
-    /// Allow downloading a hub checkpoint missing from the local cache.
-    #[arg(long)]
-    pub download: bool,
-    /// Print the resolved configuration as TOML and exit.
-    #[arg(long)]
-    pub print_config: bool,
-    /// Stop (with a checkpoint) once this many optimizer steps are done, e.g. to fit a time
-    /// limit; continue later with `--resume`.
-    #[arg(long, value_name = "STEPS")]
-    pub stop_after: Option<u64>,
+    pub run: FinetuneRunArgs,
 }
 
 /// Run the command.
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    let config: FinetuneConfig = args.common.resolve(vec![])?;
-    if args.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+    let Some(job) = args.run.job(&args.common, |c: &FinetuneConfig| &c.output)? else {
         return Ok(());
-    }
-    let resume = args.resume.checkpoint(&config.output);
-    let out = finetune(&FinetuneJob {
-        config,
-        resume,
-        download: args.download,
-        stop_after: args.stop_after,
-        progress: !args.common.quiet,
-    })?;
+    };
+    let out = finetune(&job)?;
     if !beit_recipes::dist::is_primary() {
         return Ok(()); // rank 0 prints the summary
     }

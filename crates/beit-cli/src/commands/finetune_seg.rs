@@ -1,10 +1,10 @@
 //! `beit-cli finetune-seg`: fine-tune a semantic segmentation model (`beit_recipes::finetune_seg`).
 
 use anyhow::Result;
-use beit_recipes::{finetune_seg, FinetuneSegConfig, FinetuneSegJob};
+use beit_recipes::{finetune_seg, FinetuneSegConfig};
 use clap::Args;
 
-use crate::args::{print_table, CommonArgs, ResumeArg};
+use crate::args::{print_table, CommonArgs, FinetuneRunArgs};
 
 /// Fine-tune BEiT + UperNet for semantic segmentation (unilm's ADE20K recipe: AdamW lr 3e-5,
 /// layer decay 0.9, poly schedule with 1,500 warm-up iterations, 160k iterations of 16 crops of
@@ -23,33 +23,18 @@ pub struct FinetuneSegArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub resume: ResumeArg,
-    /// Allow downloading a hub checkpoint missing from the local cache.
-    #[arg(long)]
-    pub download: bool,
-    /// Print the resolved configuration as TOML and exit.
-    #[arg(long)]
-    pub print_config: bool,
-    /// Stop (with a checkpoint) once this many optimizer steps are done; continue with --resume.
-    #[arg(long, value_name = "STEPS")]
-    pub stop_after: Option<u64>,
+    pub run: FinetuneRunArgs,
 }
 
 /// Run the command.
 pub fn run(args: FinetuneSegArgs) -> Result<()> {
-    let config: FinetuneSegConfig = args.common.resolve(vec![])?;
-    if args.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
+    let Some(job) = args
+        .run
+        .job(&args.common, |c: &FinetuneSegConfig| &c.output)?
+    else {
         return Ok(());
-    }
-    let resume = args.resume.checkpoint(&config.output);
-    let out = finetune_seg(&FinetuneSegJob {
-        config,
-        resume,
-        download: args.download,
-        stop_after: args.stop_after,
-        progress: !args.common.quiet,
-    })?;
+    };
+    let out = finetune_seg(&job)?;
     if !beit_recipes::dist::is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
