@@ -4,17 +4,13 @@
 //! 4:2:0, 4:2:2, 4:4:4, progressive, grey and CMYK. JPEGs are decoded by libjpeg-turbo as Pillow
 //! does, so the probabilities agree to float precision on JPEG as on PNG.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use common::cli;
+use std::path::PathBuf;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn cli() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_beit-cli"));
-    c.env("HF_HUB_OFFLINE", "1");
-    c
+    common::fixtures("")
 }
 
 /// Run predict on the fixture's photos; return the worst probability difference.

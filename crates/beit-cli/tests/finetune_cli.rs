@@ -5,43 +5,17 @@
 //! training-time accuracy; from scratch the loss falls; an ImageFolder with a corrupt file is
 //! trained on with the file skipped and counted; config typos are named.
 
+mod common;
+
+use common::{cli, records, run_ok};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use beit_model::load::Checkpoint;
 use beit_model::ForwardOptions;
 use candle::{Device, Tensor};
 
-fn cli() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_beit-cli"));
-    c.env("HF_HUB_OFFLINE", "1").env("BEIT_LOG", "info");
-    c
-}
-
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/model")
-        .join(rel)
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("beit-cli runs");
-    assert!(
-        out.status.success(),
-        "beit-cli failed:\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn records(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == kind)
-        .collect()
+    common::fixtures("model").join(rel)
 }
 
 /// The full recipe, from the tiny MIM fixture (32 px, patch 8, 2 blocks, shared relative table).

@@ -3,73 +3,14 @@
 //! MIM checkpoint (shared relative bias) a run interrupted mid-epoch resumes bit for bit; the
 //! export carries trained BatchNorm statistics; config typos are named.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn cli() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_beit-cli"));
-    c.env("HF_HUB_OFFLINE", "1").env("BEIT_LOG", "info");
-    c
-}
+use common::{cli, records, run_ok};
+use std::path::{Path, PathBuf};
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/model")
-        .join(rel)
+    common::fixtures("model").join(rel)
 }
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("beit-cli runs");
-    assert!(
-        out.status.success(),
-        "beit-cli failed:\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn records(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["kind"] == kind)
-        .collect()
-}
-
-/// A tiny from-scratch recipe: 2 blocks of width 16, patch 8, 32-px crops, 20 steps.
-const SCRATCH: &str = r#"
-device = "cpu"
-[data]
-source = "fashion-mnist"
-iters_per_epoch = 10
-fashion_train_images = 24
-fashion_val_images = 4
-[architecture]
-hidden_size = 16
-num_hidden_layers = 2
-num_attention_heads = 2
-intermediate_size = 32
-patch_size = 8
-[segmentation]
-out_indices = [1, 2, 2, 2]
-auxiliary_channels = 8
-[train]
-epochs = 2
-batch_size = 4
-lr = 1e-2
-schedule = "poly"
-warmup_epochs = 1
-warmup_steps = 2
-layer_decay = 0.9
-seed = 1
-log_every = 1
-[aug]
-crop_size = 32
-scale = [128, 32]
-eval_stride = 24
-"#;
 
 /// From the tiny MIM fixture (32 px, patch 8, 2 blocks, shared relative table), with gradient
 /// accumulation and step checkpoints.
@@ -106,7 +47,7 @@ eval_stride = 24
 fn from_scratch_the_loss_falls_and_miou_is_logged() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("seg.toml");
-    std::fs::write(&config, SCRATCH).unwrap();
+    std::fs::write(&config, common::TINY_SEGMENTATION).unwrap();
     let out_dir = tmp.path().join("run");
     let out = run_ok(
         cli()

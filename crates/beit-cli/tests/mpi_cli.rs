@@ -9,12 +9,14 @@
 //! off: it mixes each rank's share of the batch (docs/distributed.md).
 #![cfg(feature = "mpi")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use beit_tokenizer::{Dvae, DvaeConfig};
 use candle::Device;
-use serde_json::Value;
+use common::records;
 
 /// `beit-cli ARGS` on `n` processes (`mpirun -n n`), or as a plain process when `n == 0`.
 fn run(n: usize, args: &[String]) -> Output {
@@ -52,16 +54,6 @@ fn run_env(n: usize, args: &[String], env: &[(&str, &str)]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn records(dir: &Path, kind: &str) -> Vec<serde_json::Map<String, Value>> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["kind"] == kind)
-        .map(|r| r.as_object().unwrap().clone())
-        .collect()
 }
 
 fn losses(dir: &Path) -> Vec<f64> {
@@ -286,40 +278,6 @@ fn pretrain_on_two_processes_matches_one_and_resumes_on_another_count() {
     assert_close(&reference, &losses(&mixed), "pretrain, resumed on 2 of 1");
 }
 
-/// A tiny from-scratch segmentation recipe (2 blocks of width 16, 32-px crops of Fashion-MNIST
-/// mosaics), step checkpoints, 5 validation mosaics (an uneven split over 2 ranks).
-const SEGMENTATION: &str = r#"
-[data]
-source = "fashion-mnist"
-iters_per_epoch = 3
-fashion_train_images = 24
-fashion_val_images = 5
-[architecture]
-hidden_size = 16
-num_hidden_layers = 2
-num_attention_heads = 2
-intermediate_size = 32
-patch_size = 8
-[segmentation]
-out_indices = [1, 2, 2, 2]
-auxiliary_channels = 8
-[train]
-epochs = 2
-batch_size = 4
-lr = 1e-2
-schedule = "poly"
-warmup_epochs = 1
-warmup_steps = 2
-checkpoint_every = 2
-keep_last = 5
-seed = 1
-log_every = 1
-[aug]
-crop_size = 32
-scale = [128, 32]
-eval_stride = 24
-"#;
-
 /// `finetune-seg` under `mpirun -n 2`: the ranks read their shares, stay identical (the weight
 /// checksum, BatchNorm running statistics included, is compared at every checkpoint and would
 /// stop the run), the sharded validation counts are summed, and rank 0 alone writes. BatchNorm
@@ -329,10 +287,22 @@ eval_stride = 24
 fn finetune_seg_runs_on_two_processes_with_ranks_in_sync() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("seg.toml");
-    std::fs::write(&cfg, SEGMENTATION).unwrap();
+    std::fs::write(&cfg, common::TINY_SEGMENTATION).unwrap();
+    // 3 steps an epoch, step checkpoints, 5 validation mosaics (an uneven split over 2 ranks).
+    let list = [
+        "finetune-seg",
+        "--set",
+        "data.iters_per_epoch=3",
+        "--set",
+        "data.fashion_val_images=5",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.keep_last=5",
+    ];
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    run(0, &args(&["finetune-seg"], &cfg, &one));
-    let out = run(2, &args(&["finetune-seg"], &cfg, &two));
+    run(0, &args(&list, &cfg, &one));
+    let out = run(2, &args(&list, &cfg, &two));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         stdout.matches("segmentation fine-tuning done").count(),

@@ -1,20 +1,13 @@
 //! `beit-cli predict` and `attention` end to end against transformers' own pipeline
 //! (`BeitImageProcessorPil` + `BeitForImageClassification`) on real photos: JPEG, PNG, grey, RGBA.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use common::cli;
+use std::path::PathBuf;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/model")
-        .join(rel)
-}
-
-fn cli() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_beit-cli"));
-    // Hub ids must never reach the network in tests: an empty cache.
-    c.env("HF_HUB_OFFLINE", "1");
-    c
+    common::fixtures("model").join(rel)
 }
 
 #[test]

@@ -3,19 +3,13 @@
 //! on real photos (PNG, JPEG, grey, RGBA), with a random tiny model saved by transformers
 //! (`scripts/seg_fixtures.py`).
 
+mod common;
+
+use common::cli;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/seg")
-        .join(rel)
-}
-
-fn cli() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_beit-cli"));
-    c.env("HF_HUB_OFFLINE", "1");
-    c
+    common::fixtures("seg").join(rel)
 }
 
 #[test]
