@@ -174,7 +174,8 @@ mod tests {
         m.all_reduce(&crate::dist::SingleProcess).unwrap();
         assert_eq!(m, one, "a world of one changes nothing");
         // Three ranks that counted the same images: three times the counts, the same scores.
-        m.all_reduce(&crate::dist::tests::Replicated(3)).unwrap();
+        m.all_reduce(&crate::dist::tests::Replicated::new(3))
+            .unwrap();
         let mut three = one.clone();
         three.merge(&one);
         three.merge(&one);

@@ -343,15 +343,27 @@ pub(crate) mod tests {
     use candle::Device;
 
     /// A fake world of `n` identical ranks: sums multiply by `n` (what `n` ranks holding the same
-    /// buffer would get), broadcasts are identities.
-    pub(crate) struct Replicated(pub(crate) usize);
+    /// buffer would get), broadcasts are identities; it counts the f32 all-reduces it is asked for.
+    pub(crate) struct Replicated {
+        n: usize,
+        f32_reduces: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Replicated {
+        pub(crate) fn new(n: usize) -> Self {
+            Self {
+                n,
+                f32_reduces: Default::default(),
+            }
+        }
+    }
 
     impl Collective for Replicated {
         fn rank(&self) -> usize {
             0
         }
         fn size(&self) -> usize {
-            self.0
+            self.n
         }
         fn local_rank(&self) -> usize {
             0
@@ -360,11 +372,13 @@ pub(crate) mod tests {
             "replicated"
         }
         fn all_reduce_sum_f32(&self, _: &str, buf: &mut [f32]) -> Result<()> {
-            buf.iter_mut().for_each(|x| *x *= self.0 as f32);
+            self.f32_reduces
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            buf.iter_mut().for_each(|x| *x *= self.n as f32);
             Ok(())
         }
         fn all_reduce_sum_f64(&self, _: &str, buf: &mut [f64]) -> Result<()> {
-            buf.iter_mut().for_each(|x| *x *= self.0 as f64);
+            buf.iter_mut().for_each(|x| *x *= self.n as f64);
             Ok(())
         }
         fn broadcast_f32(&self, _: &str, _: &mut [f32]) -> Result<()> {
@@ -386,7 +400,7 @@ pub(crate) mod tests {
         let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
         let mut grads = loss.backward().unwrap();
         assert!(grads.get(b.as_tensor()).is_none());
-        all_reduce_grads(&Replicated(3), &mut grads, &[a.clone(), b.clone()]).unwrap();
+        all_reduce_grads(&Replicated::new(3), &mut grads, &[a.clone(), b.clone()]).unwrap();
         let g = grads.get(a.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(g, vec![vec![1., 2.], vec![3., 4.]]);
         assert!(grads.get(b.as_tensor()).is_none());
@@ -409,42 +423,8 @@ pub(crate) mod tests {
             .unwrap();
         let c2 = weights_checksum(&vm).unwrap();
         assert_ne!(c1, c2, "a swap of two values changes the checksum");
-        check_in_sync(&Replicated(2), c2, "test").unwrap();
+        check_in_sync(&Replicated::new(2), c2, "test").unwrap();
         check_in_sync(&SingleProcess, c2, "test").unwrap();
-    }
-
-    /// A world of 1 that counts the host all-reduces it is asked for.
-    struct CountingSingle(std::sync::atomic::AtomicUsize);
-
-    impl Collective for CountingSingle {
-        fn rank(&self) -> usize {
-            0
-        }
-        fn size(&self) -> usize {
-            1
-        }
-        fn local_rank(&self) -> usize {
-            0
-        }
-        fn backend(&self) -> &'static str {
-            "counting"
-        }
-        fn all_reduce_sum_f32(&self, _: &str, _: &mut [f32]) -> Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-        fn all_reduce_sum_f64(&self, _: &str, _: &mut [f64]) -> Result<()> {
-            Ok(())
-        }
-        fn broadcast_f32(&self, _: &str, _: &mut [f32]) -> Result<()> {
-            Ok(())
-        }
-        fn broadcast_f64(&self, _: &str, _: &mut [f64]) -> Result<()> {
-            Ok(())
-        }
-        fn barrier(&self, _: &str) -> Result<()> {
-            Ok(())
-        }
     }
 
     #[test]
@@ -453,8 +433,8 @@ pub(crate) mod tests {
         let dev = Device::Cpu;
         let a = Var::new(&[1f32, -2., 3.], &dev).unwrap();
         let loss = a.as_tensor().sqr().unwrap().sum_all().unwrap();
-        let world = CountingSingle(Default::default());
-        let calls = || world.0.load(std::sync::atomic::Ordering::SeqCst);
+        let world = Replicated::new(1);
+        let calls = || world.f32_reduces.load(std::sync::atomic::Ordering::SeqCst);
         let mut grads = loss.backward().unwrap();
         std::env::remove_var(FORCE_REDUCE_ENV);
         all_reduce_grads(&world, &mut grads, std::slice::from_ref(&a)).unwrap();
