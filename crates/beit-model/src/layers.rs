@@ -185,17 +185,22 @@ impl StochasticRng {
         out
     }
 
-    /// A keep-mask (0 or `1/keep`) of `shape` (batch first), the inverted-dropout scaling folded in.
+    /// One draw of keep factors: 0 with probability `drop`, else `1/keep` (the inverted-dropout
+    /// scaling folded in), `batch x per_sample` values, sample-major.
+    fn keep_factors(&self, batch: usize, per_sample: usize, drop: f64) -> Vec<f32> {
+        let keep = 1.0 - drop;
+        let scale = (1.0 / keep) as f32;
+        self.uniform(batch, per_sample)
+            .into_iter()
+            .map(|u| if (u as f64) < keep { scale } else { 0.0 })
+            .collect()
+    }
+
+    /// A keep-mask of `shape` (batch first) from [`keep_factors`](Self::keep_factors).
     fn keep_mask(&self, shape: &[usize], drop: f64, like: &Tensor) -> Result<Tensor> {
         let batch = shape.first().copied().unwrap_or(1);
         let per_sample = shape.iter().skip(1).product();
-        let keep = 1.0 - drop;
-        let scale = (1.0 / keep) as f32;
-        let values: Vec<f32> = self
-            .uniform(batch, per_sample)
-            .into_iter()
-            .map(|u| if (u as f64) < keep { scale } else { 0.0 })
-            .collect();
+        let values = self.keep_factors(batch, per_sample, drop);
         Tensor::from_vec(values, shape, like.device())?.to_dtype(like.dtype())
     }
 }
@@ -227,15 +232,7 @@ impl DropPath {
         if !train || self.prob <= 0.0 {
             return None;
         }
-        let keep = 1.0 - self.prob;
-        let scale = (1.0 / keep) as f32;
-        Some(
-            self.rng
-                .uniform(batch, 1)
-                .into_iter()
-                .map(|u| if (u as f64) < keep { scale } else { 0.0 })
-                .collect(),
-        )
+        Some(self.rng.keep_factors(batch, 1, self.prob))
     }
 }
 
