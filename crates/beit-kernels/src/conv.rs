@@ -114,18 +114,33 @@ impl CustomOp1 for Fold {
     }
 }
 
+/// Largest unfolded column matrix (f32 elements: 64 MiB) built at once by the forward-only path
+/// of [`conv2d_same`]; an image whose columns alone are larger keeps candle's tiled `conv2d`,
+/// whose memory is bounded (DALL-E's 256-channel 3x3 convolutions at 112x112, for one).
+const FROZEN_COLS_LIMIT: usize = 16 << 20;
+
 /// Stride-1 "same" convolution without bias: `x (B, C, H, W)`, `w (out, C, k, k)` with `k` odd,
-/// zero padding `(k - 1) / 2`. When `w` needs a gradient and the tensors are f32 on the CPU, an
-/// unfold op with a hand-written backward and one matrix product (candle's CPU `conv2d` backward
-/// is slow for these shapes); otherwise a matrix product over channels for `k = 1` and candle's
-/// `conv2d` for larger kernels.
+/// zero padding `(k - 1) / 2`. For f32 tensors on the CPU: when `w` needs a gradient, an unfold
+/// op with a hand-written backward and one matrix product (candle's CPU `conv2d` backward is slow
+/// for these shapes); in a forward pass alone (a frozen tokenizer), the same unfold + product over
+/// chunks of the batch, when one image's columns are small (candle's tiled `conv2d` builds its
+/// columns element by element into freshly zeroed tiles: a quarter of the demo's pre-training
+/// step went there). Otherwise a matrix product over channels for `k = 1` and candle's `conv2d`
+/// for larger kernels.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> candle::Result<Tensor> {
     let (n_out, c, k, kw) = w.dims4()?;
     if k != kw || k % 2 == 0 {
         candle::bail!("conv2d_same: kernel {:?} is not square and odd", w.dims());
     }
-    if w.track_op() && fused_cpu_f32(&[x, w]) {
-        return conv2d_im2col(x, w, k);
+    if fused_cpu_f32(&[x, w]) {
+        if w.track_op() {
+            return conv2d_im2col(x, w, k);
+        }
+        if k > 1 && !x.track_op() {
+            if let Some(y) = conv2d_im2col_chunked(x, w, k, FROZEN_COLS_LIMIT)? {
+                return Ok(y);
+            }
+        }
     }
     if k == 1 {
         let (b, _, h, wd) = x.dims4()?;
@@ -145,6 +160,30 @@ fn conv2d_im2col(x: &Tensor, w: &Tensor, k: usize) -> candle::Result<Tensor> {
     let cols = x.contiguous()?.apply_op1(Unfold { k })?;
     let y = w.reshape((n_out, c * k * k))?.matmul(&cols)?;
     y.reshape((n_out, b, h, wd))?.permute((1, 0, 2, 3))
+}
+
+/// The forward-only unfold + product of [`conv2d_same`] over chunks of the batch whose columns
+/// hold at most `cols_limit` elements; `None` when one image's columns exceed it.
+fn conv2d_im2col_chunked(
+    x: &Tensor,
+    w: &Tensor,
+    k: usize,
+    cols_limit: usize,
+) -> candle::Result<Option<Tensor>> {
+    let (b, c, h, wd) = x.dims4()?;
+    let per_image = c * k * k * h * wd;
+    if per_image > cols_limit {
+        return Ok(None);
+    }
+    let chunk = (cols_limit / per_image.max(1)).clamp(1, b.max(1));
+    if chunk >= b {
+        return conv2d_im2col(x, w, k).map(Some);
+    }
+    let parts = (0..b)
+        .step_by(chunk)
+        .map(|i| conv2d_im2col(&x.narrow(0, i, chunk.min(b - i))?, w, k))
+        .collect::<candle::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0).map(Some)
 }
 
 /// Nearest-neighbour 2x upsampling `(B, C, H, W) -> (B, C, 2H, 2W)` as a broadcast, whose
@@ -183,9 +222,19 @@ mod tests {
             let a = conv2d_same(&x, &w)?;
             let b = x.conv2d(&w, (k - 1) / 2, 1, 1, 1)?;
             assert!(max_diff(&a, &b) < 1e-4, "forward k={k}");
-            // Frozen weights take candle's convolution (a matrix product for k = 1).
-            let frozen = conv2d_same(&x.as_detached_tensor(), &w.as_detached_tensor())?;
+            // Frozen weights: unfold + product (a matrix product for k = 1), whole batch, in
+            // chunks (one image per chunk here), or candle's convolution when an image is too big.
+            let (xd, wd) = (x.as_detached_tensor(), w.as_detached_tensor());
+            let frozen = conv2d_same(&xd, &wd)?;
             assert!(max_diff(&frozen, &b) < 1e-4, "frozen forward k={k}");
+            let per_image = 5 * k * k * 9 * 7;
+            let chunked = conv2d_im2col_chunked(&xd, &wd, k, per_image - 1)?;
+            assert!(
+                chunked.is_none(),
+                "an image over the limit keeps candle's conv2d"
+            );
+            let chunked = conv2d_im2col_chunked(&xd, &wd, k, per_image)?.unwrap();
+            assert!(max_diff(&chunked, &b) < 1e-4, "chunked forward k={k}");
             let ga = (a * &g)?.sum_all()?.backward()?;
             let gb = (b * &g)?.sum_all()?.backward()?;
             for v in [&x, &w] {
