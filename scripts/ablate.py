@@ -1,24 +1,25 @@
 #!/usr/bin/env python3
 """The BEiT paper's Table 4 ablations in miniature, on Fashion-MNIST, with `beit-cli`.
 
-Variants (each pre-trained, then fine-tuned with the same budget, for every seed):
+Variants (each pre-trained, then fine-tuned with the same budget and linear-probed on the same
+labelled images, for every seed):
 
     beit            blockwise masking, visual-token targets (the paper's recipe)
     random-mask     random masking of the same number of patches, visual-token targets
     pixel-regress   blockwise masking, regression of the masked patches' normalised pixels
-    none            no pre-training: the same classifier fine-tuned from random init
+    none            no pre-training: the same classifier fine-tuned (and probed) from random init
 
-The recipe is a demo-format TOML (`[tokenizer.*]`, `[pretrain.*]`, `[finetune.*]`; default
+The recipe is a demo-format TOML (`[tokenizer.*]`, `[pretrain.*]`, `[finetune.*]`, `[probe.*]`; default
 `configs/demo.toml`), with `--set STAGE.KEY=VALUE` overrides (a TOML value; a bare word is a
 string). The tokenizer is trained once (seed 0) and shared by the token variants; each seed
-then runs `pretrain` and `finetune` per variant (`none` fine-tunes from random init the
-architecture of the `beit` pre-training of that seed). Every stage writes its config
+then runs `pretrain`, `finetune` and `linear-probe` per variant (`none` fine-tunes and probes,
+from random init, the architecture of the `beit` pre-training of that seed). Every stage writes its config
 (`OUT/configs/*.toml`), its run folder and, when it succeeded, `OUT/<run>/done.json`; a run
 with a `done.json` is reused (delete the folder to run it again). Runs execute `--jobs` at a
 time, each on one thread (`RAYON_NUM_THREADS=1`, `data.num_workers=1`) under `nice`.
 
 At the end it writes `OUT/ablations.md` (mean ± sample std over seeds, and every run) and
-`OUT/ablations.png` (bar chart with error bars: the std over seeds).
+`OUT/ablations.png` (bar chart of both metrics with error bars: the std over seeds).
 
 Usage:
 
@@ -218,6 +219,9 @@ def main():
             set_key(table, k, val)
         pre_cfgs[v] = write_cfg(f"pretrain-{v}", table)
     ft_cfg = write_cfg("finetune", recipe["finetune"])
+    probe = json.loads(json.dumps(recipe.get("probe", {})))
+    probe["data"] = json.loads(json.dumps(recipe["finetune"].get("data", {})))
+    probe_cfg = write_cfg("probe", probe)
 
     def chain(v, seed):
         base = "beit" if VARIANTS[v] is None else v
@@ -233,11 +237,18 @@ def main():
         with pre_lock(pre):
             runner.run(pre, argv)
         model = os.path.join(args.out, pre, "model")
-        return runner.run(
+        pretrained = f"pretrained={'false' if VARIANTS[v] is None else 'true'}"
+        ft = runner.run(
             f"finetune-{v}-s{seed}",
             ["finetune", "--config", ft_cfg, "--data", args.data, "--model", model, "--seed", str(seed),
-             "--set", f"pretrained={'false' if VARIANTS[v] is None else 'true'}"],
+             "--set", pretrained],
         )
+        runner.run(
+            f"probe-{v}-s{seed}",
+            ["linear-probe", "--config", probe_cfg, "--data", args.data, "--model", model, "--seed", str(seed),
+             "--quiet", "--set", pretrained],
+        )
+        return ft
 
     locks = {}
 
@@ -264,6 +275,13 @@ def main():
     return 1 if failed else 0
 
 
+def fmt_mean_std(xs):
+    if not xs:
+        return "-"
+    m, sd = mean_std(xs)
+    return f"**{m:.2f}{'' if math.isnan(sd) else f' ± {sd:.2f}'}**"
+
+
 def write_report(args, variants, seeds, results, wall):
     rows, bars = [], []
     for v in variants:
@@ -271,21 +289,26 @@ def write_report(args, variants, seeds, results, wall):
         if not accs:
             continue
         m, sd = mean_std(accs)
+        probes = [
+            r["eval"]["acc1"] for r in (read_done(args.out, f"probe-{v}-s{s}") for s in seeds) if "eval" in r
+        ]
         pre_secs = [
             read_done(args.out, f"pretrain-{v}-s{s}")["seconds"] for s in seeds
             if read_done(args.out, f"pretrain-{v}-s{s}")
         ] if VARIANTS[v] is not None else []
         ft_secs = [results[(v, s)]["seconds"] for s in seeds if (v, s) in results]
-        rows.append((v, m, sd, accs, pre_secs, ft_secs))
+        rows.append((v, m, sd, accs, pre_secs, ft_secs, probes))
         bars.append((LABELS[v], m, sd))
     lines = [
-        "| variant | top-1 % (mean ± std) | n | per seed | pre-train s/run | fine-tune s/run |",
-        "|---|---|---|---|---|---|",
+        "| variant | fine-tuned top-1 % (mean ± std) | n | per seed | linear probe top-1 % (mean ± std) | "
+        "per seed | pre-train s/run | fine-tune s/run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for v, m, sd, accs, pre, ft in rows:
+    for v, m, sd, accs, pre, ft, probes in rows:
         pre_t = f"{sum(pre) / len(pre):.0f}" if pre else "-"
         lines.append(
-            f"| {LABELS[v]} | **{m:.2f}{'' if math.isnan(sd) else f' ± {sd:.2f}'}** | {len(accs)} | {', '.join(f'{a:.2f}' for a in accs)} | {pre_t} | {sum(ft) / len(ft):.0f} |"
+            f"| {LABELS[v]} | {fmt_mean_std(accs)} | {len(accs)} | {', '.join(f'{a:.2f}' for a in accs)} | "
+            f"{fmt_mean_std(probes)} | {', '.join(f'{a:.2f}' for a in probes)} | {pre_t} | {sum(ft) / len(ft):.0f} |"
         )
     lines.append("")
     if wall is not None:
@@ -302,17 +325,27 @@ def write_report(args, variants, seeds, results, wall):
     except ImportError:
         print("matplotlib is not installed: no chart", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     names = [b[0] for b in bars]
-    ax.bar(range(len(bars)), [b[1] for b in bars], yerr=[0.0 if math.isnan(b[2]) else b[2] for b in bars], capsize=6,
-           color=["#3b6ea5", "#7fa7d1", "#a5c8a0", "#bbbbbb"][: len(bars)])
-    for i, (v, m, sd, accs, _, _) in enumerate(rows):
-        ax.scatter([i] * len(accs), accs, color="black", s=10, zorder=3)
-    ax.set_xticks(range(len(bars)), names, rotation=12, fontsize=8)
+    width = 0.38
+    for j, (label, color, pick) in enumerate(
+        [("fine-tuned", "#3b6ea5", lambda r: r[3]), ("linear probe", "#a5c8a0", lambda r: r[6])]
+    ):
+        xs, ms, sds = [], [], []
+        for i, r in enumerate(rows):
+            vals = pick(r)
+            if not vals:
+                continue
+            m, sd = mean_std(vals)
+            x = i + (j - 0.5) * width
+            xs.append(x), ms.append(m), sds.append(0.0 if math.isnan(sd) else sd)
+            ax.scatter([x] * len(vals), vals, color="black", s=8, zorder=3)
+        ax.bar(xs, ms, width, yerr=sds, capsize=4, color=color, label=label)
+    ax.set_xticks(range(len(bars)), names, rotation=10, fontsize=8)
     ax.set_ylabel("test top-1 (%)")
-    lo = min(min(r[3]) for r in rows)
-    hi = max(max(r[3]) for r in rows)
-    ax.set_ylim(max(0, lo - 5), min(100, hi + 3))
+    every = [a for r in rows for a in r[3] + r[6]]
+    ax.set_ylim(max(0, min(every) - 5), min(100, max(every) + 3))
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Table 4 in miniature: Fashion-MNIST, mean ± std over seeds (dots: runs)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "ablations.png"), dpi=120)

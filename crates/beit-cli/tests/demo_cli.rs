@@ -34,7 +34,9 @@ fn quick_demo_runs_every_stage_and_prints_the_summary() {
         "2. MIM pre-training",
         "3. fine-tune, from MIM pre-training",
         "4. fine-tune, from random init",
+        "5. linear probes",
         "test accuracy:",
+        "linear probe (frozen features, block 4)",
     ] {
         assert!(
             stdout.contains(needle),
@@ -44,7 +46,12 @@ fn quick_demo_runs_every_stage_and_prints_the_summary() {
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("summary.json")).unwrap())
             .unwrap();
-    for k in ["accuracy_pretrained", "accuracy_scratch"] {
+    for k in [
+        "accuracy_pretrained",
+        "accuracy_scratch",
+        "probe_accuracy_pretrained",
+        "probe_accuracy_random_init",
+    ] {
         let a = summary[k].as_f64().unwrap();
         assert!(a > 10.0 && a <= 100.0, "{k} = {a}%: not above chance");
     }
@@ -61,8 +68,14 @@ fn quick_demo_runs_every_stage_and_prints_the_summary() {
             "{stage}: training loss did not fall ({first} -> {last})"
         );
     }
-    assert_eq!(summary["stages"].as_array().unwrap().len(), 4);
-    for stage in ["pretrain", "finetune-pretrained", "finetune-scratch"] {
+    assert_eq!(summary["stages"].as_array().unwrap().len(), 5);
+    for stage in [
+        "pretrain",
+        "finetune-pretrained",
+        "finetune-scratch",
+        "probe-pretrained",
+        "probe-random-init",
+    ] {
         assert!(out_dir.join(stage).join("curves.png").is_file(), "{stage}");
         assert!(
             out_dir.join(stage).join("metrics.jsonl").is_file(),

@@ -284,29 +284,31 @@ fn finetune_from_scratch_lowers_the_loss_and_linear_probe_runs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds checkpoints"));
 
+    let probe_cmd = |out: &std::path::Path| {
+        let mut c = cli();
+        c.args([
+            "linear-probe",
+            "--layer",
+            "1",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+        ])
+        .args([
+            "--data",
+            "fashion-mnist",
+            "--set",
+            "data.max_train_samples=96",
+        ])
+        .args(["--set", "data.max_val_samples=32", "--model"])
+        .arg(run.join("best_model"))
+        .arg("--output")
+        .arg(out);
+        c
+    };
     let probe = tmp.path().join("probe");
-    let out = run_ok(
-        cli()
-            .args([
-                "linear-probe",
-                "--layer",
-                "1",
-                "--epochs",
-                "3",
-                "--batch-size",
-                "32",
-            ])
-            .args([
-                "--data",
-                "fashion-mnist",
-                "--set",
-                "data.max_train_samples=96",
-            ])
-            .args(["--set", "data.max_val_samples=32", "--model"])
-            .arg(run.join("best_model"))
-            .arg("--output")
-            .arg(&probe),
-    );
+    let out = run_ok(&mut probe_cmd(&probe));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("final val top-1") && table.contains("block 1 of 2"),
@@ -314,6 +316,17 @@ fn finetune_from_scratch_lowers_the_loss_and_linear_probe_runs() {
     );
     assert_eq!(records(&probe, "eval").len(), 3);
     assert!(probe.join("linear_head.safetensors").is_file());
+    // `pretrained = false` probes the same architecture at random init: other features, another
+    // validation loss.
+    let random = tmp.path().join("probe-random");
+    let out = run_ok(probe_cmd(&random).args(["--set", "pretrained=false"]));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("from random init"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let val_loss = |dir: &std::path::Path| records(dir, "eval")[0]["loss"].as_f64().unwrap();
+    assert_ne!(val_loss(&probe), val_loss(&random));
     let out = cli()
         .args([
             "linear-probe",

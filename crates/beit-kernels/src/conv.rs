@@ -128,37 +128,62 @@ const FROZEN_COLS_LIMIT: usize = 16 << 20;
 /// step went there). Otherwise a matrix product over channels for `k = 1` and candle's `conv2d`
 /// for larger kernels.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> candle::Result<Tensor> {
+    conv2d_same_impl(x, w, None)
+}
+
+/// [`conv2d_same`] plus a per-output-channel bias `b (out,)`. On the unfold path the bias is
+/// added to the `(out, B H W)` product, so its gradient is a sum over the contiguous last
+/// dimension (adding it to the `(B, out, H, W)` output makes candle's backward reduce over
+/// strided dimensions: a fifth of a dVAE training step).
+pub fn conv2d_same_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle::Result<Tensor> {
+    conv2d_same_impl(x, w, Some(b))
+}
+
+fn conv2d_same_impl(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle::Result<Tensor> {
     let (n_out, c, k, kw) = w.dims4()?;
     if k != kw || k % 2 == 0 {
         candle::bail!("conv2d_same: kernel {:?} is not square and odd", w.dims());
     }
     if fused_cpu_f32(&[x, w]) {
         if w.track_op() {
-            return conv2d_im2col(x, w, k);
+            return conv2d_im2col(x, w, k, bias);
         }
         if k > 1 && !x.track_op() {
-            if let Some(y) = conv2d_im2col_chunked(x, w, k, FROZEN_COLS_LIMIT)? {
+            if let Some(y) = conv2d_im2col_chunked(x, w, k, bias, FROZEN_COLS_LIMIT)? {
                 return Ok(y);
             }
         }
     }
-    if k == 1 {
+    let y = if k == 1 {
         let (b, _, h, wd) = x.dims4()?;
         let wm = w.reshape((n_out, c))?;
         let y = wm.broadcast_matmul(&x.reshape((b, c, h * wd))?)?;
-        return y.reshape((b, n_out, h, wd));
+        y.reshape((b, n_out, h, wd))?
+    } else {
+        x.conv2d(w, (k - 1) / 2, 1, 1, 1)?
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, n_out, 1, 1))?),
+        None => Ok(y),
     }
-    x.conv2d(w, (k - 1) / 2, 1, 1, 1)
 }
 
 /// The unfold + matrix product path of [`conv2d_same`] (CPU, f32).
-fn conv2d_im2col(x: &Tensor, w: &Tensor, k: usize) -> candle::Result<Tensor> {
+fn conv2d_im2col(
+    x: &Tensor,
+    w: &Tensor,
+    k: usize,
+    bias: Option<&Tensor>,
+) -> candle::Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let n_out = w.dim(0)?;
     // Columns (C k k, B H W): the whole batch is one matrix product, and the kernel's gradient
     // one more, instead of B small ones.
     let cols = x.contiguous()?.apply_op1(Unfold { k })?;
-    let y = w.reshape((n_out, c * k * k))?.matmul(&cols)?;
+    let mut y = w.reshape((n_out, c * k * k))?.matmul(&cols)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&bias.reshape((n_out, 1))?)?;
+    }
     y.reshape((n_out, b, h, wd))?.permute((1, 0, 2, 3))
 }
 
@@ -168,6 +193,7 @@ fn conv2d_im2col_chunked(
     x: &Tensor,
     w: &Tensor,
     k: usize,
+    bias: Option<&Tensor>,
     cols_limit: usize,
 ) -> candle::Result<Option<Tensor>> {
     let (b, c, h, wd) = x.dims4()?;
@@ -177,11 +203,11 @@ fn conv2d_im2col_chunked(
     }
     let chunk = (cols_limit / per_image.max(1)).clamp(1, b.max(1));
     if chunk >= b {
-        return conv2d_im2col(x, w, k).map(Some);
+        return conv2d_im2col(x, w, k, bias).map(Some);
     }
     let parts = (0..b)
         .step_by(chunk)
-        .map(|i| conv2d_im2col(&x.narrow(0, i, chunk.min(b - i))?, w, k))
+        .map(|i| conv2d_im2col(&x.narrow(0, i, chunk.min(b - i))?, w, k, bias))
         .collect::<candle::Result<Vec<_>>>()?;
     Tensor::cat(&parts, 0).map(Some)
 }
@@ -228,13 +254,29 @@ mod tests {
             let frozen = conv2d_same(&xd, &wd)?;
             assert!(max_diff(&frozen, &b) < 1e-4, "frozen forward k={k}");
             let per_image = 5 * k * k * 9 * 7;
-            let chunked = conv2d_im2col_chunked(&xd, &wd, k, per_image - 1)?;
+            let chunked = conv2d_im2col_chunked(&xd, &wd, k, None, per_image - 1)?;
             assert!(
                 chunked.is_none(),
                 "an image over the limit keeps candle's conv2d"
             );
-            let chunked = conv2d_im2col_chunked(&xd, &wd, k, per_image)?.unwrap();
+            let chunked = conv2d_im2col_chunked(&xd, &wd, k, None, per_image)?.unwrap();
             assert!(max_diff(&chunked, &b) < 1e-4, "chunked forward k={k}");
+            // With a bias: the same as adding it to the output, forward and backward, on the
+            // unfold path, frozen, and on candle's.
+            let bias = Var::randn(0f32, 1.0, 4, &dev)?;
+            let want = b.broadcast_add(&bias.reshape((1, 4, 1, 1))?)?;
+            let got = conv2d_same_bias(&x, &w, &bias)?;
+            assert!(max_diff(&got, &want) < 1e-4, "bias forward k={k}");
+            let frozen = conv2d_same_bias(&xd, &wd, &bias.as_detached_tensor())?;
+            assert!(max_diff(&frozen, &want) < 1e-4, "frozen bias forward k={k}");
+            let gg = (got * &g)?.sum_all()?.backward()?;
+            let gw = (&want * &g)?.sum_all()?.backward()?;
+            for v in [&x, &w, &bias] {
+                let d = max_diff(gg.get(v).unwrap(), gw.get(v).unwrap());
+                assert!(d < 1e-3, "bias backward k={k}: {d}");
+            }
+            let plain = crate::with_fused_ops(false, || conv2d_same_bias(&x, &w, &bias))?;
+            assert!(max_diff(&plain, &want) < 1e-4, "unfused bias forward k={k}");
             let ga = (a * &g)?.sum_all()?.backward()?;
             let gb = (b * &g)?.sum_all()?.backward()?;
             for v in [&x, &w] {

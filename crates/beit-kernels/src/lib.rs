@@ -17,7 +17,7 @@
 //! | `softmax(q k^T + bias) v`, all heads | [`attention_core`], [`attention_core_rows`] | `attention.rs` |
 //! | head split / merge | [`split_heads`], [`merge_heads`] | `heads.rs` |
 //! | `cat([a * s, b, c])` (the q/k/v weight) | [`stack3_scaled_first`] | `stack.rs` |
-//! | same-padding convolution (im2col + GEMM) | [`conv2d_same`], [`upsample2x`] | `conv.rs` |
+//! | same-padding convolution (im2col + GEMM) | [`conv2d_same`], [`conv2d_same_bias`], [`upsample2x`] | `conv.rs` |
 //!
 //! The fused path applies to f32 tensors on the CPU while the kernels are enabled (see
 //! [`enabled`]: `BEIT_FUSED_OPS=0` turns them off); CUDA, Metal, bf16 and f16 take the
@@ -46,7 +46,7 @@ mod vmath;
 
 pub use attention::{attention_core, attention_core_rows, QueryRows};
 pub use bias_gelu::bias_gelu_erf;
-pub use conv::{conv2d_same, upsample2x};
+pub use conv::{conv2d_same, conv2d_same_bias, upsample2x};
 pub use dispatch::{enabled, fused_cpu_f32, isa, with_fused_ops, Isa};
 pub use heads::{merge_heads, split_heads};
 pub use layer_norm::{layer_norm, layer_norm_composed};

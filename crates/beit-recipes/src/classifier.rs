@@ -12,12 +12,15 @@ use candle::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 
 /// A classifier whose parameters live in a `VarMap` (trainable), with unilm's fine-tuning init
-/// (transformers' init without a checkpoint), then the weights of `checkpoint` (if any) after unilm's surgery (shared relative table copied
-/// into every layer, tables resized, mismatched head dropped). The report lists what was loaded,
-/// left at its init (e.g. a new head) or unused (e.g. `lm_head`).
+/// (transformers' init without a checkpoint), then the weights of `checkpoint` (if any) after
+/// unilm's surgery (shared relative table copied into every layer, tables resized, mismatched
+/// head dropped). Under a checkpoint, the fresh head is multiplied by `head_init_scale`
+/// (unilm's `--init_scale`). The report lists what was loaded, left at its init (e.g. a new
+/// head) or unused (e.g. `lm_head`).
 pub fn trainable_classifier(
     cfg: &BeitConfig,
     checkpoint: Option<&Checkpoint>,
+    head_init_scale: f64,
     device: &Device,
     init_seed: u64,
 ) -> Result<(
@@ -28,16 +31,20 @@ pub fn trainable_classifier(
     let varmap = VarMap::new();
     let model =
         BeitForImageClassification::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
-    // unilm's order: initialise everything (head x 0.001), then load the checkpoint over it.
-    // From scratch, transformers' initialisation (docs/training-parity.md: unilm's stalls the
-    // first epochs of a from-scratch run).
+    // unilm's order: initialise everything (head x head_init_scale), then load the checkpoint
+    // over it. From scratch, transformers' initialisation (docs/training-parity.md: unilm's
+    // stalls the first epochs of a from-scratch run).
+    let mut init = InitConfig::classifier(
+        cfg.num_hidden_layers,
+        cfg.layer_scale_init_value,
+        checkpoint.is_none(),
+    );
+    if checkpoint.is_some() {
+        init.head_init_scale = Some(head_init_scale);
+    }
     init_beit(
         &varmap,
-        &InitConfig::classifier(
-            cfg.num_hidden_layers,
-            cfg.layer_scale_init_value,
-            checkpoint.is_none(),
-        ),
+        &init,
         &mut TrainRng::derive(init_seed, &[0x696e6974]),
     )?;
     let mut report = beit_model::load::LoadReport::default();
@@ -152,4 +159,55 @@ pub fn export_classifier(
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beit_model::save::varmap_tensors;
+    use beit_model::BeitForMaskedImageModeling;
+
+    fn max_abs(t: &candle::Tensor) -> f32 {
+        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_its_weights_and_the_fresh_head_takes_the_scale() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut mim = BeitConfig::base_patch16_224_pt22k();
+        (mim.hidden_size, mim.num_hidden_layers, mim.num_attention_heads) = (32, 2, 2);
+        (mim.intermediate_size, mim.image_size, mim.vocab_size) = (64, 32, 16);
+        let vm = VarMap::new();
+        BeitForMaskedImageModeling::new(&mim, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        init_beit(
+            &vm,
+            &InitConfig::transformers(2, 0.1),
+            &mut TrainRng::derive(1, &[]),
+        )?;
+        let ck = Checkpoint {
+            config: mim.clone(),
+            tensors: varmap_tensors(&vm),
+            source: "in-memory MIM model".into(),
+        };
+        let classes: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let cfg = finetune_config(&mim, &classes, 0.0, 32);
+        let (full, _, report) = trainable_classifier(&cfg, Some(&ck), 1.0, &dev, 0)?;
+        let (small, _, _) = trainable_classifier(&cfg, Some(&ck), 0.001, &dev, 0)?;
+        assert!(report.missing.iter().any(|k| k == "classifier.weight"));
+        let (full, small) = (varmap_tensors(&full), varmap_tensors(&small));
+        // The same draw, scaled: weight and bias of the fresh head.
+        for k in ["classifier.weight", "classifier.bias"] {
+            let diff = (&full[k] - (&small[k] * 1000.0)?)?;
+            assert!(
+                max_abs(&diff) <= 1e-4 * max_abs(&full[k]).max(1e-6),
+                "{k}"
+            );
+        }
+        assert!(max_abs(&full["classifier.weight"]) > 0.01);
+        // The backbone is the checkpoint's, whatever the head's scale.
+        let k = "beit.embeddings.patch_embeddings.projection.weight";
+        assert_eq!(max_abs(&(&full[k] - &ck.tensors[k])?), 0.0);
+        assert_eq!(max_abs(&(&small[k] - &ck.tensors[k])?), 0.0);
+        Ok(())
+    }
 }

@@ -4,8 +4,10 @@
 //! ([`train_tokenizer`]), pre-trains a small BEiT on them with masked image modeling
 //! ([`pretrain`]), fine-tunes it on a few labelled images per class ([`finetune`]), and
 //! fine-tunes the same architecture from random initialisation with the same budget; both are
-//! evaluated on the held-out test images. Each stage is the same job its command runs. The
-//! recipe is `configs/demo.toml`, compiled in.
+//! evaluated on the held-out test images. Last, a linear probe of the frozen features of the
+//! pre-trained model and of the same architecture at random init ([`linear_probe`]), on the same
+//! labelled images: what pre-training put into the features, apart from fine-tuning. Each stage
+//! is the same job its command runs. The recipe is `configs/demo.toml`, compiled in.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::parse_config;
 use crate::finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
+use crate::linear_probe::{linear_probe, LinearProbeConfig, LinearProbeJob, LinearProbeOutcome};
 use crate::pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};
 use crate::tokenizer::{train_tokenizer, TokenizerConfig, TokenizerJob, TokenizerOutcome};
 
@@ -41,6 +44,17 @@ pub const QUICK: &[&str] = &[
     "finetune.train.warmup_epochs=1",
     "finetune.train.eval_every=3",
     "finetune.data.max_val_samples=200",
+    "probe.train.epochs=3",
+];
+
+/// The stages, in order: their output folders.
+const STAGES: [&str; 6] = [
+    "tokenizer",
+    "pretrain",
+    "finetune-pretrained",
+    "finetune-scratch",
+    "probe-pretrained",
+    "probe-random-init",
 ];
 
 /// The demo recipe (`configs/demo.toml`): one table per stage, each the schema of its command.
@@ -55,6 +69,9 @@ pub struct DemoConfig {
     pub pretrain: PretrainConfig,
     /// Fine-tuning of both classifiers (`data.train_per_class` labelled images per class).
     pub finetune: FinetuneConfig,
+    /// The linear probes (their data is the fine-tuning's: the same labelled images and test
+    /// images).
+    pub probe: LinearProbeConfig,
 }
 
 impl DemoConfig {
@@ -70,13 +87,14 @@ impl DemoConfig {
     }
 
     /// Seed every stage's training (`tokenizer.train.seed`, `pretrain.train.seed`,
-    /// `finetune.train.seed`): the dVAE's and the BEiT's initialisation, the sampling of
-    /// batches, augmentations, masks and drop path. The images (the labelled subset included)
-    /// stay the same.
+    /// `finetune.train.seed`, `probe.train.seed`): the dVAE's and the BEiT's initialisation, the
+    /// sampling of batches, augmentations, masks and drop path. The images (the labelled subset
+    /// included) stay the same.
     pub fn set_seed(&mut self, seed: u64) {
         self.tokenizer.train.seed = seed;
         self.pretrain.train.seed = seed;
         self.finetune.train.seed = seed;
+        self.probe.train.seed = seed;
     }
 }
 
@@ -119,6 +137,12 @@ pub struct DemoOutcome {
     pub finetune_pretrained: FinetuneOutcome,
     /// Fine-tuning the same architecture from random init.
     pub finetune_scratch: FinetuneOutcome,
+    /// Linear probe of the pre-trained features.
+    pub probe_pretrained: LinearProbeOutcome,
+    /// Linear probe of the same architecture's features at random init.
+    pub probe_random_init: LinearProbeOutcome,
+    /// The block both probes read.
+    pub probe_layer: usize,
     /// One line per stage.
     pub stages: Vec<StageResult>,
     /// Wall time of the whole demo.
@@ -135,16 +159,11 @@ pub fn final_acc1(o: &FinetuneOutcome) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Run the demo: tokenizer -> pre-training -> fine-tuning from it and from scratch.
+/// Run the demo: tokenizer -> pre-training -> fine-tuning from it and from scratch -> linear
+/// probes of both backbones.
 pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome> {
     let out = &job.output;
-    let stages = [
-        "tokenizer",
-        "pretrain",
-        "finetune-pretrained",
-        "finetune-scratch",
-    ];
-    for s in stages {
+    for s in STAGES {
         let dir = out.join(s);
         if dir.exists() {
             if !job.overwrite {
@@ -171,7 +190,7 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
     tcfg.device = job.device.clone();
     tcfg.data.source = DATA.into();
     announce(&format!(
-        "[1/4] training the dVAE tokenizer ({} epochs)",
+        "[1/5] training the dVAE tokenizer ({} epochs)",
         tcfg.train.epochs
     ));
     let t = Instant::now();
@@ -201,7 +220,7 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
     pcfg.model = None;
     pcfg.data.source = DATA.into();
     announce(&format!(
-        "[2/4] MIM pre-training ({} epochs on the unlabelled training images)",
+        "[2/5] MIM pre-training ({} epochs on the unlabelled training images)",
         pcfg.train.epochs
     ));
     let t = Instant::now();
@@ -239,7 +258,7 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         fcfg.pretrained = pretrained;
         fcfg.data.source = DATA.into();
         announce(&format!(
-            "[{}/4] fine-tuning {} on {} labelled images per class, {} epochs",
+            "[{}/5] fine-tuning {} on {} labelled images per class, {} epochs",
             i + 3,
             if pretrained {
                 "the pre-trained BEiT"
@@ -277,6 +296,43 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
     }
     let scratch = tuned.pop().expect("two runs");
     let pretrained = tuned.pop().expect("two runs");
+
+    // 5. Linear probes of the frozen features, pre-trained and at random init.
+    announce(&format!(
+        "[5/5] linear probes of the frozen features (pre-trained, random init), {} epochs",
+        job.config.probe.train.epochs
+    ));
+    let t = Instant::now();
+    let layer = job.config.probe.layer;
+    let mut probes = Vec::new();
+    for pretrained in [true, false] {
+        let mut lcfg = job.config.probe.clone();
+        lcfg.output = out.join(if pretrained { STAGES[4] } else { STAGES[5] });
+        lcfg.device = job.device.clone();
+        lcfg.model = model_dir.display().to_string();
+        lcfg.pretrained = pretrained;
+        lcfg.data = job.config.finetune.data.clone();
+        lcfg.data.source = DATA.into();
+        probes.push(
+            linear_probe(&LinearProbeJob {
+                config: lcfg,
+                resume: None,
+                download: false,
+                progress: job.progress,
+            })
+            .context("stage 5 (linear probe)")?,
+        );
+    }
+    let probe_random_init = probes.pop().expect("two probes");
+    let probe_pretrained = probes.pop().expect("two probes");
+    results.push(StageResult {
+        stage: "5. linear probes".into(),
+        seconds: t.elapsed().as_secs_f64(),
+        result: format!(
+            "test top-1 {:.2}% pre-trained vs {:.2}% random init (block {})",
+            probe_pretrained.final_acc.0, probe_random_init.final_acc.0, layer
+        ),
+    });
     let seconds = total.elapsed().as_secs_f64();
     let summary = out.join("summary.json");
     write_summary(
@@ -286,6 +342,7 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         &pre,
         &pretrained,
         &scratch,
+        (&probe_pretrained, &probe_random_init, layer),
         &results,
         seconds,
     )?;
@@ -294,6 +351,9 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         pretrain: pre,
         finetune_pretrained: pretrained,
         finetune_scratch: scratch,
+        probe_pretrained,
+        probe_random_init,
+        probe_layer: layer,
         stages: results,
         seconds,
         summary,
@@ -308,6 +368,7 @@ fn write_summary(
     pre: &PretrainOutcome,
     pretrained: &FinetuneOutcome,
     scratch: &FinetuneOutcome,
+    probes: (&LinearProbeOutcome, &LinearProbeOutcome, usize),
     stages: &[StageResult],
     seconds: f64,
 ) -> Result<()> {
@@ -328,6 +389,9 @@ fn write_summary(
         "data": pretrained.data,
         "accuracy_pretrained": final_acc1(pretrained),
         "accuracy_scratch": final_acc1(scratch),
+        "probe_accuracy_pretrained": probes.0.final_acc.0,
+        "probe_accuracy_random_init": probes.1.final_acc.0,
+        "probe_layer": probes.2,
         "stages": stages,
         "total_seconds": seconds,
         "threads": rayon::current_num_threads(),
@@ -360,9 +424,15 @@ mod tests {
             (
                 seeded.tokenizer.train.seed,
                 seeded.pretrain.train.seed,
-                seeded.finetune.train.seed
+                seeded.finetune.train.seed,
+                seeded.probe.train.seed
             ),
-            (7, 7, 7)
+            (7, 7, 7, 7)
+        );
+        // The probes read the last block of the pre-trained model.
+        assert_eq!(
+            Some(full.probe.layer),
+            full.pretrain.architecture.num_hidden_layers
         );
         assert_eq!(seeded.finetune.data, full.finetune.data);
     }

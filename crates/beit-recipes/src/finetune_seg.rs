@@ -491,7 +491,7 @@ fn build_model(
     let tensors = match weights {
         Some(t) => t,
         None => {
-            let (vm, _, _) = trainable_classifier(model_cfg, None, device, seed)?;
+            let (vm, _, _) = trainable_classifier(model_cfg, None, 1.0, device, seed)?;
             beit_model::save::varmap_tensors(&vm)
                 .into_iter()
                 .filter(|(k, _)| k.starts_with("beit.") && !k.starts_with("beit.pooler."))

@@ -34,6 +34,10 @@ use crate::tensor_batches::epoch_batch_indices;
 pub struct LinearProbeConfig {
     /// Frozen model: a directory or hub id (`--model`); any BEiT checkpoint (MIM or classifier).
     pub model: String,
+    /// Probe the checkpoint's weights (true); false probes the same architecture freshly
+    /// initialised (transformers' init, seeded by `train.seed`): the random-features baseline
+    /// a pre-trained model's probe is compared with.
+    pub pretrained: bool,
     /// Block whose output is average-pooled (`--layer`; paper: 9 for base, 14 for large).
     pub layer: usize,
     /// Run directory (`--output`).
@@ -52,6 +56,7 @@ impl Default for LinearProbeConfig {
     fn default() -> Self {
         Self {
             model: String::new(),
+            pretrained: true,
             layer: 9,
             output: PathBuf::from("runs/linear-probe"),
             device: "cpu".into(),
@@ -74,6 +79,28 @@ impl Default for LinearProbeConfig {
             normalize_features: true,
         }
     }
+}
+
+/// The parameters of a BEiT of config `cfg` (with a MIM head when it has a mask token, else a
+/// classifier), initialised as transformers does, seeded by `seed`.
+fn random_init_tensors(
+    cfg: &beit_model::BeitConfig,
+    seed: u64,
+    device: &candle::Device,
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    if cfg.use_mask_token {
+        beit_model::BeitForMaskedImageModeling::new(cfg, vb)?;
+    } else {
+        beit_model::BeitForImageClassification::new(cfg, vb)?;
+    }
+    beit_train::init_beit(
+        &varmap,
+        &beit_train::InitConfig::transformers(cfg.num_hidden_layers, cfg.layer_scale_init_value),
+        &mut TrainRng::derive(seed, &[0x696e6974]),
+    )?;
+    Ok(beit_model::save::varmap_tensors(&varmap))
 }
 
 /// Mean patch token of `hidden_states[layer]` for every image of `ds`: `(N, C)` and labels `(N)`.
@@ -236,9 +263,13 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let out = cfg.output.clone();
     prepare_output_dir(&out, job.resume.is_some())?;
 
-    let loaded = load_model(&cfg.model, job.download)?;
+    let mut loaded = load_model(&cfg.model, job.download)?;
     let mcfg = loaded.checkpoint.config.clone();
     let layers = mcfg.num_hidden_layers;
+    if !cfg.pretrained {
+        loaded.checkpoint.tensors = random_init_tensors(&mcfg, t.seed, &device)?;
+        tracing::info!("probing the architecture of {} from random init", cfg.model);
+    }
     if cfg.layer > layers {
         bail!(
             "--layer {}: the model has {layers} blocks (use 1..={layers}; the paper uses 9 of 12 \

@@ -60,6 +60,10 @@ pub struct PretrainConfig {
     pub model: Option<PathBuf>,
     /// The ViT built from scratch (ignored with `model`).
     pub architecture: ModelSection,
+    /// Its initialisation: `unilm` (the paper's: truncated normal, block outputs rescaled by
+    /// depth, torch's default for the patch embedding) or `transformers` (`_init_weights`:
+    /// normal 0.02 everywhere, zero tokens). Default `unilm`.
+    pub init: InitScheme,
     /// The images (`--data`); only the training part is used, labels ignored.
     pub data: DataConfig,
     /// The two-view augmentation.
@@ -72,6 +76,26 @@ pub struct PretrainConfig {
     pub train: TrainSection,
 }
 
+/// The initialisation of a model built from scratch (`beit_train::InitConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitScheme {
+    /// unilm's pre-training init ([`InitConfig::pretrain`]).
+    Unilm,
+    /// transformers' `_init_weights` ([`InitConfig::transformers`]).
+    Transformers,
+}
+
+impl InitScheme {
+    /// The init rules for a model of `layers` blocks with LayerScale `layer_scale`.
+    pub fn config(self, layers: usize, layer_scale: f64) -> InitConfig {
+        match self {
+            Self::Unilm => InitConfig::pretrain(layers, layer_scale),
+            Self::Transformers => InitConfig::transformers(layers, layer_scale),
+        }
+    }
+}
+
 impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
@@ -80,6 +104,7 @@ impl Default for PretrainConfig {
             tokenizer: None,
             model: None,
             architecture: ModelSection::default(),
+            init: InitScheme::Unilm,
             data: DataConfig::default(),
             aug: AugSection::default(),
             masking: MaskingSpec::default(),
@@ -525,7 +550,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let layers = mcfg.num_hidden_layers;
     init_beit(
         &varmap,
-        &InitConfig::pretrain(layers, mcfg.layer_scale_init_value),
+        &cfg.init.config(layers, mcfg.layer_scale_init_value),
         &mut TrainRng::derive(cfg.train.seed, &[0x1417]),
     )?;
     if let Some(tensors) = &init_tensors {

@@ -34,8 +34,7 @@ impl Conv {
 impl Module for Conv {
     /// `(B, in, H, W) -> (B, out, H, W)`.
     fn forward(&self, x: &Tensor) -> candle::Result<Tensor> {
-        let n_out = self.w.dim(0)?;
-        beit_kernels::conv2d_same(x, &self.w)?.broadcast_add(&self.b.reshape((1, n_out, 1, 1))?)
+        beit_kernels::conv2d_same_bias(x, &self.w, &self.b)
     }
 }
 

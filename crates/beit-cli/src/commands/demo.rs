@@ -87,7 +87,15 @@ pub fn run(args: DemoArgs) -> Result<()> {
         a - b
     );
     println!(
-        "curves: {}/{{pretrain,finetune-pretrained,finetune-scratch}}/curves.png; summary: {}",
+        "linear probe (frozen features, block {}): {:.2}% pre-trained vs {:.2}% random init ({:+.2} \
+         points)",
+        out.probe_layer,
+        out.probe_pretrained.final_acc.0,
+        out.probe_random_init.final_acc.0,
+        out.probe_pretrained.final_acc.0 - out.probe_random_init.final_acc.0
+    );
+    println!(
+        "curves: {}/{{pretrain,finetune-pretrained,finetune-scratch,probe-*}}/curves.png; summary: {}",
         args.output.display(),
         out.summary.display()
     );
