@@ -2,7 +2,8 @@
 """Linear probe of every block of a pre-trained BEiT (paper, Appendix D: the middle blocks' features
 probe best), with `beit-cli linear-probe --layer L` for L = 0 (patch embeddings) .. num_hidden_layers.
 
-Each model is `NAME=DIR` (a folder with config.json and weights, e.g. a `pretrain` run's `model/`);
+Each model is `NAME=DIR` (a folder with config.json and weights, e.g. a `pretrain` run's `model/`),
+or `NAME=random:DIR` for that architecture at random init (`linear-probe --set pretrained=false`);
 every layer of every model is one run in `OUT/NAME-L{L}`, reused when its `done.json` exists. Runs
 execute `--jobs` at a time, one thread each, under `nice`. Writes `OUT/probe.md` (top-1 per layer)
 and `OUT/probe.png` (one curve per model).
@@ -31,8 +32,11 @@ def run_layer(args, name, model, layer):
         with open(done) as f:
             return json.load(f)
     subprocess.run(["rm", "-rf", out], check=True)
+    extra = []
+    if model.startswith("random:"):
+        model, extra = model[len("random:"):], ["--set", "pretrained=false"]
     cmd = ["nice", "-n", str(args.nice), args.beit_cli, "linear-probe", "--model", model, "--layer", str(layer),
-           "--data", args.data, "--output", out, "--set", "data.num_workers=1"]
+           "--data", args.data, "--output", out, "--set", "data.num_workers=1"] + extra
     for s in args.set:
         cmd += ["--set", s]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), BEIT_LOG="warn")
@@ -63,7 +67,7 @@ def run_layer(args, name, model, layer):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
+    ap.add_argument("--model", action="append", required=True, metavar="NAME=[random:]DIR")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="to every linear-probe run")
     ap.add_argument("--jobs", type=int, default=2)
@@ -75,7 +79,7 @@ def main():
     models = []
     for m in args.model:
         name, _, path = m.partition("=")
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(path.removeprefix("random:"), "config.json")) as f:
             depth = json.load(f)["num_hidden_layers"]
         models.append((name, path, depth))
     t0 = time.time()

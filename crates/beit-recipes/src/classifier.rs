@@ -175,7 +175,11 @@ mod tests {
     fn a_checkpoint_keeps_its_weights_and_the_fresh_head_takes_the_scale() -> Result<()> {
         let dev = Device::Cpu;
         let mut mim = BeitConfig::base_patch16_224_pt22k();
-        (mim.hidden_size, mim.num_hidden_layers, mim.num_attention_heads) = (32, 2, 2);
+        (
+            mim.hidden_size,
+            mim.num_hidden_layers,
+            mim.num_attention_heads,
+        ) = (32, 2, 2);
         (mim.intermediate_size, mim.image_size, mim.vocab_size) = (64, 32, 16);
         let vm = VarMap::new();
         BeitForMaskedImageModeling::new(&mim, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
@@ -198,10 +202,7 @@ mod tests {
         // The same draw, scaled: weight and bias of the fresh head.
         for k in ["classifier.weight", "classifier.bias"] {
             let diff = (&full[k] - (&small[k] * 1000.0)?)?;
-            assert!(
-                max_abs(&diff) <= 1e-4 * max_abs(&full[k]).max(1e-6),
-                "{k}"
-            );
+            assert!(max_abs(&diff) <= 1e-4 * max_abs(&full[k]).max(1e-6), "{k}");
         }
         assert!(max_abs(&full["classifier.weight"]) > 0.01);
         // The backbone is the checkpoint's, whatever the head's scale.
