@@ -345,7 +345,7 @@ def write_report(args, variants, seeds, results, wall):
     ax.set_ylabel("test top-1 (%)")
     every = [a for r in rows for a in r[3] + r[6]]
     ax.set_ylim(max(0, min(every) - 5), min(100, max(every) + 3))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Table 4 in miniature: Fashion-MNIST, mean ± std over seeds (dots: runs)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "ablations.png"), dpi=120)
