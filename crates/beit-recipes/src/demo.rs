@@ -141,8 +141,6 @@ pub struct DemoOutcome {
     pub probe_pretrained: LinearProbeOutcome,
     /// Linear probe of the same architecture's features at random init.
     pub probe_random_init: LinearProbeOutcome,
-    /// The block both probes read.
-    pub probe_layer: usize,
     /// One line per stage.
     pub stages: Vec<StageResult>,
     /// Wall time of the whole demo.
@@ -303,7 +301,6 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         job.config.probe.train.epochs
     ));
     let t = Instant::now();
-    let layer = job.config.probe.layer;
     let mut probes = Vec::new();
     for pretrained in [true, false] {
         let mut lcfg = job.config.probe.clone();
@@ -330,7 +327,7 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         seconds: t.elapsed().as_secs_f64(),
         result: format!(
             "test top-1 {:.2}% pre-trained vs {:.2}% random init (block {})",
-            probe_pretrained.final_acc.0, probe_random_init.final_acc.0, layer
+            probe_pretrained.final_acc.0, probe_random_init.final_acc.0, probe_pretrained.layer
         ),
     });
     let seconds = total.elapsed().as_secs_f64();
@@ -342,7 +339,7 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         &pre,
         &pretrained,
         &scratch,
-        (&probe_pretrained, &probe_random_init, layer),
+        (&probe_pretrained, &probe_random_init),
         &results,
         seconds,
     )?;
@@ -353,7 +350,6 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         finetune_scratch: scratch,
         probe_pretrained,
         probe_random_init,
-        probe_layer: layer,
         stages: results,
         seconds,
         summary,
@@ -368,7 +364,7 @@ fn write_summary(
     pre: &PretrainOutcome,
     pretrained: &FinetuneOutcome,
     scratch: &FinetuneOutcome,
-    probes: (&LinearProbeOutcome, &LinearProbeOutcome, usize),
+    probes: (&LinearProbeOutcome, &LinearProbeOutcome),
     stages: &[StageResult],
     seconds: f64,
 ) -> Result<()> {
@@ -391,7 +387,7 @@ fn write_summary(
         "accuracy_scratch": final_acc1(scratch),
         "probe_accuracy_pretrained": probes.0.final_acc.0,
         "probe_accuracy_random_init": probes.1.final_acc.0,
-        "probe_layer": probes.2,
+        "probe_layer": probes.0.layer,
         "stages": stages,
         "total_seconds": seconds,
         "threads": rayon::current_num_threads(),

@@ -163,6 +163,8 @@ pub struct LinearProbeJob {
 pub struct LinearProbeOutcome {
     /// Blocks of the probed model.
     pub num_layers: usize,
+    /// The block whose features were probed (0 = the patch embeddings).
+    pub layer: usize,
     /// The data used.
     pub data: String,
     /// Validation top-1 and top-5 after the last epoch.
@@ -420,6 +422,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     }
     Ok(LinearProbeOutcome {
         num_layers: layers,
+        layer: cfg.layer,
         data: splits.description,
         final_acc,
         best_acc1: done.best_eval.map(|e| (e.metrics["acc1"], e.epochs_done)),

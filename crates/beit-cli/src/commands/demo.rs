@@ -89,7 +89,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!(
         "linear probe (frozen features, block {}): {:.2}% pre-trained vs {:.2}% random init ({:+.2} \
          points)",
-        out.probe_layer,
+        out.probe_pretrained.layer,
         out.probe_pretrained.final_acc.0,
         out.probe_random_init.final_acc.0,
         out.probe_pretrained.final_acc.0 - out.probe_random_init.final_acc.0

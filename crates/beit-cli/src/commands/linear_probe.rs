@@ -45,7 +45,7 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         return Ok(());
     }
     let resume = args.resume.checkpoint(&config.output);
-    let (model, layer) = (config.model.clone(), config.layer);
+    let model = config.model.clone();
     let out = linear_probe(&LinearProbeJob {
         config,
         resume,
@@ -58,7 +58,7 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
     let mut rows = vec![
         (
             "model".to_string(),
-            format!("{model} (block {layer} of {})", out.num_layers),
+            format!("{model} (block {} of {})", out.layer, out.num_layers),
         ),
         ("data".to_string(), out.data.clone()),
         (
