@@ -85,23 +85,29 @@ for flip, box in [(False, (37, 12, 301, 260)), (True, (150, 40, 200, 180)), (Fal
     add(tag + "_patch224", "chelsea.png", "two_view_first", v1, left=left, top=top, width=w, height=h, flip=flip)
     add(tag + "_tok112", "chelsea.png", "two_view_second", v2, left=left, top=top, width=w, height=h, flip=flip)
 
-# 4. ColorJitter with fixed factors and order (torchvision's tensor semantics: float, clamped after
-# each step, contrast mean over the whole image), rounded to 8 bits once at the end.
+# 4. ColorJitter with fixed factors and order, on the PIL image as timm's and unilm's transforms
+# run it (Pillow's ImageEnhance: 8-bit blends truncated after each step, contrast mean over the
+# whole image). Hue is the exception: beit-data rotates it in f32 HSV and rounds, as torchvision
+# does on tensors (Pillow's 8-bit HSV round trip differs), so the hue case is made that way.
 small = chelsea.resize((160, 106), Image.BICUBIC)
 small.save(os.path.join(OUT, "chelsea_small.png"))
 inputs["parity/chelsea_small.png"] = small
 ADJ = {"brightness": F.adjust_brightness, "contrast": F.adjust_contrast,
-       "saturation": F.adjust_saturation, "hue": F.adjust_hue}
+       "saturation": F.adjust_saturation}
 for i, (ops, box) in enumerate([
-    ([("brightness", 1.3), ("contrast", 0.7), ("saturation", 1.4), ("hue", 0.1)], None),
+    ([("brightness", 1.3), ("contrast", 0.7), ("saturation", 1.4)], None),
     ([("saturation", 0.6), ("brightness", 0.8), ("contrast", 1.35)], (30, 20, 90, 70)),
-    ([("hue", -0.23), ("contrast", 1.2), ("brightness", 1.1), ("saturation", 1.25)], (5, 50, 150, 40)),
+    ([("contrast", 1.2), ("brightness", 1.1), ("saturation", 1.25)], (5, 50, 150, 40)),
+    ([("hue", -0.23)], (5, 50, 150, 40)),
 ]):
-    x = F.pil_to_tensor(small).float() / 255
-    for name, f in ops:
-        x = ADJ[name](x, f)
-    out = (x * 255 + 0.5).floor().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    out = Image.fromarray(out)
+    if ops[0][0] == "hue":
+        x = F.adjust_hue(F.pil_to_tensor(small).float() / 255, ops[0][1])
+        out = (x * 255 + 0.5).floor().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        out = Image.fromarray(out)
+    else:
+        out = small
+        for name, f in ops:
+            out = ADJ[name](out, f)
     if box is not None:
         out = out.crop((box[0], box[1], box[0] + box[2], box[1] + box[3]))
     add(f"chelsea_small_jitter_{i}", "parity/chelsea_small.png", "jitter", out,

@@ -13,8 +13,9 @@
 //! Fidelity: the deterministic geometry (resize with every Pillow filter, `Resize` + `CenterCrop`,
 //! the two views of a given crop) is bit-exact with Pillow/torchvision on real photos
 //! (`tests/parity.rs`). Random augmentations follow the reference definitions but cannot match
-//! draw for draw (different random generators); colour jitter works in f32 as torchvision does on
-//! tensors and rounds once at the end.
+//! draw for draw (different random generators); colour jitter computes brightness, contrast and
+//! saturation with Pillow's 8-bit arithmetic, as torchvision does on the PIL images that timm and
+//! unilm jitter.
 //!
 //! All randomness comes from `StdRng`s seeded from `(seed, epoch, sample index)`, so a resumed run
 //! sees the same augmentations.
