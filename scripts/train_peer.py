@@ -27,8 +27,19 @@ What it does, step by step (each line names the beit-rs counterpart):
   batch dropped (`Loader`);
 - loss: label smoothing cross-entropy (`train.label_smoothing`), or soft-target cross-entropy
   with timm `Mixup` when mixup/cutmix is on;
+- after every optimizer step: `{"kind": "step", "step": s, "epoch": e, "loss": ..., "lr": ...}`
+  in `OUTPUT/metrics.jsonl` (1-based `step`, the loss of the batch before the update and the
+  peak-group lr it was updated with, as beit-rs's step records);
 - after every epoch: top-1/top-5 on the test split, written to `OUTPUT/metrics.jsonl` as
   `{"kind": "eval", "epoch": e, "acc1": ..., "acc5": ..., "loss": ...}` (0-based `epoch`).
+
+`--save-init DIR` also writes the initialised model (before any step) as a transformers
+checkpoint (`save_pretrained`), which `beit-cli finetune --model DIR` loads: both programs then
+start from the same weights (with `--set finetune.head_init_scale=1.0` on the beit-rs side, so
+the loaded head is kept as it is). With augmentation and drop path off and one batch per epoch
+(`train.batch_size` = the training set), nothing random is left and the two step-loss
+sequences must agree up to float rounding: a check of the optimizer, its groups, the schedule,
+the loss and the model, with no seed noise.
 
 Config keys: both spellings are read, `train.drop_path_rate` or the older `train.drop_path`,
 `train.label_smoothing` or the older `aug.smoothing`.
@@ -400,6 +411,7 @@ def main():
     ap.add_argument("--init", choices=["hf", "unilm"], default="hf")
     ap.add_argument("--no-decay-rel-pos", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save-init", metavar="DIR", help="write the initialised model here")
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.set)
@@ -436,6 +448,8 @@ def main():
     if args.init == "unilm":
         unilm_init(model, cfg["architecture"]["layer_scale_init_value"])
     model.train()
+    if args.save_init:
+        model.save_pretrained(args.save_init)
 
     groups = param_groups(model, L, t["layer_decay"], not args.no_decay_rel_pos)
     opt = torch.optim.AdamW(
@@ -495,6 +509,9 @@ def main():
             opt.step()
             opt.zero_grad()
             it += 1
+            rec = {"kind": "step", "step": it, "epoch": epoch, "loss": loss.item() * accum}
+            rec["lr"] = float(lr_sched[it - 1])
+            metrics.write(json.dumps(rec) + "\n")
         acc1, acc5, vloss = evaluate(model, test_loader)
         rec = {"kind": "eval", "epoch": epoch, "step": it, "acc1": acc1, "acc5": acc5}
         rec["loss"] = vloss
