@@ -127,7 +127,21 @@ def main():
     block = EncoderBlock(n_in=4, n_out=8, n_layers=2)
     attr.set_run_validators(True)
     perturb(block, gen)
-    torch.save(block, os.path.join(OUT, "legacy_block.pkl"), _use_new_zipfile_serialization=False)
+    # The legacy layout records each module class's source file; keep only the path inside
+    # site-packages so the fixture does not carry this machine's directories.
+    import torch.serialization as ts
+
+    real = ts.get_source_lines_and_file
+
+    def neutral_source(obj, error_msg=None):
+        lines, lineno, path = real(obj, error_msg)
+        return lines, lineno, path.split("site-packages/")[-1]
+
+    ts.get_source_lines_and_file = neutral_source
+    try:
+        torch.save(block, os.path.join(OUT, "legacy_block.pkl"), _use_new_zipfile_serialization=False)
+    finally:
+        ts.get_source_lines_and_file = real
 
     expected = {}
     with torch.no_grad():
