@@ -412,6 +412,12 @@ def main():
     ap.add_argument("--no-decay-rel-pos", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-init", metavar="DIR", help="write the initialised model here")
+    ap.add_argument(
+        "--order-file",
+        metavar="JSON",
+        help="train in these sample orders (a list of per-epoch index lists, e.g. beit-rs's from "
+        "`cargo run -p beit-data --example epoch_orders`) instead of shuffling",
+    )
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.set)
@@ -437,8 +443,31 @@ def main():
     accum = int(t["accum_steps"])
     micro = int(t["batch_size"]) // accum
     gen = torch.Generator().manual_seed(seed)
+    if args.order_file:
+        with open(args.order_file) as f:
+            orders = json.load(f)
+        if len(orders) < int(t["epochs"]):
+            sys.exit(f"{args.order_file}: {len(orders)} epoch orders for {t['epochs']} epochs")
+
+        class FixedOrder(torch.utils.data.Sampler):
+            """The given order of each epoch, one epoch per `iter`."""
+
+            def __init__(self):
+                self.epoch = 0
+
+            def __len__(self):
+                return len(train_ds)
+
+            def __iter__(self):
+                order = orders[self.epoch]
+                self.epoch += 1
+                return iter(order)
+
+        sampler = FixedOrder()
+    else:
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=gen)
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=micro, shuffle=True, drop_last=True, generator=gen, num_workers=0
+        train_ds, batch_size=micro, sampler=sampler, drop_last=True, num_workers=0
     )
     eval_bs = t["eval_batch_size"] or (micro * 3 + 1) // 2
     test_loader = torch.utils.data.DataLoader(test_ds, batch_size=eval_bs, shuffle=False)
