@@ -232,55 +232,48 @@ impl Step {
     }
 }
 
+/// Pillow's mean of `convert("L")` over the image, rounded to an integer grey level: the reference
+/// `ImageEnhance.Contrast` blends with.
+fn mean_luma(img: &RgbImage) -> u8 {
+    let total: u64 = img
+        .as_raw()
+        .chunks_exact(3)
+        .map(|p| luma(p[0], p[1], p[2]) as u64)
+        .sum();
+    let n = (img.width() as f64 * img.height() as f64).max(1.0);
+    (total as f64 / n + 0.5) as u8
+}
+
 impl JitterDraw {
-    /// The steps of `ops`, the contrast step blending with the grey level `mean`.
-    fn steps(ops: &[Op], mean: u8) -> Vec<Step> {
-        ops.iter()
-            .map(|&op| match op {
-                Op::Brightness(f) => Step::lut(|v| blend(0, v, f)),
-                Op::Contrast(f) => Step::lut(|v| blend(mean, v, f)),
-                Op::Saturation(f) => Step::Saturation(f),
-                Op::Hue(s) => Step::Hue(s),
-            })
-            .collect()
-    }
-
-    /// Pillow's contrast reference: the mean luma of the whole image as it is when the contrast
-    /// step runs (after the adjustments drawn before it), rounded to an integer grey level.
-    fn contrast_mean(&self, img: &RgbImage) -> u8 {
-        let Some(pos) = self.ops.iter().position(|o| matches!(o, Op::Contrast(_))) else {
-            return 0;
-        };
-        let prefix = Self::steps(&self.ops[..pos], 0);
-        let w = img.width() as usize * 3;
-        let mut row = vec![0u8; w];
-        let mut total = 0u64;
-        for px in img.as_raw().chunks_exact(w.max(1)) {
-            row.copy_from_slice(px);
-            for s in &prefix {
-                s.run(&mut row);
-            }
-            total += row
-                .chunks_exact(3)
-                .map(|p| luma(p[0], p[1], p[2]) as u64)
-                .sum::<u64>();
-        }
-        let n = (img.width() as f64 * img.height() as f64).max(1.0);
-        (total as f64 / n + 0.5) as u8
-    }
-
     /// Apply to the region `b` of `img` and return that region only. Every step is per-pixel except
-    /// the contrast mean, which is taken over the whole image, so this equals jittering the whole
-    /// image and then cropping, at the cost of the crop only.
+    /// the contrast reference, the mean luma of the whole image as it is when the contrast step
+    /// runs; so this equals jittering the whole image and then cropping. A crop smaller than the
+    /// image costs the crop, plus the whole image up to the last contrast step.
     pub fn apply_region(&self, img: &RgbImage, b: CropBox) -> RgbImage {
         let mut out = image::imageops::crop_imm(img, b.left, b.top, b.width, b.height).to_image();
-        if self.ops.is_empty() {
-            return out;
-        }
-        let steps = Self::steps(&self.ops, self.contrast_mean(img));
-        let buf: &mut [u8] = &mut out;
-        for s in &steps {
-            s.run(buf);
+        let last_contrast = self.ops.iter().rposition(|o| matches!(o, Op::Contrast(_)));
+        // The whole image in step with `out` while a contrast step is ahead and `out` is a crop.
+        let mut whole = match last_contrast {
+            Some(_) if out.dimensions() != img.dimensions() => Some(img.clone()),
+            _ => None,
+        };
+        for (i, &op) in self.ops.iter().enumerate() {
+            let step = match op {
+                Op::Brightness(f) => Step::lut(|v| blend(0, v, f)),
+                Op::Contrast(f) => {
+                    let mean = mean_luma(whole.as_ref().unwrap_or(&out));
+                    Step::lut(|v| blend(mean, v, f))
+                }
+                Op::Saturation(f) => Step::Saturation(f),
+                Op::Hue(s) => Step::Hue(s),
+            };
+            if Some(i) == last_contrast {
+                whole = None;
+            }
+            if let Some(w) = whole.as_mut() {
+                step.run(w);
+            }
+            step.run(&mut out);
         }
         out
     }
