@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
 use crate::device::parse_device;
 use crate::evaluate::progress_bar;
-use crate::model_source::load_model;
+use crate::model_source::{load_architecture, load_model};
 use crate::tensor_batches::epoch_batch_indices;
 
 /// A linear-probe recipe (`configs/linear_probe_*.toml`).
@@ -265,13 +265,16 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let out = cfg.output.clone();
     prepare_output_dir(&out, job.resume.is_some())?;
 
-    let mut loaded = load_model(&cfg.model, job.download)?;
+    let loaded = if cfg.pretrained {
+        load_model(&cfg.model, job.download)?
+    } else {
+        tracing::info!("probing the architecture of {} from random init", cfg.model);
+        load_architecture(&cfg.model, job.download, |mcfg| {
+            random_init_tensors(mcfg, t.seed, &device)
+        })?
+    };
     let mcfg = loaded.checkpoint.config.clone();
     let layers = mcfg.num_hidden_layers;
-    if !cfg.pretrained {
-        loaded.checkpoint.tensors = random_init_tensors(&mcfg, t.seed, &device)?;
-        tracing::info!("probing the architecture of {} from random init", cfg.model);
-    }
     if cfg.layer > layers {
         bail!(
             "--layer {}: the model has {layers} blocks (use 1..={layers}; the paper uses 9 of 12 \

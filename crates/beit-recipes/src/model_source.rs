@@ -1,8 +1,13 @@
 //! `--model <dir | hub id>`: resolve through the Hugging Face cache and load the checkpoint.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use beit_hub::{resolve_model, ResolveOptions, WeightFiles};
 use beit_model::load::Checkpoint;
+use beit_model::BeitConfig;
+use candle::Tensor;
 
 use beit_data::ImageProcessor;
 
@@ -17,14 +22,39 @@ pub struct LoadedModel {
 /// Resolve `spec` (a local directory or `org/name[@revision]` in the HF cache; never downloads
 /// unless `download`) and read config, weights and `preprocessor_config.json`.
 pub fn load_model(spec: &str, download: bool) -> Result<LoadedModel> {
+    load(spec, download, |config, weights| {
+        Checkpoint::from_files(config, weights).with_context(|| format!("loading model `{spec}`"))
+    })
+}
+
+/// [`load_model`] without reading the weights file: config and preprocessing from `spec`, the
+/// tensors from `tensors(config)` (e.g. a fresh initialisation of the same architecture).
+pub fn load_architecture(
+    spec: &str,
+    download: bool,
+    tensors: impl FnOnce(&BeitConfig) -> Result<HashMap<String, Tensor>>,
+) -> Result<LoadedModel> {
+    load(spec, download, |config, weights| {
+        Ok(Checkpoint {
+            tensors: tensors(&config)?,
+            config,
+            source: weights.to_path_buf(),
+        })
+    })
+}
+
+fn load(
+    spec: &str,
+    download: bool,
+    checkpoint: impl FnOnce(BeitConfig, &Path) -> Result<Checkpoint>,
+) -> Result<LoadedModel> {
     let files = resolve_model(spec, &ResolveOptions::default().with_download(download))?;
     let weights = match &files.weights {
         WeightFiles::Safetensors(p) | WeightFiles::PytorchBin(p) => p.clone(),
         WeightFiles::ShardedSafetensors { index, .. } => index.clone(),
     };
-    let config = beit_model::BeitConfig::from_file(&files.config)?;
-    let checkpoint = Checkpoint::from_files(config, &weights)
-        .with_context(|| format!("loading model `{spec}`"))?;
+    let config = BeitConfig::from_file(&files.config)?;
+    let checkpoint = checkpoint(config, &weights)?;
     let size = checkpoint.config.image_size as u32;
     let processor = if checkpoint.config.family == beit_model::config::Family::Timm {
         // timm checkpoints describe their pipeline in config.json's `pretrained_cfg`.
