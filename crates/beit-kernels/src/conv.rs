@@ -125,8 +125,9 @@ const FROZEN_COLS_LIMIT: usize = 16 << 20;
 /// for these shapes); in a forward pass alone (a frozen tokenizer), the same unfold + product over
 /// chunks of the batch, when one image's columns are small (candle's tiled `conv2d` builds its
 /// columns element by element into freshly zeroed tiles: a quarter of the demo's pre-training
-/// step went there). Otherwise a matrix product over channels for `k = 1` and candle's `conv2d`
-/// for larger kernels.
+/// step went there; for `k = 1` the "unfold" is a transpose to `(C, B H W)`, which turns one
+/// small product per image into one product per batch). Otherwise a matrix product over channels
+/// for `k = 1` and candle's `conv2d` for larger kernels.
 pub fn conv2d_same(x: &Tensor, w: &Tensor) -> candle::Result<Tensor> {
     conv2d_same_impl(x, w, None)
 }
@@ -148,7 +149,7 @@ fn conv2d_same_impl(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle::Re
         if w.track_op() {
             return conv2d_im2col(x, w, k, bias);
         }
-        if k > 1 && !x.track_op() {
+        if !x.track_op() {
             if let Some(y) = conv2d_im2col_chunked(x, w, k, bias, FROZEN_COLS_LIMIT)? {
                 return Ok(y);
             }
@@ -180,7 +181,7 @@ fn conv2d_im2col(
     // Columns (C k k, B H W): the whole batch is one matrix product, and the kernel's gradient
     // one more, instead of B small ones.
     let cols = x.contiguous()?.apply_op1(Unfold { k })?;
-    let mut y = w.reshape((n_out, c * k * k))?.matmul(&cols)?;
+    let mut y = crate::matmul::matmul(&w.reshape((n_out, c * k * k))?, &cols)?;
     if let Some(bias) = bias {
         y = y.broadcast_add(&bias.reshape((n_out, 1))?)?;
     }

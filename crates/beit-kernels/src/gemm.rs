@@ -62,9 +62,24 @@ impl Shared {
     }
 }
 
+/// Below this many multiply-adds a GEMM runs on the calling thread (the `gemm` crate's own
+/// default threshold).
+const PARALLEL_MIN_MACS: usize = 48 * 48 * 256;
+
+/// Slabs are cut at multiples of this many rows or columns (a multiple of every micro-kernel's
+/// tile), so that no slab ends in a partial tile that a single call would not have.
+const SLAB_ALIGN: usize = 16;
+
 /// `dst (m x n, row stride dst_rs) = lhs (m x k) * rhs (k x n)`, plus the previous content of
 /// `dst` when `accumulate`. `threaded` splits the work over candle's thread count; inside an
 /// already parallel loop pass `false`.
+///
+/// A threaded call hands the pool one task per thread, each a single-threaded GEMM on its own
+/// slab of rows (or of columns, when `n > m`), instead of letting `gemm` parallelise inside: that
+/// opens one parallel region for every block of `k` it works through (a weight gradient, whose `k`
+/// is the batch's token count, opened about twenty per call in the demo's pre-training, each a
+/// futex wake-up and sleep of the pool). One region per call keeps the threads as busy for far
+/// fewer system calls.
 ///
 /// # Safety
 /// Every pointer must be valid for the extents implied by the shapes and strides, and `dst` must
@@ -81,12 +96,80 @@ pub(crate) unsafe fn sgemm(
     rhs: Mat,
     threaded: bool,
 ) {
-    let threads = candle::utils::get_num_threads();
-    let parallelism = if threaded && threads > 1 {
-        Parallelism::Rayon(threads)
+    let threads = if threaded && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS {
+        candle::utils::get_num_threads()
     } else {
-        Parallelism::None
+        1
     };
+    let split_rows = m >= n;
+    let extent = if split_rows { m } else { n };
+    let slabs = threads.min(extent / SLAB_ALIGN).max(1);
+    if slabs == 1 {
+        // SAFETY: the caller's contract.
+        unsafe { sgemm_serial(m, n, k, dst, dst_rs, accumulate, lhs, rhs) };
+        return;
+    }
+    let per = extent.div_ceil(slabs).next_multiple_of(SLAB_ALIGN);
+    let (out, a, b) = (SharedMut(dst), Shared(lhs.ptr), Shared(rhs.ptr));
+    let ((lrs, lcs), (rrs, rcs)) = ((lhs.rs, lhs.cs), (rhs.rs, rhs.cs));
+    use rayon::prelude::*;
+    (0..slabs).into_par_iter().for_each(|i| {
+        let start = (i * per).min(extent);
+        let len = per.min(extent - start);
+        if len == 0 {
+            return;
+        }
+        // SAFETY: slab `i` covers rows (or columns) `start..start + len` of `dst`, inside the
+        // caller's extents and disjoint from every other slab's; it reads the matching rows of
+        // `lhs` (or columns of `rhs`) and all of the other operand, which the caller guarantees
+        // valid and not aliased with `dst`.
+        unsafe {
+            if split_rows {
+                let lhs = Mat {
+                    ptr: a.get().offset(start as isize * lrs),
+                    rs: lrs,
+                    cs: lcs,
+                };
+                let rhs = Mat {
+                    ptr: b.get(),
+                    rs: rrs,
+                    cs: rcs,
+                };
+                let dst = out.get().add(start * dst_rs);
+                sgemm_serial(len, n, k, dst, dst_rs, accumulate, lhs, rhs);
+            } else {
+                let rhs = Mat {
+                    ptr: b.get().offset(start as isize * rcs),
+                    rs: rrs,
+                    cs: rcs,
+                };
+                let lhs = Mat {
+                    ptr: a.get(),
+                    rs: lrs,
+                    cs: lcs,
+                };
+                let dst = out.get().add(start);
+                sgemm_serial(m, len, k, dst, dst_rs, accumulate, lhs, rhs);
+            }
+        }
+    });
+}
+
+/// [`sgemm`] on the calling thread.
+///
+/// # Safety
+/// As for [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
     // SAFETY: the caller guarantees valid, non-aliasing operands for these extents.
     unsafe {
         gemm::gemm(
@@ -108,7 +191,7 @@ pub(crate) unsafe fn sgemm(
             false,
             false,
             false,
-            parallelism,
+            Parallelism::None,
         )
     };
 }

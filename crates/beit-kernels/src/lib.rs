@@ -37,6 +37,7 @@ mod gemm;
 mod heads;
 mod layer_norm;
 mod linear;
+mod matmul;
 mod residual;
 mod softmax;
 mod stack;
