@@ -124,33 +124,24 @@ pub(crate) unsafe fn sgemm(
         // `lhs` (or columns of `rhs`) and all of the other operand, which the caller guarantees
         // valid and not aliased with `dst`.
         unsafe {
-            if split_rows {
-                let lhs = Mat {
-                    ptr: a.get().offset(start as isize * lrs),
-                    rs: lrs,
-                    cs: lcs,
-                };
-                let rhs = Mat {
-                    ptr: b.get(),
-                    rs: rrs,
-                    cs: rcs,
-                };
-                let dst = out.get().add(start * dst_rs);
-                sgemm_serial(len, n, k, dst, dst_rs, accumulate, lhs, rhs);
+            // Slab offsets: rows of lhs and dst, or columns of rhs and dst.
+            let (lhs_at, rhs_at, dst_at, rows, cols) = if split_rows {
+                (start as isize * lrs, 0, start * dst_rs, len, n)
             } else {
-                let rhs = Mat {
-                    ptr: b.get().offset(start as isize * rcs),
-                    rs: rrs,
-                    cs: rcs,
-                };
-                let lhs = Mat {
-                    ptr: a.get(),
-                    rs: lrs,
-                    cs: lcs,
-                };
-                let dst = out.get().add(start);
-                sgemm_serial(m, len, k, dst, dst_rs, accumulate, lhs, rhs);
-            }
+                (0, start as isize * rcs, start, m, len)
+            };
+            let lhs = Mat {
+                ptr: a.get().offset(lhs_at),
+                rs: lrs,
+                cs: lcs,
+            };
+            let rhs = Mat {
+                ptr: b.get().offset(rhs_at),
+                rs: rrs,
+                cs: rcs,
+            };
+            let dst = out.get().add(dst_at);
+            sgemm_serial(rows, cols, k, dst, dst_rs, accumulate, lhs, rhs);
         }
     });
 }
