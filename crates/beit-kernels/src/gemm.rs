@@ -62,10 +62,6 @@ impl Shared {
     }
 }
 
-/// Below this many multiply-adds a GEMM runs on the calling thread (the `gemm` crate's own
-/// default threshold).
-const PARALLEL_MIN_MACS: usize = 48 * 48 * 256;
-
 /// Slabs are cut at multiples of this many rows or columns (a multiple of every micro-kernel's
 /// tile), so that no slab ends in a partial tile that a single call would not have.
 const SLAB_ALIGN: usize = 16;
@@ -74,7 +70,8 @@ const SLAB_ALIGN: usize = 16;
 /// `dst` when `accumulate`. `threaded` splits the work over candle's thread count; inside an
 /// already parallel loop pass `false`.
 ///
-/// A threaded call hands the pool one task per thread, each a single-threaded GEMM on its own
+/// Below the `gemm` crate's threading threshold (multiply-adds) a call runs on the calling
+/// thread, as `gemm` itself would. A threaded call hands the pool one task per thread, each a single-threaded GEMM on its own
 /// slab of rows (or of columns, when `n > m`), instead of letting `gemm` parallelise inside: that
 /// opens one parallel region for every block of `k` it works through (a weight gradient, whose `k`
 /// is the batch's token count, opened about twenty per call in the demo's pre-training, each a
@@ -96,11 +93,12 @@ pub(crate) unsafe fn sgemm(
     rhs: Mat,
     threaded: bool,
 ) {
-    let threads = if threaded && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_MIN_MACS {
-        candle::utils::get_num_threads()
-    } else {
-        1
-    };
+    let threads =
+        if threaded && m.saturating_mul(n).saturating_mul(k) >= gemm::get_threading_threshold() {
+            candle::utils::get_num_threads()
+        } else {
+            1
+        };
     let split_rows = m >= n;
     let extent = if split_rows { m } else { n };
     let slabs = threads.min(extent / SLAB_ALIGN).max(1);
