@@ -4,7 +4,7 @@
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{add_partials, chunk_rows, f32_data, par_zeroed};
+use crate::cpu::{add_partials, chunk_rows, f32_data, par_rows, par_zeroed};
 use crate::dispatch::fused_cpu_f32;
 use crate::vmath;
 
@@ -29,13 +29,9 @@ impl CustomOp2 for BiasGeluOp {
         if n == 0 || h.len() % n != 0 {
             candle::bail!("bias-gelu: a bias of {n} does not fit {:?}", l1.shape());
         }
-        let mut y = par_zeroed(h.len());
-        let chunk = chunk_rows(h.len() / n, n) * n;
-        y.par_chunks_mut(chunk)
-            .zip(h.par_chunks(chunk))
-            .for_each(|(yc, hc)| {
-                vmath::bias_gelu_rows(hc, b, yc);
-            });
+        let y = par_rows(h.len() / n, n, |i, y| {
+            vmath::bias_gelu_rows(&h[i * n..(i + 1) * n], b, y)
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -114,13 +110,17 @@ mod tests {
 
     #[test]
     fn bias_gelu_matches_composition_values_and_gradients() -> Result<()> {
-        let h = var(&[5, 9, 33], 0.0, 2.0);
-        let b = var(&[33], 0.0, 1.0);
-        compare(
-            &[&h, &b],
-            |t| bias_gelu_erf(t[0], t[1]),
-            |t| t[0].broadcast_add(t[1])?.gelu_erf(),
-            1e-5,
-        )
+        // One task, and enough rows for several parallel tasks.
+        for t in [9, 300] {
+            let h = var(&[5, t, 33], 0.0, 2.0);
+            let b = var(&[33], 0.0, 1.0);
+            compare(
+                &[&h, &b],
+                |t| bias_gelu_erf(t[0], t[1]),
+                |t| t[0].broadcast_add(t[1])?.gelu_erf(),
+                1e-5,
+            )?;
+        }
+        Ok(())
     }
 }

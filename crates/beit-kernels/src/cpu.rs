@@ -61,6 +61,33 @@ pub(crate) fn par_zeroed(n: usize) -> Vec<f32> {
     }
 }
 
+/// A `(rows, row_len)` output computed row by row by the rayon threads, in tasks of
+/// [`chunk_rows`] rows: `row(i, out)` writes row `i` into `out`. Each row is zeroed just before it
+/// is handed out, while it is in cache, instead of in a separate zero-fill pass over the whole
+/// buffer (one more trip through memory for a big activation).
+pub(crate) fn par_rows(
+    rows: usize,
+    row_len: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    if rows == 0 || row_len == 0 {
+        return Vec::new();
+    }
+    let chunk = chunk_rows(rows, row_len) * row_len;
+    let fill = |start: usize, block: &mut [std::mem::MaybeUninit<f32>]| {
+        for (r, out) in block.chunks_mut(row_len).enumerate() {
+            out.fill(std::mem::MaybeUninit::new(0.0));
+            // SAFETY: every element of `out` was just initialised, and MaybeUninit<f32> has the
+            // layout of f32.
+            let out = unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            row(start / row_len + r, out);
+        }
+    };
+    // SAFETY: blocks start at multiples of `chunk` (whole rows) and cover the `rows * row_len`
+    // elements in whole rows; `fill` initialises every element of every row it is given.
+    unsafe { par_filled(rows * row_len, chunk, fill) }
+}
+
 /// Element-wise sum of two per-task partial sums (the `reduce` step of the backward kernels).
 pub(crate) fn add_partials(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
     a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
@@ -160,6 +187,24 @@ mod tests {
             assert_eq!(v.len(), n);
             assert!(v.iter().enumerate().all(|(i, &x)| x == i as f32));
             assert!(par_zeroed(n).iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn every_row_gets_its_own_index_at_every_size() {
+        // One task (below SEQUENTIAL_BELOW), many tasks with a short last one, and nothing.
+        for (rows, row_len) in [(3, 5), (1001, 77), (4096, 8), (0, 9), (7, 0)] {
+            let v = par_rows(rows, row_len, |i, out| {
+                assert!(
+                    out.iter().all(|&x| x == 0.0),
+                    "row {i} is handed out zeroed"
+                );
+                for (j, e) in out.iter_mut().enumerate() {
+                    *e = (i * row_len + j) as f32;
+                }
+            });
+            assert_eq!(v.len(), rows * row_len);
+            assert!(v.iter().enumerate().all(|(k, &x)| x == k as f32));
         }
     }
 

@@ -8,7 +8,9 @@
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{add_partials, chunk_rows, dot16, f32_data, par_zeroed, row_stats, sum16};
+use crate::cpu::{
+    add_partials, chunk_rows, dot16, f32_data, par_rows, par_zeroed, row_stats, sum16,
+};
 use crate::dispatch::{fused_cpu_f32, multiversion};
 
 struct LayerNormOp {
@@ -36,11 +38,9 @@ impl CustomOp3 for LayerNormOp {
         if c == 0 || b.len() != c || x.len() % c != 0 {
             candle::bail!("layer-norm: weight/bias of {c} do not fit {:?}", l1.shape());
         }
-        let mut y = par_zeroed(x.len());
-        let rows = chunk_rows(x.len() / c, c);
-        y.par_chunks_mut(rows * c)
-            .zip(x.par_chunks(rows * c))
-            .for_each(|(yc, xc)| forward_rows(xc, w, b, self.eps, yc));
+        let y = par_rows(x.len() / c, c, |i, y| {
+            forward_rows(&x[i * c..(i + 1) * c], w, b, self.eps, y)
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -194,16 +194,20 @@ mod tests {
 
     #[test]
     fn layer_norm_matches_composition_values_and_gradients() -> Result<()> {
-        // 37 columns: exercises the 16-lane loops and their remainders; 45 rows: uneven chunks.
-        let x = var(&[3, 15, 37], 0.5, 2.0);
-        let w = var(&[37], 1.0, 0.3);
-        let b = var(&[37], 0.0, 0.3);
-        compare(
-            &[&x, &w, &b],
-            |t| layer_norm(t[0], t[1], t[2], 1e-6),
-            |t| layer_norm_composed(t[0], t[1], t[2], 1e-6),
-            1e-4,
-        )
+        // 37 columns: exercises the 16-lane loops and their remainders; 45 rows: one task, 1200
+        // rows: several parallel tasks, uneven.
+        for t in [15, 400] {
+            let x = var(&[3, t, 37], 0.5, 2.0);
+            let w = var(&[37], 1.0, 0.3);
+            let b = var(&[37], 0.0, 0.3);
+            compare(
+                &[&x, &w, &b],
+                |t| layer_norm(t[0], t[1], t[2], 1e-6),
+                |t| layer_norm_composed(t[0], t[1], t[2], 1e-6),
+                1e-4,
+            )?;
+        }
+        Ok(())
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use candle::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{add_partials, chunk_rows, f32_data, par_zeroed};
+use crate::cpu::{add_partials, chunk_rows, f32_data, par_rows, par_zeroed};
 use crate::dispatch::fused_cpu_f32;
 
 /// `x + keep[b] * (h * lambda)`: `lambda` `(C)` over the last dimension, `keep` one factor per
@@ -52,34 +52,18 @@ impl CustomOp3 for ScaledResidualOp {
             Some(k) => rows / k.len(),
             None => rows,
         };
-        let mut y = par_zeroed(x.len());
-        let chunk = chunk_rows(rows, c);
-        y.par_chunks_mut(chunk * c)
-            .zip(x.par_chunks(chunk * c).zip(h.par_chunks(chunk * c)))
-            .enumerate()
-            .for_each(|(ci, (yc, (xc, hc)))| {
-                for (r, ((yr, xr), hr)) in yc
-                    .chunks_exact_mut(c)
-                    .zip(xc.chunks_exact(c))
-                    .zip(hc.chunks_exact(c))
-                    .enumerate()
-                {
-                    match &self.keep {
-                        // Same operation order as `x + (h * lambda) * keep`.
-                        Some(_) => {
-                            let k = self.factor(ci * chunk + r, per_sample);
-                            for i in 0..c {
-                                yr[i] = hr[i] * lambda[i] * k + xr[i];
-                            }
-                        }
-                        None => {
-                            for i in 0..c {
-                                yr[i] = hr[i] * lambda[i] + xr[i];
-                            }
-                        }
-                    }
+        let y = par_rows(rows, c, |r, yr| {
+            let (xr, hr) = (&x[r * c..(r + 1) * c], &h[r * c..(r + 1) * c]);
+            let elems = yr.iter_mut().zip(xr.iter().zip(hr).zip(lambda));
+            match &self.keep {
+                // Same operation order as `x + (h * lambda) * keep`.
+                Some(_) => {
+                    let k = self.factor(r, per_sample);
+                    elems.for_each(|(y, ((x, h), l))| *y = h * l * k + x);
                 }
-            });
+                None => elems.for_each(|(y, ((x, h), l))| *y = h * l + x),
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -218,8 +202,17 @@ mod tests {
 
     #[test]
     fn residual_matches_composition_values_and_gradients() -> Result<()> {
-        let x = var(&[3, 5, 21], 0.0, 1.0);
-        let h = var(&[3, 5, 21], 0.0, 1.0);
+        // Small (one task) and big enough for several parallel tasks, whose rows must find their
+        // own sample's keep factor.
+        for t in [5, 700] {
+            residual_case(t)?;
+        }
+        Ok(())
+    }
+
+    fn residual_case(t: usize) -> Result<()> {
+        let x = var(&[3, t, 21], 0.0, 1.0);
+        let h = var(&[3, t, 21], 0.0, 1.0);
         let l = var(&[21], 0.1, 0.05);
         for keep in [None, Some(vec![2.0, 0.0, 2.0])] {
             let k2 = keep.clone();

@@ -5,7 +5,7 @@
 use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::cpu::{chunk_rows, dot16, f32_data, par_zeroed};
+use crate::cpu::{chunk_rows, dot16, f32_data, par_rows, par_zeroed};
 use crate::dispatch::{fused_cpu_f32, multiversion};
 use crate::vmath;
 
@@ -32,22 +32,13 @@ fn softmax_fwd(s: &[f32], bias: Option<&[f32]>, dims: &[usize]) -> Result<Vec<f3
     if period != 0 && (!period.is_multiple_of(n) || !s.len().is_multiple_of(period)) {
         candle::bail!("softmax: a bias of {period} values does not tile scores {dims:?}");
     }
-    let mut y = par_zeroed(s.len());
-    let rows = s.len() / n;
-    let chunk = chunk_rows(rows, n);
-    y.par_chunks_mut(chunk * n)
-        .zip(s.par_chunks(chunk * n))
-        .enumerate()
-        .for_each(|(ci, (yc, sc))| {
-            for (r, (yr, sr)) in yc.chunks_exact_mut(n).zip(sc.chunks_exact(n)).enumerate() {
-                let b = bias.map(|b| {
-                    let off = ((ci * chunk + r) * n) % period;
-                    &b[off..off + n]
-                });
-                softmax_row(sr, b, yr);
-            }
+    Ok(par_rows(s.len() / n, n, |i, y| {
+        let b = bias.map(|b| {
+            let off = (i * n) % period;
+            &b[off..off + n]
         });
-    Ok(y)
+        softmax_row(&s[i * n..(i + 1) * n], b, y);
+    }))
 }
 
 struct SoftmaxOp;
@@ -221,6 +212,14 @@ mod tests {
         let b3 = var(&[3, 7, 7], 0.0, 1.0);
         compare(
             &[&s, &b3],
+            |t| softmax_with_bias(t[0], t[1]),
+            |t| candle_nn::ops::softmax(&t[0].broadcast_add(t[1])?, D::Minus1),
+            1e-5,
+        )?;
+        // Big enough for several parallel tasks, whose rows must find their own bias rows.
+        let (s, b) = (var(&[8, 3, 41, 41], 0.0, 2.0), var(&[3, 41, 41], 0.0, 1.0));
+        compare(
+            &[&s, &b],
             |t| softmax_with_bias(t[0], t[1]),
             |t| candle_nn::ops::softmax(&t[0].broadcast_add(t[1])?, D::Minus1),
             1e-5,
