@@ -71,12 +71,12 @@ const SLAB_ALIGN: usize = 16;
 /// already parallel loop pass `false`.
 ///
 /// Below the `gemm` crate's threading threshold (multiply-adds) a call runs on the calling
-/// thread, as `gemm` itself would. A threaded call hands the pool one task per thread, each a single-threaded GEMM on its own
-/// slab of rows (or of columns, when `n > m`), instead of letting `gemm` parallelise inside: that
-/// opens one parallel region for every block of `k` it works through (a weight gradient, whose `k`
-/// is the batch's token count, opened about twenty per call in the demo's pre-training, each a
-/// futex wake-up and sleep of the pool). One region per call keeps the threads as busy for far
-/// fewer system calls.
+/// thread, as `gemm` itself would. A threaded call hands the pool one task per thread, each a
+/// single-threaded GEMM on its own slab of rows (or of columns, when `n > m`), instead of letting
+/// `gemm` parallelise inside: that opens one parallel region for every block of `k` it works
+/// through (a weight gradient, whose `k` is the batch's token count, opened about twenty per call
+/// in the demo's pre-training, each a futex wake-up and sleep of the pool). One region per call
+/// keeps the threads as busy for far fewer system calls.
 ///
 /// # Safety
 /// Every pointer must be valid for the extents implied by the shapes and strides, and `dst` must

@@ -3,9 +3,8 @@
 //! [`crate::vmath`]) and one pass backward.
 
 use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
 
-use crate::cpu::{chunk_rows, dot16, f32_data, par_rows, par_zeroed};
+use crate::cpu::{dot16, f32_data, par_rows};
 use crate::dispatch::{fused_cpu_f32, multiversion};
 use crate::vmath;
 
@@ -116,11 +115,10 @@ impl CustomOp2 for SoftmaxBwdOp {
         let y = f32_data(s1, l1, self.name())?;
         let g = f32_data(s2, l2, self.name())?;
         let n = *l1.dims().last().unwrap_or(&1);
-        let mut dx = par_zeroed(y.len());
-        let chunk = chunk_rows(y.len() / n.max(1), n) * n;
-        dx.par_chunks_mut(chunk)
-            .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
-            .for_each(|(dc, (yc, gc))| grad_rows(yc, gc, n, dc));
+        let dx = par_rows(y.len() / n.max(1), n, |i, dr| {
+            let row = i * n..(i + 1) * n;
+            grad_rows(&y[row.clone()], &g[row], n, dr)
+        });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -201,29 +199,21 @@ mod tests {
     #[test]
     fn softmax_with_bias_matches_composition_values_and_gradients() -> Result<()> {
         let s = var(&[4, 3, 7, 7], 0.0, 2.0);
-        let b = var(&[1, 3, 7, 7], 0.0, 1.0);
-        compare(
-            &[&s, &b],
-            |t| softmax_with_bias(t[0], t[1]),
-            |t| candle_nn::ops::softmax(&t[0].broadcast_add(t[1])?, D::Minus1),
-            1e-5,
-        )?;
-        // A bias without the leading unit dimension tiles the same way.
-        let b3 = var(&[3, 7, 7], 0.0, 1.0);
-        compare(
-            &[&s, &b3],
-            |t| softmax_with_bias(t[0], t[1]),
-            |t| candle_nn::ops::softmax(&t[0].broadcast_add(t[1])?, D::Minus1),
-            1e-5,
-        )?;
-        // Big enough for several parallel tasks, whose rows must find their own bias rows.
-        let (s, b) = (var(&[8, 3, 41, 41], 0.0, 2.0), var(&[3, 41, 41], 0.0, 1.0));
-        compare(
-            &[&s, &b],
-            |t| softmax_with_bias(t[0], t[1]),
-            |t| candle_nn::ops::softmax(&t[0].broadcast_add(t[1])?, D::Minus1),
-            1e-5,
-        )?;
+        // A bias with the leading unit dimension, one without it (tiles the same way), and scores
+        // big enough for several parallel tasks, whose rows must find their own bias rows.
+        let big = var(&[8, 3, 41, 41], 0.0, 2.0);
+        for (s, b) in [
+            (&s, var(&[1, 3, 7, 7], 0.0, 1.0)),
+            (&s, var(&[3, 7, 7], 0.0, 1.0)),
+            (&big, var(&[3, 41, 41], 0.0, 1.0)),
+        ] {
+            compare(
+                &[s, &b],
+                |t| softmax_with_bias(t[0], t[1]),
+                |t| candle_nn::ops::softmax(&t[0].broadcast_add(t[1])?, D::Minus1),
+                1e-5,
+            )?;
+        }
         let bad = Tensor::zeros((2, 7, 7), DType::F32, &Device::Cpu)?;
         assert!(softmax_with_bias(s.as_tensor(), &bad).is_err());
         Ok(())
