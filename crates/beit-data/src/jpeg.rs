@@ -1,15 +1,26 @@
-//! JPEG decoding with libjpeg-turbo itself (built from source by `turbojpeg-sys`), set up as Pillow
-//! sets it up, so that decoded pixels are bit-identical to `PIL.Image.open(path).convert("RGB")`:
-//! the accurate integer inverse DCT (`JDCT_ISLOW`) and fancy (smooth) chroma upsampling, both the
-//! TurboJPEG defaults; grey images replicated to RGB; CMYK/YCCK images read with Adobe's inverted
-//! polarity and converted with Pillow's formula `R = (255 - K) - (C * (255 - K)) / 255` (rounded
-//! as Pillow's `MULDIV255`). Other Rust JPEG decoders round the IDCT and upsampling differently,
-//! which moves some pixels by one or two levels.
+//! JPEG decoding with a libjpeg-turbo-lineage decoder (MozJPEG 4, built from source by the `cc`
+//! crate through `mozjpeg-sys`), set up as Pillow sets up libjpeg-turbo, so that decoded pixels are
+//! bit-identical to `PIL.Image.open(path).convert("RGB")`: the accurate integer inverse DCT
+//! (`JDCT_ISLOW`) and fancy (smooth) chroma upsampling, both the library defaults; grey images
+//! replicated to RGB; CMYK/YCCK images read with Adobe's inverted polarity and converted with
+//! Pillow's formula `R = (255 - K) - (C * (255 - K)) / 255` (rounded as Pillow's `MULDIV255`).
+//! Other Rust JPEG decoders round the IDCT and upsampling differently, which moves some pixels by
+//! one or two levels. The portable C code is the default; the `jpeg-simd` feature assembles the
+//! SIMD kernels with nasm, which give the same pixels (libjpeg-turbo's SIMD IDCT and upsamplers
+//! are exact).
+//!
+//! libjpeg reports a fatal error through `error_exit`, which must not return. Ours unwinds with
+//! [`std::panic::resume_unwind`] (the C code is compiled with unwinding tables, and the callbacks
+//! use the `C-unwind` ABI); [`decode`] catches it and returns the message. `resume_unwind` does
+//! not run the panic hook, so a corrupt image prints nothing.
 
-use std::ffi::{c_int, CStr};
+use std::ffi::{c_int, c_long, c_ulong};
+use std::mem::MaybeUninit;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use image::RgbImage;
-use turbojpeg_sys as tj;
+use mozjpeg_sys as jpeg;
+use mozjpeg_sys::J_COLOR_SPACE as Cs;
 
 use crate::decode::DecodeOptions;
 
@@ -17,161 +28,182 @@ use crate::decode::DecodeOptions;
 /// files with thousands of tiny scans make decoding quadratic).
 const MAX_SCANS: c_int = 1000;
 
-/// A TurboJPEG decompressor instance, destroyed on drop.
-struct Handle(tj::tjhandle);
+/// The payload `error_exit` unwinds with: libjpeg's formatted message.
+struct JpegError(String);
 
-impl Handle {
-    fn new() -> Result<Self, String> {
-        // SAFETY: tj3Init has no preconditions; it returns NULL on failure, checked below.
-        let ptr = unsafe { tj::tj3Init(tj::TJINIT_TJINIT_DECOMPRESS as c_int) };
-        if ptr.is_null() {
-            return Err("cannot initialise the libjpeg-turbo decompressor".into());
-        }
-        Ok(Self(ptr))
+/// libjpeg's message for the error or warning last raised on `cinfo`.
+///
+/// # Safety
+/// `cinfo.err` must point to a live error manager set up by `jpeg_std_error`.
+unsafe fn message(cinfo: &mut jpeg::jpeg_common_struct) -> String {
+    // libjpeg's JMSG_LENGTH_MAX: `format_message` writes at most this many bytes.
+    let mut buf = [0u8; 200];
+    // SAFETY: the caller guarantees `cinfo.err` is live; `format_message` was set by
+    // jpeg_std_error.
+    let fmt = unsafe { (*cinfo.err).format_message };
+    let Some(fmt) = fmt else {
+        return "libjpeg error".into();
+    };
+    type Writer = unsafe extern "C-unwind" fn(&mut jpeg::jpeg_common_struct, *mut u8);
+    // SAFETY: the binding declares the buffer as `&[u8; 80]`, but the C function writes up to
+    // JMSG_LENGTH_MAX bytes into it. Both signatures take two thin pointers with the same ABI;
+    // calling through a writable pointer keeps the write visible to Rust and sized right.
+    let fmt: Writer = unsafe { std::mem::transmute(fmt) };
+    // SAFETY: `buf` is writable for JMSG_LENGTH_MAX bytes.
+    unsafe { fmt(cinfo, buf.as_mut_ptr()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// `error_exit`: unwind out of libjpeg with its message (never returns).
+unsafe extern "C-unwind" fn error_exit(cinfo: &mut jpeg::jpeg_common_struct) {
+    // SAFETY: libjpeg calls this with the struct whose `err` we installed in `Decompressor::new`.
+    let msg = unsafe { message(cinfo) };
+    resume_unwind(Box::new(JpegError(msg)));
+}
+
+/// `emit_message`: corrupt-data warnings (extra bytes before a marker...) do not fail the decode
+/// and print nothing, as in Pillow; trace messages are dropped too.
+unsafe extern "C-unwind" fn ignore_message(_cinfo: &mut jpeg::jpeg_common_struct, _level: c_int) {}
+
+/// `progress_monitor`: refuse progressive files with more than [`MAX_SCANS`] scans.
+unsafe extern "C-unwind" fn limit_scans(cinfo: &mut jpeg::jpeg_common_struct) {
+    if cinfo.is_decompressor == 0 {
+        return;
     }
-
-    fn set(&mut self, param: tj::TJPARAM, value: c_int) -> Result<(), String> {
-        // SAFETY: self.0 is a live handle from tj3Init (destroyed only in Drop).
-        if unsafe { tj::tj3Set(self.0, param as c_int, value) } != 0 {
-            return Err(self.error());
-        }
-        Ok(())
+    let ptr = cinfo as *mut jpeg::jpeg_common_struct as *const jpeg::jpeg_decompress_struct;
+    // SAFETY: `is_decompressor` says this common struct is the head of a decompress struct
+    // (`common` is its first field, `repr(C)`).
+    let scans = unsafe { (*ptr).input_scan_number };
+    if scans > MAX_SCANS {
+        resume_unwind(Box::new(JpegError(format!(
+            "progressive JPEG with over {MAX_SCANS} scans refused"
+        ))));
     }
+}
 
-    fn get(&mut self, param: tj::TJPARAM) -> c_int {
-        // SAFETY: self.0 is a live handle from tj3Init.
-        unsafe { tj::tj3Get(self.0, param as c_int) }
-    }
+/// A libjpeg decompressor reading from a byte slice, destroyed on drop. Boxed, since libjpeg keeps
+/// pointers to its error and progress managers.
+struct Decompressor<'a> {
+    cinfo: jpeg::jpeg_decompress_struct,
+    err: jpeg::jpeg_error_mgr,
+    progress: jpeg::jpeg_progress_mgr,
+    _bytes: std::marker::PhantomData<&'a [u8]>,
+}
 
-    /// The message of the last error, and whether it was only a warning (the output is complete).
-    fn last_error(&mut self) -> (String, bool) {
-        // SAFETY: self.0 is live; tj3GetErrorStr returns a pointer to a NUL-terminated string owned
-        // by the handle (or a static one), valid until the next call on the handle; it is copied
-        // out immediately.
-        let msg = unsafe {
-            let p = tj::tj3GetErrorStr(self.0);
-            if p.is_null() {
-                "unknown libjpeg-turbo error".to_string()
-            } else {
-                CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
+impl<'a> Decompressor<'a> {
+    /// Create a decompressor over `bytes` with `max_alloc` bytes of working memory at most. Runs
+    /// inside [`decode`]'s `catch_unwind` (creation itself can raise `error_exit`).
+    fn new(bytes: &'a [u8], max_alloc: u64) -> Box<Self> {
+        // SAFETY: all-zero is a valid bit pattern for these plain C structs (null pointers,
+        // `None` callbacks, zero integers); each is initialised by libjpeg before use below.
+        let mut d: Box<Self> = unsafe { Box::new(MaybeUninit::zeroed().assume_init()) };
+        // SAFETY: `d.err` is a live, exclusively borrowed error manager; jpeg_std_error fills it.
+        unsafe { jpeg::jpeg_std_error(&mut d.err) };
+        d.err.error_exit = Some(error_exit);
+        d.err.emit_message = Some(ignore_message);
+        d.progress.progress_monitor = Some(limit_scans);
+        d.cinfo.common.err = &mut d.err;
+        // SAFETY: `cinfo.common.err` points into the same box, which does not move while the
+        // decompressor lives; jpeg_create_decompress initialises the rest of `cinfo`.
+        unsafe { jpeg::jpeg_create_decompress(&mut d.cinfo) };
+        d.cinfo.common.progress = &mut d.progress;
+        // SAFETY: `mem` was set by jpeg_create_decompress and lives until jpeg_destroy.
+        unsafe {
+            (*d.cinfo.common.mem).max_memory_to_use = max_alloc.min(c_long::MAX as u64) as c_long
         };
-        // SAFETY: self.0 is live.
-        let code = unsafe { tj::tj3GetErrorCode(self.0) };
-        (msg, code == tj::TJERR_TJERR_WARNING as c_int)
-    }
-
-    fn error(&mut self) -> String {
-        self.last_error().0
+        // SAFETY: `bytes` outlives the decompressor (lifetime 'a) and is only read.
+        unsafe { jpeg::jpeg_mem_src(&mut d.cinfo, bytes.as_ptr(), bytes.len() as c_ulong) };
+        d
     }
 }
 
-impl Drop for Handle {
+impl Drop for Decompressor<'_> {
     fn drop(&mut self) {
-        // SAFETY: self.0 came from tj3Init and is destroyed exactly once, here.
-        unsafe { tj::tj3Destroy(self.0) }
+        // SAFETY: `cinfo` was created by jpeg_create_decompress (or is still all-zero with a null
+        // `mem`, which jpeg_destroy tolerates) and is destroyed exactly once, here. Destroying
+        // after an error raised mid-decode is libjpeg's documented way to clean up.
+        unsafe { jpeg::jpeg_destroy_decompress(&mut self.cinfo) }
     }
-}
-
-/// What the header says about an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct JpegHeader {
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// Colour space of the compressed data (TurboJPEG's `TJCS_*`).
-    colorspace: c_int,
-}
-
-fn read_header(h: &mut Handle, bytes: &[u8]) -> Result<JpegHeader, String> {
-    // SAFETY: h.0 is live; the pointer/length pair describes `bytes`, which outlives the call and
-    // is only read.
-    let rc = unsafe { tj::tj3DecompressHeader(h.0, bytes.as_ptr(), bytes.len() as tj::size_t) };
-    if rc != 0 {
-        let (msg, warning) = h.last_error();
-        if !warning {
-            return Err(msg);
-        }
-    }
-    let precision = h.get(tj::TJPARAM_TJPARAM_PRECISION);
-    if precision != 8 {
-        return Err(format!(
-            "{precision}-bit JPEG samples are not supported (8-bit only, as Pillow)"
-        ));
-    }
-    let (w, hgt) = (
-        h.get(tj::TJPARAM_TJPARAM_JPEGWIDTH),
-        h.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT),
-    );
-    if w <= 0 || hgt <= 0 {
-        return Err(format!("invalid JPEG dimensions {w}x{hgt}"));
-    }
-    Ok(JpegHeader {
-        width: w as u32,
-        height: hgt as u32,
-        colorspace: h.get(tj::TJPARAM_TJPARAM_COLORSPACE),
-    })
 }
 
 /// Decode a JPEG held in memory to RGB as Pillow does. The header is checked against `opts`
-/// before any pixel buffer is allocated; libjpeg-turbo's own working memory is capped at
+/// before any pixel buffer is allocated; libjpeg's own working memory is capped at
 /// `opts.max_alloc` and progressive files at [`MAX_SCANS`] scans. Corrupt-data warnings (extra
 /// bytes before a marker...) do not fail the decode, as in Pillow.
 pub(crate) fn decode(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, String> {
-    let mut h = Handle::new()?;
-    let max_mb = (opts.max_alloc >> 20).clamp(1, c_int::MAX as u64) as c_int;
-    h.set(tj::TJPARAM_TJPARAM_MAXMEMORY, max_mb)?;
-    h.set(tj::TJPARAM_TJPARAM_SCANLIMIT, MAX_SCANS)?;
-    let header = read_header(&mut h, bytes)?;
-    let (w, hgt) = (header.width, header.height);
-    if w > opts.max_side || hgt > opts.max_side || w as u64 * hgt as u64 > opts.max_pixels {
+    if bytes.is_empty() {
+        return Err("empty JPEG data".into());
+    }
+    match catch_unwind(AssertUnwindSafe(|| decode_unwinding(bytes, opts))) {
+        Ok(result) => result,
+        Err(payload) => match payload.downcast::<JpegError>() {
+            Ok(e) => Err(e.0),
+            // A panic that is not libjpeg's (a bug of ours): keep unwinding.
+            Err(other) => resume_unwind(other),
+        },
+    }
+}
+
+/// The body of [`decode`]; libjpeg errors unwind out of it as [`JpegError`].
+fn decode_unwinding(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage, String> {
+    let mut d = Decompressor::new(bytes, opts.max_alloc);
+    // SAFETY: `d.cinfo` is a live decompressor with a memory source; errors unwind.
+    unsafe { jpeg::jpeg_read_header(&mut d.cinfo, 1) };
+    let (w, h) = (d.cinfo.image_width, d.cinfo.image_height);
+    if w == 0 || h == 0 {
+        return Err(format!("invalid JPEG dimensions {w}x{h}"));
+    }
+    if w > opts.max_side || h > opts.max_side || w as u64 * h as u64 > opts.max_pixels {
         return Err(format!(
-            "{w}x{hgt} exceeds the decoding limits (max side {}, max {} pixels)",
+            "{w}x{h} exceeds the decoding limits (max side {}, max {} pixels)",
             opts.max_side, opts.max_pixels
         ));
     }
-    let (format, channels) = match header.colorspace as tj::TJCS {
-        tj::TJCS_TJCS_GRAY => (tj::TJPF_TJPF_GRAY, 1usize),
-        tj::TJCS_TJCS_CMYK | tj::TJCS_TJCS_YCCK => (tj::TJPF_TJPF_CMYK, 4),
-        _ => (tj::TJPF_TJPF_RGB, 3),
+    let (out_space, channels) = match d.cinfo.jpeg_color_space {
+        Cs::JCS_GRAYSCALE => (Cs::JCS_GRAYSCALE, 1usize),
+        Cs::JCS_CMYK | Cs::JCS_YCCK => (Cs::JCS_CMYK, 4),
+        _ => (Cs::JCS_RGB, 3),
     };
+    d.cinfo.out_color_space = out_space;
+    d.cinfo.dct_method = jpeg::J_DCT_METHOD::JDCT_ISLOW;
+    d.cinfo.do_fancy_upsampling = 1;
     let pitch = w as usize * channels;
-    let len = pitch * hgt as usize;
+    let len = pitch * h as usize;
     if len as u64 > opts.max_alloc {
         return Err(format!(
             "decoding needs {len} bytes, over the {} byte limit",
             opts.max_alloc
         ));
     }
-    let pitch_c =
-        c_int::try_from(pitch).map_err(|_| format!("row of {pitch} bytes is too long"))?;
+    // SAFETY: the header has been read and the output parameters set; errors unwind.
+    unsafe { jpeg::jpeg_start_decompress(&mut d.cinfo) };
+    if d.cinfo.output_components as usize != channels
+        || d.cinfo.output_width != w
+        || d.cinfo.output_height != h
+    {
+        return Err("decoder output does not match the header".into());
+    }
     let mut buf = vec![0u8; len];
-    // SAFETY: h.0 is live; `bytes` is valid for reads of its length; `buf` holds exactly
-    // pitch * height bytes, the size TurboJPEG writes for an unscaled image of the header's
-    // dimensions in `format` (`channels` bytes per pixel) with this pitch.
-    let rc = unsafe {
-        tj::tj3Decompress8(
-            h.0,
-            bytes.as_ptr(),
-            bytes.len() as tj::size_t,
-            buf.as_mut_ptr(),
-            pitch_c,
-            format as c_int,
-        )
-    };
-    if rc != 0 {
-        let (msg, warning) = h.last_error();
-        if !warning {
-            return Err(msg);
+    while d.cinfo.output_scanline < h {
+        let row = d.cinfo.output_scanline as usize;
+        let mut ptr = buf[row * pitch..].as_mut_ptr();
+        // SAFETY: `ptr` points at row `row` of `buf`, which has `pitch` = width * components
+        // writable bytes, exactly one output scanline; one row is requested.
+        let got = unsafe { jpeg::jpeg_read_scanlines(&mut d.cinfo, &mut ptr, 1) };
+        if got == 0 {
+            return Err("JPEG data ended before the last row".into());
         }
     }
+    // SAFETY: every scanline has been read; errors unwind.
+    unsafe { jpeg::jpeg_finish_decompress(&mut d.cinfo) };
+    drop(d);
     let rgb = match channels {
         3 => buf,
         1 => buf.iter().flat_map(|&g| [g, g, g]).collect(),
         _ => buf.chunks_exact(4).flat_map(cmyk_to_rgb).collect(),
     };
-    RgbImage::from_raw(w, hgt, rgb).ok_or_else(|| "decoded buffer has the wrong size".into())
+    RgbImage::from_raw(w, h, rgb).ok_or_else(|| "decoded buffer has the wrong size".into())
 }
 
 /// One stored (Adobe-inverted) CMYK pixel to RGB, as Pillow's `CMYK;I` unpacking followed by its
