@@ -37,8 +37,8 @@ fn predict_matches_transformers_pipeline_on_real_photos() {
         serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON value");
     let got = got.as_array().unwrap();
     assert_eq!(got.len(), images.len());
-    // PNG decoding is lossless, and JPEG is decoded by libjpeg-turbo with Pillow's settings (the
-    // same pixels): probabilities agree to float precision on both.
+    // PNG decoding is lossless, and JPEG is decoded by libjpeg-turbo's decoder (MozJPEG 4)
+    // with Pillow's settings (the same pixels): probabilities agree to float precision on both.
     let (mut worst_png, mut worst_jpeg) = (0f64, 0f64);
     for (g, e) in got.iter().zip(expected.as_array().unwrap()) {
         let is_png = e["image"].as_str().unwrap().ends_with(".png");

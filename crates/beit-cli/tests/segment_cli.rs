@@ -63,9 +63,9 @@ fn segment_matches_transformers_pipeline_on_real_photos() {
             "segment {name}: {:.3}% of pixels equal transformers'",
             100.0 * agree
         );
-        // JPEGs (4:4:4 and 4:2:0) are decoded by libjpeg-turbo as Pillow decodes them, so every
-        // image gets the same pixels as in Python: >= 99.5% of the labels agree; the rest are
-        // near-ties of this random model's logits.
+        // JPEGs (4:4:4 and 4:2:0) are decoded by libjpeg-turbo's decoder (MozJPEG 4) as Pillow
+        // decodes them, so every image gets the same pixels as in Python: >= 99.5% of the labels
+        // agree; the rest are near-ties of this random model's logits.
         assert!(
             agree >= 0.995,
             "{name}: only {:.3}% of pixels agree",

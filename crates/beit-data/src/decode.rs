@@ -44,11 +44,11 @@ impl Default for DecodeOptions {
 /// Read and decode an image file into 8-bit RGB (alpha dropped, grey replicated), like
 /// `PIL.Image.open(path).convert("RGB")`.
 ///
-/// The format is detected from the content, not the extension. JPEG is decoded by libjpeg-turbo with
-/// Pillow's settings, so the pixels are bit-identical to Pillow's; the other formats by the `image`
-/// crate (lossless formats decode identically anyway). Errors name the file: unreadable,
-/// not an image, truncated (a JPEG without its end-of-image marker, a PNG without `IEND`), or over the
-/// [`DecodeOptions`] limits.
+/// The format is detected from the content, not the extension. JPEG is decoded by libjpeg-turbo's
+/// decoder (MozJPEG 4) with Pillow's settings, so the pixels are bit-identical to Pillow's; the
+/// other formats by the `image` crate (lossless formats decode identically anyway). Errors name
+/// the file: unreadable, not an image, truncated (a JPEG without its end-of-image marker, a PNG
+/// without `IEND`), or over the [`DecodeOptions`] limits.
 pub fn decode_file(path: &Path, opts: &DecodeOptions) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
@@ -73,7 +73,7 @@ pub fn decode_bytes(bytes: &[u8], path: &Path, opts: &DecodeOptions) -> Result<R
     // (LOAD_TRUNCATED_IMAGES is off by default), and so do we.
     check_complete(bytes, format).map_err(fail)?;
     if format == ImageFormat::Jpeg {
-        // libjpeg-turbo, as Pillow: bit-identical pixels (see `jpeg`).
+        // libjpeg-turbo's decoder (MozJPEG), as Pillow: bit-identical pixels (see `jpeg`).
         return crate::jpeg::decode(bytes, opts).map_err(fail);
     }
     // Read the header first so that an oversized image is refused before any pixel allocation.
