@@ -20,11 +20,11 @@ fn describe_shards(name: &str, spec: &str) -> Result<String> {
         (lo.min(s.samples), hi.max(s.samples))
     });
     Ok(format!(
-        "{name}: {} tar shards, {} samples ({lo} to {hi} per shard), {} classes, {:.2} GB ({spec})",
+        "{name}: {} tar shards, {} samples ({lo} to {hi} per shard), {} classes, {:.1} MB ({spec})",
         set.shards().len(),
         set.total_samples(),
         set.classes().len(),
-        bytes as f64 / 1e9
+        bytes as f64 / 1e6
     ))
 }
 

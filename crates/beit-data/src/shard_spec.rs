@@ -108,7 +108,7 @@ pub fn shard_paths(spec: &str) -> Result<Vec<PathBuf>> {
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
         return Err(DataError::Io {
             path: missing.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard not found"),
+            source: std::io::ErrorKind::NotFound.into(),
         });
     }
     Ok(paths)
