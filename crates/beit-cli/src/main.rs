@@ -46,6 +46,9 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Throughput benchmark (images/s) of inference or a training step.
     Bench(commands::bench::BenchArgs),
+    /// Datasets: pack an ImageFolder into tar shards, inspect a `--data` source.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
     /// Semantic segmentation of images (class per pixel; label and overlay PNGs).
     Segment(commands::segment::SegmentArgs),
     /// Fine-tune a semantic segmentation model (UperNet, unilm's ADE20K recipe).
@@ -77,6 +80,7 @@ fn main() {
         Command::LinearProbe(a) => commands::linear_probe::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Data(c) => commands::data::run(c),
         Command::Segment(a) => commands::segment::run(a),
         Command::EvalSeg(a) => commands::eval_seg::run(a),
         Command::FinetuneSeg(a) => commands::finetune_seg::run(a),

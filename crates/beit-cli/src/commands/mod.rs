@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod eval_seg;
