@@ -32,17 +32,16 @@ use beit_data::segmentation::{
     fashion_seg_classes, fashion_segmentation, LabelMap, SegmentationFolder, ADE20K_CLASSES,
     IGNORE_INDEX,
 };
-use beit_data::{FashionMnist, Filter, ImageProcessor, Normalize, RgbImage, TargetSize};
+use beit_data::{FashionMnist, Filter, ImageProcessor, RgbImage, TargetSize};
 use beit_model::load::LoadReport;
 use beit_model::segmentation::{
     is_buffer, save_segmentation_hf, segmentation_model_in_varmap, BeitForSemanticSegmentation,
     SegmentationConfig,
 };
 use beit_model::{BeitConfig, ForwardOptions};
-use beit_train::seg_metrics::SegMetrics;
 use beit_train::{
-    build_param_groups, fit, named_vars, BestMetric, FitOptions, GroupingConfig, Position,
-    ScheduleKind, StepContext, StepOutput, TrainLoop, TrainRng, TrainTask,
+    build_param_groups, fit, named_vars, Position, ScheduleKind, StepContext, StepOutput, TrainRng,
+    TrainTask,
 };
 use candle::{Device, Tensor};
 use candle_nn::VarMap;
@@ -52,11 +51,12 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{log_load_report, trainable_classifier};
-use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
-use crate::device::parse_device;
+use crate::config::{NormalizePreset, TrainSection};
 use crate::finetune::Architecture;
 use crate::model_source::load_model;
-use crate::segment::{segment_image, Inference};
+use crate::runner::{self, FinetuneOutcome, RunSpec};
+use crate::seg_eval::{score_pairs, SegPredictor};
+use crate::segment::Inference;
 
 /// A segmentation fine-tuning recipe (`configs/finetune_seg_*.toml`). Defaults: unilm's
 /// BEiT-base ADE20K recipe.
@@ -64,8 +64,9 @@ use crate::segment::{segment_image, Inference};
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneSegConfig {
     /// Starting checkpoint: a directory or hub id (`--model`), classification, MIM or
-    /// segmentation. Empty: from scratch with `[architecture]`.
-    pub model: String,
+    /// segmentation. Unset (the default): from scratch with `[architecture]`.
+    #[serde(deserialize_with = "crate::config::non_empty")]
+    pub model: Option<String>,
     /// Load the checkpoint's weights (true); false keeps only its architecture, freshly
     /// initialised (a from-scratch baseline of the same shape).
     pub pretrained: bool,
@@ -88,7 +89,7 @@ pub struct FinetuneSegConfig {
 impl Default for FinetuneSegConfig {
     fn default() -> Self {
         Self {
-            model: String::new(),
+            model: None,
             pretrained: true,
             output: PathBuf::from("runs/finetune-seg"),
             device: "cpu".into(),
@@ -227,9 +228,9 @@ pub struct SegAugSection {
     /// mmseg's `PhotoMetricDistortion` (true).
     pub photometric: bool,
     /// Image resampling filter of the rescale (bilinear); labels always use nearest.
-    pub interpolation: String,
+    pub interpolation: Filter,
     /// `half` (mean = std = 0.5: unilm's 127.5 and the published processors) or `imagenet`.
-    pub normalize: String,
+    pub normalize: NormalizePreset,
     /// Stride of the sliding-window evaluation (426 at crop 640); unset: the crop size.
     pub eval_stride: Option<usize>,
 }
@@ -243,8 +244,8 @@ impl Default for SegAugSection {
             cat_max_ratio: 0.75,
             hflip: 0.5,
             photometric: true,
-            interpolation: "bilinear".into(),
-            normalize: "half".into(),
+            interpolation: Filter::Bilinear,
+            normalize: NormalizePreset::Half,
             eval_stride: Some(426),
         }
     }
@@ -260,8 +261,8 @@ impl SegAugSection {
             cat_max_ratio: self.cat_max_ratio,
             hflip: self.hflip,
             photometric: self.photometric,
-            interpolation: Filter::parse(&self.interpolation).context("aug.interpolation")?,
-            normalize: Normalize::preset(&self.normalize).context("aug.normalize")?,
+            interpolation: self.interpolation,
+            normalize: self.normalize.normalize(),
         };
         t.validate().context("[aug]")?;
         Ok(t)
@@ -270,12 +271,12 @@ impl SegAugSection {
     /// The processor of the exported model and of the evaluation (rescale, normalise; resize
     /// to the crop size for whole-image inference).
     pub fn processor(&self) -> Result<ImageProcessor> {
-        let n = Normalize::preset(&self.normalize).context("aug.normalize")?;
+        let n = self.normalize.normalize();
         let s = self.crop_size as u32;
         Ok(ImageProcessor {
             do_resize: true,
             size: TargetSize::Exact(s, s),
-            resample: Filter::parse(&self.interpolation).context("aug.interpolation")?,
+            resample: self.interpolation,
             do_center_crop: false,
             crop_size: (s, s),
             do_rescale: true,
@@ -290,30 +291,9 @@ impl SegAugSection {
 /// A segmentation fine-tuning run: the fine-tuning job over the segmentation recipe.
 pub type FinetuneSegJob = crate::finetune::FinetuneJob<FinetuneSegConfig>;
 
-/// What a segmentation fine-tuning run produced.
-#[derive(Debug, Clone)]
-pub struct FinetuneSegOutcome {
-    /// Optimizer steps completed.
-    pub steps: u64,
-    /// All scheduled steps are done.
-    pub finished: bool,
-    /// What data was used.
-    pub data: String,
-    /// The latest evaluation (`mIoU`, `mAcc`, `aAcc`, percent).
-    pub last_eval: Option<beit_train::EvalRecord>,
-    /// The best evaluation by mIoU.
-    pub best_eval: Option<beit_train::EvalRecord>,
-    /// Mean training loss of the first and the last optimizer step of this invocation.
-    pub loss_first_last: Option<(f64, f64)>,
-    /// The exported best model.
-    pub best_model: PathBuf,
-    /// The exported final model (written when the run completes).
-    pub final_model: Option<PathBuf>,
-    /// The run's metrics log.
-    pub metrics: PathBuf,
-    /// The last checkpoint.
-    pub checkpoint: PathBuf,
-}
+/// What a segmentation fine-tuning run produced (`last_eval`/`best_eval`: `mIoU`, `mAcc`,
+/// `aAcc` in percent; `final_model` once the run completes).
+pub type FinetuneSegOutcome = FinetuneOutcome;
 
 /// The pairs of one split: on disk (ADE20K layout) or in memory.
 enum Pairs {
@@ -414,22 +394,9 @@ fn segmentation_config(
     source: Option<&BeitConfig>,
     classes: &[String],
 ) -> Result<(BeitConfig, SegmentationConfig)> {
-    let mut c = match source {
-        Some(s) => s.clone(),
-        None => {
-            let a = &cfg.architecture;
-            BeitConfig {
-                hidden_size: a.hidden_size,
-                num_hidden_layers: a.num_hidden_layers,
-                num_attention_heads: a.num_attention_heads,
-                intermediate_size: a.intermediate_size,
-                patch_size: a.patch_size,
-                layer_scale_init_value: a.layer_scale_init_value,
-                layer_norm_eps: a.layer_norm_eps,
-                ..BeitConfig::default()
-            }
-        }
-    };
+    let mut c = source
+        .cloned()
+        .unwrap_or_else(|| cfg.architecture.beit_config());
     // The checkpoint's own `out_indices` (any of its spellings), when it has them.
     let from_checkpoint = source
         .filter(|s| {
@@ -520,19 +487,7 @@ struct SegBatch {
     labelled_pixels: usize,
 }
 
-/// Where a run stands on its best model (`best.json`).
-#[derive(Debug, Serialize, Deserialize)]
-struct BestRecord {
-    #[serde(rename = "mIoU")]
-    miou: f64,
-    #[serde(rename = "mAcc")]
-    macc: f64,
-    #[serde(rename = "aAcc")]
-    aacc: f64,
-    epoch: u64,
-    step: u64,
-}
-
+/// The segmentation task: the model, its loss, its validation and its export.
 struct SegTask<'a> {
     model: BeitForSemanticSegmentation,
     model_cfg: BeitConfig,
@@ -547,6 +502,16 @@ struct SegTask<'a> {
 }
 
 impl SegTask<'_> {
+    /// Once the run is `finished`, rank 0 exports the last model to `final_model/`.
+    fn export_final(&self, finished: bool) -> Result<Option<PathBuf>> {
+        if !(finished && crate::dist::is_primary()) {
+            return Ok(None);
+        }
+        let dir = self.out.join("final_model");
+        self.export(&dir)?;
+        Ok(Some(dir))
+    }
+
     fn export(&self, dir: &Path) -> Result<()> {
         save_segmentation_hf(
             dir,
@@ -595,23 +560,24 @@ impl TrainTask for SegTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let mut metrics = SegMetrics::new(self.model.num_labels(), IGNORE_INDEX as u32);
         // Data-parallel: rank r evaluates pairs r, r + N, ...; the counts are summed.
         let world = beit_train::dist::world();
-        for i in (world.rank()..self.val.len()).step_by(world.size()) {
-            let (img, labels) = self.val.load(i)?;
-            let pred = segment_image(
-                &self.model,
-                &self.processor,
-                &img,
-                self.inference,
-                &self.device,
-            )?;
-            let gt: Vec<u32> = labels.labels.iter().map(|&v| v as u32).collect();
-            metrics
-                .update(&pred, &gt)
-                .map_err(|e| anyhow::anyhow!("validation pair {i}: {e}"))?;
-        }
+        let mine: Vec<usize> = (world.rank()..self.val.len())
+            .step_by(world.size())
+            .collect();
+        let predictor = SegPredictor {
+            model: &self.model,
+            processor: &self.processor,
+            inference: self.inference,
+            device: &self.device,
+        };
+        let mut metrics = score_pairs(
+            &predictor,
+            &mine,
+            |i| self.val.load(i),
+            |i| format!("validation pair {i}"),
+            None,
+        )?;
         metrics.all_reduce(&*world)?;
         let s = metrics.scores();
         tracing::info!(
@@ -631,17 +597,8 @@ impl TrainTask for SegTask<'_> {
     fn on_best(&mut self, metrics: &BTreeMap<String, f64>, at: Position) -> Result<()> {
         let dir = self.out.join("best_model");
         self.export(&dir)?;
-        let rec = BestRecord {
-            miou: metrics["mIoU"],
-            macc: metrics["mAcc"],
-            aacc: metrics["aAcc"],
-            epoch: at.epoch.saturating_sub(1),
-            step: at.step,
-        };
-        let file = self.out.join("best.json");
-        std::fs::write(&file, serde_json::to_string_pretty(&rec)?)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-        tracing::info!("new best mIoU {:.2}: exported {}", rec.miou, dir.display());
+        let best = runner::write_best(&self.out, metrics, &["mIoU", "mAcc", "aAcc"], at)?;
+        tracing::info!("new best mIoU {:.2}: exported {}", best[0], dir.display());
         Ok(())
     }
 }
@@ -663,7 +620,29 @@ struct Stream<'a> {
     world_size: usize,
 }
 
-impl Stream<'_> {
+impl<'a> Stream<'a> {
+    /// The stream of `pairs` in micro-batches of `micro` (this process reads its share).
+    fn new(
+        pairs: &'a Pairs,
+        transform: &'a SegTrainTransform,
+        seed: u64,
+        micro: usize,
+        batches_per_epoch: u64,
+        device: Device,
+    ) -> Self {
+        let world = beit_train::dist::world();
+        Self {
+            pairs,
+            transform,
+            seed,
+            micro,
+            batches_per_epoch,
+            device,
+            rank: world.rank(),
+            world_size: world.size(),
+        }
+    }
+
     fn permutation(&self, pass: u64) -> Vec<usize> {
         let mut p: Vec<usize> = (0..self.pairs.len()).collect();
         p.shuffle(&mut TrainRng::derive(self.seed, &[0x7061_7373, pass]));
@@ -713,15 +692,29 @@ impl Stream<'_> {
     }
 }
 
-/// Run (or continue) a segmentation fine-tuning job.
-pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
+/// The starting checkpoint of `job`, if any: its config, and its weights when `pretrained`.
+type Source = (
+    Option<BeitConfig>,
+    Option<std::collections::HashMap<String, Tensor>>,
+);
+
+fn load_source(job: &FinetuneSegJob) -> Result<Source> {
     let cfg = &job.config;
-    let t = &cfg.train;
-    let device = parse_device(&cfg.device)?;
-    let out = cfg.output.clone();
-    prepare_output_dir(&out, job.resume.is_some())?;
-    let micro = t.micro_batch()?;
-    crate::dist::rank_micro_batch(micro)?;
+    let Some(model) = cfg.model.as_deref() else {
+        return Ok((None, None));
+    };
+    let loaded = load_model(model, job.download)?;
+    tracing::info!(
+        "model: {model} ({} tensors, {:?})",
+        loaded.checkpoint.tensors.len(),
+        loaded.checkpoint.architecture()
+    );
+    let w = cfg.pretrained.then(|| loaded.checkpoint.tensors.clone());
+    Ok((Some(loaded.checkpoint.config), w))
+}
+
+/// Warn that a data-parallel run's BatchNorm statistics are per rank.
+fn warn_if_data_parallel() {
     let world = beit_train::dist::world();
     if world.size() > 1 && world.rank() == 0 {
         tracing::warn!(
@@ -731,26 +724,75 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
             world.size()
         );
     }
+}
+
+/// Micro-batches per epoch: `data.iters_per_epoch` optimizer steps, or one pass over the
+/// `train` pairs; an error when either split cannot make one.
+fn batches_per_epoch(
+    cfg: &FinetuneSegConfig,
+    train: usize,
+    val: usize,
+    micro: usize,
+) -> Result<u64> {
+    if train < micro {
+        bail!("{train} training pairs make no micro-batch of {micro} (lower train.batch_size)");
+    }
+    if val == 0 {
+        bail!("the validation split is empty");
+    }
+    Ok(match cfg.data.iters_per_epoch {
+        Some(0) => bail!("data.iters_per_epoch must be at least 1"),
+        Some(iters) => iters * cfg.train.accum_steps,
+        None => (train / micro) as u64,
+    })
+}
+
+/// mmseg's test pipeline: keep-ratio resize into the training `img_scale`, then windows of the
+/// crop size every `aug.eval_stride` pixels.
+fn sliding_inference(aug: &SegAugSection) -> Result<Inference> {
+    let crop = aug.crop_size;
+    let stride = aug.eval_stride.unwrap_or(crop);
+    if stride == 0 || stride > crop {
+        bail!("aug.eval_stride {stride} must lie in 1..={crop} (the crop size)");
+    }
+    Ok(Inference::Sliding {
+        crop,
+        stride,
+        scale: (aug.scale[0] as usize, aug.scale[1] as usize),
+    })
+}
+
+/// The run's log line: the schedule and the optimizer.
+fn log_plan(cfg: &FinetuneSegConfig, steps_per_epoch: u64, micro: usize) {
+    let t = &cfg.train;
+    tracing::info!(
+        "segmentation fine-tuning: {} epochs x {} steps of {} crops of {} ({} x {}), lr {:.2e} \
+         ({:?}), layer decay {:?}",
+        t.epochs,
+        steps_per_epoch,
+        t.batch_size,
+        cfg.aug.crop_size,
+        t.accum_steps,
+        micro,
+        t.lr,
+        t.schedule,
+        t.layer_decay,
+    );
+}
+
+/// Run (or continue) a segmentation fine-tuning job.
+pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
+    let (cfg, t) = (&job.config, &job.config.train);
+    let device = runner::start(&cfg.device, &cfg.output, job.resume.is_some())?;
+    let micro = t.micro_batch()?;
+    crate::dist::rank_micro_batch(micro)?;
+    warn_if_data_parallel();
     let transform = cfg.aug.train_transform()?;
     let processor = cfg.aug.processor()?;
-
     let (train, val, classes, description) = load_data(&cfg.data)?;
     tracing::info!("data: {description}");
     let reduce_zero_label = matches!(train, Pairs::Folder(ref f, _) if f.reduce_zero_label);
-
-    let (source_cfg, weights) = if cfg.model.trim().is_empty() {
-        (None, None)
-    } else {
-        let loaded = load_model(&cfg.model, job.download)?;
-        tracing::info!(
-            "model: {} ({} tensors, {:?})",
-            cfg.model,
-            loaded.checkpoint.tensors.len(),
-            loaded.checkpoint.architecture()
-        );
-        let w = cfg.pretrained.then(|| loaded.checkpoint.tensors.clone());
-        (Some(loaded.checkpoint.config), w)
-    };
+    let (source_cfg, weights) = load_source(job)?;
     let from_weights = weights.is_some();
     let (model_cfg, seg) = segmentation_config(cfg, source_cfg.as_ref(), &classes)?;
     let (varmap, model, report) = build_model(&model_cfg, weights, &device, t.seed)?;
@@ -760,56 +802,24 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     // BatchNorm running statistics are state, not parameters: no optimizer, no weight decay.
     let params = named_vars(&varmap)
         .into_iter()
-        .filter(|(name, _)| !is_buffer(name));
-    let groups = build_param_groups(
-        params,
-        &GroupingConfig::finetune(model_cfg.num_hidden_layers, t.layer_decay.unwrap_or(1.0)),
-    )?;
-
-    if train.len() < micro {
-        bail!(
-            "{} training pairs make no micro-batch of {micro} (lower train.batch_size)",
-            train.len()
-        );
-    }
-    if val.len() == 0 {
-        bail!("the validation split is empty");
-    }
-    let batches = match cfg.data.iters_per_epoch {
-        Some(0) => bail!("data.iters_per_epoch must be at least 1"),
-        Some(iters) => iters * t.accum_steps,
-        None => (train.len() / micro) as u64,
+        .filter(|(n, _)| !is_buffer(n));
+    let groups = build_param_groups(params, &t.grouping(model_cfg.num_hidden_layers))?;
+    let batches = batches_per_epoch(cfg, train.len(), val.len(), micro)?;
+    let spec = RunSpec {
+        output: &cfg.output,
+        resume: job.resume.as_deref(),
+        train: t,
+        batches_per_epoch: batches,
+        progress: job.progress,
     };
-    let train_cfg = t.engine(batches, job.progress)?;
-    let run_config = serde_json::to_value(cfg)?;
-    write_resolved_config(&out, cfg)?;
-    let tl = TrainLoop::open(
-        train_cfg,
+    let tl = runner::open_loop(
+        &spec,
+        cfg,
+        serde_json::to_value(cfg)?,
         varmap.clone(),
         groups,
-        &out,
-        job.resume.as_deref(),
-        run_config,
     )?;
-    tracing::info!(
-        "segmentation fine-tuning: {} epochs x {} steps of {} crops of {} ({} x {}), lr {:.2e} \
-         ({:?}), layer decay {:?}",
-        t.epochs,
-        tl.config().steps_per_epoch(),
-        t.batch_size,
-        cfg.aug.crop_size,
-        t.accum_steps,
-        micro,
-        t.lr,
-        t.schedule,
-        t.layer_decay,
-    );
-
-    let crop = cfg.aug.crop_size;
-    let stride = cfg.aug.eval_stride.unwrap_or(crop);
-    if stride == 0 || stride > crop {
-        bail!("aug.eval_stride {stride} must lie in 1..={crop} (the crop size)");
-    }
+    log_plan(cfg, tl.config().steps_per_epoch(), micro);
     let mut task = SegTask {
         model,
         model_cfg,
@@ -817,26 +827,12 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         varmap,
         val: &val,
         processor,
-        // mmseg's test pipeline: keep-ratio resize into the training `img_scale`, then windows.
-        inference: Inference::Sliding {
-            crop,
-            stride,
-            scale: (cfg.aug.scale[0] as usize, cfg.aug.scale[1] as usize),
-        },
+        inference: sliding_inference(&cfg.aug)?,
         reduce_zero_label,
         device: device.clone(),
-        out: out.clone(),
+        out: cfg.output.clone(),
     };
-    let stream = Stream {
-        pairs: &train,
-        transform: &transform,
-        seed: t.seed,
-        micro,
-        batches_per_epoch: batches,
-        device,
-        rank: world.rank(),
-        world_size: world.size(),
-    };
+    let stream = Stream::new(&train, &transform, t.seed, micro, batches, device);
     let done = fit(
         tl,
         &mut task,
@@ -845,37 +841,12 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
             let mut cache = None;
             Ok((0..batches).map(move |b| stream.batch(epoch, b, &mut cache)))
         },
-        &FitOptions {
-            eval_every: Some(t.eval_every.max(1)),
-            best: Some(BestMetric {
-                name: "mIoU".into(),
-                higher_is_better: true,
-            }),
-            stop_after: job.stop_after,
-        },
+        &runner::evaluated(t.eval_every, "mIoU", job.stop_after),
     )?;
-    let final_model = if done.finished && crate::dist::is_primary() {
-        let dir = out.join("final_model");
-        task.export(&dir)?;
-        Some(dir)
-    } else {
-        None
-    };
+    let final_model = task.export_final(done.finished)?;
     Ok(FinetuneSegOutcome {
-        steps: done.summary.steps,
-        finished: done.finished,
-        data: description,
-        loss_first_last: done
-            .first_step
-            .as_ref()
-            .zip(done.last_step.as_ref())
-            .map(|(a, b)| (a.loss, b.loss)),
-        last_eval: done.last_eval,
-        best_eval: done.best_eval,
-        best_model: out.join("best_model"),
         final_model,
-        metrics: done.summary.metrics,
-        checkpoint: done.summary.checkpoint,
+        ..FinetuneOutcome::new(done, description, &cfg.output)
     })
 }
 

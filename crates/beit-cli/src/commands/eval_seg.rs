@@ -2,11 +2,11 @@
 //! the ADE20K layout, accumulated as mmsegmentation does.
 
 use anyhow::{bail, Context, Result};
-use beit_data::segmentation::{SegmentationFolder, IGNORE_INDEX};
+use beit_data::segmentation::SegmentationFolder;
 use beit_model::segmentation::segmentation_model;
-use beit_recipes::segment::{checkpoint_reduces_labels, report, segment_image, Inference};
+use beit_recipes::seg_eval::{score_pairs, SegPredictor};
+use beit_recipes::segment::{checkpoint_reduces_labels, report, Inference};
 use beit_recipes::{load_model, parse_device};
-use beit_train::seg_metrics::SegMetrics;
 use clap::Args;
 
 /// Evaluate a segmentation model: mIoU, mAcc, aAcc and per-class IoU/accuracy.
@@ -70,26 +70,20 @@ pub fn run(args: EvalSegArgs) -> Result<()> {
     if n == 0 {
         bail!("--max-samples 0: nothing to evaluate");
     }
-    let mut metrics = SegMetrics::new(model.num_labels(), IGNORE_INDEX as u32);
-    let started = std::time::Instant::now();
-    for i in 0..n {
-        let (img, labels) = data.load(i)?;
-        let pred = segment_image(&model, &loaded.processor, &img, inference, &device)
-            .with_context(|| format!("segmenting {}", data.pairs[i].image.display()))?;
-        let gt: Vec<u32> = labels.labels.iter().map(|&v| v as u32).collect();
-        metrics
-            .update(&pred, &gt)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", data.pairs[i].annotation.display()))?;
-        if (i + 1) % 50 == 0 || i + 1 == n {
-            tracing::info!(
-                "{}/{} images, running mIoU {:.2} ({:.1} s)",
-                i + 1,
-                n,
-                100.0 * metrics.scores().miou,
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
+    let predictor = SegPredictor {
+        model: &model,
+        processor: &loaded.processor,
+        inference,
+        device: &device,
+    };
+    let indices: Vec<usize> = (0..n).collect();
+    let metrics = score_pairs(
+        &predictor,
+        &indices,
+        |i| Ok(data.load(i)?),
+        |i| data.pairs[i].image.display().to_string(),
+        Some(50),
+    )?;
     let rep = report(
         &metrics.scores(),
         n,
