@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::parse_config;
+use crate::device::DeviceSpec;
 use crate::finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
 use crate::linear_probe::{linear_probe, LinearProbeConfig, LinearProbeJob, LinearProbeOutcome};
 use crate::pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};
@@ -106,7 +107,7 @@ pub struct DemoJob {
     /// Output folder (one sub-folder per stage, `summary.json`).
     pub output: PathBuf,
     /// Device of every stage.
-    pub device: String,
+    pub device: DeviceSpec,
     /// Replace the stage folders of an earlier run.
     pub overwrite: bool,
     /// Progress bars.
@@ -186,7 +187,7 @@ fn prepare_output(job: &DemoJob) -> Result<()> {
 fn stage_tokenizer(job: &DemoJob, results: &mut Vec<StageResult>) -> Result<TokenizerOutcome> {
     let mut tcfg = job.config.tokenizer.clone();
     tcfg.output = job.output.join("tokenizer");
-    tcfg.device = job.device.clone();
+    tcfg.device = job.device;
     tcfg.data.source = DATA.into();
     let t = Instant::now();
     let tok = train_tokenizer(&TokenizerJob {
@@ -217,7 +218,7 @@ fn stage_pretrain(
 ) -> Result<PretrainOutcome> {
     let mut pcfg = job.config.pretrain.clone();
     pcfg.output = job.output.join("pretrain");
-    pcfg.device = job.device.clone();
+    pcfg.device = job.device;
     pcfg.tokenizer = Some(tokenizer.to_path_buf());
     pcfg.model = None;
     pcfg.data.source = DATA.into();
@@ -259,7 +260,7 @@ fn stage_finetune(
     };
     let mut fcfg = job.config.finetune.clone();
     fcfg.output = job.output.join(format!("finetune-{name}"));
-    fcfg.device = job.device.clone();
+    fcfg.device = job.device;
     fcfg.model = Some(model_dir.display().to_string());
     fcfg.pretrained = pretrained;
     fcfg.data.source = DATA.into();
@@ -309,7 +310,7 @@ fn stage_probes(
         lcfg.output = job
             .output
             .join(if pretrained { STAGES[4] } else { STAGES[5] });
-        lcfg.device = job.device.clone();
+        lcfg.device = job.device;
         lcfg.model = Some(model_dir.display().to_string());
         lcfg.pretrained = pretrained;
         lcfg.data = job.config.finetune.data.clone();

@@ -34,6 +34,7 @@ use crate::classifier::{
     export_classifier, finetune_config, log_load_report, processor_for_eval, trainable_classifier,
 };
 use crate::config::{EvalResizeMode, NormalizePreset, TrainSection};
+use crate::device::DeviceSpec;
 use crate::evaluate::{classifier_logits, evaluate};
 use crate::model_source::load_model;
 pub use crate::runner::FinetuneOutcome;
@@ -60,7 +61,7 @@ pub struct FinetuneConfig {
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Dataset.
     pub data: DataConfig,
     /// Model shape when training from scratch (ignored with a checkpoint).
@@ -78,7 +79,7 @@ impl Default for FinetuneConfig {
             pretrained: true,
             head_init_scale: 0.001,
             output: PathBuf::from("runs/finetune"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: DataConfig::default(),
             architecture: Architecture::default(),
             train: TrainSection::default(),
@@ -460,7 +461,7 @@ fn pipelines(
 pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let cfg = &job.config;
     let t = &cfg.train;
-    let device = runner::start(&cfg.device, &cfg.output, job.resume.is_some())?;
+    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
     let micro = t.micro_batch()?;
     crate::dist::rank_micro_batch(micro)?;
     let splits = load_splits(&cfg.data)?;
@@ -532,4 +533,34 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         skipped_files,
         ..FinetuneOutcome::new(done, splits.description, &cfg.output)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_config;
+
+    #[test]
+    fn typed_fields_reject_typos_naming_the_field_and_read_the_old_spellings() {
+        let set = |s: &str| parse_config::<FinetuneConfig>(None, &[s.to_string()], &[]);
+        for (item, field) in [
+            ("aug.train_interpolation=\"bicubc\"", "bicubc"),
+            ("aug.normalize=\"imagenett\"", "imagenett"),
+            ("aug.remode=\"pixels\"", "pixels"),
+            ("aug.eval_resize=\"squish\"", "squish"),
+            ("device=\"tpu\"", "tpu"),
+        ] {
+            let err = format!("{:#}", set(item).unwrap_err());
+            assert!(err.contains(field) && err.contains("--set"), "{item}: {err}");
+        }
+        let c = set("aug.eval_resize=\"squash\"").unwrap();
+        assert_eq!(c.aug.eval_resize, EvalResizeMode::Squash);
+        assert_eq!(c.model, None);
+        let c = set("model=\"\"").unwrap();
+        assert_eq!(c.model, None, "an empty model is unset, as older recipes wrote it");
+        let c = set("device=\"cuda:1\"").unwrap();
+        assert_eq!(c.device, DeviceSpec::Cuda(Some(1)));
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("device = \"cuda:1\""), "{text}");
+    }
 }

@@ -52,6 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::classifier::{log_load_report, trainable_classifier};
 use crate::config::{NormalizePreset, TrainSection};
+use crate::device::DeviceSpec;
 use crate::finetune::Architecture;
 use crate::model_source::load_model;
 use crate::runner::{self, FinetuneOutcome, RunSpec};
@@ -73,7 +74,7 @@ pub struct FinetuneSegConfig {
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Dataset.
     pub data: SegDataSection,
     /// Backbone shape when training from scratch (ignored with a checkpoint).
@@ -92,7 +93,7 @@ impl Default for FinetuneSegConfig {
             model: None,
             pretrained: true,
             output: PathBuf::from("runs/finetune-seg"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: SegDataSection::default(),
             architecture: Architecture::default(),
             segmentation: SegHeadSection::default(),
@@ -783,7 +784,7 @@ fn log_plan(cfg: &FinetuneSegConfig, steps_per_epoch: u64, micro: usize) {
 /// Run (or continue) a segmentation fine-tuning job.
 pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let (cfg, t) = (&job.config, &job.config.train);
-    let device = runner::start(&cfg.device, &cfg.output, job.resume.is_some())?;
+    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
     let micro = t.micro_batch()?;
     crate::dist::rank_micro_batch(micro)?;
     warn_if_data_parallel();

@@ -23,6 +23,7 @@ use candle_nn::{Init, Module, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainSection;
+use crate::device::DeviceSpec;
 use crate::evaluate::progress_bar;
 use crate::model_source::{load_architecture, load_model, LoadedModel};
 use crate::runner::{self, RunSpec};
@@ -44,7 +45,7 @@ pub struct LinearProbeConfig {
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Dataset.
     pub data: DataConfig,
     /// Optimisation of the head (`[train]`; `eval_batch_size` is the feature-extraction batch).
@@ -60,7 +61,7 @@ impl Default for LinearProbeConfig {
             pretrained: true,
             layer: 9,
             output: PathBuf::from("runs/linear-probe"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: DataConfig::default(),
             train: TrainSection {
                 epochs: 50,
@@ -361,7 +362,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     if t.batch_size == 0 || t.eval_batch_size == Some(0) {
         bail!("train.batch_size and train.eval_batch_size must be at least 1");
     }
-    let device = runner::start(&cfg.device, &cfg.output, job.resume.is_some())?;
+    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
     let loaded = load_probed(job, model, &device)?;
     let layers = loaded.checkpoint.config.num_hidden_layers;
     if cfg.layer > layers {

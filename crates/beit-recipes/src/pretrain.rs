@@ -40,6 +40,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{NormalizePreset, Preset, TrainSection};
+use crate::device::DeviceSpec;
 use crate::runner::{self, RunSpec};
 
 /// A pre-training configuration file (`configs/pretrain_*.toml`). Every field has a default (the
@@ -52,7 +53,7 @@ pub struct PretrainConfig {
     /// Run folder (`--output`).
     pub output: PathBuf,
     /// Device (`--device`): cpu, cuda[:N], metal[:N].
-    pub device: String,
+    pub device: DeviceSpec,
     /// Frozen visual tokenizer (`--tokenizer`): a folder from `beit-cli tokenizer train`, an
     /// encoder safetensors file with `dall_e` names, or DALL-E's `encoder.pkl`.
     pub tokenizer: Option<PathBuf>,
@@ -101,7 +102,7 @@ impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
             output: PathBuf::from("runs/pretrain"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             tokenizer: None,
             model: None,
             architecture: ModelSection::default(),
@@ -709,7 +710,7 @@ fn run_config(cfg: &PretrainConfig, mcfg: &BeitConfig) -> Result<serde_json::Val
 pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let started = Instant::now();
     let cfg = &job.config;
-    let device = &crate::device::parse_device(&cfg.device)?;
+    let device = &cfg.device.open()?;
     if cfg.data.source.trim().is_empty() {
         bail!("no training data: pass --data (or set data.source in the config)");
     }

@@ -18,12 +18,12 @@ use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
-use crate::device::parse_device;
+use crate::device::DeviceSpec;
 
-/// The first two steps of a recipe: its device (`device`), then its run directory (`output`,
-/// created for a fresh run; required to exist when `resuming`).
-pub fn start(device: &str, output: &Path, resuming: bool) -> Result<Device> {
-    let device = parse_device(device)?;
+/// The first two steps of a recipe: its device (`device`, opened), then its run directory
+/// (`output`, created for a fresh run; required to exist when `resuming`).
+pub fn start(device: DeviceSpec, output: &Path, resuming: bool) -> Result<Device> {
+    let device = device.open()?;
     prepare_output_dir(output, resuming)?;
     Ok(device)
 }

@@ -23,6 +23,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainSection;
+use crate::device::DeviceSpec;
 use crate::runner::{self, RunSpec};
 use crate::tensor_batches::epoch_batch_indices;
 
@@ -33,7 +34,7 @@ pub struct TokenizerConfig {
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Training images (`--data`): `fashion-mnist[:DIR]` (its test split held out), or any source
     /// `beit_data::open_images` reads (its last 10% held out); `max_train_samples` keeps the
     /// first that many training images.
@@ -51,7 +52,7 @@ impl Default for TokenizerConfig {
     fn default() -> Self {
         Self {
             output: PathBuf::from("runs/tokenizer"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: DataConfig::default(),
             architecture: DvaeConfig::default(),
             objective: GumbelConfig::default(),
@@ -283,7 +284,7 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
     model.validate("[architecture]")?;
     cfg.objective.validate("[objective]")?;
     let out = &cfg.output;
-    let device = runner::start(&cfg.device, out, false)?;
+    let device = runner::start(cfg.device, out, false)?;
     let has_checkpoints = !beit_train::CheckpointManager::new(out, 1)?
         .list()?
         .is_empty();

@@ -32,8 +32,8 @@ pub struct EvalSegArgs {
     pub split: String,
     /// `auto` (the checkpoint's `do_reduce_labels`, true for the ADE20K checkpoints), `true` or
     /// `false`.
-    #[arg(long, default_value = "auto")]
-    pub reduce_zero_label: String,
+    #[arg(long, value_enum, default_value_t = ReduceZeroLabel::Auto)]
+    pub reduce_zero_label: ReduceZeroLabel,
     /// mmseg's sliding-window inference `CROP,STRIDE` (ADE20K: `640,426`); default: whole image.
     #[arg(long, value_name = "CROP,STRIDE")]
     pub sliding_window: Option<String>,
@@ -51,14 +51,25 @@ pub struct EvalSegArgs {
     pub json: bool,
 }
 
+/// Whether annotation 0 is ignored and the classes shift down by one (mmseg's
+/// `reduce_zero_label`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceZeroLabel {
+    /// As the checkpoint's `preprocessor_config.json` says (`do_reduce_labels`).
+    Auto,
+    /// Reduce.
+    True,
+    /// Keep the annotations as they are.
+    False,
+}
+
 /// Run the command.
 pub fn run(args: EvalSegArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let reduce = match args.reduce_zero_label.as_str() {
-        "auto" => checkpoint_reduces_labels(&args.model, args.download)?,
-        "true" => true,
-        "false" => false,
-        other => bail!("--reduce-zero-label must be auto, true or false, got `{other}`"),
+    let reduce = match args.reduce_zero_label {
+        ReduceZeroLabel::Auto => checkpoint_reduces_labels(&args.model, args.download)?,
+        ReduceZeroLabel::True => true,
+        ReduceZeroLabel::False => false,
     };
     let loaded = load_model(&args.model, args.download)?;
     let cfg = &loaded.checkpoint.config;
