@@ -551,13 +551,19 @@ mod tests {
             ("device=\"tpu\"", "tpu"),
         ] {
             let err = format!("{:#}", set(item).unwrap_err());
-            assert!(err.contains(field) && err.contains("--set"), "{item}: {err}");
+            assert!(
+                err.contains(field) && err.contains("--set"),
+                "{item}: {err}"
+            );
         }
         let c = set("aug.eval_resize=\"squash\"").unwrap();
         assert_eq!(c.aug.eval_resize, EvalResizeMode::Squash);
         assert_eq!(c.model, None);
         let c = set("model=\"\"").unwrap();
-        assert_eq!(c.model, None, "an empty model is unset, as older recipes wrote it");
+        assert_eq!(
+            c.model, None,
+            "an empty model is unset, as older recipes wrote it"
+        );
         let c = set("device=\"cuda:1\"").unwrap();
         assert_eq!(c.device, DeviceSpec::Cuda(Some(1)));
         let text = toml::to_string(&c).unwrap();

@@ -50,6 +50,7 @@ pub mod linear_probe;
 pub mod model_source;
 pub mod pretrain;
 pub mod runner;
+pub mod seg_data;
 pub mod seg_eval;
 pub mod segment;
 pub mod tensor_batches;
