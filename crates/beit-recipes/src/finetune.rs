@@ -481,20 +481,8 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
             t.accum_steps
         );
     }
-    let spec = RunSpec {
-        output: &cfg.output,
-        resume: job.resume.as_deref(),
-        train: t,
-        batches_per_epoch: batches,
-        progress: job.progress,
-    };
-    let tl = runner::open_loop(
-        &spec,
-        cfg,
-        serde_json::to_value(cfg)?,
-        varmap.clone(),
-        groups,
-    )?;
+    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     tracing::info!(
         "fine-tuning: {} epochs x {} steps of {} images ({} x {}), lr {:.2e}, layer decay {:?}, \
          mixup {}",

@@ -573,20 +573,8 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         .filter(|(n, _)| !is_buffer(n));
     let groups = build_param_groups(params, &t.grouping(model_cfg.num_hidden_layers))?;
     let batches = batches_per_epoch(cfg, train.len(), val.len(), micro)?;
-    let spec = RunSpec {
-        output: &cfg.output,
-        resume: job.resume.as_deref(),
-        train: t,
-        batches_per_epoch: batches,
-        progress: job.progress,
-    };
-    let tl = runner::open_loop(
-        &spec,
-        cfg,
-        serde_json::to_value(cfg)?,
-        varmap.clone(),
-        groups,
-    )?;
+    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     log_plan(cfg, tl.config().steps_per_epoch(), micro);
     let mut task = SegTask {
         model,

@@ -382,20 +382,9 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let bs = t.batch_size.min(n);
     // Each rank trains on its positions `r, r + N, ...` of every batch.
     crate::dist::rank_micro_batch(bs)?;
-    let spec = RunSpec {
-        output: &cfg.output,
-        resume: job.resume.as_deref(),
-        train: t,
-        batches_per_epoch: (n / bs) as u64,
-        progress: job.progress,
-    };
-    let tl = runner::open_loop(
-        &spec,
-        cfg,
-        serde_json::to_value(cfg)?,
-        varmap.clone(),
-        groups,
-    )?;
+    let batches = (n / bs) as u64;
+    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     let mut task = ProbeTask {
         head,
         label_smoothing: t.label_smoothing,

@@ -727,14 +727,16 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let params = trainable(&varmap, cfg.objective.target);
     let num_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let groups = build_param_groups(params, &cfg.train.grouping(mcfg.num_hidden_layers))?;
-    let spec = RunSpec {
-        output: &cfg.output,
-        resume: job.resume.as_deref(),
-        train: &cfg.train,
+    let resume = job.resume.as_deref();
+    let spec = RunSpec::new(
+        &cfg.output,
+        resume,
+        &cfg.train,
         batches_per_epoch,
-        progress: job.progress,
-    };
-    let tl = runner::open_loop(&spec, cfg, run_config(cfg, &mcfg)?, varmap.clone(), groups)?;
+        job.progress,
+    );
+    let record = run_config(cfg, &mcfg)?;
+    let tl = runner::open_loop_recording(&spec, cfg, record, varmap.clone(), groups)?;
     let tcfg = tl.config().clone();
     log_start(cfg, &mcfg, &masking, &tcfg, num_params, &what)?;
     let mut task = MimTask {

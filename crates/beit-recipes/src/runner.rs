@@ -43,10 +43,40 @@ pub struct RunSpec<'a> {
     pub progress: bool,
 }
 
+impl<'a> RunSpec<'a> {
+    /// A run in `output` (resumed from `resume`, if given) on the `[train]` table `train`,
+    /// `batches_per_epoch` micro-batches an epoch.
+    pub fn new(
+        output: &'a Path,
+        resume: Option<&'a Path>,
+        train: &'a TrainSection,
+        batches_per_epoch: u64,
+        progress: bool,
+    ) -> Self {
+        Self {
+            output,
+            resume,
+            train,
+            batches_per_epoch,
+            progress,
+        }
+    }
+}
+
+/// [`open_loop_recording`] with the recipe itself as the record of every checkpoint.
+pub fn open_loop<C: Serialize>(
+    spec: &RunSpec<'_>,
+    config: &C,
+    varmap: VarMap,
+    groups: Vec<ParamGroup>,
+) -> Result<TrainLoop> {
+    open_loop_recording(spec, config, serde_json::to_value(config)?, varmap, groups)
+}
+
 /// Open the engine on a run: the `[train]` table's settings for `spec.batches_per_epoch`, the
 /// resolved recipe `config` written as `config.toml`, then [`TrainLoop::open`] (fresh or
 /// resumed) over `varmap`'s parameter `groups`, with `run_config` stored in every checkpoint.
-pub fn open_loop<C: Serialize>(
+pub fn open_loop_recording<C: Serialize>(
     spec: &RunSpec<'_>,
     config: &C,
     run_config: serde_json::Value,

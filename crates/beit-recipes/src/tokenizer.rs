@@ -309,21 +309,9 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
         data.what
     );
     let dvae = Dvae::new(model, t.seed, &device)?;
-    let spec = RunSpec {
-        output: out,
-        resume: resume_from.as_deref(),
-        train: t,
-        batches_per_epoch: (n / bs) as u64,
-        progress: job.progress,
-    };
-    let groups = dvae_groups(&dvae);
-    let tl = runner::open_loop(
-        &spec,
-        cfg,
-        serde_json::to_value(cfg)?,
-        dvae.varmap().clone(),
-        groups,
-    )?;
+    let batches = (n / bs) as u64;
+    let spec = RunSpec::new(out, resume_from.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, dvae.varmap().clone(), dvae_groups(&dvae))?;
     let mut task = DvaeTask {
         dvae: &dvae,
         objective: &cfg.objective,
