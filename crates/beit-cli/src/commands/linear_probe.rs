@@ -45,7 +45,7 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         return Ok(());
     }
     let resume = args.resume.checkpoint(&config.output);
-    let model = config.model.clone();
+    let model = config.model.clone().unwrap_or_default();
     let out = linear_probe(&LinearProbeJob {
         config,
         resume,
