@@ -11,7 +11,9 @@
 //!   permutation and a shuffle buffer, disjoint shards per rank, an exact resume position
 //!   ([`StreamPosition`]); [`pack_image_folder`] writes them from an ImageFolder.
 //! - [`Loader`]: parallel decode and augmentation on its own thread pool with bounded prefetch,
-//!   batches as candle tensors; corrupt files are skipped, counted and reported once.
+//!   batches as candle tensors; corrupt files are skipped, counted and reported once. What it
+//!   reads and stacks is an [`Assemble`] (images and class labels by default, [`ImageBatches`]),
+//!   its epoch order a [`Sampler`].
 //!
 //! Fidelity: the deterministic geometry (resize with every Pillow filter, `Resize` + `CenterCrop`,
 //! the two views of a given crop) is bit-exact with Pillow/torchvision on real photos
@@ -26,6 +28,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod assemble;
 pub mod color_jitter;
 pub mod dataset;
 pub mod decode;
@@ -55,6 +58,7 @@ pub mod source;
 pub mod tar_shard;
 pub mod transform;
 
+pub use assemble::{Assemble, ImageBatches};
 pub use color_jitter::{ColorJitter, JitterDraw, Op as JitterOp};
 pub use dataset::{Dataset, Sample};
 pub use decode::{decode_file, DecodeOptions};
@@ -72,6 +76,7 @@ pub use processor::{ImageProcessor, ProcessorTransform, TargetSize};
 pub use rand_augment::{AugOp, RandAugment};
 pub use random_erasing::{EraseMode, RandomErasing};
 pub use resize::{resize, resize_region, Filter};
+pub use sampler::{Draw, EpochSampler, Sampler};
 pub use shard_manifest::{ShardEntry, ShardManifest};
 pub use shard_set::{EpochPlan, ShardInfo, ShardSet};
 pub use shard_spec::expand_braces;

@@ -1,5 +1,8 @@
 //! The parallel, prefetching batch loader.
 //!
+//! What it reads and how it stacks a batch is an [`Assemble`] ([`ImageBatches`] for images and
+//! class labels); the order of an epoch is a [`Sampler`] ([`EpochSampler`] by default).
+//!
 //! A background producer thread walks the epoch's indices, decodes and transforms each batch on a
 //! rayon pool of its own (not the global pool, which candle's matrix multiplications use), builds
 //! candle tensors and hands them over through a bounded channel, so up to `prefetch` batches are
@@ -17,23 +20,21 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle::{Device, Tensor};
+use candle::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+pub use crate::assemble::Batch;
+use crate::assemble::{Assemble, ImageBatches};
 use crate::dataset::Dataset;
-use crate::decode::DecodeOptions;
 use crate::error::{DataError, Result};
 use crate::mixup::Mixup;
-use crate::sampler::{derive_seed, epoch_indices, sample_rng};
-use crate::shard_dataset::decode_raw;
+use crate::sampler::{Draw, EpochSampler, Sampler};
 use crate::shard_set::ShardSet;
 use crate::shard_stream::{ShardStream, StreamPosition};
 use crate::tar_shard::RawSample;
-use crate::transform::{Transform, Views};
+use crate::transform::Transform;
 
 /// Loader settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,33 +72,6 @@ impl Default for LoaderConfig {
             world_size: 1,
             progress: false,
         }
-    }
-}
-
-/// One batch, as candle tensors on the loader's device.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    /// Model inputs, f32 `(B, 3, H, W)`.
-    pub images: Tensor,
-    /// Hard labels, u32 `(B,)`, for labelled datasets.
-    pub labels: Option<Tensor>,
-    /// Soft targets, f32 `(B, num_classes)`, when mixup/CutMix is enabled.
-    pub soft_targets: Option<Tensor>,
-    /// Tokenizer view, f32 `(B, 3, h, w)` in `[0.1, 0.9]`, for the two-view transform.
-    pub tokenizer_images: Option<Tensor>,
-    /// Dataset indices of the samples, in batch order.
-    pub indices: Vec<usize>,
-}
-
-impl Batch {
-    /// Number of samples.
-    pub fn len(&self) -> usize {
-        self.indices.len()
-    }
-
-    /// Whether the batch is empty (never true for batches the loader yields).
-    pub fn is_empty(&self) -> bool {
-        self.indices.is_empty()
     }
 }
 
@@ -154,20 +128,19 @@ impl SkipLog {
     }
 }
 
-/// Loads batches of a [`Dataset`] through a [`Transform`].
-pub struct Loader {
-    dataset: Arc<dyn Dataset>,
-    transform: Arc<dyn Transform>,
-    mixup: Option<Mixup>,
+/// Loads batches through an [`Assemble`] (by default [`ImageBatches`]: images of a [`Dataset`]
+/// through a [`Transform`]) in the order of a [`Sampler`].
+pub struct Loader<A: Assemble = ImageBatches> {
+    assemble: A,
+    sampler: Arc<dyn Sampler>,
     cfg: LoaderConfig,
-    device: Device,
     pool: Arc<rayon::ThreadPool>,
     skips: Arc<SkipLog>,
     shards: Option<Arc<ShardSet>>,
 }
 
 /// What the producer thread sends: a batch and, when streaming, the position after it.
-type Sent = (Result<Batch>, Option<StreamPosition>);
+type Sent<B> = (Result<B>, Option<StreamPosition>);
 
 impl Loader {
     /// A loader producing tensors on `device`. Errors on an empty dataset or invalid settings.
@@ -177,7 +150,31 @@ impl Loader {
         cfg: LoaderConfig,
         device: Device,
     ) -> Result<Self> {
-        if dataset.is_empty() {
+        let sampler = EpochSampler {
+            shuffle: cfg.shuffle,
+            seed: cfg.seed,
+        };
+        let assemble = ImageBatches::new(dataset, transform, cfg.seed, device);
+        Loader::with_assembly(assemble, Arc::new(sampler), cfg)
+    }
+
+    /// Enable mixup/CutMix: batches then carry soft targets. The dataset must be labelled.
+    pub fn with_mixup(mut self, mixup: Mixup) -> Result<Self> {
+        mixup.validate()?;
+        self.assemble = self.assemble.with_mixup(mixup);
+        Ok(self)
+    }
+}
+
+impl<A: Assemble> Loader<A> {
+    /// A loader of `assemble`'s batches in `sampler`'s order. Errors on an empty dataset or
+    /// invalid settings.
+    pub fn with_assembly(
+        assemble: A,
+        sampler: Arc<dyn Sampler>,
+        cfg: LoaderConfig,
+    ) -> Result<Self> {
+        if assemble.is_empty() {
             return Err(DataError::Empty("the dataset has no sample".into()));
         }
         if cfg.batch_size == 0 {
@@ -194,27 +191,18 @@ impl Loader {
             .thread_name(|i| format!("beit-data-{i}"))
             .build()
             .map_err(|e| DataError::param("num_threads", e.to_string()))?;
-        let shards = dataset.shards();
+        let shards = assemble.shards();
         if let Some(s) = &shards {
             s.epoch_plan(cfg.shuffle, cfg.seed, 0, cfg.rank, cfg.world_size)?;
         }
         Ok(Loader {
             shards,
-            dataset,
-            transform,
-            mixup: None,
+            assemble,
+            sampler,
             cfg,
-            device,
             pool: Arc::new(pool),
             skips: Arc::new(SkipLog::default()),
         })
-    }
-
-    /// Enable mixup/CutMix: batches then carry soft targets. The dataset must be labelled.
-    pub fn with_mixup(mut self, mixup: Mixup) -> Result<Self> {
-        mixup.validate()?;
-        self.mixup = Some(mixup);
-        Ok(self)
     }
 
     /// The settings.
@@ -227,9 +215,9 @@ impl Loader {
         if let Some(s) = &self.shards {
             return s.quota(self.cfg.world_size);
         }
-        self.dataset.len().div_ceil(self.cfg.world_size)
+        self.sampler
+            .samples_per_epoch(self.assemble.len(), self.cfg.world_size)
     }
-
     /// Batches per epoch (assuming no skipped file; exact for a streamed dataset).
     pub fn batches_per_epoch(&self) -> usize {
         let n = self.samples_per_epoch();
@@ -262,29 +250,25 @@ impl Loader {
     }
 
     /// Start producing the batches of `epoch` in the background.
-    pub fn epoch(&self, epoch: u64) -> Result<EpochIter> {
+    pub fn epoch(&self, epoch: u64) -> Result<EpochIter<A>> {
         if self.shards.is_some() {
             return self.epoch_from(StreamPosition {
                 epoch,
                 ..StreamPosition::default()
             });
         }
-        let indices = epoch_indices(
-            self.dataset.len(),
-            self.cfg.shuffle,
-            self.cfg.seed,
-            epoch,
-            self.cfg.rank,
-            self.cfg.world_size,
-        )?;
+        let c = &self.cfg;
+        let draws = self
+            .sampler
+            .draws(self.assemble.len(), epoch, c.rank, c.world_size)?;
         self.start(epoch, move |p| {
-            Box::new(p.batches(indices).map(|b| (b, None)))
+            Box::new(p.batches(draws).map(|b| (b, None)))
         })
     }
 
     /// Resume a streamed epoch at `pos` (from [`EpochIter::position`]): the remaining batches are
     /// those the interrupted epoch would have delivered. Only for sharded datasets.
-    pub fn epoch_from(&self, pos: StreamPosition) -> Result<EpochIter> {
+    pub fn epoch_from(&self, pos: StreamPosition) -> Result<EpochIter<A>> {
         let shards = self.shards.clone().ok_or_else(|| {
             DataError::param(
                 "stream position",
@@ -308,17 +292,14 @@ impl Loader {
     fn start(
         &self,
         epoch: u64,
-        work: impl FnOnce(Producer) -> Box<dyn Iterator<Item = Sent>> + Send + 'static,
-    ) -> Result<EpochIter> {
+        work: impl FnOnce(Producer<A>) -> Box<dyn Iterator<Item = Sent<A::Batch>>> + Send + 'static,
+    ) -> Result<EpochIter<A>> {
         let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let delivered = Arc::new(AtomicUsize::new(0));
         let producer = Producer {
-            dataset: self.dataset.clone(),
-            transform: self.transform.clone(),
-            mixup: self.mixup,
+            assemble: self.assemble.clone(),
             cfg: self.cfg.clone(),
-            device: self.device.clone(),
             pool: self.pool.clone(),
             skips: self.skips.clone(),
             epoch,
@@ -362,64 +343,38 @@ impl Loader {
 }
 
 /// Everything the producer thread needs.
-struct Producer {
-    dataset: Arc<dyn Dataset>,
-    transform: Arc<dyn Transform>,
-    mixup: Option<Mixup>,
+struct Producer<A: Assemble> {
+    assemble: A,
     cfg: LoaderConfig,
-    device: Device,
     pool: Arc<rayon::ThreadPool>,
     skips: Arc<SkipLog>,
     epoch: u64,
     stop: Arc<AtomicBool>,
 }
 
-/// A transformed sample.
-struct Prepared {
-    index: usize,
-    label: Option<u32>,
-    views: Views,
-}
-
-impl Producer {
-    fn prepare(&self, index: usize) -> Option<Prepared> {
-        let result = self.dataset.get(index).and_then(|s| {
-            let mut rng = sample_rng(self.cfg.seed, self.epoch, index as u64);
-            let views = self.transform.apply(&s.image, &mut rng)?;
-            Ok(Prepared {
-                index,
-                label: s.label,
-                views,
-            })
-        });
-        match result {
+impl<A: Assemble> Producer<A> {
+    fn prepare(&self, draw: Draw) -> Option<A::Item> {
+        match self.assemble.prepare(self.epoch, draw) {
             Ok(p) => Some(p),
             Err(e) => {
-                self.skips
-                    .record(index, self.dataset.describe(index), e.to_string());
+                let source = self.assemble.describe(draw.index);
+                self.skips.record(draw.index, source, e.to_string());
                 None
             }
         }
     }
 
-    /// A streamed sample (or the stream's error) transformed; `ordinal` is its place in the epoch.
-    fn prepare_raw(&self, ordinal: u64, item: Result<RawSample>) -> Option<Prepared> {
+    /// A streamed sample (or the stream's error) prepared; `ordinal` is its place in the epoch.
+    fn prepare_raw(&self, ordinal: u64, item: Result<RawSample>) -> Option<A::Item> {
         let (source, result) = match item {
             Ok(raw) => (
                 raw.describe(),
-                decode_raw(&raw, &DecodeOptions::default()).and_then(|s| {
-                    let mut rng = sample_rng(self.cfg.seed, self.epoch, ordinal);
-                    Ok((s.label, self.transform.apply(&s.image, &mut rng)?))
-                }),
+                self.assemble.prepare_raw(self.epoch, ordinal, &raw),
             ),
             Err(e) => (error_source(&e), Err(e)),
         };
         match result {
-            Ok((label, views)) => Some(Prepared {
-                index: ordinal as usize,
-                label,
-                views,
-            }),
+            Ok(p) => Some(p),
             Err(e) => {
                 self.skips
                     .record_source(ordinal as usize, source, e.to_string());
@@ -427,7 +382,6 @@ impl Producer {
             }
         }
     }
-
     /// Yields the batches of a streamed epoch from `start` on: `quota` samples in all, in as many
     /// batches on every rank; skipped samples are replaced by the next ones of the stream.
     fn stream_batches(
@@ -435,7 +389,7 @@ impl Producer {
         mut stream: ShardStream,
         start: StreamPosition,
         quota: usize,
-    ) -> impl Iterator<Item = Sent> {
+    ) -> impl Iterator<Item = Sent<A::Batch>> {
         let bs = self.cfg.batch_size;
         let total = if self.cfg.drop_last {
             quota / bs
@@ -450,7 +404,7 @@ impl Producer {
                 return None;
             }
             let want = bs.min(quota - batch_no as usize * bs);
-            let mut ready: Vec<Prepared> = Vec::with_capacity(want);
+            let mut ready: Vec<A::Item> = Vec::with_capacity(want);
             while ready.len() < want {
                 let base = stream.delivered();
                 let items: Vec<_> = stream.by_ref().take(want - ready.len()).collect();
@@ -460,7 +414,7 @@ impl Producer {
                     );
                     return Some((Err(e), None));
                 }
-                let done: Vec<Option<Prepared>> = self.pool.install(|| {
+                let done: Vec<Option<A::Item>> = self.pool.install(|| {
                     items
                         .into_par_iter()
                         .enumerate()
@@ -469,7 +423,7 @@ impl Producer {
                 });
                 ready.extend(done.into_iter().flatten());
             }
-            let batch = self.collate(ready, batch_no);
+            let batch = self.assemble.collate(ready, self.epoch, batch_no);
             batch_no += 1;
             let pos = StreamPosition {
                 epoch: self.epoch,
@@ -481,7 +435,7 @@ impl Producer {
     }
 
     /// Yields the epoch's batches; a skipped sample is replaced by the next ones so batches stay full.
-    fn batches(self, indices: Vec<usize>) -> impl Iterator<Item = Result<Batch>> {
+    fn batches(self, draws: Vec<Draw>) -> impl Iterator<Item = Result<A::Batch>> {
         let mut cursor = 0usize;
         let mut batch_no = 0u64;
         std::iter::from_fn(move || {
@@ -489,87 +443,22 @@ impl Producer {
                 return None;
             }
             let bs = self.cfg.batch_size;
-            let mut ready: Vec<Prepared> = Vec::with_capacity(bs);
-            while ready.len() < bs && cursor < indices.len() {
-                let take = (bs - ready.len()).min(indices.len() - cursor);
-                let chunk = &indices[cursor..cursor + take];
+            let mut ready: Vec<A::Item> = Vec::with_capacity(bs);
+            while ready.len() < bs && cursor < draws.len() {
+                let take = (bs - ready.len()).min(draws.len() - cursor);
+                let chunk = &draws[cursor..cursor + take];
                 cursor += take;
-                let done: Vec<Option<Prepared>> = self
+                let done: Vec<Option<A::Item>> = self
                     .pool
-                    .install(|| chunk.par_iter().map(|&i| self.prepare(i)).collect());
+                    .install(|| chunk.par_iter().map(|&d| self.prepare(d)).collect());
                 ready.extend(done.into_iter().flatten());
             }
             if ready.is_empty() || (self.cfg.drop_last && ready.len() < bs) {
                 return None;
             }
-            let batch = self.collate(ready, batch_no);
+            let batch = self.assemble.collate(ready, self.epoch, batch_no);
             batch_no += 1;
             Some(batch)
-        })
-    }
-
-    fn collate(&self, ready: Vec<Prepared>, batch_no: u64) -> Result<Batch> {
-        let b = ready.len();
-        let (h, w) = self.transform.output_size();
-        let mut images = Vec::with_capacity(b * 3 * h * w);
-        let mut tok = Vec::new();
-        let mut labels = Vec::with_capacity(b);
-        let mut indices = Vec::with_capacity(b);
-        let tok_size = self.transform.tokenizer_size();
-        for p in &ready {
-            if (p.views.image.height, p.views.image.width) != (h, w) {
-                return Err(DataError::param(
-                    "transform",
-                    format!(
-                        "sample {} came out {}x{}, expected {h}x{w}",
-                        p.index, p.views.image.height, p.views.image.width
-                    ),
-                ));
-            }
-            images.extend_from_slice(&p.views.image.data);
-            if let (Some(t), Some(_)) = (&p.views.tokenizer, tok_size) {
-                tok.extend_from_slice(&t.data);
-            }
-            if let Some(l) = p.label {
-                labels.push(l);
-            }
-            indices.push(p.index);
-        }
-        let labelled = labels.len() == b;
-        let mut soft_targets = None;
-        if let Some(m) = &self.mixup {
-            if !labelled {
-                return Err(DataError::param(
-                    "mixup",
-                    "mixup/CutMix needs a labelled dataset",
-                ));
-            }
-            let mut rng =
-                StdRng::seed_from_u64(derive_seed(self.cfg.seed, &[self.epoch, batch_no, 2]));
-            let t = m.apply(&mut images, (b, 3, h, w), &labels, &mut rng)?;
-            soft_targets = Some(
-                Tensor::from_vec(t, (b, m.num_classes), &Device::Cpu)?.to_device(&self.device)?,
-            );
-        }
-        let images =
-            Tensor::from_vec(images, (b, 3, h, w), &Device::Cpu)?.to_device(&self.device)?;
-        let tokenizer_images = match tok_size {
-            Some((th, tw)) if tok.len() == b * 3 * th * tw => {
-                Some(Tensor::from_vec(tok, (b, 3, th, tw), &Device::Cpu)?.to_device(&self.device)?)
-            }
-            _ => None,
-        };
-        let labels = if labelled {
-            Some(Tensor::from_vec(labels, b, &Device::Cpu)?.to_device(&self.device)?)
-        } else {
-            None
-        };
-        Ok(Batch {
-            images,
-            labels,
-            soft_targets,
-            tokenizer_images,
-            indices,
         })
     }
 }
@@ -585,8 +474,8 @@ fn error_source(e: &DataError) -> String {
 }
 
 /// The batches of one epoch, produced in the background. Dropping it stops the producer.
-pub struct EpochIter {
-    rx: Option<Receiver<Sent>>,
+pub struct EpochIter<A: Assemble = ImageBatches> {
+    rx: Option<Receiver<Sent<A::Batch>>>,
     handle: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     progress: Option<ProgressBar>,
@@ -595,7 +484,7 @@ pub struct EpochIter {
     position: Option<StreamPosition>,
 }
 
-impl EpochIter {
+impl<A: Assemble> EpochIter<A> {
     /// For a streamed dataset, the position after the last batch delivered (save it with a
     /// checkpoint and pass it to [`Loader::epoch_from`]); `None` before the first batch and for
     /// datasets read by index.
@@ -626,8 +515,8 @@ impl EpochIter {
     }
 }
 
-impl Iterator for EpochIter {
-    type Item = Result<Batch>;
+impl<A: Assemble> Iterator for EpochIter<A> {
+    type Item = Result<A::Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let sent = self.rx.as_ref()?.recv().ok();
@@ -639,9 +528,9 @@ impl Iterator for EpochIter {
         });
         match &item {
             Some(Ok(b)) => {
-                self.delivered.fetch_add(b.len(), Ordering::Relaxed);
+                self.delivered.fetch_add(A::batch_len(b), Ordering::Relaxed);
                 if let Some(pb) = &self.progress {
-                    pb.inc(b.len() as u64);
+                    pb.inc(A::batch_len(b) as u64);
                 }
             }
             Some(Err(_)) => self.finish(),
@@ -660,7 +549,7 @@ impl Iterator for EpochIter {
     }
 }
 
-impl Drop for EpochIter {
+impl<A: Assemble> Drop for EpochIter<A> {
     fn drop(&mut self) {
         self.finish();
     }

@@ -1,5 +1,6 @@
 //! Epoch orders: deterministic shuffling from `(seed, epoch)`, sharding by `(rank, world_size)`, and
-//! per-sample seeds so that augmentations are reproducible when a run resumes.
+//! per-sample seeds so that augmentations are reproducible when a run resumes. A [`Sampler`] gives
+//! the loader its epoch order; [`EpochSampler`] is the one pass per epoch above.
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -58,6 +59,50 @@ pub fn epoch_indices(
         order.push(order[i - len]);
     }
     Ok(order.into_iter().skip(rank).step_by(world_size).collect())
+}
+
+/// One sample an epoch reads: its dataset index and the key its augmentation draws derive from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draw {
+    /// Dataset index.
+    pub index: usize,
+    /// Key of the sample's random generator within the epoch (with the seed and the epoch).
+    pub key: u64,
+}
+
+/// The order of an epoch: which samples one rank reads, in order, and how many.
+pub trait Sampler: Send + Sync {
+    /// The draws of `epoch` for `rank` of `world_size`, over a dataset of `len` samples.
+    fn draws(&self, len: usize, epoch: u64, rank: usize, world_size: usize) -> Result<Vec<Draw>>;
+
+    /// Samples one rank reads per epoch.
+    fn samples_per_epoch(&self, len: usize, world_size: usize) -> usize;
+}
+
+/// One pass over the dataset per epoch ([`epoch_indices`]), each sample keyed by its index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochSampler {
+    /// Shuffle each epoch.
+    pub shuffle: bool,
+    /// Seed of the shuffling.
+    pub seed: u64,
+}
+
+impl Sampler for EpochSampler {
+    fn draws(&self, len: usize, epoch: u64, rank: usize, world_size: usize) -> Result<Vec<Draw>> {
+        let indices = epoch_indices(len, self.shuffle, self.seed, epoch, rank, world_size)?;
+        Ok(indices
+            .into_iter()
+            .map(|index| Draw {
+                index,
+                key: index as u64,
+            })
+            .collect())
+    }
+
+    fn samples_per_epoch(&self, len: usize, world_size: usize) -> usize {
+        len.div_ceil(world_size)
+    }
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ use crate::finetune::Architecture;
 use crate::model_source::load_model;
 use crate::runner::{self, FinetuneOutcome, RunSpec};
 pub use crate::seg_data::SegDataSection;
-use crate::seg_data::{load_data, Pairs, SegBatch, Stream};
+use crate::seg_data::{load_data, train_loader, Pairs, SegBatch};
 use crate::seg_eval::{score_pairs, SegPredictor};
 use crate::segment::Inference;
 
@@ -588,15 +588,11 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         device: device.clone(),
         out: cfg.output.clone(),
     };
-    let stream = Stream::new(&train, &transform, t.seed, micro, batches, device);
+    let loader = train_loader(train.into(), transform, t.seed, micro, batches, device)?;
     let done = fit(
         tl,
         &mut task,
-        |epoch| {
-            let stream = &stream;
-            let mut cache = None;
-            Ok((0..batches).map(move |b| stream.batch(epoch, b, &mut cache)))
-        },
+        |epoch| Ok(loader.epoch(epoch)?.map(|b| b.map_err(anyhow::Error::from))),
         &runner::evaluated(t.eval_every, "mIoU", job.stop_after),
     )?;
     let final_model = task.export_final(done.finished)?;

@@ -1,21 +1,24 @@
 //! The data of segmentation fine-tuning: the `[data]` table, the (image, label map) pairs of a
 //! split (ADE20K layout on disk, or Fashion-MNIST mosaics in memory), and the training stream of
-//! augmented micro-batches (mmseg's iteration-based sampling: an endless, reshuffled stream).
+//! augmented micro-batches read through beit-data's [`Loader`] (mmseg's iteration-based sampling:
+//! an endless, reshuffled stream, expressed as the loader's [`Sampler`]).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use beit_data::seg_augment::SegTrainTransform;
+use beit_data::seg_augment::{SegSample, SegTrainTransform};
 use beit_data::segmentation::{
     fashion_seg_classes, fashion_segmentation, LabelMap, SegmentationFolder, ADE20K_CLASSES,
     IGNORE_INDEX,
 };
-use beit_data::{FashionMnist, RgbImage};
+use beit_data::{Assemble, DataError, Draw, FashionMnist, Loader, LoaderConfig, RgbImage, Sampler};
 use beit_train::TrainRng;
 use candle::{Device, Tensor};
 use rand::seq::SliceRandom;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+type DataResult<T> = beit_data::Result<T>;
 
 /// `[data]` of a segmentation run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +80,28 @@ impl Pairs {
         match self {
             Pairs::Folder(_, n) => *n,
             Pairs::Memory(v) => v.len(),
+        }
+    }
+
+    /// Pair `i`, its error naming the file.
+    fn get(&self, i: usize) -> DataResult<(RgbImage, LabelMap)> {
+        match self {
+            Pairs::Folder(f, _) => f.load(i),
+            Pairs::Memory(v) => v.get(i).cloned().ok_or(DataError::OutOfRange {
+                index: i,
+                len: v.len(),
+            }),
+        }
+    }
+
+    /// A name of pair `i` for skip reports: its image file, or its place in memory.
+    fn describe(&self, i: usize) -> String {
+        match self {
+            Pairs::Folder(f, _) => f
+                .pairs
+                .get(i)
+                .map_or_else(|| format!("pair {i}"), |p| p.image.display().to_string()),
+            Pairs::Memory(_) => format!("training pair {i}"),
         }
     }
 
@@ -158,82 +183,121 @@ pub(crate) struct SegBatch {
     pub(crate) labelled_pixels: usize,
 }
 
-/// The training stream: micro-batch `b` of epoch `e` holds stream positions
-/// `(e·per_epoch + b·micro)..` where a position `p` is sample `perm(p / N)[p % N]`, a seeded
-/// permutation per pass; each sample's augmentation draws from a generator derived from
-/// `(seed, epoch, position in the epoch)`. A function of `(seed, e)` alone, so a resumed run
+/// The training loader: micro-batch `b` of epoch `e` holds the samples at stream positions
+/// `(e·per_epoch + b·micro)..` (see [`Passes`]), this process reading its share (positions `rank`,
+/// `rank + N`, ... of each micro-batch); each sample's augmentation draws from a generator derived
+/// from `(seed, epoch, position in the epoch)`. A function of `(seed, e)` alone, so a resumed run
 /// sees the same data.
-pub(crate) struct Stream<'a> {
-    pairs: &'a Pairs,
-    transform: &'a SegTrainTransform,
+pub(crate) fn train_loader(
+    pairs: Arc<Pairs>,
+    transform: SegTrainTransform,
     seed: u64,
     micro: usize,
     batches_per_epoch: u64,
     device: Device,
-    /// This process's rank and the world size: it reads its share of each micro-batch.
-    rank: usize,
-    world_size: usize,
+) -> Result<Loader<SegBatches>> {
+    let cfg = crate::dist::shard_loader(LoaderConfig {
+        batch_size: crate::dist::rank_micro_batch(micro)?,
+        shuffle: false,
+        drop_last: false,
+        seed,
+        ..LoaderConfig::default()
+    });
+    let sampler = Passes {
+        seed,
+        per_epoch: batches_per_epoch * micro as u64,
+    };
+    let assemble = SegBatches {
+        pairs,
+        transform: Arc::new(transform),
+        seed,
+        device,
+    };
+    Ok(Loader::with_assembly(assemble, Arc::new(sampler), cfg)?)
 }
 
-impl<'a> Stream<'a> {
-    /// The stream of `pairs` in micro-batches of `micro` (this process reads its share).
-    pub(crate) fn new(
-        pairs: &'a Pairs,
-        transform: &'a SegTrainTransform,
-        seed: u64,
-        micro: usize,
-        batches_per_epoch: u64,
-        device: Device,
-    ) -> Self {
-        let world = beit_train::dist::world();
-        Self {
-            pairs,
-            transform,
-            seed,
-            micro,
-            batches_per_epoch,
-            device,
-            rank: world.rank(),
-            world_size: world.size(),
-        }
-    }
+/// mmseg's iteration-based order: an endless stream of passes over the training set, position `p`
+/// being sample `perm(p / N)[p % N]` of a seeded permutation per pass; epoch `e` reads positions
+/// `e·per_epoch..(e+1)·per_epoch`, each keyed by its position in the epoch.
+struct Passes {
+    seed: u64,
+    /// Stream positions per epoch (over all processes).
+    per_epoch: u64,
+}
 
-    fn permutation(&self, pass: u64) -> Vec<usize> {
-        let mut p: Vec<usize> = (0..self.pairs.len()).collect();
+impl Passes {
+    fn permutation(&self, len: usize, pass: u64) -> Vec<usize> {
+        let mut p: Vec<usize> = (0..len).collect();
         p.shuffle(&mut TrainRng::derive(self.seed, &[0x7061_7373, pass]));
         p
     }
+}
 
-    pub(crate) fn batch(
-        &self,
-        epoch: u64,
-        b: u64,
-        cache: &mut Option<(u64, Vec<usize>)>,
-    ) -> Result<SegBatch> {
-        let n = self.pairs.len() as u64;
-        let per_epoch = self.batches_per_epoch * self.micro as u64;
-        let mut items = Vec::with_capacity(self.micro / self.world_size);
-        // This rank's share of the global micro-batch: positions rank, rank + N, ...
-        for j in (self.rank as u64..self.micro as u64).step_by(self.world_size) {
-            let in_epoch = b * self.micro as u64 + j;
-            let p = epoch.wrapping_mul(per_epoch).wrapping_add(in_epoch);
+impl Sampler for Passes {
+    fn draws(&self, len: usize, epoch: u64, rank: usize, world: usize) -> DataResult<Vec<Draw>> {
+        let n = len as u64;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut cache: Option<(u64, Vec<usize>)> = None;
+        let mut draws = Vec::with_capacity(self.samples_per_epoch(len, world));
+        for in_epoch in (rank as u64..self.per_epoch).step_by(world.max(1)) {
+            let p = epoch.wrapping_mul(self.per_epoch).wrapping_add(in_epoch);
             let pass = p / n;
             if cache.as_ref().map(|c| c.0) != Some(pass) {
-                *cache = Some((pass, self.permutation(pass)));
+                cache = Some((pass, self.permutation(len, pass)));
             }
-            let idx = cache.as_ref().map(|c| c.1[(p % n) as usize]).unwrap_or(0);
-            items.push((in_epoch, idx));
+            let index = cache.as_ref().map_or(0, |c| c.1[(p % n) as usize]);
+            draws.push(Draw {
+                index,
+                key: in_epoch,
+            });
         }
-        let samples = items
-            .par_iter()
-            .map(|&(in_epoch, idx)| {
-                let (img, labels) = self.pairs.load(idx)?;
-                let mut rng = TrainRng::derive(self.seed, &[0x0061_7567, epoch, in_epoch]);
-                self.transform
-                    .apply(&img, &labels, &mut rng)
-                    .with_context(|| format!("augmenting training pair {idx}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        Ok(draws)
+    }
+
+    fn samples_per_epoch(&self, _len: usize, world: usize) -> usize {
+        (self.per_epoch as usize).div_ceil(world.max(1))
+    }
+}
+
+/// Training pairs through the segmentation augmentation, stacked into [`SegBatch`]es.
+#[derive(Clone)]
+pub(crate) struct SegBatches {
+    pairs: Arc<Pairs>,
+    transform: Arc<SegTrainTransform>,
+    seed: u64,
+    device: Device,
+}
+
+impl Assemble for SegBatches {
+    type Item = SegSample;
+    type Batch = SegBatch;
+
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn describe(&self, index: usize) -> String {
+        self.pairs.describe(index)
+    }
+
+    fn prepare(&self, epoch: u64, draw: Draw) -> DataResult<SegSample> {
+        let (img, labels) = self.pairs.get(draw.index)?;
+        let mut rng = TrainRng::derive(self.seed, &[0x0061_7567, epoch, draw.key]);
+        self.transform.apply(&img, &labels, &mut rng)
+    }
+
+    fn batch_len(batch: &SegBatch) -> usize {
+        batch.len
+    }
+
+    fn collate(
+        &self,
+        samples: Vec<SegSample>,
+        _epoch: u64,
+        _batch_no: u64,
+    ) -> DataResult<SegBatch> {
         let side = self.transform.crop_size as usize;
         let len = samples.len();
         let mut pixels = Vec::with_capacity(len * 3 * side * side);
@@ -249,5 +313,30 @@ impl<'a> Stream<'a> {
             len,
             labelled_pixels,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_share_the_one_stream() {
+        let s = Passes {
+            seed: 3,
+            per_epoch: 8,
+        };
+        let one = s.draws(5, 2, 0, 1).unwrap();
+        assert_eq!(one.len(), 8);
+        let (r0, r1) = (s.draws(5, 2, 0, 2).unwrap(), s.draws(5, 2, 1, 2).unwrap());
+        let merged: Vec<Draw> = r0.iter().zip(&r1).flat_map(|(a, b)| [*a, *b]).collect();
+        assert_eq!(merged, one);
+        // Epoch 2 starts 16 positions into the stream: in its fourth pass over 5 samples.
+        let pass3 = s.permutation(5, 3);
+        assert_eq!(one[0].index, pass3[1]);
+        assert_eq!(
+            one.iter().map(|d| d.key).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<_>>()
+        );
     }
 }
