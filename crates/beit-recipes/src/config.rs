@@ -199,6 +199,50 @@ pub enum EvalResizeMode {
     Squash,
 }
 
+/// A RandAugment policy (`auto_augment` in `[aug]`): timm's spec (`rand-m9-mstd0.5-inc1`), or
+/// `none` (or empty) for none. Checked when the recipe is read; written back as given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AutoAugment {
+    spec: String,
+    policy: Option<beit_data::RandAugment>,
+}
+
+impl AutoAugment {
+    /// The policy of `spec`; the error names the field and the spec.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let policy = match spec.trim() {
+            "" | "none" => None,
+            s => Some(beit_data::RandAugment::parse(s).with_context(|| {
+                format!("aug.auto_augment: `{s}` is not a RandAugment spec (e.g. rand-m9-mstd0.5-inc1) or none")
+            })?),
+        };
+        Ok(Self {
+            spec: spec.to_string(),
+            policy,
+        })
+    }
+
+    /// The policy, unless `none`.
+    pub fn policy(&self) -> Option<&beit_data::RandAugment> {
+        self.policy.as_ref()
+    }
+}
+
+impl TryFrom<String> for AutoAugment {
+    type Error = String;
+
+    fn try_from(spec: String) -> Result<Self, String> {
+        Self::parse(&spec).map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl From<AutoAugment> for String {
+    fn from(a: AutoAugment) -> String {
+        a.spec
+    }
+}
+
 /// A model size preset (`preset` in `[architecture]` of pre-training).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use beit_data::{
     load_splits, Batch, ColorJitter, DataConfig, EraseMode, EvalResize, EvalTransform, Filter,
-    ImageProcessor, Loader, LoaderConfig, Mixup, RandAugment, RandomErasing, RandomResizedCrop,
-    TrainTransform,
+    ImageProcessor, Loader, LoaderConfig, Mixup, RandomErasing, RandomResizedCrop, TrainTransform,
 };
 use beit_model::{BeitConfig, BeitForImageClassification, ForwardOptions};
 use beit_train::{
@@ -33,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::classifier::{
     export_classifier, finetune_config, log_load_report, processor_for_eval, trainable_classifier,
 };
-use crate::config::{EvalResizeMode, NormalizePreset, TrainSection};
+use crate::config::{AutoAugment, EvalResizeMode, NormalizePreset, TrainSection};
 use crate::device::DeviceSpec;
 use crate::evaluate::{classifier_logits, evaluate};
 use crate::model_source::load_model;
@@ -155,8 +154,9 @@ pub struct AugSection {
     pub hflip: f64,
     /// Colour jitter strength, used only without RandAugment (`--color_jitter`, 0.4).
     pub color_jitter: f32,
-    /// RandAugment policy (`--aa`, `rand-m9-mstd0.5-inc1`); `none` disables it.
-    pub auto_augment: String,
+    /// RandAugment policy (`--aa`, `rand-m9-mstd0.5-inc1`); `none` disables it. A spec that does
+    /// not parse fails when the recipe is read, naming this field.
+    pub auto_augment: AutoAugment,
     /// Random erasing probability (`--reprob`, 0.25).
     pub reprob: f64,
     /// Random erasing fill: `pixel` (per-pixel normal noise, the default), `rand` (one colour
@@ -189,7 +189,8 @@ impl Default for AugSection {
             train_interpolation: Filter::Bicubic,
             hflip: 0.5,
             color_jitter: 0.4,
-            auto_augment: "rand-m9-mstd0.5-inc1".into(),
+            auto_augment: AutoAugment::parse("rand-m9-mstd0.5-inc1")
+                .expect("the default RandAugment spec parses"),
             reprob: 0.25,
             remode: EraseMode::Pixel,
             mixup: 0.8,
@@ -210,10 +211,7 @@ impl AugSection {
         let mut crop = RandomResizedCrop::new(self.input_size as u32);
         crop.scale = (self.crop_scale_min, 1.0);
         crop.interpolation = self.train_interpolation;
-        let rand_augment = match self.auto_augment.trim() {
-            "" | "none" => None,
-            spec => Some(RandAugment::parse(spec).context("aug.auto_augment")?),
-        };
+        let rand_augment = self.auto_augment.policy().cloned();
         let t = TrainTransform {
             crop,
             hflip: self.hflip,
