@@ -555,4 +555,23 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         assert!(text.contains("device = \"cuda:1\""), "{text}");
     }
+
+    #[test]
+    fn auto_augment_is_checked_when_read_and_written_back_as_given() {
+        let set = |s: &str| parse_config::<FinetuneConfig>(None, &[s.to_string()], &[]);
+        let err = format!("{:#}", set("aug.auto_augment=\"rand-x9\"").unwrap_err());
+        assert!(
+            err.contains("auto_augment") && err.contains("rand-x9"),
+            "{err}"
+        );
+        let c = set("aug.auto_augment=\"none\"").unwrap();
+        assert!(c.aug.auto_augment.policy().is_none());
+        let c = FinetuneConfig::default();
+        assert!(c.aug.auto_augment.policy().is_some());
+        let text = toml::to_string(&c).unwrap();
+        assert!(
+            text.contains("auto_augment = \"rand-m9-mstd0.5-inc1\""),
+            "{text}"
+        );
+    }
 }
