@@ -18,7 +18,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 .with_context(|| format!("invalid device ordinal in `--device {spec}`"))?;
             (k.to_string(), n)
         }
-        None => (spec.clone(), beit_train::dist::world().local_rank()),
+        None => (spec.clone(), crate::distributed::world().local_rank()),
     };
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),

@@ -27,7 +27,6 @@ use beit_train::{
     TrainTask,
 };
 use candle_nn::VarMap;
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{
@@ -327,11 +326,7 @@ impl TrainTask for ClassifierTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: Batch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        let samples = crate::dist::global_positions(batch.images.dim(0)?, ctx.rank_and_size);
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), samples);
+        ctx.reseed_stochastic(self.model.backbone().rng(), batch.images.dim(0)?);
         let logits = self
             .model
             .forward(&batch.images, ForwardOptions::train())?
@@ -351,7 +346,7 @@ impl TrainTask for ClassifierTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let world = beit_train::dist::world();
+        let world = crate::distributed::world();
         let m = evaluate(
             self.eval_loader,
             self.num_classes,
@@ -394,7 +389,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let out = cfg.output.clone();
     prepare_output_dir(&out, job.resume.is_some())?;
     let micro = t.micro_batch()?;
-    let rank_micro = crate::dist::rank_micro_batch(micro)?;
+    let rank_micro = crate::distributed::rank_micro_batch(micro)?;
 
     let splits = load_splits(&cfg.data)?;
     tracing::info!("data: {}", splits.description);
@@ -456,7 +451,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     // Data pipelines.
     let train_tf = cfg.aug.train_transform()?;
     let eval_tf = cfg.aug.eval_transform()?;
-    let loader_cfg = crate::dist::shard_loader(LoaderConfig {
+    let loader_cfg = crate::distributed::shard_loader(LoaderConfig {
         batch_size: rank_micro,
         shuffle: true,
         drop_last: true,
@@ -475,9 +470,9 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     if let Some(m) = mixup {
         train_loader = train_loader.with_mixup(m)?;
     }
-    crate::dist::warn_if_n_dependent(mixup.is_some());
+    crate::distributed::warn_if_n_dependent(mixup.is_some());
     let eval_loader = Loader::new(
-        crate::dist::eval_shard(splits.val.clone()),
+        crate::distributed::eval_shard(splits.val.clone()),
         Arc::new(eval_tf.clone()),
         LoaderConfig {
             batch_size: t.eval_batch_size.unwrap_or((micro * 3).div_ceil(2)),
@@ -489,7 +484,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         },
         device.clone(),
     )?;
-    let batches = crate::dist::global_batches_per_epoch(splits.train.len(), micro);
+    let batches = crate::distributed::global_batches_per_epoch(splits.train.len(), micro);
     if batches < t.accum_steps {
         bail!(
             "{} training images make {batches} micro-batches of {micro}, fewer than one step of \
@@ -502,7 +497,8 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let train_cfg = t.engine(batches, job.progress)?;
     let run_config = serde_json::to_value(cfg)?;
     write_resolved_config(&out, cfg)?;
-    let tl = TrainLoop::open(
+    let tl = TrainLoop::open_in(
+        crate::distributed::world(),
         train_cfg,
         varmap.clone(),
         groups,

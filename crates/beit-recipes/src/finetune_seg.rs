@@ -47,7 +47,6 @@ use beit_train::{
 use candle::{Device, Tensor};
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
-use rand::RngCore;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -571,16 +570,12 @@ impl TrainTask for SegTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: SegBatch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        let samples = crate::dist::global_positions(batch.pixels.dim(0)?, ctx.rank_and_size);
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), samples);
+        ctx.reseed_stochastic(self.model.backbone().rng(), batch.pixels.dim(0)?);
         let out = self.model.forward(&batch.pixels, ForwardOptions::train())?;
         // The forward pass moved the BatchNorm running statistics by this rank's batch: every
         // rank takes rank 0's (PyTorch DDP's buffer broadcast), so the ranks stay identical.
-        beit_train::dist::broadcast_vars_where(
-            &*beit_train::dist::world(),
+        beit_train::distributed::broadcast_vars_where(
+            &*crate::distributed::world(),
             &self.varmap,
             is_buffer,
         )?;
@@ -597,7 +592,7 @@ impl TrainTask for SegTask<'_> {
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
         let mut metrics = SegMetrics::new(self.model.num_labels(), IGNORE_INDEX as u32);
         // Data-parallel: rank r evaluates pairs r, r + N, ...; the counts are summed.
-        let world = beit_train::dist::world();
+        let world = crate::distributed::world();
         for i in (world.rank()..self.val.len()).step_by(world.size()) {
             let (img, labels) = self.val.load(i)?;
             let pred = segment_image(
@@ -721,8 +716,8 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let out = cfg.output.clone();
     prepare_output_dir(&out, job.resume.is_some())?;
     let micro = t.micro_batch()?;
-    crate::dist::rank_micro_batch(micro)?;
-    let world = beit_train::dist::world();
+    crate::distributed::rank_micro_batch(micro)?;
+    let world = crate::distributed::world();
     if world.size() > 1 && world.rank() == 0 {
         tracing::warn!(
             "data-parallel run on {} processes: the decode head's BatchNorm normalises with each \
@@ -783,7 +778,8 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let train_cfg = t.engine(batches, job.progress)?;
     let run_config = serde_json::to_value(cfg)?;
     write_resolved_config(&out, cfg)?;
-    let tl = TrainLoop::open(
+    let tl = TrainLoop::open_in(
+        crate::distributed::world(),
         train_cfg,
         varmap.clone(),
         groups,
@@ -854,7 +850,7 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
             stop_after: job.stop_after,
         },
     )?;
-    let final_model = if done.finished && crate::dist::is_primary() {
+    let final_model = if done.finished && crate::distributed::is_primary() {
         let dir = out.join("final_model");
         task.export(&dir)?;
         Some(dir)

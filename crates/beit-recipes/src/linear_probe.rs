@@ -181,7 +181,7 @@ pub struct LinearProbeOutcome {
 /// `n` images (`x`, `y`); every rank gets all `n` rows, in order (an all-gather made of one sum
 /// all-reduce over disjoint rows).
 fn gather_rows(x: Tensor, y: Tensor, n: usize) -> Result<(Tensor, Tensor)> {
-    let world = beit_train::dist::world();
+    let world = crate::distributed::world();
     let (size, rank) = (world.size(), world.rank());
     if size == 1 {
         return Ok((x, y));
@@ -306,10 +306,10 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         )
     };
     // Data-parallel: each rank extracts its shard of each split, then all get every row.
-    let progress = job.progress && crate::dist::is_primary();
+    let progress = job.progress && crate::distributed::is_primary();
     let (xtr, ytr) = extract(
         &backbone,
-        &feature_loader(crate::dist::eval_shard(splits.train.clone()))?,
+        &feature_loader(crate::distributed::eval_shard(splits.train.clone()))?,
         cfg.layer,
         "features (train)",
         progress,
@@ -317,7 +317,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let (mut xtr, ytr) = gather_rows(xtr, ytr, splits.train.len())?;
     let (xva, yva) = extract(
         &backbone,
-        &feature_loader(crate::dist::eval_shard(splits.val.clone()))?,
+        &feature_loader(crate::distributed::eval_shard(splits.val.clone()))?,
         cfg.layer,
         "features (val)",
         progress,
@@ -363,13 +363,14 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let n = xtr.dim(0)?;
     let bs = t.batch_size.min(n);
     // Each rank trains on its positions `r, r + N, ...` of every batch.
-    crate::dist::rank_micro_batch(bs)?;
-    let world = beit_train::dist::world();
+    crate::distributed::rank_micro_batch(bs)?;
+    let world = crate::distributed::world();
     let (rank, size) = (world.rank(), world.size());
     let train_cfg = t.engine((n / bs) as u64, job.progress)?;
     write_resolved_config(&out, cfg)?;
     let run_config = serde_json::to_value(cfg)?;
-    let tl = TrainLoop::open(
+    let tl = TrainLoop::open_in(
+        crate::distributed::world(),
         train_cfg,
         varmap.clone(),
         groups,
@@ -418,7 +419,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         }
     };
     let head_path = out.join("linear_head.safetensors");
-    if crate::dist::is_primary() {
+    if crate::distributed::is_primary() {
         varmap
             .save(&head_path)
             .with_context(|| format!("cannot write {}", head_path.display()))?;

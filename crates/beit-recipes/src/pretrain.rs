@@ -36,7 +36,6 @@ use beit_train::{
 };
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainSection;
@@ -366,7 +365,7 @@ impl TrainTask for MimTask {
         // by the sample's position in the global micro-batch, so that they do not depend on the
         // number of data-parallel processes.
         let micro = pos.epoch * self.batches_per_epoch + pos.batch_in_epoch;
-        let positions = crate::dist::global_positions(b, ctx.rank_and_size);
+        let positions = ctx.global_positions(b);
         let (height, width) = self.sampler.grid();
         let mask = MaskBatch {
             height,
@@ -384,10 +383,7 @@ impl TrainTask for MimTask {
         };
         // Drop path draws from the model's generator, seeded from the run's checkpointed one and
         // keyed by each image's position in the global micro-batch, as the masks are.
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), positions);
+        ctx.reseed_stochastic(self.model.backbone().rng(), b);
         let opts = ForwardOptions::train();
         let out = if self.target == MimTarget::VisualTokens {
             // The last block, the final LayerNorm and lm_head on the masked rows only.
@@ -439,8 +435,8 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         bail!("no training data: pass --data (or set data.source in the config)");
     }
     let micro_batch = cfg.train.micro_batch()?;
-    let rank_micro = crate::dist::rank_micro_batch(micro_batch)?;
-    crate::dist::warn_if_n_dependent(false);
+    let rank_micro = crate::distributed::rank_micro_batch(micro_batch)?;
+    crate::distributed::warn_if_n_dependent(false);
 
     // Tokenizer (frozen: built from plain tensors, so no gradient reaches it).
     let tokenizer = match (&cfg.tokenizer, target.needs_visual_tokens()) {
@@ -514,7 +510,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let loader = Loader::new(
         dataset.clone(),
         Arc::new(transform),
-        crate::dist::shard_loader(LoaderConfig {
+        crate::distributed::shard_loader(LoaderConfig {
             batch_size: rank_micro,
             shuffle: true,
             drop_last: true,
@@ -525,7 +521,8 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         }),
         device.clone(),
     )?;
-    let batches_per_epoch = crate::dist::global_batches_per_epoch(dataset.len(), micro_batch);
+    let batches_per_epoch =
+        crate::distributed::global_batches_per_epoch(dataset.len(), micro_batch);
     if batches_per_epoch == 0 {
         bail!(
             "{what}: {} images do not fill one micro-batch of {micro_batch}",
@@ -592,7 +589,8 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
             &mcfg.to_hf_json(Architecture::MaskedImageModeling.hf_class())?
         )?,
     });
-    let tl = TrainLoop::open(
+    let tl = TrainLoop::open_in(
+        crate::distributed::world(),
         tcfg.clone(),
         varmap.clone(),
         groups,
@@ -646,7 +644,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         tracing::warn!("{} ({})", loader.summary(), s.reason);
     }
     let steps = done.summary.steps;
-    let export_dir = if done.finished && !crate::dist::is_primary() {
+    let export_dir = if done.finished && !crate::distributed::is_primary() {
         None // rank 0 exports
     } else if done.finished {
         let dir = output.join("model");

@@ -269,7 +269,8 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
     let tcfg = t.engine((n / bs) as u64, job.progress)?;
     let total_steps = tcfg.total_steps();
     let run_config = serde_json::to_value(cfg)?;
-    let tl = TrainLoop::open(
+    let tl = TrainLoop::open_in(
+        crate::distributed::world(),
         tcfg,
         dvae.varmap().clone(),
         groups,
