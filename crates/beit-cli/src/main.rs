@@ -61,11 +61,11 @@ fn main() {
     let cli = Cli::parse();
     // Under `mpirun` / `srun` (feature `mpi`): one process of a data-parallel job.
     #[cfg(feature = "mpi")]
-    let mpi = beit_recipes::dist::init_from_launcher().unwrap_or_else(|e| {
+    let mpi = beit_recipes::distributed::init_from_launcher().unwrap_or_else(|e| {
         eprintln!("error: starting MPI: {e:#}");
         std::process::exit(1)
     });
-    let rank = beit_train::dist::world().rank();
+    let rank = beit_recipes::distributed::world().rank();
     // Rank 0 logs; the others only warn.
     init_tracing(if rank == 0 { cli.log.as_str() } else { "warn" });
     memory::configure();
@@ -92,7 +92,7 @@ fn main() {
             r => eprintln!("error: rank {r}: {err:#}"),
         }
         #[cfg(feature = "mpi")]
-        beit_recipes::dist::abort_job(mpi, 1);
+        beit_recipes::distributed::abort_job(mpi, 1);
         std::process::exit(1);
     }
 }

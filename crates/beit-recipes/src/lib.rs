@@ -42,7 +42,7 @@ pub mod classifier;
 pub mod config;
 pub mod demo;
 pub mod device;
-pub mod dist;
+pub mod distributed;
 pub mod evaluate;
 pub mod finetune;
 pub mod finetune_seg;

@@ -185,7 +185,7 @@ impl<'a> Stream<'a> {
         batches_per_epoch: u64,
         device: Device,
     ) -> Self {
-        let world = beit_train::dist::world();
+        let world = crate::distributed::world();
         Self {
             pairs,
             transform,

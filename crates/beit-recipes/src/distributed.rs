@@ -1,5 +1,9 @@
-//! The recipes' side of data-parallel training (see `beit_train::dist` for the engine's side and
-//! `docs/distributed.md` for launching).
+//! The recipes' side of data-parallel training (see `beit_train::distributed` for the engine's
+//! side and `docs/distributed.md` for launching).
+//!
+//! The process's collective is created once, at start-up ([`init_from_launcher`], or
+//! [`install`] with any [`Collective`]), kept here and handed explicitly to the engine
+//! (`TrainLoop::open_in`) and to evaluation; without it every recipe is the single-process one.
 //!
 //! `train.batch_size` stays the global batch: with `A` accumulation steps it makes global
 //! micro-batches of `m = batch_size / A` samples, the same on any number of processes `N`. Each
@@ -9,20 +13,37 @@
 //! would read): together the ranks read exactly that micro-batch. Augmentations are seeded by
 //! `(seed, epoch, dataset index)` and MIM masks by `(seed, micro-batch, position in the global
 //! micro-batch)`, and drop path / dropout by `(step seed, position in the global micro-batch)`
-//! ([`global_positions`]), so the data and the regularisers do not depend on `N`. Mixup/CutMix
+//! (`beit_train::StepContext::global_positions`), so the data and the regularisers do not depend on `N`. Mixup/CutMix
 //! (which mixes a batch with itself reversed, as timm does under DDP) does depend on how the batch
 //! is split: [`warn_if_n_dependent`] says so.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use beit_data::{Dataset, LoaderConfig, Subset};
-use beit_train::dist;
+use beit_train::distributed::{Collective, SingleProcess};
+
+static WORLD: OnceLock<Arc<dyn Collective>> = OnceLock::new();
+
+/// Make `world` the process's collective. Once per process; a second call is an error.
+pub fn install(world: Arc<dyn Collective>) -> Result<()> {
+    WORLD
+        .set(world)
+        .map_err(|_| anyhow!("the data-parallel world is already set"))
+}
+
+/// The process's collective ([`SingleProcess`] unless [`install`] was called).
+pub fn world() -> Arc<dyn Collective> {
+    WORLD
+        .get()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(SingleProcess))
+}
 
 /// This rank's share of a global micro-batch of `micro` samples. Fails when `N` does not
 /// divide it.
 pub fn rank_micro_batch(micro: usize) -> Result<usize> {
-    let n = dist::world().size();
+    let n = world().size();
     if !micro.is_multiple_of(n) {
         bail!(
             "train.batch_size / train.accum_steps = {micro} samples per micro-batch cannot be \
@@ -33,15 +54,9 @@ pub fn rank_micro_batch(micro: usize) -> Result<usize> {
     Ok(micro / n)
 }
 
-/// The positions in the global micro-batch of this rank's `local` samples: `k·N + r` for its
-/// `k`-th sample (`(rank, size)` from [`beit_train::StepContext::rank_and_size`]).
-pub fn global_positions(local: usize, (rank, size): (usize, usize)) -> Vec<u64> {
-    (0..local).map(|k| (k * size + rank) as u64).collect()
-}
-
 /// Shard a training loader's epochs over the world's ranks.
 pub fn shard_loader(cfg: LoaderConfig) -> LoaderConfig {
-    let w = dist::world();
+    let w = world();
     LoaderConfig {
         rank: w.rank(),
         world_size: w.size(),
@@ -58,7 +73,7 @@ pub fn global_batches_per_epoch(len: usize, micro: usize) -> u64 {
 /// This rank's share of an evaluation split: samples `r, r + N, ...` (no padding, so the summed
 /// counts are those of the split).
 pub fn eval_shard(ds: Arc<dyn Dataset>) -> Arc<dyn Dataset> {
-    let w = dist::world();
+    let w = world();
     if w.size() == 1 {
         return ds;
     }
@@ -68,7 +83,7 @@ pub fn eval_shard(ds: Arc<dyn Dataset>) -> Arc<dyn Dataset> {
 
 /// Log once (rank 0) what makes a data-parallel run differ from a single process.
 pub fn warn_if_n_dependent(mixup: bool) {
-    let w = dist::world();
+    let w = world();
     if w.size() == 1 || w.rank() != 0 {
         return;
     }
@@ -88,7 +103,7 @@ pub fn warn_if_n_dependent(mixup: bool) {
 
 /// Whether this process writes the run's files.
 pub fn is_primary() -> bool {
-    dist::is_primary()
+    world().rank() == 0
 }
 
 /// Environment variables set by the launchers (`mpirun` of OpenMPI, MPICH/Intel MPI's
@@ -102,25 +117,25 @@ pub fn launched_by_mpi() -> bool {
 }
 
 /// When launched by `mpirun` / `srun`, initialise MPI and make it (or, in a `nccl` build, NCCL
-/// over it for CUDA tensors: `beit_train::dist::transport_from_env`) the process's world; a
+/// over it for CUDA tensors: `beit_train::distributed::transport_from_env`) the process's world; a
 /// plain start stays a single process (`None`). Keep the guard until the end of a successful
 /// run; on failure call [`abort_job`] so that the other ranks end too.
 #[cfg(feature = "mpi")]
-pub fn init_from_launcher() -> Result<Option<beit_train::dist::MpiGuard>> {
+pub fn init_from_launcher() -> Result<Option<beit_train::distributed::MpiGuard>> {
     if !launched_by_mpi() {
         return Ok(None);
     }
-    let guard = beit_train::dist::MpiWorld::init()?;
-    dist::install(dist::transport_from_env(guard.world())?)?;
+    let guard = beit_train::distributed::MpiWorld::init()?;
+    install(beit_train::distributed::transport_from_env(guard.world())?)?;
     Ok(Some(guard))
 }
 
 /// End a failed data-parallel job: every rank stops (MPI_Abort) rather than waiting for the
 /// failed one in a collective. Returns when there is no MPI world (the caller then exits).
 #[cfg(feature = "mpi")]
-pub fn abort_job(guard: Option<beit_train::dist::MpiGuard>, code: i32) {
+pub fn abort_job(guard: Option<beit_train::distributed::MpiGuard>, code: i32) {
     if let Some(g) = guard {
-        if dist::world().size() > 1 {
+        if world().size() > 1 {
             g.abort(code);
         }
         drop(g);

@@ -8,15 +8,16 @@
 //!   [`SingleProcess`] is the default (every operation is a no-op); [`MpiWorld`] (feature `mpi`)
 //!   runs over MPI on the host; [`NcclWorld`] (feature `nccl`) is the MPI world with the tensor
 //!   all-reduce of CUDA tensors (the gradients) done by NCCL on the GPUs.
-//! * The process-wide world: [`install`] once at start-up (the CLI does it when built with `mpi`,
-//!   choosing the transport with [`transport_from_env`]), [`world`] everywhere else. Without [`install`], [`world`] is a [`SingleProcess`] and every
-//!   code path is the single-process one, at no cost.
+//! * No process-wide world: the caller creates the collective once at start-up (the CLI does it
+//!   when built with `mpi`, choosing the transport with [`transport_from_env`]) and hands it to
+//!   the engine ([`crate::TrainLoop::open_in`] and siblings) and to whatever else needs it. The
+//!   plain constructors use [`SingleProcess`]: the single-process path, at no cost.
 //! * Helpers the engine uses: [`all_reduce_grads`] (one flattened buffer per optimizer step,
 //!   averaged), [`broadcast_vars`] (rank 0's initial weights), [`weights_checksum`] and
 //!   [`check_in_sync`] (compared at every checkpoint).
 //!
-//! [`crate::TrainLoop`] and [`crate::fit`] use the installed world themselves: a recipe only
-//! shards its data (see the recipes' `dist` helpers) and shards its evaluation
+//! [`crate::TrainLoop`] and [`crate::fit`] use the world they were given: a recipe only shards its
+//! data (see the recipes' `distributed` helpers) and shards its evaluation
 //! ([`crate::EvalAccumulator::all_reduce`]).
 //!
 //! A collective that does not finish within the timeout ([`timeout_from_env`], variable
@@ -29,7 +30,8 @@ mod mpi_world;
 mod nccl_world;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+#[cfg(feature = "mpi")]
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle::{backprop::GradStore, DType, Tensor, Var};
@@ -120,28 +122,6 @@ impl Collective for SingleProcess {
     fn all_reduce_sum_tensor(&self, _: &str, t: &Tensor) -> Result<Tensor> {
         Ok(t.clone())
     }
-}
-
-static WORLD: OnceLock<Arc<dyn Collective>> = OnceLock::new();
-
-/// Make `world` the process's world. Once per process; a second call is an error.
-pub fn install(world: Arc<dyn Collective>) -> Result<()> {
-    WORLD
-        .set(world)
-        .map_err(|_| TrainError::Config("the data-parallel world is already set".into()))
-}
-
-/// The process's world ([`SingleProcess`] unless [`install`] was called).
-pub fn world() -> Arc<dyn Collective> {
-    WORLD
-        .get()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(SingleProcess))
-}
-
-/// Whether this process is rank 0 (the one that writes files and draws progress).
-pub fn is_primary() -> bool {
-    world().rank() == 0
 }
 
 /// The collective timeout: `BEIT_DIST_TIMEOUT_S` seconds (a positive number), else
