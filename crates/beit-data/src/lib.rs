@@ -28,6 +28,7 @@ pub mod fashion_mnist;
 pub mod geometry;
 pub mod image_folder;
 mod jpeg;
+mod limits;
 pub mod loader;
 pub mod mixup;
 pub mod normalize;
