@@ -193,7 +193,7 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
 const MAX_PICKLE_BYTES: u64 = 256 << 20;
 
 /// Refuse a PyTorch file whose pickle names anything but tensor-rebuilding and container types
-/// (see [`crate::pickle_guard`]): `os.system`, `builtins.eval`, ... are named in the error.
+/// (see [`beit_weights::pickle_guard`]): `os.system`, `builtins.eval`, ... are named in the error.
 pub fn guard_torch_file(path: &Path) -> Result<()> {
     use std::io::Read;
     let err = |message: String| BeitError::Checkpoint {
@@ -203,7 +203,7 @@ pub fn guard_torch_file(path: &Path) -> Result<()> {
     let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic).map_err(|e| err(e.to_string()))?;
-    let allow = crate::pickle_guard::Allow::default();
+    let allow = beit_weights::pickle_guard::Allow::default();
     if n == 4 && magic == *b"PK\x03\x04" {
         let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
         let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
@@ -224,7 +224,7 @@ pub fn guard_torch_file(path: &Path) -> Result<()> {
                 .take(MAX_PICKLE_BYTES)
                 .read_to_end(&mut bytes)
                 .map_err(|e| err(format!("{entry_name}: {e}")))?;
-            crate::pickle_guard::check_pickle(&bytes, 1, &allow)
+            beit_weights::pickle_guard::check_pickle(&bytes, 1, &allow)
                 .map_err(|m| err(format!("{entry_name}: {m}")))?;
         }
         Ok(())
@@ -236,7 +236,7 @@ pub fn guard_torch_file(path: &Path) -> Result<()> {
             .take(MAX_PICKLE_BYTES)
             .read_to_end(&mut bytes)
             .map_err(|e| err(e.to_string()))?;
-        crate::pickle_guard::check_pickle(&bytes, 5, &allow).map_err(err)
+        beit_weights::pickle_guard::check_pickle(&bytes, 5, &allow).map_err(err)
     }
 }
 
