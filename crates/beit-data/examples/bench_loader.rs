@@ -3,7 +3,7 @@
 //! Usage: `cargo run --release -p beit-data --example bench_loader -- FOLDER [THREADS] [EPOCHS] [BATCH] [finetune]`
 //!
 //! FOLDER is an `ImageFolder` (`FOLDER/<class>/<image>`). Prints images/s per epoch and a last line
-//! `rust_images_per_sec <best>` (and `rust_cpu_ms_per_image`) that `scripts/bench_data.sh` parses.
+//! `rust_images_per_sec <best>` (and `rust_cpu_ms_per_image`) that `scripts/bench/bench_data.sh` parses.
 //! Not part of the test suite.
 
 use std::sync::Arc;

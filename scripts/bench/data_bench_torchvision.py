@@ -4,7 +4,7 @@ pre-training transform (unilm DataAugmentationForBEiT: ColorJitter(0.4, 0.4, 0.4
 RandomResizedCrop box resized to 224 bicubic and 112 Lanczos, ToTensor + Normalize(0.5) and
 map_pixels).
 
-Usage: python scripts/data_bench_torchvision.py FOLDER [WORKERS] [EPOCHS] [BATCH]
+Usage: python scripts/bench/data_bench_torchvision.py FOLDER [WORKERS] [EPOCHS] [BATCH]
 Last line: `torch_images_per_sec <best epoch>`.
 """
 import resource

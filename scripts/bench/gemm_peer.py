@@ -2,7 +2,7 @@
 """PyTorch's GEMM rate at the ViT-B/16 projection shapes, the peer of
 `cargo run --release -p beit-kernels --example gemm_roof`.
 
-    .venv/bin/python scripts/gemm_peer.py [--threads 2]
+    .venv/bin/python scripts/bench/gemm_peer.py [--threads 2]
 
 For batch 8 x 197 tokens it times `x @ w.T` (forward), `g @ w` (input gradient) and `g.T @ x`
 (weight gradient) for the qkv, proj, fc1 and fc2 shapes, median of 11 runs after 3 warm-ups, and

@@ -2,7 +2,7 @@
 """The PyTorch peer of `beit-cli finetune`: the same recipe, read from the same TOML config, written
 with transformers (`BeitForImageClassification`), timm (training transform, mixup, random
 erasing) and torchvision, so that the two trainings can be compared seed for seed
-(`scripts/compare_training.py`). Only `data.source = "fashion-mnist"` (the subset embedded in
+(`scripts/studies/compare_training.py`). Only `data.source = "fashion-mnist"` (the subset embedded in
 beit-data, read from its IDX files) or `fashion-mnist:DIR` (the four upstream IDX files) are
 supported.
 
@@ -46,7 +46,7 @@ Config keys: both spellings are read, `train.drop_path_rate` or the older `train
 
 Usage:
 
-    .venv/bin/python scripts/train_peer.py --config configs/finetune_fashion_mnist.toml \\
+    .venv/bin/python scripts/peers/train_peer.py --config configs/finetune_fashion_mnist.toml \\
         --output runs/peer-s0 --seed 0 [--epochs 8] [--set aug.reprob=0] [--init hf|unilm] \\
         [--threads 1]
 """
@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 EMBEDDED = os.path.join(ROOT, "crates", "beit-data", "data", "fashion-mnist")
 
 # Defaults of beit-cli's FinetuneConfig (the paper's base recipe) for the keys the peer reads.

@@ -2,8 +2,8 @@
 # Build `beit-cli` with candle's CUDA backend on a machine that has no GPU and
 # no system CUDA toolkit, using NVIDIA's CUDA wheels from PyPI.
 #
-# Usage: scripts/build_cuda.sh [extra cargo args...]
-#        scripts/build_cuda.sh --features nccl,mpi   # data-parallel over NCCL (docs/distributed.md)
+# Usage: scripts/gpu/build_cuda.sh [extra cargo args...]
+#        scripts/gpu/build_cuda.sh --features nccl,mpi   # data-parallel over NCCL (docs/distributed.md)
 #
 # Environment (all optional):
 #   CUDA_VENV             venv that holds the CUDA wheels (default .cuda-venv in the repository, git-ignored);
@@ -24,7 +24,7 @@
 # carrying it to a GPU machine and running it there.
 set -euo pipefail
 
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CUDA_VENV="${CUDA_VENV:-$repo_root/.cuda-venv}"
 CUDA_TOOLKIT_VERSION="${CUDA_TOOLKIT_VERSION:-13.0.2}"
 cuda_major="${CUDA_TOOLKIT_VERSION%%.*}"

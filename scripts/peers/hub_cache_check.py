@@ -12,7 +12,7 @@ The hub cannot be reached from our machines, so this script serves a small BEiT 
   B. huggingface_hub's `hf_hub_download` (what `from_pretrained` calls) fills cache B from the same server; then
      `xtask fetch-weights` with HF_HUB_OFFLINE=1 reports it as already cached (no network).
 
-Usage: .venv/bin/python scripts/hub_cache_check.py [--xtask target/debug/xtask]
+Usage: .venv/bin/python scripts/peers/hub_cache_check.py [--xtask target/debug/xtask]
 Exit status 0 when every check passes.
 """
 import argparse
@@ -25,7 +25,7 @@ import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "fixtures", "model", "cls_per_layer")
 REPO = "beit-rs/beit-tiny-cls"
 COMMIT = "5d1b0e6c1f2a3b4c5d6e7f8091a2b3c4d5e6f708"

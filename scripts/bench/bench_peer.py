@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch + transformers peer of `beit-cli bench`: the same workloads, timed the same way.
 
-    python scripts/bench_peer.py --mode infer|train-mim|train-cls --config cfg.json \
+    python scripts/bench/bench_peer.py --mode infer|train-mim|train-cls --config cfg.json \
         [--batch 8] [--image-size 224] [--iters 5] [--warmup 1] [--threads 2] \
         [--device cpu|cuda] [--amp none|bf16|fp16] [--json]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Train the same fine-tuning recipe with beit-rs (`beit-cli finetune`, release binary) and with its
-PyTorch peer (`scripts/train_peer.py`) for several seeds, and print top-1 per epoch as mean ± std
+PyTorch peer (`scripts/peers/train_peer.py`) for several seeds, and print top-1 per epoch as mean ± std
 over the seeds, one column per variant.
 
 A variant is `NAME=KIND` or `NAME=KIND:EXTRA ARGS`, KIND `ours` or `peer`; the extra arguments go
@@ -13,7 +13,7 @@ thread (`RAYON_NUM_THREADS=1` and `data.num_workers=1` for ours, `--threads 1` f
 Usage:
 
     cargo build --release -p beit-cli
-    .venv/bin/python scripts/compare_training.py --config configs/finetune_fashion_mnist.toml \\
+    .venv/bin/python scripts/studies/compare_training.py --config configs/finetune_fashion_mnist.toml \\
         --seeds 0,1,2 --jobs 2 --out runs/compare \\
         [--variant pytorch=peer --variant beit-rs=ours] [--set aug.reprob=0] [--markdown]
 
@@ -30,7 +30,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
 def read_acc1(kind, run_dir):
@@ -73,7 +73,7 @@ def command(kind, args, extra, seed, run_dir):
     else:
         cmd = [
             args.python,
-            os.path.join(ROOT, "scripts", "train_peer.py"),
+            os.path.join(ROOT, "scripts", "peers", "train_peer.py"),
             "--config",
             args.config,
             "--output",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Side-by-side throughput of `beit-cli bench` and its PyTorch peer (scripts/bench_peer.py).
+"""Side-by-side throughput of `beit-cli bench` and its PyTorch peer (scripts/bench/bench_peer.py).
 
-    python scripts/bench_compare.py [--modes infer,train-mim] [--rounds 3] [--iters 3] \
+    python scripts/bench/bench_compare.py [--modes infer,train-mim] [--rounds 3] [--iters 3] \
         [--batch 8] [--image-size 224] [--model base] [--threads 2] [--device cpu] \
         [--dtype f32|bf16] [--bin target/release/beit-cli] [--out results.jsonl]
 
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_json(cmd, env):
@@ -64,7 +64,7 @@ def main():
                       "--iters", str(a.iters), "--device", a.device, "--json"]
             rust = [a.bin, "bench", *common, "--model", a.model, "--dtype", a.dtype,
                     "--dump-config", cfg]
-            torch = [a.python, str(ROOT / "scripts" / "bench_peer.py"), *common, "--config", cfg,
+            torch = [a.python, str(ROOT / "scripts" / "bench" / "bench_peer.py"), *common, "--config", cfg,
                      "--threads", str(a.threads), "--amp", amp]
             runners = [("beit-rs", rust, env)]
             for v in a.variant:

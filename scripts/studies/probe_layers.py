@@ -10,7 +10,7 @@ and `OUT/probe.png` (one curve per model).
 
 Usage:
 
-    .venv/bin/python scripts/probe_layers.py --model beit=runs/ablate/pretrain-beit-s0/model \\
+    .venv/bin/python scripts/studies/probe_layers.py --model beit=runs/ablate/pretrain-beit-s0/model \\
         --data fashion-mnist:/usr/share/datasets/fashion-mnist --out runs/probe [--set train.epochs=20]
 """
 import argparse
@@ -22,7 +22,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
 def run_layer(args, name, model, layer):

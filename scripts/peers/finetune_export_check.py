@@ -2,7 +2,7 @@
 `beit-cli predict` predicts.
 
     cargo run -p beit-cli -- finetune --config configs/finetune_fashion_mnist.toml --output runs/ft
-    .venv/bin/python scripts/finetune_export_check.py runs/ft/best_model IMAGE...
+    .venv/bin/python scripts/peers/finetune_export_check.py runs/ft/best_model IMAGE...
 
 Loads the directory with `BeitForImageClassification.from_pretrained` (every weight must be
 used; none may be missing) and `BeitImageProcessor.from_pretrained`, runs each image, runs

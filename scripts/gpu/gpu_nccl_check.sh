@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check the NCCL gradient all-reduce on a GPU machine (docs/distributed.md).
 #
-# Usage: scripts/gpu_nccl_check.sh [BEIT_CLI]
-#   BEIT_CLI  a beit-cli built with `scripts/build_cuda.sh --features nccl,mpi`
+# Usage: scripts/gpu/gpu_nccl_check.sh [BEIT_CLI]
+#   BEIT_CLI  a beit-cli built with `scripts/gpu/build_cuda.sh --features nccl,mpi`
 #             (default target-cuda/release/beit-cli).
 # Needs: an NVIDIA GPU, OpenMPI's `mpirun` (and the libmpi the binary was built against),
 # python3, and the CUDA 13 + NCCL libraries (taken from PyTorch's `nvidia` wheels when present).
@@ -19,12 +19,12 @@
 # than 1e-5 relative. Run directories and logs go to $OUT (when set) or a temporary directory.
 set -euo pipefail
 
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 bin="${1:-$repo_root/target-cuda/release/beit-cli}"
 work="${OUT:-$(mktemp -d)}/nccl-check"
 mkdir -p "$work"
 
-[ -x "$bin" ] || { echo "error: $bin: not an executable (build it with scripts/build_cuda.sh --features nccl,mpi)" >&2; exit 2; }
+[ -x "$bin" ] || { echo "error: $bin: not an executable (build it with scripts/gpu/build_cuda.sh --features nccl,mpi)" >&2; exit 2; }
 command -v mpirun >/dev/null || { echo "error: mpirun not found: install OpenMPI (the binary is built against it)" >&2; exit 2; }
 
 # The CUDA 13 and NCCL libraries of PyTorch's wheels (nvidia/cu13/lib, nvidia/nccl/lib).

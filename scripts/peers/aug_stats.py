@@ -8,11 +8,11 @@ images, the share of background and of erased (noise) pixels. Differences larger
 standard errors point at an augmentation that is not the reference's.
 
 beit-rs's side is `cargo run --release -p beit-recipes --example aug_dump`; timm's is the
-transform of `scripts/train_peer.py` (timm `create_transform` from the same TOML config).
+transform of `scripts/peers/train_peer.py` (timm `create_transform` from the same TOML config).
 
 Usage:
 
-    .venv/bin/python scripts/aug_stats.py --config configs/finetune_fashion_mnist.toml \\
+    .venv/bin/python scripts/peers/aug_stats.py --config configs/finetune_fashion_mnist.toml \\
         --images 200 --draws 50 [--bin target/release/examples/aug_dump] [--set KEY=VALUE ...]
 """
 import argparse

@@ -24,7 +24,7 @@ At the end it writes `OUT/ablations.md` (mean ± sample std over seeds, and ever
 Usage:
 
     cargo build --release -p beit-cli
-    .venv/bin/python scripts/ablate.py --data fashion-mnist:/usr/share/datasets/fashion-mnist \\
+    .venv/bin/python scripts/studies/ablate.py --data fashion-mnist:/usr/share/datasets/fashion-mnist \\
         --seeds 0,1,2 --jobs 2 --out runs/ablate [--set finetune.train.epochs=30]
 """
 import argparse
@@ -39,7 +39,7 @@ import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 VARIANTS = {
     "beit": {"masking.strategy": "blockwise", "objective.target": "visual-tokens"},

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Loader benchmark: decode + BEiT two-view augmentation, beit-data vs torchvision (ImageFolder +
 # DataLoader, 2 workers) on the same folder of real JPEGs, run alternately; prints the ratio.
-# Not a test. Usage: scripts/bench_data.sh [FOLDER] [ROUNDS] [THREADS]
+# Not a test. Usage: scripts/bench/bench_data.sh [FOLDER] [ROUNDS] [THREADS]
 #   FOLDER defaults to /tmp/beit_bench_jpegs, made from the scikit-image wheel's photos if missing.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 FOLDER=${1:-/tmp/beit_bench_jpegs}
 ROUNDS=${2:-3}
@@ -13,7 +13,7 @@ if [ ! -d "$FOLDER" ]; then
   tmp=$(mktemp -d)
   "$PY" -m pip download --no-deps -q -d "$tmp" scikit-image==0.26.0
   (cd "$tmp" && unzip -q -o scikit_image-*.whl 'skimage/data/*')
-  "$PY" scripts/data_bench_folder.py "$tmp/skimage/data" "$FOLDER" 10 100
+  "$PY" scripts/bench/data_bench_folder.py "$tmp/skimage/data" "$FOLDER" 10 100
 fi
 # The dev profile already builds dependencies at opt-level 3; raise our crate to 3 as well (the
 # release profile would give the same code but rebuild every dependency).
@@ -22,7 +22,7 @@ BIN=${CARGO_TARGET_DIR:-target}/debug/examples/bench_loader
 rust=(); torch=(); rcpu=(); tcpu=()
 for r in $(seq 1 "$ROUNDS"); do
   ro=$("$BIN" "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr)
-  to=$("$PY" scripts/data_bench_torchvision.py "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr)
+  to=$("$PY" scripts/bench/data_bench_torchvision.py "$FOLDER" "$THREADS" 2 64 | tee -a /dev/stderr)
   rr=$(awk '/^rust_images_per_sec/ {print $2}' <<<"$ro"); tt=$(awk '/^torch_images_per_sec/ {print $2}' <<<"$to")
   rust+=("$rr"); torch+=("$tt")
   rcpu+=("$(awk '/^rust_cpu_ms_per_image/ {print $2}' <<<"$ro")"); tcpu+=("$(awk '/^torch_cpu_ms_per_image/ {print $2}' <<<"$to")")

@@ -6,7 +6,7 @@ motorcycle_left/right, hubble_deep_field, retina, ihc; CC0 / public domain). Eac
 random crop of a source photo resized to ImageNet's typical size (shorter side 333..500, aspect
 3:4..4:3), saved as JPEG quality 90, in OUT/<class>/<n>.JPEG.
 
-Usage: python scripts/data_bench_folder.py SKIMAGE_DATA_DIR OUT [N_CLASSES] [PER_CLASS]
+Usage: python scripts/bench/data_bench_folder.py SKIMAGE_DATA_DIR OUT [N_CLASSES] [PER_CLASS]
 """
 import os
 import random
