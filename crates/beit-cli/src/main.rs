@@ -1,8 +1,5 @@
 //! `beit-cli`: run, train and inspect BEiT models.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 mod args;
 mod commands;
 mod memory;

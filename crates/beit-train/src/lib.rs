@@ -95,7 +95,7 @@
 //!   line where that applies).
 //! * Nothing here prints: logs go through `tracing` (`beit_train=debug` for more), the progress
 //!   bar is hidden unless stderr is a terminal.
-//! * Numerical references: `scripts/train_fixtures.py` writes `fixtures/train/*.json` from
+//! * Numerical references: `scripts/fixtures/train_fixtures.py` writes `fixtures/train/*.json` from
 //!   PyTorch / timm / numpy (AdamW with groups, `clip_grad_norm_`, unilm's cosine scheduler,
 //!   label-smoothing and soft-target cross-entropy, top-k accuracy).
 

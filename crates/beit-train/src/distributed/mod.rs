@@ -52,7 +52,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// CUDA gradients through NCCL) or `mpi` (everything through MPI on the host).
 pub const BACKEND_ENV: &str = "BEIT_DIST_BACKEND";
 /// Environment variable: `1` makes [`all_reduce_grads`] all-reduce even in a world of 1, which
-/// exercises a transport on a single device (NCCL on one GPU: `scripts/gpu_nccl_check.sh`).
+/// exercises a transport on a single device (NCCL on one GPU: `scripts/gpu/gpu_nccl_check.sh`).
 pub const FORCE_REDUCE_ENV: &str = "BEIT_DIST_FORCE_REDUCE";
 
 /// The collective operations of a data-parallel run. `what` names the operation in errors and in
