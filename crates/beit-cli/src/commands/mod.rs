@@ -12,4 +12,5 @@ pub mod mask;
 pub mod predict;
 pub mod pretrain;
 pub mod segment;
+pub mod serve;
 pub mod tokenizer;
