@@ -54,6 +54,10 @@ enum Command {
     EvalSeg(commands::eval_seg::EvalSegArgs),
     /// Serve a checkpoint over HTTP (classify, embed) with dynamic batching.
     Serve(commands::serve::ServeArgs),
+    /// Write the pooled features of every image of a dataset (safetensors, with labels and paths).
+    Embed(commands::embed::EmbedArgs),
+    /// Weighted k-NN top-1/top-5 of features from `embed` (DINO's evaluation).
+    Knn(commands::knn::KnnArgs),
 }
 
 fn main() {
@@ -83,6 +87,8 @@ fn main() {
         Command::EvalSeg(a) => commands::eval_seg::run(a),
         Command::FinetuneSeg(a) => commands::finetune_seg::run(a),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Embed(a) => commands::embed::run(a),
+        Command::Knn(a) => commands::knn::run(a),
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.

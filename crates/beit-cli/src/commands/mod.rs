@@ -3,10 +3,12 @@
 pub mod attention;
 pub mod bench;
 pub mod demo;
+pub mod embed;
 pub mod eval;
 pub mod eval_seg;
 pub mod finetune;
 pub mod finetune_seg;
+pub mod knn;
 pub mod linear_probe;
 pub mod mask;
 pub mod predict;
