@@ -52,6 +52,12 @@ enum Command {
     FinetuneSeg(commands::finetune_seg::FinetuneSegArgs),
     /// Evaluate a segmentation model: mIoU, mAcc, aAcc, per-class IoU (mmseg's accumulation).
     EvalSeg(commands::eval_seg::EvalSegArgs),
+    /// Serve a checkpoint over HTTP (classify, embed) with dynamic batching.
+    Serve(commands::serve::ServeArgs),
+    /// Write the pooled features of every image of a dataset (safetensors, with labels and paths).
+    Embed(commands::embed::EmbedArgs),
+    /// Weighted k-NN top-1/top-5 of features from `embed` (DINO's evaluation).
+    Knn(commands::knn::KnnArgs),
 }
 
 fn main() {
@@ -81,6 +87,9 @@ fn main() {
         Command::Segment(a) => commands::segment::run(a),
         Command::EvalSeg(a) => commands::eval_seg::run(a),
         Command::FinetuneSeg(a) => commands::finetune_seg::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::Embed(a) => commands::embed::run(a),
+        Command::Knn(a) => commands::knn::run(a),
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.
