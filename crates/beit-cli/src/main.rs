@@ -1,8 +1,5 @@
 //! `beit-cli`: run, train and inspect BEiT models.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 mod args;
 mod commands;
 mod memory;
@@ -55,17 +52,23 @@ enum Command {
     FinetuneSeg(commands::finetune_seg::FinetuneSegArgs),
     /// Evaluate a segmentation model: mIoU, mAcc, aAcc, per-class IoU (mmseg's accumulation).
     EvalSeg(commands::eval_seg::EvalSegArgs),
+    /// Serve a checkpoint over HTTP (classify, embed) with dynamic batching.
+    Serve(commands::serve::ServeArgs),
+    /// Write the pooled features of every image of a dataset (safetensors, with labels and paths).
+    Embed(commands::embed::EmbedArgs),
+    /// Weighted k-NN top-1/top-5 of features from `embed` (DINO's evaluation).
+    Knn(commands::knn::KnnArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     // Under `mpirun` / `srun` (feature `mpi`): one process of a data-parallel job.
     #[cfg(feature = "mpi")]
-    let mpi = beit_recipes::dist::init_from_launcher().unwrap_or_else(|e| {
+    let mpi = beit_recipes::distributed::init_from_launcher().unwrap_or_else(|e| {
         eprintln!("error: starting MPI: {e:#}");
         std::process::exit(1)
     });
-    let rank = beit_train::dist::world().rank();
+    let rank = beit_recipes::distributed::world().rank();
     // Rank 0 logs; the others only warn.
     init_tracing(if rank == 0 { cli.log.as_str() } else { "warn" });
     memory::configure();
@@ -84,6 +87,9 @@ fn main() {
         Command::Segment(a) => commands::segment::run(a),
         Command::EvalSeg(a) => commands::eval_seg::run(a),
         Command::FinetuneSeg(a) => commands::finetune_seg::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::Embed(a) => commands::embed::run(a),
+        Command::Knn(a) => commands::knn::run(a),
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.
@@ -92,7 +98,7 @@ fn main() {
             r => eprintln!("error: rank {r}: {err:#}"),
         }
         #[cfg(feature = "mpi")]
-        beit_recipes::dist::abort_job(mpi, 1);
+        beit_recipes::distributed::abort_job(mpi, 1);
         std::process::exit(1);
     }
 }

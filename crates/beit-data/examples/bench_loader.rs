@@ -4,7 +4,7 @@
 //!
 //! FOLDER is an `ImageFolder` (`FOLDER/<class>/<image>`), or tar shards (a brace pattern, a folder
 //! of shards or a packed root), which the loader streams. Prints images/s per epoch and a last line
-//! `rust_images_per_sec <best>` (and `rust_cpu_ms_per_image`) that `scripts/bench_data.sh` parses.
+//! `rust_images_per_sec <best>` (and `rust_cpu_ms_per_image`) that `scripts/bench/bench_data.sh` parses.
 //! Not part of the test suite.
 
 use std::sync::Arc;

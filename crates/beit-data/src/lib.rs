@@ -25,9 +25,6 @@
 //! All randomness comes from `StdRng`s seeded from `(seed, epoch, sample index)`, so a resumed run
 //! sees the same augmentations.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 pub mod assemble;
 pub mod color_jitter;
 pub mod dataset;
@@ -38,6 +35,7 @@ pub mod geometry;
 pub mod image_folder;
 pub mod inspect;
 mod jpeg;
+mod limits;
 pub mod loader;
 pub mod mixup;
 pub mod normalize;

@@ -370,7 +370,7 @@ pub fn parse_config<T: DeserializeOwned + Serialize + Default>(
 pub fn write_resolved_config<T: Serialize>(dir: &Path, cfg: &T) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("config.toml");
-    if !crate::dist::is_primary() {
+    if !crate::distributed::is_primary() {
         return Ok(path); // rank 0 writes the run's files
     }
     let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;

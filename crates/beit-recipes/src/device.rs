@@ -71,7 +71,7 @@ impl DeviceSpec {
     /// Open the device. A GPU in a binary built without the matching cargo feature is a clear
     /// error naming the feature to enable.
     pub fn open(self) -> Result<Device> {
-        let local = || beit_train::dist::world().local_rank();
+        let local = || crate::distributed::world().local_rank();
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(n) => {

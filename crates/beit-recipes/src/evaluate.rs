@@ -36,7 +36,7 @@ pub fn evaluate(
     loader: &Loader,
     num_classes: usize,
     show_progress: bool,
-    world: Option<&dyn beit_train::dist::Collective>,
+    world: Option<&dyn beit_train::distributed::Collective>,
     mut forward: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<ClassificationMetrics> {
     let pb = if show_progress {

@@ -26,7 +26,6 @@ use beit_train::{
 };
 use candle::Device;
 use candle_nn::VarMap;
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{
@@ -299,11 +298,7 @@ impl TrainTask for ClassifierTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: Batch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        let samples = crate::dist::global_positions(batch.images.dim(0)?, ctx.rank_and_size);
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), samples);
+        ctx.reseed_stochastic(self.model.backbone().rng(), batch.images.dim(0)?);
         let logits = self
             .model
             .forward(&batch.images, ForwardOptions::train())?
@@ -323,7 +318,7 @@ impl TrainTask for ClassifierTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let world = beit_train::dist::world();
+        let world = crate::distributed::world();
         let m = evaluate(
             self.eval_loader,
             self.num_classes,
@@ -411,10 +406,10 @@ fn pipelines(
     device: &Device,
 ) -> Result<Pipelines> {
     let t = &cfg.train;
-    let rank_micro = crate::dist::rank_micro_batch(micro)?;
+    let rank_micro = crate::distributed::rank_micro_batch(micro)?;
     let train_tf = cfg.aug.train_transform()?;
     let eval_tf = cfg.aug.eval_transform()?;
-    let loader_cfg = crate::dist::shard_loader(LoaderConfig {
+    let loader_cfg = crate::distributed::shard_loader(LoaderConfig {
         batch_size: rank_micro,
         shuffle: true,
         drop_last: true,
@@ -433,9 +428,9 @@ fn pipelines(
     if let Some(m) = mixup {
         train = train.with_mixup(m)?;
     }
-    crate::dist::warn_if_n_dependent(mixup.is_some());
+    crate::distributed::warn_if_n_dependent(mixup.is_some());
     let eval = Loader::new(
-        crate::dist::eval_shard(splits.val.clone()),
+        crate::distributed::eval_shard(splits.val.clone()),
         Arc::new(eval_tf.clone()),
         LoaderConfig {
             batch_size: t.eval_batch_size.unwrap_or((micro * 3).div_ceil(2)),
@@ -461,7 +456,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let t = &cfg.train;
     let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
     let micro = t.micro_batch()?;
-    crate::dist::rank_micro_batch(micro)?;
+    crate::distributed::rank_micro_batch(micro)?;
     let splits = load_splits(&cfg.data)?;
     tracing::info!("data: {}", splits.description);
     let (model_cfg, varmap, model) = build_classifier(job, &splits.classes, &device)?;
@@ -470,7 +465,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         &t.grouping(model_cfg.num_hidden_layers),
     )?;
     let data = pipelines(cfg, &splits, micro, &device)?;
-    let batches = crate::dist::global_batches_per_epoch(splits.train.len(), micro);
+    let batches = crate::distributed::global_batches_per_epoch(splits.train.len(), micro);
     if batches < t.accum_steps {
         bail!(
             "{} training images make {batches} micro-batches of {micro}, fewer than one step of \

@@ -42,7 +42,6 @@ use beit_train::{
 };
 use candle::{Device, Tensor};
 use candle_nn::VarMap;
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{log_load_report, trainable_classifier};
@@ -361,7 +360,7 @@ struct SegTask<'a> {
 impl SegTask<'_> {
     /// Once the run is `finished`, rank 0 exports the last model to `final_model/`.
     fn export_final(&self, finished: bool) -> Result<Option<PathBuf>> {
-        if !(finished && crate::dist::is_primary()) {
+        if !(finished && crate::distributed::is_primary()) {
             return Ok(None);
         }
         let dir = self.out.join("final_model");
@@ -393,16 +392,12 @@ impl TrainTask for SegTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: SegBatch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        let samples = crate::dist::global_positions(batch.pixels.dim(0)?, ctx.rank_and_size);
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), samples);
+        ctx.reseed_stochastic(self.model.backbone().rng(), batch.pixels.dim(0)?);
         let out = self.model.forward(&batch.pixels, ForwardOptions::train())?;
         // The forward pass moved the BatchNorm running statistics by this rank's batch: every
         // rank takes rank 0's (PyTorch DDP's buffer broadcast), so the ranks stay identical.
-        beit_train::dist::broadcast_vars_where(
-            &*beit_train::dist::world(),
+        beit_train::distributed::broadcast_vars_where(
+            &*crate::distributed::world(),
             &self.varmap,
             is_buffer,
         )?;
@@ -418,7 +413,7 @@ impl TrainTask for SegTask<'_> {
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
         // Data-parallel: rank r evaluates pairs r, r + N, ...; the counts are summed.
-        let world = beit_train::dist::world();
+        let world = crate::distributed::world();
         let mine: Vec<usize> = (world.rank()..self.val.len())
             .step_by(world.size())
             .collect();
@@ -483,7 +478,7 @@ fn load_source(job: &FinetuneSegJob) -> Result<Source> {
 
 /// Warn that a data-parallel run's BatchNorm statistics are per rank.
 fn warn_if_data_parallel() {
-    let world = beit_train::dist::world();
+    let world = crate::distributed::world();
     if world.size() > 1 && world.rank() == 0 {
         tracing::warn!(
             "data-parallel run on {} processes: the decode head's BatchNorm normalises with each \
@@ -553,7 +548,7 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let (cfg, t) = (&job.config, &job.config.train);
     let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
     let micro = t.micro_batch()?;
-    crate::dist::rank_micro_batch(micro)?;
+    crate::distributed::rank_micro_batch(micro)?;
     warn_if_data_parallel();
     let transform = cfg.aug.train_transform()?;
     let processor = cfg.aug.processor()?;

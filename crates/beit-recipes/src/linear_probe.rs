@@ -183,7 +183,7 @@ pub struct LinearProbeOutcome {
 /// `n` images (`x`, `y`); every rank gets all `n` rows, in order (an all-gather made of one sum
 /// all-reduce over disjoint rows).
 fn gather_rows(x: Tensor, y: Tensor, n: usize) -> Result<(Tensor, Tensor)> {
-    let world = beit_train::dist::world();
+    let world = crate::distributed::world();
     let (size, rank) = (world.size(), world.rank());
     if size == 1 {
         return Ok((x, y));
@@ -287,10 +287,10 @@ fn features(
     })?;
     let transform = Arc::new(ProcessorTransform::new(loaded.processor.clone())?);
     let started = std::time::Instant::now();
-    let progress = job.progress && crate::dist::is_primary();
+    let progress = job.progress && crate::distributed::is_primary();
     let split = |ds: &Arc<dyn Dataset>, label: &str| -> Result<(Tensor, Tensor)> {
         let loader = Loader::new(
-            crate::dist::eval_shard(ds.clone()),
+            crate::distributed::eval_shard(ds.clone()),
             transform.clone(),
             LoaderConfig {
                 batch_size: cfg.train.eval_batch_size.unwrap_or(64),
@@ -381,7 +381,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let groups = build_param_groups(named_vars(&varmap), &t.grouping(layers))?;
     let bs = t.batch_size.min(n);
     // Each rank trains on its positions `r, r + N, ...` of every batch.
-    crate::dist::rank_micro_batch(bs)?;
+    crate::distributed::rank_micro_batch(bs)?;
     let batches = (n / bs) as u64;
     let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
     let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
@@ -406,7 +406,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         }
     };
     let head_path = cfg.output.join("linear_head.safetensors");
-    if crate::dist::is_primary() {
+    if crate::distributed::is_primary() {
         varmap
             .save(&head_path)
             .with_context(|| format!("cannot write {}", head_path.display()))?;
@@ -430,7 +430,7 @@ fn epoch_batches<'a>(
     seed: u64,
     epoch: u64,
 ) -> Result<impl Iterator<Item = Result<(Tensor, Tensor)>> + 'a> {
-    let world = beit_train::dist::world();
+    let world = crate::distributed::world();
     let (rank, size) = (world.rank(), world.size());
     let batches = epoch_batch_indices(x.dim(0)?, bs, seed, 0x7065726d, epoch, x.device())?;
     Ok(batches.into_iter().map(move |idx| {

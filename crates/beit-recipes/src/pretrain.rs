@@ -36,7 +36,6 @@ use beit_train::{
 };
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{NormalizePreset, Preset, TrainSection};
@@ -389,7 +388,7 @@ impl TrainTask for MimTask {
         // by the sample's position in the global micro-batch, so that they do not depend on the
         // number of data-parallel processes.
         let micro = pos.epoch * self.batches_per_epoch + pos.batch_in_epoch;
-        let positions = crate::dist::global_positions(b, ctx.rank_and_size);
+        let positions = ctx.global_positions(b);
         let (height, width) = self.sampler.grid();
         let mask = MaskBatch {
             height,
@@ -407,10 +406,7 @@ impl TrainTask for MimTask {
         };
         // Drop path draws from the model's generator, seeded from the run's checkpointed one and
         // keyed by each image's position in the global micro-batch, as the masks are.
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), positions);
+        ctx.reseed_stochastic(self.model.backbone().rng(), b);
         let opts = ForwardOptions::train();
         let out = if self.target == MimTarget::VisualTokens {
             // The last block, the final LayerNorm and lm_head on the masked rows only.
@@ -554,8 +550,8 @@ fn mim_loader(
     let loader = Loader::new(
         dataset.clone(),
         Arc::new(transform),
-        crate::dist::shard_loader(LoaderConfig {
-            batch_size: crate::dist::rank_micro_batch(micro_batch)?,
+        crate::distributed::shard_loader(LoaderConfig {
+            batch_size: crate::distributed::rank_micro_batch(micro_batch)?,
             shuffle: true,
             drop_last: true,
             seed: cfg.train.seed,
@@ -565,7 +561,8 @@ fn mim_loader(
         }),
         device.clone(),
     )?;
-    let batches_per_epoch = crate::dist::global_batches_per_epoch(dataset.len(), micro_batch);
+    let batches_per_epoch =
+        crate::distributed::global_batches_per_epoch(dataset.len(), micro_batch);
     if batches_per_epoch == 0 {
         bail!(
             "{what}: {} images do not fill one micro-batch of {micro_batch}",
@@ -714,8 +711,8 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     if cfg.data.source.trim().is_empty() {
         bail!("no training data: pass --data (or set data.source in the config)");
     }
-    crate::dist::rank_micro_batch(cfg.train.micro_batch()?)?;
-    crate::dist::warn_if_n_dependent(false);
+    crate::distributed::rank_micro_batch(cfg.train.micro_batch()?)?;
+    crate::distributed::warn_if_n_dependent(false);
     let (tokenizer, vocab) = tokenizer_and_vocab(cfg, device)?;
     let (mcfg, init_tensors) = model_config(cfg, vocab, tokenizer.is_some())?;
     let second = second_size(tokenizer.as_ref(), cfg, &mcfg)?;
@@ -763,7 +760,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         tracing::warn!("{} ({})", loader.summary(), s.reason);
     }
     let steps = done.summary.steps;
-    let export_dir = match (done.finished, crate::dist::is_primary()) {
+    let export_dir = match (done.finished, crate::distributed::is_primary()) {
         (true, false) => None, // rank 0 exports
         (true, true) => Some(export_model(
             &cfg.output,

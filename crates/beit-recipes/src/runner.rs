@@ -5,7 +5,7 @@
 //! ([`write_best`]), and gather what a fine-tuning run produced ([`FinetuneOutcome`]).
 //!
 //! A recipe brings its config, its task and its data; these functions are the only places the
-//! recipes call the engine's `TrainLoop::open` and read its `FitOutcome`.
+//! recipes call the engine's `TrainLoop::open_in` and read its `FitOutcome`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,7 +74,7 @@ pub fn open_loop<C: Serialize>(
 }
 
 /// Open the engine on a run: the `[train]` table's settings for `spec.batches_per_epoch`, the
-/// resolved recipe `config` written as `config.toml`, then [`TrainLoop::open`] (fresh or
+/// resolved recipe `config` written as `config.toml`, then [`TrainLoop::open_in`] (fresh or
 /// resumed) over `varmap`'s parameter `groups`, with `run_config` stored in every checkpoint.
 pub fn open_loop_recording<C: Serialize>(
     spec: &RunSpec<'_>,
@@ -85,7 +85,8 @@ pub fn open_loop_recording<C: Serialize>(
 ) -> Result<TrainLoop> {
     let engine = spec.train.engine(spec.batches_per_epoch, spec.progress)?;
     write_resolved_config(spec.output, config)?;
-    Ok(TrainLoop::open(
+    Ok(TrainLoop::open_in(
+        crate::distributed::world(),
         engine,
         varmap,
         groups,

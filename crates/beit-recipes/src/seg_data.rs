@@ -196,8 +196,8 @@ pub(crate) fn train_loader(
     batches_per_epoch: u64,
     device: Device,
 ) -> Result<Loader<SegBatches>> {
-    let cfg = crate::dist::shard_loader(LoaderConfig {
-        batch_size: crate::dist::rank_micro_batch(micro)?,
+    let cfg = crate::distributed::shard_loader(LoaderConfig {
+        batch_size: crate::distributed::rank_micro_batch(micro)?,
         shuffle: false,
         drop_last: false,
         seed,

@@ -52,7 +52,7 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         download: args.download,
         progress: !args.common.quiet,
     })?;
-    if !beit_recipes::dist::is_primary() {
+    if !beit_recipes::distributed::is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let mut rows = vec![
