@@ -5,7 +5,7 @@
 //! `datasets` library writes it); without it labels are indices.
 //!
 //! Rows are read through the `parquet` crate's row API, row group after row group, projected on
-//! the two columns: only the pages at hand are in memory. A row that cannot be used (no image
+//! the two columns, 16 rows decoded ahead: only the pages at hand and those rows are in memory. A row that cannot be used (no image
 //! bytes, a missing or negative label in a labelled set) comes out as an error naming file and row;
 //! a file whose footer or pages cannot be read ends with one error naming the file.
 
@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::reader::RowIter;
 use parquet::record::{Field, Row};
 use parquet::schema::types::Type;
 
@@ -28,6 +29,8 @@ pub const IMAGE_COLUMN: &str = "image";
 pub const LABEL_COLUMN: &str = "label";
 /// The key-value metadata entry holding the `datasets` features.
 pub const HF_METADATA_KEY: &str = "huggingface";
+/// Rows the row reader decodes ahead per column (its default, 1024, would hold that many images).
+const ROW_BATCH: usize = 16;
 
 fn format_err(path: &Path, reason: impl Into<String>) -> DataError {
     DataError::Format {
@@ -212,15 +215,12 @@ fn read_rows(
     }
     let proj = projection(shard, &reader)?;
     let corrupt = |e: parquet::errors::ParquetError| format_err(shard, format!("corrupt: {e}"));
-    let mut index = 0usize;
-    for g in 0..reader.num_row_groups() {
-        let group = reader.get_row_group(g).map_err(corrupt)?;
-        for row in group.get_row_iter(Some(proj.clone())).map_err(corrupt)? {
-            let sample = row_sample(shard, index, row.map_err(corrupt)?, classes);
-            index += 1;
-            if !visit(sample) {
-                return Ok(());
-            }
+    let rows = RowIter::from_file(Some(proj), &reader)
+        .map_err(corrupt)?
+        .with_batch_size(ROW_BATCH);
+    for (index, row) in rows.enumerate() {
+        if !visit(row_sample(shard, index, row.map_err(corrupt)?, classes)) {
+            break;
         }
     }
     Ok(())
