@@ -300,6 +300,15 @@ pub fn pack_source(
         };
         let dest = out.join(&name);
         let (manifest, skipped) = pack_shard_set(&set, &dest, opts)?;
+        if manifest.samples == 0 {
+            // A split with no usable row (the hub's unlabelled `test` splits, label -1).
+            tracing::warn!(
+                "{}: no usable sample ({skipped} skipped), not packed",
+                set.spec()
+            );
+            std::fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+            continue;
+        }
         tracing::info!(
             "packed {} ({} images, {skipped} unreadable skipped) into {} shards in {}",
             set.spec(),
