@@ -3,13 +3,19 @@
 use std::path::Path;
 
 use crate::error::Result;
+use crate::hub_layout::hub_splits;
+use crate::shard_format::ShardFormat;
 use crate::shard_set::ShardSet;
-use crate::shard_spec::{is_shard_pattern, tar_files_in};
-use crate::source::{load_splits, open_images, DataConfig};
+use crate::shard_spec::is_shard_pattern;
+use crate::source::{has_shards, load_splits, open_images, DataConfig};
 
-/// One line per split of tar shards: shards, samples, classes, bytes.
+/// One line per split of shards: shards, samples, classes, bytes.
 fn describe_shards(name: &str, spec: &str) -> Result<String> {
-    let set = ShardSet::open(spec)?;
+    describe_set(name, &ShardSet::open(spec)?)
+}
+
+/// One line for one split's shard set.
+fn describe_set(name: &str, set: &ShardSet) -> Result<String> {
     let bytes: u64 = set
         .shards()
         .iter()
@@ -19,19 +25,45 @@ fn describe_shards(name: &str, spec: &str) -> Result<String> {
     let (lo, hi) = set.shards().iter().fold((usize::MAX, 0), |(lo, hi), s| {
         (lo.min(s.samples), hi.max(s.samples))
     });
+    let kind = set
+        .shards()
+        .first()
+        .map_or("tar", |s| ShardFormat::of(&s.path).name());
     Ok(format!(
-        "{name}: {} tar shards, {} samples ({lo} to {hi} per shard), {} classes, {:.1} MB ({spec})",
+        "{name}: {} {kind} shards, {} samples ({lo} to {hi} per shard), {} classes, {:.1} MB ({})",
         set.shards().len(),
         set.total_samples(),
         set.classes().len(),
-        bytes as f64 / 1e6
+        bytes as f64 / 1e6,
+        set.spec()
     ))
 }
 
-/// What `spec` holds: per split for tar shards, else the description the loaders log.
+/// One line per split of a hub dataset's Parquet files, if `root` is one.
+fn describe_hub(root: &Path) -> Result<Option<String>> {
+    let Some(hub) = hub_splits(root)? else {
+        return Ok(None);
+    };
+    let mut lines = Vec::new();
+    for (name, files) in &hub.splits {
+        let spec = format!("{}/{name}-*.parquet", hub.dir.display());
+        lines.push(describe_set(
+            name,
+            &ShardSet::from_paths(&spec, &hub.dir, files.clone())?,
+        )?);
+    }
+    Ok(Some(lines.join("\n")))
+}
+
+/// What `spec` holds: per split for shards (tar or Parquet), else the description the loaders log.
 pub fn describe_source(spec: &str) -> Result<String> {
     let root = Path::new(spec);
-    let has = |d: &Path| d.is_dir() && tar_files_in(d).is_ok_and(|t| !t.is_empty());
+    let has = has_shards;
+    if !is_shard_pattern(spec) {
+        if let Some(lines) = describe_hub(root)? {
+            return Ok(lines);
+        }
+    }
     if is_shard_pattern(spec) || has(root) {
         return describe_shards("shards", spec);
     }

@@ -9,7 +9,9 @@
 //!   [`TwoViewTransform`] (224 bicubic for the patches, 112 Lanczos for the tokenizer).
 //! - Tar shards in the WebDataset layout ([`ShardSet`]), streamed by the loader with a shard-order
 //!   permutation and a shuffle buffer, disjoint shards per rank, an exact resume position
-//!   ([`StreamPosition`]); [`pack_image_folder`] writes them from an ImageFolder.
+//!   ([`StreamPosition`]); [`pack_source`] writes them from an ImageFolder or Parquet files.
+//! - Parquet files in the Hugging Face datasets layout (`image` and `label` columns, hub file
+//!   names such as `train-00000-of-00004.parquet`), streamed as shards through the same machinery.
 //! - [`Loader`]: parallel decode and augmentation on its own thread pool with bounded prefetch,
 //!   batches as candle tensors; corrupt files are skipped, counted and reported once. What it
 //!   reads and stacks is an [`Assemble`] (images and class labels by default, [`ImageBatches`]),
@@ -32,6 +34,7 @@ pub mod decode;
 pub mod error;
 pub mod fashion_mnist;
 pub mod geometry;
+pub mod hub_layout;
 pub mod image_folder;
 pub mod inspect;
 mod jpeg;
@@ -40,6 +43,7 @@ pub mod loader;
 pub mod mixup;
 pub mod normalize;
 pub mod pack;
+pub mod parquet_shard;
 pub mod processor;
 pub mod rand_augment;
 pub mod random_erasing;
@@ -48,6 +52,7 @@ pub mod sampler;
 pub mod seg_augment;
 pub mod segmentation;
 pub mod shard_dataset;
+pub mod shard_format;
 pub mod shard_manifest;
 pub mod shard_set;
 pub mod shard_spec;
@@ -69,12 +74,13 @@ pub use inspect::describe_source;
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, SkippedSample};
 pub use mixup::Mixup;
 pub use normalize::{map_pixels, Chw, Normalize};
-pub use pack::{pack_image_folder, parse_size, PackOptions};
+pub use pack::{pack_image_folder, pack_shard_set, pack_source, parse_size, PackOptions};
 pub use processor::{ImageProcessor, ProcessorTransform, TargetSize};
 pub use rand_augment::{AugOp, RandAugment};
 pub use random_erasing::{EraseMode, RandomErasing};
 pub use resize::{resize, resize_region, Filter};
 pub use sampler::{Draw, EpochSampler, Sampler};
+pub use shard_format::{ShardCount, ShardFormat};
 pub use shard_manifest::{ShardEntry, ShardManifest};
 pub use shard_set::{EpochPlan, ShardInfo, ShardSet};
 pub use shard_spec::expand_braces;

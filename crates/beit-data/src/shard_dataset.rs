@@ -1,4 +1,4 @@
-//! Tar shards as a [`Dataset`]. The loader streams them (see `shard_stream`); `get` is random
+//! Shards (tar or Parquet) as a [`Dataset`]. The loader streams them (see `shard_stream`); `get` is random
 //! access by reading the shard up to the sample, meant for small uses (a limited validation set,
 //! a single lookup), not for epochs.
 
@@ -8,8 +8,9 @@ use std::sync::Arc;
 use crate::dataset::{Dataset, Sample};
 use crate::decode::{decode_bytes, DecodeOptions};
 use crate::error::{DataError, Result};
+use crate::shard_format::read_shard;
 use crate::shard_set::ShardSet;
-use crate::tar_shard::{read_shard, RawSample};
+use crate::tar_shard::RawSample;
 
 impl ShardSet {
     /// The shard holding sample `index` and the sample's position in it.

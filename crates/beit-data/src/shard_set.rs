@@ -1,5 +1,6 @@
-//! A set of tar shards read as a stream: the shards with their sample counts (from the folder's
-//! manifest, or counted from the tar headers), the class names, and each epoch's plan: which
+//! A set of shards (tar or Parquet files) read as a stream: the shards with their sample counts
+//! (from the folder's manifest, counted from the tar headers, or from the Parquet footers), the
+//! class names, and each epoch's plan: which
 //! shards a rank (or a loader worker) reads, in which order, and how many samples it delivers.
 //!
 //! The shard order of an epoch is a permutation drawn from `(seed, epoch)`, the same on every rank;
@@ -16,9 +17,9 @@ use rand::SeedableRng;
 
 use crate::error::{DataError, Result};
 use crate::sampler::derive_seed;
+use crate::shard_format::count_shard;
 use crate::shard_manifest::ShardManifest;
 use crate::shard_spec::{is_shard_pattern, shard_paths};
-use crate::tar_shard::count_shard;
 
 /// Default number of samples held by the shuffle buffer.
 pub const DEFAULT_SHUFFLE_BUFFER: usize = 1000;
@@ -26,13 +27,13 @@ pub const DEFAULT_SHUFFLE_BUFFER: usize = 1000;
 /// One shard and its size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardInfo {
-    /// The tar file.
+    /// The shard file.
     pub path: PathBuf,
     /// Samples in it.
     pub samples: usize,
 }
 
-/// Tar shards read sequentially; see the module documentation.
+/// Shards read sequentially; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct ShardSet {
     shards: Vec<ShardInfo>,
@@ -54,9 +55,10 @@ pub struct EpochPlan {
 }
 
 impl ShardSet {
-    /// The shards `spec` names (a brace pattern, a `.tar` file or a folder of `.tar` files). Sizes
-    /// and classes come from the folder's manifest when it lists every shard, else from a scan of
-    /// the tar headers (classes are then named by index, up to the largest `.cls` label).
+    /// The shards `spec` names (a brace pattern, a `.tar` or `.parquet` file, or a folder of
+    /// them). Sizes and classes come from the folder's manifest when it lists every shard, else
+    /// from a scan: tar headers, Parquet footers (classes are the files' `ClassLabel` names, or
+    /// named by index up to the largest label).
     pub fn open(spec: &str) -> Result<Self> {
         let paths = shard_paths(spec)?;
         let dir = if is_shard_pattern(spec) {
@@ -64,6 +66,13 @@ impl ShardSet {
         } else {
             PathBuf::from(spec)
         };
+        Self::from_paths(spec, &dir, paths)
+    }
+
+    /// The shards `paths` (of one split, all existing), described as `spec`; `dir` is where a
+    /// manifest would be.
+    pub fn from_paths(spec: &str, dir: &Path, paths: Vec<PathBuf>) -> Result<Self> {
+        let dir = dir.to_path_buf();
         let (shards, classes) = match ShardManifest::read(&dir)? {
             Some(m) => match from_manifest(&m, &dir, &paths) {
                 Some(shards) => (shards, m.classes),
@@ -83,6 +92,13 @@ impl ShardSet {
             spec: spec.to_string(),
             cap: None,
         })
+    }
+
+    /// Name the classes `classes` (a labelled split whose files do not name them, given the
+    /// classes of its training split).
+    pub fn with_classes(mut self, classes: Vec<String>) -> Self {
+        self.classes = classes;
+        self
     }
 
     /// Hold `n` samples (at least 1) in the shuffle buffer.
@@ -203,18 +219,23 @@ fn from_manifest(m: &ShardManifest, dir: &Path, paths: &[PathBuf]) -> Option<Vec
         .collect()
 }
 
-/// Count every shard's samples from its headers; classes named by index.
+/// Count every shard's samples; classes are the names the files declare (the first file that
+/// does), else named by index up to the largest label.
 fn scan(paths: &[PathBuf]) -> Result<(Vec<ShardInfo>, Vec<String>)> {
     let mut max_label = None::<u32>;
+    let mut named = None::<Vec<String>>;
     let mut shards = Vec::with_capacity(paths.len());
     for p in paths {
-        let (samples, m) = count_shard(p)?;
-        max_label = max_label.max(m);
+        let count = count_shard(p)?;
+        max_label = max_label.max(count.max_label);
+        if named.is_none() {
+            named = count.classes;
+        }
         shards.push(ShardInfo {
             path: p.clone(),
-            samples,
+            samples: count.samples,
         });
     }
-    let classes = max_label.map_or(Vec::new(), |m| (0..=m).map(|i| i.to_string()).collect());
-    Ok((shards, classes))
+    let by_index = || max_label.map_or(Vec::new(), |m| (0..=m).map(|i| i.to_string()).collect());
+    Ok((shards, named.unwrap_or_else(by_index)))
 }

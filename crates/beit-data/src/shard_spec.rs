@@ -1,10 +1,12 @@
 //! Which shard files a `--data` value names: a brace pattern
-//! (`/data/in22k/train-{000000..013999}.tar`, `/data/{a,b}/shard-{0..3}.tar`), a single `.tar`
-//! file, or a folder whose `*.tar` files are the shards (sorted by name).
+//! (`/data/in22k/train-{000000..013999}.tar`, `/data/{a,b}/shard-{0..3}.tar`,
+//! `train-{00000..00003}-of-00004.parquet`), a single `.tar` or `.parquet` file, or a folder whose
+//! `*.tar` and `*.parquet` files are the shards (sorted by name).
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Result};
+use crate::shard_format::ShardFormat;
 
 /// Largest number of names one pattern may expand to (a typo such as `{0..99999999}` must not
 /// exhaust memory).
@@ -74,25 +76,25 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
 
 /// Whether `spec` looks like a shard pattern or a shard file rather than a folder.
 pub fn is_shard_pattern(spec: &str) -> bool {
-    spec.contains('{') || spec.ends_with(".tar")
+    spec.contains('{') || ShardFormat::is_shard_file(Path::new(spec))
 }
 
-/// The `*.tar` files directly in `dir`, sorted by name.
-pub fn tar_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The shard files (`*.tar`, `*.parquet`) directly in `dir`, sorted by name.
+pub fn shard_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
     let mut out: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "tar") && p.is_file())
+        .filter(|p| ShardFormat::is_shard_file(p) && p.is_file())
         .collect();
     out.sort();
     Ok(out)
 }
 
 /// The shard files `spec` names: the expansion of a pattern (every file must exist), or the tar
-/// files of a folder. Errors name the first missing file, or say that nothing matched.
+/// and Parquet files of a folder. Errors name the first missing file, or say that nothing matched.
 pub fn shard_paths(spec: &str) -> Result<Vec<PathBuf>> {
     let paths: Vec<PathBuf> = if is_shard_pattern(spec) {
         expand_braces(spec)?
@@ -100,10 +102,12 @@ pub fn shard_paths(spec: &str) -> Result<Vec<PathBuf>> {
             .map(PathBuf::from)
             .collect()
     } else {
-        tar_files_in(Path::new(spec))?
+        shard_files_in(Path::new(spec))?
     };
     if paths.is_empty() {
-        return Err(DataError::Empty(format!("`{spec}` names no tar shard")));
+        return Err(DataError::Empty(format!(
+            "`{spec}` names no shard (`.tar` or `.parquet` file)"
+        )));
     }
     if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
         return Err(DataError::Io {

@@ -16,8 +16,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::shard_format::read_shard;
 use crate::shard_set::EpochPlan;
-use crate::tar_shard::{read_shard, RawSample};
+use crate::tar_shard::RawSample;
 
 /// Items the reader thread reads ahead of the shuffle buffer.
 const READ_AHEAD: usize = 16;
@@ -57,11 +58,26 @@ impl ShardStream {
     /// Start reading `plan`'s shards; `classes` resolves class names in `.txt`/`.json` labels;
     /// `buffer` samples are shuffled together (ignored without a buffer seed).
     pub fn open(plan: &EpochPlan, classes: Arc<Vec<String>>, buffer: usize) -> Result<Self> {
+        Self::start(plan, classes, buffer, false)
+    }
+
+    /// Like [`ShardStream::open`], but ending after one pass over the shards (every sample once,
+    /// whatever the quota; for packing).
+    pub fn open_once(plan: &EpochPlan, classes: Arc<Vec<String>>, buffer: usize) -> Result<Self> {
+        Self::start(plan, classes, buffer, true)
+    }
+
+    fn start(
+        plan: &EpochPlan,
+        classes: Arc<Vec<String>>,
+        buffer: usize,
+        once: bool,
+    ) -> Result<Self> {
         let (tx, rx) = sync_channel(READ_AHEAD);
         let shards = plan.shards.clone();
         std::thread::Builder::new()
             .name("beit-data-shards".into())
-            .spawn(move || read_passes(&shards, &classes, &tx))
+            .spawn(move || read_passes(&shards, &classes, &tx, once))
             .map_err(|e| DataError::param("shard reader thread", e.to_string()))?;
         let rng = plan.buffer_seed.map(StdRng::seed_from_u64);
         let capacity = if rng.is_some() { buffer.max(1) } else { 1 };
@@ -130,9 +146,14 @@ impl Iterator for ShardStream {
     }
 }
 
-/// The reader thread: pass after pass over `shards` until the receiver is gone or a pass yields
-/// no sample.
-fn read_passes(shards: &[std::path::PathBuf], classes: &[String], tx: &SyncSender<Message>) {
+/// The reader thread: pass after pass over `shards` until the receiver is gone, a pass yields
+/// no sample, or (`once`) after the first pass.
+fn read_passes(
+    shards: &[std::path::PathBuf],
+    classes: &[String],
+    tx: &SyncSender<Message>,
+    once: bool,
+) {
     loop {
         let mut good = 0usize;
         let mut open = true;
@@ -146,12 +167,12 @@ fn read_passes(shards: &[std::path::PathBuf], classes: &[String], tx: &SyncSende
                 return;
             }
         }
-        let last = if good == 0 {
+        let last = if good == 0 || once {
             Message::Exhausted
         } else {
             Message::PassEnd
         };
-        if tx.send(last).is_err() || good == 0 {
+        if tx.send(last).is_err() || good == 0 || once {
             return;
         }
     }

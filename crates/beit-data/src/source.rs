@@ -10,6 +10,12 @@
 //! `validation/`, `test/`) folders of `.tar` shards, as `beit-cli data pack` writes; for
 //! unlabelled pre-training also a folder of shards or a brace pattern
 //! (`/data/in22k/train-{000000..013999}.tar`).
+//!
+//! Parquet files in the Hugging Face layout are shards too: a dataset folder whose files (directly
+//! or under `data/`) are named by split (`train-00000-of-00004.parquet`,
+//! `validation-00000-of-00001.parquet`) is a labelled root; `train/` and `validation/` folders of
+//! Parquet files are read like folders of tar shards; a `.parquet` file or a brace pattern of them
+//! is one split, for pre-training.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,9 +27,12 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{Dataset, Sample};
 use crate::error::{DataError, Result};
 use crate::fashion_mnist::FashionMnist;
+use crate::hub_layout::hub_splits;
 use crate::image_folder::{ImageFolder, UnlabelledFolder};
+use crate::parquet_shard::{has_label_column, LABEL_COLUMN};
+use crate::shard_format::ShardFormat;
 use crate::shard_set::ShardSet;
-use crate::shard_spec::{is_shard_pattern, tar_files_in};
+use crate::shard_spec::{is_shard_pattern, shard_files_in};
 
 /// The `[data]` table of a training recipe. Defaults: 10% held out of a single ImageFolder,
 /// split seed 0, every image, all cores decoding, 4 batches prefetched.
@@ -220,6 +229,8 @@ pub fn load_splits(cfg: &DataConfig) -> Result<Splits> {
                 fm.test.len()
             );
             (Arc::new(fm.train), Arc::new(fm.test), classes, d)
+        } else if let Some(s) = hub_parquet_splits(spec)? {
+            s
         } else if let Some(s) = sharded_splits(spec)? {
             s
         } else {
@@ -253,9 +264,85 @@ pub fn load_splits(cfg: &DataConfig) -> Result<Splits> {
 
 type FolderSplits = (Arc<dyn Dataset>, Arc<dyn Dataset>, Vec<String>, String);
 
-/// Whether `dir` directly holds tar shards.
-fn has_shards(dir: &Path) -> bool {
-    dir.is_dir() && tar_files_in(dir).is_ok_and(|t| !t.is_empty())
+/// Whether `dir` directly holds shards (tar or Parquet files).
+pub(crate) fn has_shards(dir: &Path) -> bool {
+    dir.is_dir() && shard_files_in(dir).is_ok_and(|t| !t.is_empty())
+}
+
+/// The train/validation splits of a folder of Parquet files named as the hub names them.
+fn hub_parquet_splits(spec: &str) -> Result<Option<FolderSplits>> {
+    if is_shard_pattern(spec) {
+        return Ok(None);
+    }
+    let Some(hub) = hub_splits(Path::new(spec))? else {
+        return Ok(None);
+    };
+    let (val_name, val_files) = hub.val().ok_or_else(|| {
+        bad_source(
+            spec,
+            "holds train-*.parquet files but no validation-, val- or test- files",
+        )
+    })?;
+    let open = |name: &str, files: &[std::path::PathBuf]| {
+        ShardSet::from_paths(&format!("{spec} ({name})"), &hub.dir, files.to_vec())
+    };
+    let tr = open("train", hub.train())?;
+    let va = open(val_name, val_files)?;
+    let pair = labelled_pair(spec, tr, va, val_name)?;
+    Ok(Some(pair))
+}
+
+/// Every Parquet file of `set` has a `label` column; the error names the file and the column.
+fn require_labels(set: &ShardSet) -> Result<()> {
+    for s in set.shards() {
+        if ShardFormat::of(&s.path) == ShardFormat::Parquet && !has_label_column(&s.path)? {
+            return Err(DataError::Format {
+                path: s.path.clone(),
+                reason: format!("no `{LABEL_COLUMN}` column (a labelled split needs one)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A labelled train/validation pair of shard sets. A validation split whose files name no
+/// classes (labels by index, fewer of them seen) takes the training split's.
+fn labelled_pair(spec: &str, tr: ShardSet, va: ShardSet, val_name: &str) -> Result<FolderSplits> {
+    require_labels(&tr)?;
+    require_labels(&va)?;
+    let by_index = |s: &ShardSet| {
+        s.classes()
+            .iter()
+            .enumerate()
+            .all(|(i, c)| *c == i.to_string())
+    };
+    let va = if by_index(&va) && va.classes().len() <= tr.classes().len() {
+        let classes = tr.classes().to_vec();
+        va.with_classes(classes)
+    } else {
+        va
+    };
+    if tr.classes().is_empty() || tr.classes() != va.classes() {
+        return Err(bad_source(
+            spec,
+            format!(
+                "train shards have {} classes and {val_name} shards {} (labelled shards with the \
+                 same classes needed)",
+                tr.classes().len(),
+                va.classes().len()
+            ),
+        ));
+    }
+    let classes = tr.classes().to_vec();
+    let kind = ShardFormat::of(&tr.shards()[0].path).name();
+    let d = format!(
+        "{spec}: {kind} shards, {} train ({} shards) / {} {val_name} images, {} classes",
+        tr.total_samples(),
+        tr.shards().len(),
+        va.total_samples(),
+        classes.len()
+    );
+    Ok((Arc::new(tr), Arc::new(va), classes, d))
 }
 
 /// The train/val shard folders of a sharded root, if `spec` is one.
@@ -269,8 +356,9 @@ fn sharded_splits(spec: &str) -> Result<Option<FolderSplits>> {
     if is_shard_pattern(spec) || (has_shards(root) && !has_subdirs()) {
         return Err(bad_source(
             spec,
-            "tar shards of one split; labelled training needs a folder with train/ and val/ \
-             shard folders (see `beit-cli data pack`)",
+            "shards of one split; labelled training needs a folder with train/ and val/ shard \
+             folders (see `beit-cli data pack`) or hub-named Parquet files (train-*.parquet and \
+             validation-*.parquet)",
         ));
     }
     if !has_shards(&root.join("train")) {
@@ -280,31 +368,13 @@ fn sharded_splits(spec: &str) -> Result<Option<FolderSplits>> {
         .iter()
         .map(|d| root.join(d))
         .find(|p| has_shards(p))
-        .ok_or_else(|| bad_source(spec, "train/ holds tar shards but no val/ folder does"))?;
+        .ok_or_else(|| bad_source(spec, "train/ holds shards but no val/ folder does"))?;
     let tr = ShardSet::open(&root.join("train").to_string_lossy())?;
     let va = ShardSet::open(&val_dir.to_string_lossy())?;
-    if tr.classes().is_empty() || tr.classes() != va.classes() {
-        return Err(bad_source(
-            spec,
-            format!(
-                "train/ shards have {} classes and {} shards {} (labelled shards with the same \
-                 classes needed)",
-                tr.classes().len(),
-                val_dir.display(),
-                va.classes().len()
-            ),
-        ));
-    }
-    let classes = tr.classes().to_vec();
-    let d = format!(
-        "{}: tar shards, {} train ({} shards) / {} val images, {} classes",
-        root.display(),
-        tr.total_samples(),
-        tr.shards().len(),
-        va.total_samples(),
-        classes.len()
-    );
-    Ok(Some((Arc::new(tr), Arc::new(va), classes, d)))
+    let val_name = val_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    labelled_pair(spec, tr, va, val_name.as_deref().unwrap_or("val")).map(Some)
 }
 
 fn folder_splits(spec: &str, cfg: &DataConfig) -> Result<FolderSplits> {
@@ -413,10 +483,23 @@ pub fn open_images(spec: &str) -> Result<(Arc<dyn Dataset>, String)> {
     Ok((Arc::new(ds), d))
 }
 
-/// The shards of `spec` for pre-training, if it names shards: a pattern or `.tar` file, a folder
-/// of shards, or a sharded root's `train/`.
+/// The shards of `spec` for pre-training, if it names shards: a pattern, a `.tar` or `.parquet`
+/// file, a hub dataset's `train-*.parquet` files, a folder of shards, or a sharded root's `train/`.
 fn open_shards(spec: &str) -> Result<Option<(Arc<dyn Dataset>, String)>> {
     let root = Path::new(spec);
+    if let Some(hub) = hub_splits(root)
+        .ok()
+        .flatten()
+        .filter(|_| !is_shard_pattern(spec))
+    {
+        let set = ShardSet::from_paths(&format!("{spec} (train)"), &hub.dir, hub.train().to_vec())?;
+        let d = format!(
+            "{spec} ({} images in {} Parquet files of the train split)",
+            set.total_samples(),
+            set.shards().len()
+        );
+        return Ok(Some((Arc::new(set), d)));
+    }
     let spec = if is_shard_pattern(spec) || has_shards(root) {
         spec.to_string()
     } else if has_shards(&root.join("train")) {
@@ -426,7 +509,7 @@ fn open_shards(spec: &str) -> Result<Option<(Arc<dyn Dataset>, String)>> {
     };
     let set = ShardSet::open(&spec)?;
     let d = format!(
-        "{spec} ({} images in {} tar shards)",
+        "{spec} ({} images in {} shards)",
         set.total_samples(),
         set.shards().len()
     );

@@ -74,7 +74,8 @@ pub fn global_batches_per_epoch(len: usize, micro: usize) -> u64 {
 /// counts are those of the split).
 pub fn eval_shard(ds: Arc<dyn Dataset>) -> Arc<dyn Dataset> {
     let w = world();
-    if w.size() == 1 {
+    // Sharded sets are split by the loader (disjoint shards per rank), not by index.
+    if w.size() == 1 || ds.shards().is_some() {
         return ds;
     }
     let idx: Vec<usize> = (w.rank()..ds.len()).step_by(w.size()).collect();

@@ -1,15 +1,16 @@
-//! `beit-cli data`: pack an ImageFolder into tar shards, and show what a `--data` source holds.
+//! `beit-cli data`: pack an ImageFolder or Parquet files into tar shards, and show what a `--data` source holds.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use beit_data::{describe_source, pack_image_folder, parse_size, PackOptions};
+use beit_data::{describe_source, pack_source, parse_size, PackOptions};
 use clap::{Args, Subcommand};
 
 /// Subcommands of `beit-cli data`.
 #[derive(Subcommand, Debug)]
 pub enum DataCommand {
-    /// Pack an ImageFolder (`train/`, `val/` or a single folder) into tar shards with a manifest.
+    /// Pack an ImageFolder (`train/`, `val/` or a single folder) or Parquet files (a Hugging Face
+    /// dataset folder, a `.parquet` file or a brace pattern) into tar shards with a manifest.
     Pack(PackArgs),
     /// Print what a `--data` source holds (splits, images, classes, shards).
     Inspect(InspectArgs),
@@ -18,7 +19,9 @@ pub enum DataCommand {
 /// Arguments of `beit-cli data pack`.
 #[derive(Args, Debug)]
 pub struct PackArgs {
-    /// ImageFolder root: `DIR/train/<class>/...` and `DIR/val/<class>/...`, or `DIR/<class>/...`.
+    /// ImageFolder root: `DIR/train/<class>/...` and `DIR/val/<class>/...`, or `DIR/<class>/...`;
+    /// or Parquet: `DIR` with `train-00000-of-00004.parquet`, `validation-...` (or under
+    /// `DIR/data/`), `DIR/train/*.parquet` + `DIR/validation/*.parquet`, or a file or pattern.
     #[arg(long)]
     pub data: PathBuf,
     /// Output root: one folder of shards per split (`OUT/train/shard-000000.tar`, ...).
@@ -35,7 +38,8 @@ pub struct PackArgs {
 /// Arguments of `beit-cli data inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A `--data` source: a folder, a brace pattern of tar shards, `fashion-mnist`.
+    /// A `--data` source: a folder, a brace pattern of tar or Parquet shards, a `.parquet` file,
+    /// `fashion-mnist`.
     #[arg(long)]
     pub data: String,
 }
@@ -48,7 +52,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 shard_bytes: parse_size(&a.shard_size)?,
                 seed: a.seed,
             };
-            let splits = pack_image_folder(&a.data, &a.out, &opts)
+            let splits = pack_source(&a.data.to_string_lossy(), &a.out, &opts)
                 .with_context(|| format!("packing {}", a.data.display()))?;
             for (name, m) in splits {
                 println!(
