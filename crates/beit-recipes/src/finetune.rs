@@ -534,19 +534,23 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         processor: processor_for_eval(&eval_tf),
         out: out.clone(),
     };
-    let done = fit(
-        tl,
-        &mut task,
-        |epoch| Ok(train_loader.epoch(epoch)?.map(|b| b.map_err(Into::into))),
-        &FitOptions {
-            eval_every: Some(t.eval_every.max(1)),
-            best: Some(BestMetric {
-                name: "acc1".into(),
-                higher_is_better: true,
-            }),
-            stop_after: job.stop_after,
-        },
-    )?;
+    let precision = t.precision(&device)?;
+    tracing::info!("precision: {precision}");
+    let done = precision.scope(|| {
+        fit(
+            tl,
+            &mut task,
+            |epoch| Ok(train_loader.epoch(epoch)?.map(|b| b.map_err(Into::into))),
+            &FitOptions {
+                eval_every: Some(t.eval_every.max(1)),
+                best: Some(BestMetric {
+                    name: "acc1".into(),
+                    higher_is_better: true,
+                }),
+                stop_after: job.stop_after,
+            },
+        )
+    })?;
     let skipped_files = train_loader.skipped().len() + eval_loader.skipped().len();
     if skipped_files > 0 {
         tracing::warn!("{}", train_loader.summary());

@@ -718,6 +718,8 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let cfg = &job.config;
     let t = &cfg.train;
     let device = parse_device(&cfg.device)?;
+    let precision = t.precision(&device)?;
+    tracing::info!("precision: {precision}");
     let out = cfg.output.clone();
     prepare_output_dir(&out, job.resume.is_some())?;
     let micro = t.micro_batch()?;
@@ -837,23 +839,25 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         rank: world.rank(),
         world_size: world.size(),
     };
-    let done = fit(
-        tl,
-        &mut task,
-        |epoch| {
-            let stream = &stream;
-            let mut cache = None;
-            Ok((0..batches).map(move |b| stream.batch(epoch, b, &mut cache)))
-        },
-        &FitOptions {
-            eval_every: Some(t.eval_every.max(1)),
-            best: Some(BestMetric {
-                name: "mIoU".into(),
-                higher_is_better: true,
-            }),
-            stop_after: job.stop_after,
-        },
-    )?;
+    let done = precision.scope(|| {
+        fit(
+            tl,
+            &mut task,
+            |epoch| {
+                let stream = &stream;
+                let mut cache = None;
+                Ok((0..batches).map(move |b| stream.batch(epoch, b, &mut cache)))
+            },
+            &FitOptions {
+                eval_every: Some(t.eval_every.max(1)),
+                best: Some(BestMetric {
+                    name: "mIoU".into(),
+                    higher_is_better: true,
+                }),
+                stop_after: job.stop_after,
+            },
+        )
+    })?;
     let final_model = if done.finished && crate::dist::is_primary() {
         let dir = out.join("final_model");
         task.export(&dir)?;
