@@ -52,6 +52,8 @@ enum Command {
     FinetuneSeg(commands::finetune_seg::FinetuneSegArgs),
     /// Evaluate a segmentation model: mIoU, mAcc, aAcc, per-class IoU (mmseg's accumulation).
     EvalSeg(commands::eval_seg::EvalSegArgs),
+    /// Run the parity fixtures on a device in f32 or bf16 against the committed outputs.
+    Verify(commands::verify::VerifyArgs),
 }
 
 fn main() {
@@ -80,6 +82,7 @@ fn main() {
         Command::Segment(a) => commands::segment::run(a),
         Command::EvalSeg(a) => commands::eval_seg::run(a),
         Command::FinetuneSeg(a) => commands::finetune_seg::run(a),
+        Command::Verify(a) => commands::verify::run(a),
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.

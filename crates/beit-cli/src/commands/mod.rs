@@ -13,3 +13,4 @@ pub mod predict;
 pub mod pretrain;
 pub mod segment;
 pub mod tokenizer;
+pub mod verify;
