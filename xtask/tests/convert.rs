@@ -38,7 +38,7 @@ fn max_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-/// The timm model's logits (computed by PyTorch, `scripts/model_fixtures.py`) from the converted
+/// The timm model's logits (computed by PyTorch, `scripts/fixtures/model_fixtures.py`) from the converted
 /// directory.
 fn logits_match(dir: &Path) -> Result<()> {
     let exp = candle::safetensors::load(
@@ -199,7 +199,7 @@ fn dalle_pickle_to_safetensors() -> Result<()> {
     );
     let out = tmp.path().join("dalle_small_encoder.safetensors");
     let got = candle::safetensors::load(&out, &Device::Cpu)?;
-    // The reference: the same state dict saved from PyTorch (scripts/tokenizer_fixtures.py).
+    // The reference: the same state dict saved from PyTorch (scripts/fixtures/tokenizer_fixtures.py).
     let want: HashMap<String, Tensor> = candle::safetensors::load(
         fixture("tokenizer/dalle_small_encoder.safetensors"),
         &Device::Cpu,
@@ -222,7 +222,7 @@ fn dalle_pickle_to_safetensors() -> Result<()> {
     Ok(())
 }
 
-/// The unilm/mmseg copy of the tiny UperNet fixture (`scripts/seg_fixtures.py`: `backbone.`
+/// The unilm/mmseg copy of the tiny UperNet fixture (`scripts/fixtures/seg_fixtures.py`: `backbone.`
 /// prefix, fused qkv, `conv_seg`, `{"state_dict": ...}`) converts to exactly the tensors
 /// `transformers` saved for the same model.
 #[test]

@@ -1,8 +1,5 @@
 //! `beit-cli`: run, train and inspect BEiT models.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 mod args;
 mod commands;
 mod memory;
@@ -46,12 +43,21 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Throughput benchmark (images/s) of inference or a training step.
     Bench(commands::bench::BenchArgs),
+    /// Datasets: pack an ImageFolder into tar shards, inspect a `--data` source.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
     /// Semantic segmentation of images (class per pixel; label and overlay PNGs).
     Segment(commands::segment::SegmentArgs),
     /// Fine-tune a semantic segmentation model (UperNet, unilm's ADE20K recipe).
     FinetuneSeg(commands::finetune_seg::FinetuneSegArgs),
     /// Evaluate a segmentation model: mIoU, mAcc, aAcc, per-class IoU (mmseg's accumulation).
     EvalSeg(commands::eval_seg::EvalSegArgs),
+    /// Serve a checkpoint over HTTP (classify, embed) with dynamic batching.
+    Serve(commands::serve::ServeArgs),
+    /// Write the pooled features of every image of a dataset (safetensors, with labels and paths).
+    Embed(commands::embed::EmbedArgs),
+    /// Weighted k-NN top-1/top-5 of features from `embed` (DINO's evaluation).
+    Knn(commands::knn::KnnArgs),
     /// Run the parity fixtures on a device in f32 or bf16 against the committed outputs.
     Verify(commands::verify::VerifyArgs),
 }
@@ -60,11 +66,11 @@ fn main() {
     let cli = Cli::parse();
     // Under `mpirun` / `srun` (feature `mpi`): one process of a data-parallel job.
     #[cfg(feature = "mpi")]
-    let mpi = beit_recipes::dist::init_from_launcher().unwrap_or_else(|e| {
+    let mpi = beit_recipes::distributed::init_from_launcher().unwrap_or_else(|e| {
         eprintln!("error: starting MPI: {e:#}");
         std::process::exit(1)
     });
-    let rank = beit_train::dist::world().rank();
+    let rank = beit_recipes::distributed::world().rank();
     // Rank 0 logs; the others only warn.
     init_tracing(if rank == 0 { cli.log.as_str() } else { "warn" });
     memory::configure();
@@ -79,9 +85,13 @@ fn main() {
         Command::LinearProbe(a) => commands::linear_probe::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Data(c) => commands::data::run(c),
         Command::Segment(a) => commands::segment::run(a),
         Command::EvalSeg(a) => commands::eval_seg::run(a),
         Command::FinetuneSeg(a) => commands::finetune_seg::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::Embed(a) => commands::embed::run(a),
+        Command::Knn(a) => commands::knn::run(a),
         Command::Verify(a) => commands::verify::run(a),
     };
     if let Err(err) = result {
@@ -91,7 +101,7 @@ fn main() {
             r => eprintln!("error: rank {r}: {err:#}"),
         }
         #[cfg(feature = "mpi")]
-        beit_recipes::dist::abort_job(mpi, 1);
+        beit_recipes::distributed::abort_job(mpi, 1);
         std::process::exit(1);
     }
 }

@@ -1,6 +1,6 @@
 //! `beit-cli predict` and `attention` on every family of the architecture (timm BEiT v2/v1,
 //! data2vec-vision, DiT), against each library's own image pipeline and model on real photos
-//! (`scripts/family_fixtures.py`): the PNG, the big camera JPEG, and JPEG variants of a photo at
+//! (`scripts/fixtures/family_fixtures.py`): the PNG, the big camera JPEG, and JPEG variants of a photo at
 //! 4:2:0, 4:2:2, 4:4:4, progressive, grey and CMYK. JPEGs are decoded by libjpeg-turbo's decoder
 //! (MozJPEG 4) as Pillow does, so the probabilities agree to float precision on JPEG as on PNG.
 

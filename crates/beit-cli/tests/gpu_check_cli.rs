@@ -1,4 +1,4 @@
-//! `scripts/gpu_check.sh --device cpu --tiny` end to end, so that the GPU machine's one-command
+//! `scripts/gpu/gpu_check.sh --device cpu --tiny` end to end, so that the GPU machine's one-command
 //! check cannot rot: the parity fixtures through `beit-cli verify` (f32 and bf16), the device/CPU
 //! training parity (here candle's plain ops against the fused kernels), and the bench part, each
 //! leaving JSON lines in `results.jsonl`.
@@ -13,7 +13,7 @@ use serde_json::Value;
 fn the_tiny_cpu_mode_of_gpu_check_passes_and_writes_every_part() {
     let tmp = tempfile::tempdir().unwrap();
     let out_dir = tmp.path().join("check");
-    let script = common::fixtures("").join("../scripts/gpu_check.sh");
+    let script = common::fixtures("").join("../scripts/gpu/gpu_check.sh");
     let out = Command::new("bash")
         .arg(&script)
         .args(["--device", "cpu", "--tiny", "--bin"])

@@ -355,7 +355,7 @@ fn an_indivisible_micro_batch_is_refused_clearly() {
 }
 
 /// A world of 1 with the all-reduce forced (`BEIT_DIST_FORCE_REDUCE=1`, what
-/// `scripts/gpu_nccl_check.sh` does to exercise NCCL on one GPU) logs the losses of a plain
+/// `scripts/gpu/gpu_nccl_check.sh` does to exercise NCCL on one GPU) logs the losses of a plain
 /// process; an unknown `BEIT_DIST_BACKEND` is refused naming the variable.
 #[test]
 fn a_forced_all_reduce_in_a_world_of_one_changes_nothing_and_the_backend_is_checked() {

@@ -1,7 +1,7 @@
 //! `beit-cli segment` and `eval-seg` end to end against transformers' own pipeline
 //! (`BeitImageProcessor` + `BeitForSemanticSegmentation` + `post_process_semantic_segmentation`)
 //! on real photos (PNG, JPEG, grey, RGBA), with a random tiny model saved by transformers
-//! (`scripts/seg_fixtures.py`).
+//! (`scripts/fixtures/seg_fixtures.py`).
 
 mod common;
 

@@ -2,14 +2,15 @@
 //!
 //! Usage: `cargo run --release -p beit-data --example bench_loader -- FOLDER [THREADS] [EPOCHS] [BATCH] [finetune]`
 //!
-//! FOLDER is an `ImageFolder` (`FOLDER/<class>/<image>`). Prints images/s per epoch and a last line
-//! `rust_images_per_sec <best>` (and `rust_cpu_ms_per_image`) that `scripts/bench_data.sh` parses.
+//! FOLDER is an `ImageFolder` (`FOLDER/<class>/<image>`), or tar shards (a brace pattern, a folder
+//! of shards or a packed root), which the loader streams. Prints images/s per epoch and a last line
+//! `rust_images_per_sec <best>` (and `rust_cpu_ms_per_image`) that `scripts/bench/bench_data.sh` parses.
 //! Not part of the test suite.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use beit_data::{ImageFolder, Loader, LoaderConfig, TwoViewTransform};
+use beit_data::{open_images, Dataset, ImageFolder, Loader, LoaderConfig, TwoViewTransform};
 use candle::Device;
 
 fn main() -> anyhow::Result<()> {
@@ -25,8 +26,11 @@ fn main() -> anyhow::Result<()> {
         Some("finetune") => Arc::new(beit_data::TrainTransform::beit_finetune(224)),
         _ => Arc::new(TwoViewTransform::beit(224, 112)),
     };
-    let ds = Arc::new(ImageFolder::new(folder)?);
-    let n = ds.samples().len();
+    let ds: Arc<dyn Dataset> = match ImageFolder::new(folder) {
+        Ok(f) => Arc::new(f),
+        Err(_) => open_images(folder)?.0,
+    };
+    let n = ds.len();
     let loader = Loader::new(
         ds,
         transform,

@@ -1,6 +1,6 @@
 //! Print the sample order of every epoch that a single-process loader uses (`sampler::epoch_indices`
 //! with shuffling), as JSON: a list of `EPOCHS` lists of `LEN` dataset indices. The PyTorch peer
-//! can train in exactly this order (`scripts/train_peer.py --order-file`), which takes the data
+//! can train in exactly this order (`scripts/peers/train_peer.py --order-file`), which takes the data
 //! order out of a comparison (docs/training-parity.md).
 //!
 //! ```sh

@@ -4,6 +4,7 @@ use image::RgbImage;
 
 use crate::error::{DataError, Result};
 use crate::fashion_mnist::{MnistSplit, CLASS_NAMES};
+use crate::shard_set::ShardSet;
 
 /// One decoded sample.
 #[derive(Debug, Clone)]
@@ -41,6 +42,12 @@ pub trait Dataset: Send + Sync {
     /// A human-readable name of sample `index` (its path for files), used in skip reports.
     fn describe(&self, index: usize) -> String {
         format!("sample {index}")
+    }
+
+    /// The tar shards behind a sharded dataset, which the loader then streams instead of reading
+    /// by index.
+    fn shards(&self) -> Option<std::sync::Arc<ShardSet>> {
+        None
     }
 }
 
@@ -90,5 +97,8 @@ impl<D: Dataset + ?Sized> Dataset for std::sync::Arc<D> {
     }
     fn describe(&self, index: usize) -> String {
         (**self).describe(index)
+    }
+    fn shards(&self) -> Option<std::sync::Arc<ShardSet>> {
+        (**self).shards()
     }
 }

@@ -4,9 +4,9 @@ use std::io::Cursor;
 use std::path::Path;
 
 use image::{ImageFormat, ImageReader, RgbImage};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+pub use crate::limits::DecodeOptions;
 
 /// File extensions recognised as images (compared case-insensitively), as torchvision's
 /// `IMG_EXTENSIONS` restricted to the formats we decode.
@@ -17,28 +17,6 @@ pub fn is_image_file(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
-}
-
-/// Limits applied while decoding, so that a huge or malicious file cannot exhaust memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DecodeOptions {
-    /// Largest accepted width or height, in pixels.
-    pub max_side: u32,
-    /// Largest accepted number of pixels (Pillow refuses above ~179 MP by default; we use the same
-    /// bound).
-    pub max_pixels: u64,
-    /// Largest allocation the decoder may make, in bytes.
-    pub max_alloc: u64,
-}
-
-impl Default for DecodeOptions {
-    fn default() -> Self {
-        DecodeOptions {
-            max_side: 65_535,
-            max_pixels: 178_956_970,
-            max_alloc: 1 << 30,
-        }
-    }
 }
 
 /// Read and decode an image file into 8-bit RGB (alpha dropped, grey replicated), like

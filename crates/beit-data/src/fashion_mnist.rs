@@ -294,7 +294,7 @@ mod tests {
             }
             assert_eq!(counts, [per_class; 10]);
         }
-        // Checksums printed by scripts/data_fashion_subset.py when the subset was made.
+        // Checksums printed by scripts/fixtures/data_fashion_subset.py when the subset was made.
         let sum = |s: &MnistSplit| s.images.iter().map(|&p| p as u64).sum::<u64>();
         assert_eq!(sum(&ds.train), 344_160_204);
         assert_eq!(sum(&ds.test), 56_973_981);

@@ -22,7 +22,7 @@ use image::RgbImage;
 use mozjpeg_sys as jpeg;
 use mozjpeg_sys::J_COLOR_SPACE as Cs;
 
-use crate::decode::DecodeOptions;
+use crate::limits::DecodeOptions;
 
 /// Largest number of progressive scans accepted (a real progressive JPEG has about ten; hostile
 /// files with thousands of tiny scans make decoding quadratic).

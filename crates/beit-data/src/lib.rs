@@ -7,6 +7,9 @@
 //!   [`RandomResizedCrop`], [`ColorJitter`], [`Normalize`], RandAugment, random erasing, mixup/CutMix,
 //!   and the complete pipelines [`EvalTransform`], [`TrainTransform`] and BEiT's two-view
 //!   [`TwoViewTransform`] (224 bicubic for the patches, 112 Lanczos for the tokenizer).
+//! - Tar shards in the WebDataset layout ([`ShardSet`]), streamed by the loader with a shard-order
+//!   permutation and a shuffle buffer, disjoint shards per rank, an exact resume position
+//!   ([`StreamPosition`]); [`pack_image_folder`] writes them from an ImageFolder.
 //! - [`Loader`]: parallel decode and augmentation on its own thread pool with bounded prefetch,
 //!   batches as candle tensors; corrupt files are skipped, counted and reported once.
 //!
@@ -20,9 +23,6 @@
 //! All randomness comes from `StdRng`s seeded from `(seed, epoch, sample index)`, so a resumed run
 //! sees the same augmentations.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 pub mod color_jitter;
 pub mod dataset;
 pub mod decode;
@@ -30,10 +30,13 @@ pub mod error;
 pub mod fashion_mnist;
 pub mod geometry;
 pub mod image_folder;
+pub mod inspect;
 mod jpeg;
+mod limits;
 pub mod loader;
 pub mod mixup;
 pub mod normalize;
+pub mod pack;
 pub mod processor;
 pub mod rand_augment;
 pub mod random_erasing;
@@ -41,7 +44,13 @@ pub mod resize;
 pub mod sampler;
 pub mod seg_augment;
 pub mod segmentation;
+pub mod shard_dataset;
+pub mod shard_manifest;
+pub mod shard_set;
+pub mod shard_spec;
+pub mod shard_stream;
 pub mod source;
+pub mod tar_shard;
 pub mod transform;
 
 pub use color_jitter::{ColorJitter, JitterDraw, Op as JitterOp};
@@ -52,16 +61,23 @@ pub use fashion_mnist::{FashionMnist, MnistSplit};
 pub use geometry::{center_crop, resize_shorter_side, CropBox, RandomResizedCrop};
 pub use image::RgbImage;
 pub use image_folder::{ImageFolder, UnlabelledFolder};
+pub use inspect::describe_source;
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig, SkippedSample};
 pub use mixup::Mixup;
 pub use normalize::{map_pixels, Chw, Normalize};
+pub use pack::{pack_image_folder, parse_size, PackOptions};
 pub use processor::{ImageProcessor, ProcessorTransform, TargetSize};
 pub use rand_augment::{AugOp, RandAugment};
 pub use random_erasing::{EraseMode, RandomErasing};
 pub use resize::{resize, resize_region, Filter};
+pub use shard_manifest::{ShardEntry, ShardManifest};
+pub use shard_set::{EpochPlan, ShardInfo, ShardSet};
+pub use shard_spec::expand_braces;
+pub use shard_stream::{ShardStream, StreamPosition};
 pub use source::{
     fashion_mnist, first_per_class, limit, load_splits, open_images, DataConfig, Splits, Subset,
 };
+pub use tar_shard::RawSample;
 pub use transform::{
     EvalResize, EvalTransform, TrainTransform, Transform, TwoViewTransform, Views,
 };

@@ -4,6 +4,11 @@
 //! rayon pool of its own (not the global pool, which candle's matrix multiplications use), builds
 //! candle tensors and hands them over through a bounded channel, so up to `prefetch` batches are
 //! ready before the model asks. Corrupt or unreadable files are skipped, counted and reported once.
+//!
+//! A sharded dataset (tar shards, see [`ShardSet`]) is streamed instead: each rank reads its own
+//! shards through a shuffle buffer, and every rank delivers the same number of batches. The
+//! position after each batch ([`EpochIter::position`]) resumes the epoch exactly
+//! ([`Loader::epoch_from`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,9 +25,14 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Dataset;
+use crate::decode::DecodeOptions;
 use crate::error::{DataError, Result};
 use crate::mixup::Mixup;
 use crate::sampler::{derive_seed, epoch_indices, sample_rng};
+use crate::shard_dataset::decode_raw;
+use crate::shard_set::ShardSet;
+use crate::shard_stream::{ShardStream, StreamPosition};
+use crate::tar_shard::RawSample;
 use crate::transform::{Transform, Views};
 
 /// Loader settings.
@@ -121,6 +131,23 @@ impl SkipLog {
         }
     }
 
+    /// Record a streamed sample, once per source (its stream index changes from epoch to epoch).
+    fn record_source(&self, index: usize, source: String, reason: String) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.values().any(|s| s.source == source) {
+            tracing::warn!("skipping unreadable sample {source}: {reason}");
+            let key = seen.keys().next_back().map_or(0, |k| k + 1);
+            seen.insert(
+                key,
+                SkippedSample {
+                    index,
+                    source,
+                    reason,
+                },
+            );
+        }
+    }
+
     fn list(&self) -> Vec<SkippedSample> {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.values().cloned().collect()
@@ -136,7 +163,11 @@ pub struct Loader {
     device: Device,
     pool: Arc<rayon::ThreadPool>,
     skips: Arc<SkipLog>,
+    shards: Option<Arc<ShardSet>>,
 }
+
+/// What the producer thread sends: a batch and, when streaming, the position after it.
+type Sent = (Result<Batch>, Option<StreamPosition>);
 
 impl Loader {
     /// A loader producing tensors on `device`. Errors on an empty dataset or invalid settings.
@@ -163,7 +194,12 @@ impl Loader {
             .thread_name(|i| format!("beit-data-{i}"))
             .build()
             .map_err(|e| DataError::param("num_threads", e.to_string()))?;
+        let shards = dataset.shards();
+        if let Some(s) = &shards {
+            s.epoch_plan(cfg.shuffle, cfg.seed, 0, cfg.rank, cfg.world_size)?;
+        }
         Ok(Loader {
+            shards,
             dataset,
             transform,
             mixup: None,
@@ -188,10 +224,13 @@ impl Loader {
 
     /// Samples this rank sees per epoch.
     pub fn samples_per_epoch(&self) -> usize {
+        if let Some(s) = &self.shards {
+            return s.quota(self.cfg.world_size);
+        }
         self.dataset.len().div_ceil(self.cfg.world_size)
     }
 
-    /// Batches per epoch (assuming no skipped file).
+    /// Batches per epoch (assuming no skipped file; exact for a streamed dataset).
     pub fn batches_per_epoch(&self) -> usize {
         let n = self.samples_per_epoch();
         if self.cfg.drop_last {
@@ -224,6 +263,12 @@ impl Loader {
 
     /// Start producing the batches of `epoch` in the background.
     pub fn epoch(&self, epoch: u64) -> Result<EpochIter> {
+        if self.shards.is_some() {
+            return self.epoch_from(StreamPosition {
+                epoch,
+                ..StreamPosition::default()
+            });
+        }
         let indices = epoch_indices(
             self.dataset.len(),
             self.cfg.shuffle,
@@ -232,6 +277,39 @@ impl Loader {
             self.cfg.rank,
             self.cfg.world_size,
         )?;
+        self.start(epoch, move |p| {
+            Box::new(p.batches(indices).map(|b| (b, None)))
+        })
+    }
+
+    /// Resume a streamed epoch at `pos` (from [`EpochIter::position`]): the remaining batches are
+    /// those the interrupted epoch would have delivered. Only for sharded datasets.
+    pub fn epoch_from(&self, pos: StreamPosition) -> Result<EpochIter> {
+        let shards = self.shards.clone().ok_or_else(|| {
+            DataError::param(
+                "stream position",
+                "only a sharded dataset resumes from a stream position",
+            )
+        })?;
+        let c = &self.cfg;
+        let plan = shards.epoch_plan(c.shuffle, c.seed, pos.epoch, c.rank, c.world_size)?;
+        let classes = Arc::new(shards.classes().to_vec());
+        let quota = plan.quota;
+        self.start(pos.epoch, move |p| {
+            let stream = ShardStream::open_at(&plan, classes, shards.shuffle_buffer(), pos.items);
+            match stream {
+                Ok(stream) => Box::new(p.stream_batches(stream, pos, quota)),
+                Err(e) => Box::new(std::iter::once((Err(e), None))),
+            }
+        })
+    }
+
+    /// Run `work` on a producer thread feeding a bounded channel.
+    fn start(
+        &self,
+        epoch: u64,
+        work: impl FnOnce(Producer) -> Box<dyn Iterator<Item = Sent>> + Send + 'static,
+    ) -> Result<EpochIter> {
         let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
         let stop = Arc::new(AtomicBool::new(false));
         let delivered = Arc::new(AtomicUsize::new(0));
@@ -249,15 +327,27 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name("beit-data-producer".into())
             .spawn(move || {
-                for item in producer.batches(indices) {
-                    let failed = item.is_err();
+                for item in work(producer) {
+                    let failed = item.0.is_err();
                     if tx.send(item).is_err() || failed {
                         break; // consumer gone, or an error was delivered
                     }
                 }
             })
             .map_err(|e| DataError::param("loader thread", e.to_string()))?;
-        let progress = self.cfg.progress.then(|| {
+        Ok(EpochIter {
+            rx: Some(rx),
+            handle: Some(handle),
+            stop,
+            progress: self.progress_bar(epoch),
+            delivered,
+            started: Instant::now(),
+            position: None,
+        })
+    }
+
+    fn progress_bar(&self, epoch: u64) -> Option<ProgressBar> {
+        self.cfg.progress.then(|| {
             let pb = ProgressBar::new(self.samples_per_epoch() as u64);
             pb.set_style(
                 ProgressStyle::with_template(
@@ -267,14 +357,6 @@ impl Loader {
             );
             pb.set_message(epoch.to_string());
             pb
-        });
-        Ok(EpochIter {
-            rx: Some(rx),
-            handle: Some(handle),
-            stop,
-            progress,
-            delivered,
-            started: Instant::now(),
         })
     }
 }
@@ -318,6 +400,84 @@ impl Producer {
                 None
             }
         }
+    }
+
+    /// A streamed sample (or the stream's error) transformed; `ordinal` is its place in the epoch.
+    fn prepare_raw(&self, ordinal: u64, item: Result<RawSample>) -> Option<Prepared> {
+        let (source, result) = match item {
+            Ok(raw) => (
+                raw.describe(),
+                decode_raw(&raw, &DecodeOptions::default()).and_then(|s| {
+                    let mut rng = sample_rng(self.cfg.seed, self.epoch, ordinal);
+                    Ok((s.label, self.transform.apply(&s.image, &mut rng)?))
+                }),
+            ),
+            Err(e) => (error_source(&e), Err(e)),
+        };
+        match result {
+            Ok((label, views)) => Some(Prepared {
+                index: ordinal as usize,
+                label,
+                views,
+            }),
+            Err(e) => {
+                self.skips
+                    .record_source(ordinal as usize, source, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Yields the batches of a streamed epoch from `start` on: `quota` samples in all, in as many
+    /// batches on every rank; skipped samples are replaced by the next ones of the stream.
+    fn stream_batches(
+        self,
+        mut stream: ShardStream,
+        start: StreamPosition,
+        quota: usize,
+    ) -> impl Iterator<Item = Sent> {
+        let bs = self.cfg.batch_size;
+        let total = if self.cfg.drop_last {
+            quota / bs
+        } else {
+            quota.div_ceil(bs)
+        } as u64;
+        let mut batch_no = start.batches;
+        // Past this many items, the shards are mostly unreadable: fail rather than spin.
+        let give_up = 4 * quota as u64 + 1024;
+        std::iter::from_fn(move || {
+            if self.stop.load(Ordering::Relaxed) || batch_no >= total {
+                return None;
+            }
+            let want = bs.min(quota - batch_no as usize * bs);
+            let mut ready: Vec<Prepared> = Vec::with_capacity(want);
+            while ready.len() < want {
+                let base = stream.delivered();
+                let items: Vec<_> = stream.by_ref().take(want - ready.len()).collect();
+                if items.is_empty() || stream.delivered() > give_up {
+                    let e = DataError::Empty(
+                        "the shards of this rank yield (almost) no readable sample".into(),
+                    );
+                    return Some((Err(e), None));
+                }
+                let done: Vec<Option<Prepared>> = self.pool.install(|| {
+                    items
+                        .into_par_iter()
+                        .enumerate()
+                        .map(|(i, item)| self.prepare_raw(base + i as u64, item))
+                        .collect()
+                });
+                ready.extend(done.into_iter().flatten());
+            }
+            let batch = self.collate(ready, batch_no);
+            batch_no += 1;
+            let pos = StreamPosition {
+                epoch: self.epoch,
+                items: stream.delivered(),
+                batches: batch_no,
+            };
+            Some((batch, Some(pos)))
+        })
     }
 
     /// Yields the epoch's batches; a skipped sample is replaced by the next ones so batches stay full.
@@ -414,17 +574,35 @@ impl Producer {
     }
 }
 
+/// The file a stream error names, for the skip report.
+fn error_source(e: &DataError) -> String {
+    match e {
+        DataError::Io { path, .. }
+        | DataError::Format { path, .. }
+        | DataError::Decode { path, .. } => path.display().to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// The batches of one epoch, produced in the background. Dropping it stops the producer.
 pub struct EpochIter {
-    rx: Option<Receiver<Result<Batch>>>,
+    rx: Option<Receiver<Sent>>,
     handle: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     progress: Option<ProgressBar>,
     delivered: Arc<AtomicUsize>,
     started: Instant,
+    position: Option<StreamPosition>,
 }
 
 impl EpochIter {
+    /// For a streamed dataset, the position after the last batch delivered (save it with a
+    /// checkpoint and pass it to [`Loader::epoch_from`]); `None` before the first batch and for
+    /// datasets read by index.
+    pub fn position(&self) -> Option<StreamPosition> {
+        self.position
+    }
+
     /// Images delivered so far in this epoch.
     pub fn images_delivered(&self) -> usize {
         self.delivered.load(Ordering::Relaxed)
@@ -452,7 +630,13 @@ impl Iterator for EpochIter {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let item = self.rx.as_ref()?.recv().ok();
+        let sent = self.rx.as_ref()?.recv().ok();
+        let item = sent.map(|(item, pos)| {
+            if pos.is_some() {
+                self.position = pos;
+            }
+            item
+        });
         match &item {
             Some(Ok(b)) => {
                 self.delivered.fetch_add(b.len(), Ordering::Relaxed);

@@ -254,7 +254,32 @@ pub fn resize_region(
     filter: Filter,
 ) -> Result<RgbImage> {
     let (iw, ih) = img.dimensions();
+    check_region((iw, ih), region, width, height)?;
     let (left, top, rw, rh) = region;
+    let crop = Crop {
+        src: img.as_raw(),
+        stride: iw as usize * 3,
+        left: left as usize,
+        top: top as usize,
+        width: rw as usize,
+        height: rh as usize,
+    };
+    let (ow, oh) = (width as usize, height as usize);
+    let out = if filter == Filter::Nearest {
+        resize_nearest(&crop, ow, oh)
+    } else {
+        resize_separable(&crop, ow, oh, filter)
+    };
+    Ok(RgbImage::from_raw(width, height, out).expect("buffer size matches"))
+}
+
+/// A non-empty output size and a region inside the image, or an error naming the parameter.
+fn check_region(
+    (iw, ih): (u32, u32),
+    (left, top, rw, rh): (u32, u32, u32, u32),
+    width: u32,
+    height: u32,
+) -> Result<()> {
     if width == 0 || height == 0 {
         return Err(DataError::param(
             "size",
@@ -271,41 +296,59 @@ pub fn resize_region(
             format!("crop ({left}, {top}, {rw}, {rh}) does not fit in a {iw}x{ih} image"),
         ));
     }
-    let src = img.as_raw();
-    let stride = iw as usize * 3;
-    let (left, top, rw, rh) = (left as usize, top as usize, rw as usize, rh as usize);
-    let (ow, oh) = (width as usize, height as usize);
+    Ok(())
+}
 
-    if filter == Filter::Nearest {
-        // Pillow maps output pixel centres through an affine transform whose coordinates are
-        // accumulated in floating point (start at half a step, add one step per pixel) and then
-        // truncated; accumulating the same way reproduces its picks at exact integer boundaries.
-        let coords = |n_out: usize, n_in: usize| -> Vec<usize> {
-            let step = n_in as f64 / n_out as f64;
-            let mut at = step * 0.5;
-            (0..n_out)
-                .map(|_| {
-                    let i = (at as usize).min(n_in - 1);
-                    at += step;
-                    i
-                })
-                .collect()
-        };
-        let xs = coords(ow, rw);
-        let ys = coords(oh, rh);
-        let mut out = vec![0u8; ow * oh * 3];
-        for (y, &sy) in ys.iter().enumerate() {
-            for (x, &sx) in xs.iter().enumerate() {
-                let s = (top + sy) * stride + (left + sx) * 3;
-                out[(y * ow + x) * 3..(y * ow + x) * 3 + 3].copy_from_slice(&src[s..s + 3]);
-            }
-        }
-        return Ok(RgbImage::from_raw(width, height, out).expect("buffer size matches"));
+/// The region of an RGB buffer being resized (checked to fit).
+struct Crop<'a> {
+    src: &'a [u8],
+    /// Bytes per image row.
+    stride: usize,
+    left: usize,
+    top: usize,
+    width: usize,
+    height: usize,
+}
+
+impl Crop<'_> {
+    /// The bytes from pixel `(x, y)` of the region to the end of the image.
+    fn at(&self, x: usize, y: usize) -> &[u8] {
+        &self.src[(self.top + y) * self.stride + (self.left + x) * 3..]
     }
+}
 
-    let need_h = rw != ow;
-    let need_v = rh != oh;
-    let kv = need_v.then(|| kernel(rh, oh, filter));
+/// Nearest-neighbour resampling as Pillow picks the source pixels.
+fn resize_nearest(crop: &Crop, ow: usize, oh: usize) -> Vec<u8> {
+    // Pillow maps output pixel centres through an affine transform whose coordinates are
+    // accumulated in floating point (start at half a step, add one step per pixel) and then
+    // truncated; accumulating the same way reproduces its picks at exact integer boundaries.
+    let coords = |n_out: usize, n_in: usize| -> Vec<usize> {
+        let step = n_in as f64 / n_out as f64;
+        let mut at = step * 0.5;
+        (0..n_out)
+            .map(|_| {
+                let i = (at as usize).min(n_in - 1);
+                at += step;
+                i
+            })
+            .collect()
+    };
+    let xs = coords(ow, crop.width);
+    let ys = coords(oh, crop.height);
+    let mut out = vec![0u8; ow * oh * 3];
+    for (y, &sy) in ys.iter().enumerate() {
+        for (x, &sx) in xs.iter().enumerate() {
+            out[(y * ow + x) * 3..(y * ow + x) * 3 + 3].copy_from_slice(&crop.at(sx, sy)[..3]);
+        }
+    }
+    out
+}
+
+/// Pillow's separable convolution resampling: a horizontal pass over the rows the vertical pass
+/// reads, then the vertical pass; a pass whose size does not change is skipped.
+fn resize_separable(crop: &Crop, ow: usize, oh: usize, filter: Filter) -> Vec<u8> {
+    let (rw, rh) = (crop.width, crop.height);
+    let kv = (rh != oh).then(|| kernel(rh, oh, filter));
     // Rows of the region the vertical pass reads: only those need the horizontal pass.
     let (row0, row1) = match &kv {
         Some(k) => {
@@ -314,41 +357,38 @@ pub fn resize_region(
         }
         None => (0, rh),
     };
-
-    // Horizontal pass into an 8-bit buffer of (row1 - row0) rows x ow pixels. It is computed as a
-    // vertical pass on the transposed rows: the same integer sums, but over contiguous memory,
-    // which vectorises.
-    let rows = row1 - row0;
-    let mid_w = if need_h { ow } else { rw };
-    let mut mid = vec![0u8; rows * mid_w * 3];
-    if need_h {
-        let kh = kernel(rw, ow, filter);
-        let mut t = vec![0u8; rw * rows * 3];
-        transpose_rgb(
-            &src[(top + row0) * stride + left * 3..],
-            stride,
-            rw,
-            rows,
-            &mut t,
-        );
-        let mut t_out = vec![0u8; ow * rows * 3];
-        vertical_pass(&t, rows * 3, &kh, 0, &mut t_out);
-        transpose_rgb(&t_out, rows * 3, rows, ow, &mut mid);
-    } else {
-        for (r, out_row) in mid.chunks_exact_mut(rw * 3).enumerate() {
-            out_row.copy_from_slice(&src[(top + row0 + r) * stride + left * 3..][..rw * 3]);
-        }
-    }
-
-    let out = match kv {
+    let mid_w = if rw != ow { ow } else { rw };
+    let mid = horizontal_pass(crop, row0, row1 - row0, ow, filter);
+    match kv {
         None => mid,
         Some(k) => {
             let mut out = vec![0u8; oh * mid_w * 3];
             vertical_pass(&mid, mid_w * 3, &k, row0, &mut out);
             out
         }
-    };
-    Ok(RgbImage::from_raw(width, height, out).expect("buffer size matches"))
+    }
+}
+
+/// `rows` rows of the region from `row0`, resampled to `ow` pixels wide (copied when the width
+/// does not change), into an 8-bit buffer. It is computed as a vertical pass on the transposed
+/// rows: the same integer sums, but over contiguous memory, which vectorises.
+fn horizontal_pass(crop: &Crop, row0: usize, rows: usize, ow: usize, filter: Filter) -> Vec<u8> {
+    let rw = crop.width;
+    if rw == ow {
+        let mut mid = vec![0u8; rows * rw * 3];
+        for (r, out_row) in mid.chunks_exact_mut(rw * 3).enumerate() {
+            out_row.copy_from_slice(&crop.at(0, row0 + r)[..rw * 3]);
+        }
+        return mid;
+    }
+    let kh = kernel(rw, ow, filter);
+    let mut t = vec![0u8; rw * rows * 3];
+    transpose_rgb(crop.at(0, row0), crop.stride, rw, rows, &mut t);
+    let mut t_out = vec![0u8; ow * rows * 3];
+    vertical_pass(&t, rows * 3, &kh, 0, &mut t_out);
+    let mut mid = vec![0u8; rows * ow * 3];
+    transpose_rgb(&t_out, rows * 3, rows, ow, &mut mid);
+    mid
 }
 
 #[cfg(test)]

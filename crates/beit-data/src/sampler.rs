@@ -7,18 +7,9 @@ use rand::SeedableRng;
 
 use crate::error::{DataError, Result};
 
-/// SplitMix64 finaliser: a cheap bijective mix so nearby inputs give unrelated seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Seed derived from a run seed and a list of indices (epoch, sample, ...).
-pub fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
-    parts.iter().fold(mix(seed), |acc, &p| mix(acc ^ mix(p)))
-}
+/// Seed derived from a run seed and a list of indices (epoch, sample, ...): the workspace's
+/// scheme, [`beit_rng::derive_seed`].
+pub use beit_rng::derive_seed;
 
 /// The RNG for the augmentations of sample `index` in `epoch`.
 pub fn sample_rng(seed: u64, epoch: u64, index: u64) -> StdRng {

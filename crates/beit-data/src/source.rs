@@ -5,6 +5,11 @@
 //! full set, e.g. Debian's `dataset-fashion-mnist`), a folder with the Fashion-MNIST IDX files,
 //! or a directory of images: `train/` and `val/` (or `validation/`, `test/`) ImageFolders, or one
 //! ImageFolder split by a held-out fraction. Images are decoded to RGB (grey replicated).
+//!
+//! Tar shards (WebDataset layout) are read as streams: a folder with `train/` and `val/` (or
+//! `validation/`, `test/`) folders of `.tar` shards, as `beit-cli data pack` writes; for
+//! unlabelled pre-training also a folder of shards or a brace pattern
+//! (`/data/in22k/train-{000000..013999}.tar`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +22,8 @@ use crate::dataset::{Dataset, Sample};
 use crate::error::{DataError, Result};
 use crate::fashion_mnist::FashionMnist;
 use crate::image_folder::{ImageFolder, UnlabelledFolder};
+use crate::shard_set::ShardSet;
+use crate::shard_spec::{is_shard_pattern, tar_files_in};
 
 /// The `[data]` table of a training recipe. Defaults: 10% held out of a single ImageFolder,
 /// split seed 0, every image, all cores decoding, 4 batches prefetched.
@@ -122,6 +129,9 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 pub fn limit(ds: Arc<dyn Dataset>, max: Option<usize>, seed: u64) -> Arc<dyn Dataset> {
     match max {
         Some(m) if m < ds.len() => {
+            if let Some(shards) = ds.shards() {
+                return Arc::new(shards.limited(m));
+            }
             let mut idx = shuffled(ds.len(), seed);
             idx.truncate(m);
             idx.sort_unstable();
@@ -210,6 +220,8 @@ pub fn load_splits(cfg: &DataConfig) -> Result<Splits> {
                 fm.test.len()
             );
             (Arc::new(fm.train), Arc::new(fm.test), classes, d)
+        } else if let Some(s) = sharded_splits(spec)? {
+            s
         } else {
             folder_splits(spec, cfg)?
         };
@@ -240,6 +252,60 @@ pub fn load_splits(cfg: &DataConfig) -> Result<Splits> {
 }
 
 type FolderSplits = (Arc<dyn Dataset>, Arc<dyn Dataset>, Vec<String>, String);
+
+/// Whether `dir` directly holds tar shards.
+fn has_shards(dir: &Path) -> bool {
+    dir.is_dir() && tar_files_in(dir).is_ok_and(|t| !t.is_empty())
+}
+
+/// The train/val shard folders of a sharded root, if `spec` is one.
+fn sharded_splits(spec: &str) -> Result<Option<FolderSplits>> {
+    let root = Path::new(spec);
+    let has_subdirs = || {
+        std::fs::read_dir(root)
+            .map(|rd| rd.flatten().any(|e| e.path().is_dir()))
+            .unwrap_or(false)
+    };
+    if is_shard_pattern(spec) || (has_shards(root) && !has_subdirs()) {
+        return Err(bad_source(
+            spec,
+            "tar shards of one split; labelled training needs a folder with train/ and val/ \
+             shard folders (see `beit-cli data pack`)",
+        ));
+    }
+    if !has_shards(&root.join("train")) {
+        return Ok(None);
+    }
+    let val_dir = ["val", "validation", "test"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|p| has_shards(p))
+        .ok_or_else(|| bad_source(spec, "train/ holds tar shards but no val/ folder does"))?;
+    let tr = ShardSet::open(&root.join("train").to_string_lossy())?;
+    let va = ShardSet::open(&val_dir.to_string_lossy())?;
+    if tr.classes().is_empty() || tr.classes() != va.classes() {
+        return Err(bad_source(
+            spec,
+            format!(
+                "train/ shards have {} classes and {} shards {} (labelled shards with the same \
+                 classes needed)",
+                tr.classes().len(),
+                val_dir.display(),
+                va.classes().len()
+            ),
+        ));
+    }
+    let classes = tr.classes().to_vec();
+    let d = format!(
+        "{}: tar shards, {} train ({} shards) / {} val images, {} classes",
+        root.display(),
+        tr.total_samples(),
+        tr.shards().len(),
+        va.total_samples(),
+        classes.len()
+    );
+    Ok(Some((Arc::new(tr), Arc::new(va), classes, d)))
+}
 
 fn folder_splits(spec: &str, cfg: &DataConfig) -> Result<FolderSplits> {
     let root = Path::new(spec);
@@ -326,6 +392,9 @@ pub fn open_images(spec: &str) -> Result<(Arc<dyn Dataset>, String)> {
         let d = format!("Fashion-MNIST ({what}, {} train images)", fm.train.len());
         return Ok((Arc::new(fm.train), d));
     }
+    if let Some(found) = open_shards(spec)? {
+        return Ok(found);
+    }
     let path = Path::new(spec);
     if !path.is_dir() {
         return Err(bad_source(
@@ -342,6 +411,26 @@ pub fn open_images(spec: &str) -> Result<(Arc<dyn Dataset>, String)> {
     let ds = UnlabelledFolder::new(&path)?;
     let d = format!("{} ({} images)", path.display(), ds.len());
     Ok((Arc::new(ds), d))
+}
+
+/// The shards of `spec` for pre-training, if it names shards: a pattern or `.tar` file, a folder
+/// of shards, or a sharded root's `train/`.
+fn open_shards(spec: &str) -> Result<Option<(Arc<dyn Dataset>, String)>> {
+    let root = Path::new(spec);
+    let spec = if is_shard_pattern(spec) || has_shards(root) {
+        spec.to_string()
+    } else if has_shards(&root.join("train")) {
+        root.join("train").to_string_lossy().into_owned()
+    } else {
+        return Ok(None);
+    };
+    let set = ShardSet::open(&spec)?;
+    let d = format!(
+        "{spec} ({} images in {} tar shards)",
+        set.total_samples(),
+        set.shards().len()
+    );
+    Ok(Some((Arc::new(set), d)))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! JPEG decoding is bit-identical to Pillow (`Image.open(p).convert("RGB")`, libjpeg-turbo) on
 //! real photos: baseline 4:2:0 / 4:2:2 / 4:4:4, progressive, grey and CMYK variants written by
-//! Pillow (`scripts/family_fixtures.py`), and the big camera JPEG; the reference pixels are
+//! Pillow (`scripts/fixtures/family_fixtures.py`), and the big camera JPEG; the reference pixels are
 //! Pillow's own decode, stored as PNG.
 
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! every filter, evaluation resize + crop, the two views of a fixed crop, colour jitter with fixed
 //! factors, and each RandAugment operation with a fixed argument.
 //!
-//! References come from `scripts/data_parity.py` (Pillow 13, torchvision 0.29) and are committed in
+//! References come from `scripts/fixtures/data_parity.py` (Pillow 13, torchvision 0.29) and are committed in
 //! `fixtures/data/parity/`. Run with `--nocapture` to see the figures per case.
 
 use std::path::{Path, PathBuf};

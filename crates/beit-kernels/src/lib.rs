@@ -25,9 +25,6 @@
 //! and the baseline target, chosen at run time ([`Isa`], `BEIT_KERNELS_ISA`). The unit tests check
 //! values and gradients of every kernel against its composition, and the math against `f64`.
 
-#![deny(unsafe_op_in_unsafe_fn)]
-#![warn(clippy::undocumented_unsafe_blocks)]
-
 mod attention;
 mod autocast;
 mod bias_gelu;

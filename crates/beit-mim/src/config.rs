@@ -1,10 +1,13 @@
 //! The `[masking]` table of a pre-training recipe: the mask sampler, with counts that default to
-//! the paper's proportions on any patch grid.
+//! the paper's proportions on any patch grid, and [`MaskingConfig::build`], which makes the sampler.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MimError, Result};
-use crate::masking::{MaskStrategy, MaskingConfig};
+use crate::masking::MaskingGenerator;
+use crate::masking_config::{MaskStrategy, MaskingConfig};
+use crate::random_masking::RandomMasking;
+use crate::sampler::MaskSampler;
 
 /// How to mask, independent of the grid: counts default to the paper's proportions (75 of 196
 /// patches, blocks of at least 16 of 196), scaled to the model's patch grid by
@@ -76,6 +79,16 @@ impl MaskingSpec {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+impl MaskingConfig {
+    /// Validate and build the selected sampler.
+    pub fn build(&self) -> Result<Box<dyn MaskSampler>> {
+        Ok(match self.strategy {
+            MaskStrategy::Blockwise => Box::new(MaskingGenerator::new(self)?),
+            MaskStrategy::Random => Box::new(RandomMasking::new(self)?),
+        })
     }
 }
 

@@ -28,6 +28,7 @@ mod config;
 mod error;
 mod loss;
 mod masking;
+mod masking_config;
 mod objective;
 mod pixel;
 mod random_masking;
@@ -41,7 +42,8 @@ pub use loss::{
     check_finite, gather_masked_labels, gather_masked_rows, gather_rows, masked_flat_indices,
     mim_cross_entropy, mlm_accuracy,
 };
-pub use masking::{MaskStrategy, MaskingConfig, MaskingGenerator, MAX_ATTEMPTS_PER_BLOCK};
+pub use masking::{MaskingGenerator, MAX_ATTEMPTS_PER_BLOCK};
+pub use masking_config::{MaskStrategy, MaskingConfig};
 pub use objective::{masked_token_loss, mim_loss, MimInputs, MimLossOutput};
 pub use pixel::{
     normalize_patches, patchify, pixel_mse, PixelRegressionHead, PATCH_NORM_EPS, PIXEL_HEAD_NAME,

@@ -3,7 +3,7 @@
 use rand::RngCore;
 
 use crate::error::Result;
-use crate::masking::{MaskStrategy, MaskingConfig};
+use crate::masking_config::{MaskStrategy, MaskingConfig};
 use crate::sampler::MaskSampler;
 
 /// Masks exactly `num_masking_patches` cells chosen uniformly without replacement.

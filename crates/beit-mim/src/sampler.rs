@@ -50,17 +50,16 @@ pub trait MaskSampler: Send + Sync {
 
 /// The random generator of one sample, keyed by `(seed, step, index)`.
 ///
-/// The three numbers fill distinct words of the 32-byte ChaCha key of [`StdRng`], so different
-/// triples give unrelated streams (no collision such as `(seed + 1, step)` vs `(seed, step + 1)`).
+/// The three numbers fill distinct words of the 32-byte ChaCha key of [`StdRng`]
+/// ([`beit_rng::key_words`]), so different triples give unrelated streams (no collision such as
+/// `(seed + 1, step)` vs `(seed, step + 1)`).
 pub fn sample_rng(seed: u64, step: u64, index: u64) -> StdRng {
-    let mut key = [0u8; 32];
-    key[0..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..16].copy_from_slice(&step.to_le_bytes());
-    key[16..24].copy_from_slice(&index.to_le_bytes());
     // A fixed tag keeps these streams apart from other uses of the same seed (init, dropout...).
-    key[24..32].copy_from_slice(b"beit-mim");
-    StdRng::from_seed(key)
+    StdRng::from_seed(beit_rng::key_words([seed, step, index, MASK_TAG]))
 }
+
+/// The purpose word of mask generators' keys.
+const MASK_TAG: u64 = beit_rng::tag(b"beit-mim");
 
 /// A batch of masks over one patch grid, kept on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]

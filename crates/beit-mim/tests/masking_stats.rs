@@ -1,7 +1,7 @@
 //! The Rust blockwise generator against a Python restatement of the reference generator.
 //!
 //! `fixtures/mim/masking_stats.json` holds, for four configurations, statistics of 200,000 masks
-//! drawn by `scripts/mim_fixtures.py` (Python `random`, the reference algorithm line by line):
+//! drawn by `scripts/fixtures/mim_fixtures.py` (Python `random`, the reference algorithm line by line):
 //! mean/std of the masked count, of "exactly the target" (0/1), of the number of 4-connected
 //! groups, of the masked share of border and inner cells, and the masking frequency of every cell.
 //!

@@ -2,7 +2,7 @@
 //!
 //! `MaskingGenerator::sample` takes any `RngCore`. Fed the raw words of CPython's Mersenne
 //! Twister (`random.Random(seed)`), it must draw exactly the masks of the Python restatement of
-//! the reference algorithm (`fixtures/mim/exact_masks.json`, from `scripts/mim_fixtures.py`).
+//! the reference algorithm (`fixtures/mim/exact_masks.json`, from `scripts/fixtures/mim_fixtures.py`).
 //! This pins down every detail the statistics cannot see at once: the order of the draws, the
 //! area and aspect-ratio formulas, half-to-even rounding, the strict side bound, inclusive corner
 //! ranges, the overlap rule and the early stop.

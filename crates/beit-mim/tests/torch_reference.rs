@@ -1,6 +1,6 @@
 //! `mim_loss` against PyTorch: losses, `mlm_acc` and feature gradients of the three Table 4
 //! targets on a small batch (`fixtures/mim/loss_reference.json`, written by
-//! `scripts/mim_fixtures.py` in float64: `F.cross_entropy(logits[bool_masked_pos], ...)` as in
+//! `scripts/fixtures/mim_fixtures.py` in float64: `F.cross_entropy(logits[bool_masked_pos], ...)` as in
 //! `transformers`' `BeitForMaskedImageModeling`, all-position CE, and MSE on normalised patches).
 
 use std::collections::HashMap;

@@ -538,7 +538,29 @@ mod timm {
         }
     }
 
+    /// The Hugging Face config equivalent to a timm `config.json` (see the module documentation).
     pub(super) fn from_timm_config(obj: &Map<String, Value>) -> Result<BeitConfig> {
+        let mut a = registered_architecture(obj)?;
+        let mut head = Head::from_top_level(obj)?;
+        if let Some(args) = obj.get("model_args") {
+            let args = args.as_object().ok_or_else(|| {
+                config_error(format!("`model_args`: expected an object, got {args}"))
+            })?;
+            for (k, v) in args {
+                apply_model_arg(&mut a, &mut head, k, v)?;
+            }
+        }
+        let mean_pooling = mean_pooling(&head.global_pool)?;
+        let mut cfg = to_beit_config(&a, mean_pooling, obj.get("pretrained_cfg").cloned());
+        let names = label_names(obj, head.num_classes)?;
+        if head.num_classes > 0 {
+            cfg.set_labels(&names);
+        }
+        Ok(cfg)
+    }
+
+    /// The registered model `architecture` names (the tag after `.` ignored).
+    fn registered_architecture(obj: &Map<String, Value>) -> Result<Args> {
         let arch_full = obj["architecture"].as_str().ok_or_else(|| {
             config_error(format!(
                 "`architecture`: expected a timm model name, got {}",
@@ -547,81 +569,102 @@ mod timm {
         })?;
         // `beitv2_base_patch16_224.in1k_ft_in22k_in1k`: the tag names the weights, not the model.
         let arch = arch_full.split('.').next().unwrap_or(arch_full);
-        let mut a = registered(arch).ok_or_else(|| {
+        registered(arch).ok_or_else(|| {
             config_error(format!(
                 "`architecture` {arch_full:?} is not a timm BEiT model (known: {})",
                 REGISTERED.join(", ")
             ))
-        })?;
-        let mut num_classes = match obj.get("num_classes") {
-            Some(v) => usize_of(v, "num_classes")?,
-            None => 1000,
-        };
-        let mut global_pool = match obj.get("global_pool") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) | None => "avg".to_string(),
-            Some(v) => {
-                return Err(config_error(format!(
-                    "`global_pool`: expected a string, got {v}"
-                )))
+        })
+    }
+
+    /// The classification head: top-level `num_classes` and `global_pool`, which `model_args` may
+    /// override.
+    struct Head {
+        num_classes: usize,
+        global_pool: String,
+    }
+
+    impl Head {
+        fn from_top_level(obj: &Map<String, Value>) -> Result<Head> {
+            let num_classes = match obj.get("num_classes") {
+                Some(v) => usize_of(v, "num_classes")?,
+                None => 1000,
+            };
+            let global_pool = match obj.get("global_pool") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => "avg".to_string(),
+                Some(v) => {
+                    return Err(config_error(format!(
+                        "`global_pool`: expected a string, got {v}"
+                    )))
+                }
+            };
+            Ok(Head {
+                num_classes,
+                global_pool,
+            })
+        }
+    }
+
+    /// Apply one `model_args` entry; keyword arguments that would change the network into a
+    /// variant we do not implement are refused by name.
+    fn apply_model_arg(a: &mut Args, head: &mut Head, k: &str, v: &Value) -> Result<()> {
+        let field = format!("model_args.{k}");
+        match k {
+            "img_size" => a.img_size = square(v, &field)?,
+            "patch_size" => a.patch_size = square(v, &field)?,
+            "in_chans" => a.in_chans = usize_of(v, &field)?,
+            "num_classes" => head.num_classes = usize_of(v, &field)?,
+            "global_pool" => {
+                head.global_pool = v
+                    .as_str()
+                    .ok_or_else(|| config_error(format!("`{field}`: expected a string")))?
+                    .to_string()
             }
-        };
-        if let Some(args) = obj.get("model_args") {
-            let args = args.as_object().ok_or_else(|| {
-                config_error(format!("`model_args`: expected an object, got {args}"))
-            })?;
-            for (k, v) in args {
-                let field = format!("model_args.{k}");
-                match k.as_str() {
-                    "img_size" => a.img_size = square(v, &field)?,
-                    "patch_size" => a.patch_size = square(v, &field)?,
-                    "in_chans" => a.in_chans = usize_of(v, &field)?,
-                    "num_classes" => num_classes = usize_of(v, &field)?,
-                    "global_pool" => {
-                        global_pool = v
-                            .as_str()
-                            .ok_or_else(|| config_error(format!("`{field}`: expected a string")))?
-                            .to_string()
-                    }
-                    "embed_dim" => a.embed_dim = usize_of(v, &field)?,
-                    "depth" => a.depth = usize_of(v, &field)?,
-                    "num_heads" => a.num_heads = usize_of(v, &field)?,
-                    "mlp_ratio" => a.mlp_ratio = f64_of(v, &field)?,
-                    "use_abs_pos_emb" => a.use_abs_pos_emb = bool_of(v, &field)?,
-                    "use_rel_pos_bias" => a.use_rel_pos_bias = bool_of(v, &field)?,
-                    "use_shared_rel_pos_bias" => a.use_shared_rel_pos_bias = bool_of(v, &field)?,
-                    "init_values" => {
-                        a.init_values = match v {
-                            Value::Null => None,
-                            v => Some(f64_of(v, &field)?),
-                        }
-                    }
-                    "drop_path_rate" => a.drop_path_rate = f64_of(v, &field)?,
-                    // Training-time rates and init scales do not change the network.
-                    "drop_rate" | "pos_drop_rate" | "proj_drop_rate" | "attn_drop_rate"
-                    | "head_init_scale" => {}
-                    "qkv_bias" if v == &Value::Bool(true) => {}
-                    "swiglu_mlp" | "scale_mlp" if v == &Value::Bool(false) => {}
-                    _ => {
-                        return Err(config_error(format!(
-                            "`{field}` = {v} is not supported (BEiT variants with it are not \
-                             implemented)"
-                        )))
-                    }
+            "embed_dim" => a.embed_dim = usize_of(v, &field)?,
+            "depth" => a.depth = usize_of(v, &field)?,
+            "num_heads" => a.num_heads = usize_of(v, &field)?,
+            "mlp_ratio" => a.mlp_ratio = f64_of(v, &field)?,
+            "use_abs_pos_emb" => a.use_abs_pos_emb = bool_of(v, &field)?,
+            "use_rel_pos_bias" => a.use_rel_pos_bias = bool_of(v, &field)?,
+            "use_shared_rel_pos_bias" => a.use_shared_rel_pos_bias = bool_of(v, &field)?,
+            "init_values" => {
+                a.init_values = match v {
+                    Value::Null => None,
+                    v => Some(f64_of(v, &field)?),
                 }
             }
-        }
-        let mean_pooling = match global_pool.as_str() {
-            "avg" => true,
-            "token" => false,
-            other => {
+            "drop_path_rate" => a.drop_path_rate = f64_of(v, &field)?,
+            // Training-time rates and init scales do not change the network.
+            "drop_rate" | "pos_drop_rate" | "proj_drop_rate" | "attn_drop_rate"
+            | "head_init_scale" => {}
+            "qkv_bias" if v == &Value::Bool(true) => {}
+            "swiglu_mlp" | "scale_mlp" if v == &Value::Bool(false) => {}
+            _ => {
                 return Err(config_error(format!(
-                    "`global_pool` {other:?} is not supported (expected \"avg\" or \"token\")"
+                    "`{field}` = {v} is not supported (BEiT variants with it are not \
+                     implemented)"
                 )))
             }
-        };
+        }
+        Ok(())
+    }
+
+    /// timm's `global_pool`: `avg` (mean pooling) or `token` (the CLS token).
+    fn mean_pooling(global_pool: &str) -> Result<bool> {
+        match global_pool {
+            "avg" => Ok(true),
+            "token" => Ok(false),
+            other => Err(config_error(format!(
+                "`global_pool` {other:?} is not supported (expected \"avg\" or \"token\")"
+            ))),
+        }
+    }
+
+    /// The Hugging Face config of timm's network (labels not yet set).
+    fn to_beit_config(a: &Args, mean_pooling: bool, pretrained_cfg: Option<Value>) -> BeitConfig {
         let intermediate = a.embed_dim as f64 * a.mlp_ratio;
-        let mut cfg = BeitConfig {
+        BeitConfig {
             hidden_size: a.embed_dim,
             num_hidden_layers: a.depth,
             num_attention_heads: a.num_heads,
@@ -639,10 +682,15 @@ mod timm {
             drop_path_rate: a.drop_path_rate,
             use_mean_pooling: mean_pooling,
             family: Family::Timm,
-            timm_pretrained_cfg: obj.get("pretrained_cfg").cloned(),
+            timm_pretrained_cfg: pretrained_cfg,
             ..BeitConfig::default()
-        };
-        let names: Vec<String> = match obj.get("label_names") {
+        }
+    }
+
+    /// `label_names` when it has one name per class (a non-string name reads `LABEL_i`), else
+    /// `LABEL_0`, `LABEL_1`, ...
+    fn label_names(obj: &Map<String, Value>, num_classes: usize) -> Result<Vec<String>> {
+        Ok(match obj.get("label_names") {
             Some(Value::Array(names)) if names.len() == num_classes => names
                 .iter()
                 .enumerate()
@@ -658,11 +706,7 @@ mod timm {
                 )))
             }
             _ => (0..num_classes).map(|i| format!("LABEL_{i}")).collect(),
-        };
-        if num_classes > 0 {
-            cfg.set_labels(&names);
-        }
-        Ok(cfg)
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use beit_rng::{absorb, mix64};
 use candle::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -130,14 +131,6 @@ struct RngState {
     samples: Vec<u64>,
 }
 
-/// SplitMix64's finaliser: a bijective mix of 64 bits.
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl StochasticRng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
@@ -171,15 +164,16 @@ impl StochasticRng {
     /// One draw: `batch x per_sample` uniform values in [0, 1), sample-major.
     fn uniform(&self, batch: usize, per_sample: usize) -> Vec<f32> {
         let mut st = self.state();
-        let base = mix64(mix64(st.seed) ^ st.draws);
+        // beit_rng::chain(mix64(seed), [draw, sample, element]), absorbed one key at a time.
+        let base = absorb(mix64(st.seed), st.draws);
         st.draws += 1;
         let mut out = Vec::with_capacity(batch * per_sample);
         for s in 0..batch {
             let id = st.samples.get(s).copied().unwrap_or(s as u64);
-            let key = mix64(base ^ id);
+            let key = absorb(base, id);
             // The top 24 bits: an exact f32 in [0, 1).
             out.extend(
-                (0..per_sample).map(|e| (mix64(key ^ e as u64) >> 40) as f32 / (1u32 << 24) as f32),
+                (0..per_sample).map(|e| (absorb(key, e as u64) >> 40) as f32 / (1u32 << 24) as f32),
             );
         }
         out

@@ -33,7 +33,6 @@ pub mod layers;
 pub mod load;
 pub mod model;
 pub mod param_info;
-pub mod pickle_guard;
 pub mod relative_position;
 pub mod save;
 pub mod segmentation;

@@ -193,7 +193,7 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
 const MAX_PICKLE_BYTES: u64 = 256 << 20;
 
 /// Refuse a PyTorch file whose pickle names anything but tensor-rebuilding and container types
-/// (see [`crate::pickle_guard`]): `os.system`, `builtins.eval`, ... are named in the error.
+/// (see [`beit_weights::pickle_guard`]): `os.system`, `builtins.eval`, ... are named in the error.
 pub fn guard_torch_file(path: &Path) -> Result<()> {
     use std::io::Read;
     let err = |message: String| BeitError::Checkpoint {
@@ -203,7 +203,7 @@ pub fn guard_torch_file(path: &Path) -> Result<()> {
     let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic).map_err(|e| err(e.to_string()))?;
-    let allow = crate::pickle_guard::Allow::default();
+    let allow = beit_weights::pickle_guard::Allow::default();
     if n == 4 && magic == *b"PK\x03\x04" {
         let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
         let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
@@ -224,7 +224,7 @@ pub fn guard_torch_file(path: &Path) -> Result<()> {
                 .take(MAX_PICKLE_BYTES)
                 .read_to_end(&mut bytes)
                 .map_err(|e| err(format!("{entry_name}: {e}")))?;
-            crate::pickle_guard::check_pickle(&bytes, 1, &allow)
+            beit_weights::pickle_guard::check_pickle(&bytes, 1, &allow)
                 .map_err(|m| err(format!("{entry_name}: {m}")))?;
         }
         Ok(())
@@ -236,7 +236,7 @@ pub fn guard_torch_file(path: &Path) -> Result<()> {
             .take(MAX_PICKLE_BYTES)
             .read_to_end(&mut bytes)
             .map_err(|e| err(e.to_string()))?;
-        crate::pickle_guard::check_pickle(&bytes, 5, &allow).map_err(err)
+        beit_weights::pickle_guard::check_pickle(&bytes, 5, &allow).map_err(err)
     }
 }
 
@@ -556,6 +556,19 @@ pub fn adapt_for_finetuning(
 ) -> Result<(HashMap<String, Tensor>, LoadReport)> {
     let mut report = LoadReport::default();
     let expected = expected_parameters(cfg, arch)?;
+    unshare_relative_tables(cfg, &mut tensors, &mut report);
+    resize_relative_tables(cfg, &mut tensors, &mut report)?;
+    resize_position_embeddings(cfg, &mut tensors, &mut report)?;
+    drop_mismatched_head(&expected, &mut tensors, &mut report);
+    keep_expected(&expected, &mut tensors, &mut report)?;
+    Ok((tensors, report))
+}
+
+type Tensors = HashMap<String, Tensor>;
+
+/// A shared relative table copied into every layer, when the model has per-layer tables and the
+/// checkpoint only the shared one (kept too when the model also uses a shared table).
+fn unshare_relative_tables(cfg: &BeitConfig, tensors: &mut Tensors, report: &mut LoadReport) {
     let shared_key = "beit.encoder.relative_position_bias.relative_position_bias_table";
     let layer_key = |i: usize| {
         format!("beit.encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table")
@@ -573,6 +586,14 @@ pub fn adapt_for_finetuning(
                 .push("copied the shared relative position table into every layer".into());
         }
     }
+}
+
+/// Relative tables of another resolution resized to the model's grid (geometric cubic).
+fn resize_relative_tables(
+    cfg: &BeitConfig,
+    tensors: &mut Tensors,
+    report: &mut LoadReport,
+) -> Result<()> {
     let grid = cfg.grid_size();
     let want_rows = num_relative_distance((grid, grid));
     let table_names: Vec<String> = tensors
@@ -591,34 +612,54 @@ pub fn adapt_for_finetuning(
             ));
         }
     }
+    Ok(())
+}
+
+/// Absolute position embeddings of another square grid resized bicubically (the CLS row kept).
+fn resize_position_embeddings(
+    cfg: &BeitConfig,
+    tensors: &mut Tensors,
+    report: &mut LoadReport,
+) -> Result<()> {
+    let grid = cfg.grid_size();
     let pos_key = "beit.embeddings.position_embeddings";
-    if let Some(pos) = tensors.get(pos_key).cloned() {
-        let n = pos.dim(1)? - 1;
-        let g0 = (n as f64).sqrt().round() as usize;
-        if n != cfg.num_patches() && g0 * g0 == n {
-            let m = kron_2d(
-                &bicubic_weights(g0, grid),
-                g0,
-                grid,
-                &bicubic_weights(g0, grid),
-                g0,
-                grid,
-            );
-            let m = Tensor::from_vec(m, (grid * grid, g0 * g0), pos.device())?;
-            let patches = m.matmul(&pos.narrow(1, 1, n)?.squeeze(0)?.to_dtype(DType::F32)?)?;
-            let resized = Tensor::cat(
-                &[
-                    &pos.narrow(1, 0, 1)?.to_dtype(DType::F32)?,
-                    &patches.unsqueeze(0)?,
-                ],
-                1,
-            )?;
-            tensors.insert(pos_key.to_string(), resized);
-            report.notes.push(format!(
-                "resized `{pos_key}` from {g0}x{g0} to {grid}x{grid} (bicubic)"
-            ));
-        }
+    let Some(pos) = tensors.get(pos_key).cloned() else {
+        return Ok(());
+    };
+    let n = pos.dim(1)? - 1;
+    let g0 = (n as f64).sqrt().round() as usize;
+    if n != cfg.num_patches() && g0 * g0 == n {
+        let m = kron_2d(
+            &bicubic_weights(g0, grid),
+            g0,
+            grid,
+            &bicubic_weights(g0, grid),
+            g0,
+            grid,
+        );
+        let m = Tensor::from_vec(m, (grid * grid, g0 * g0), pos.device())?;
+        let patches = m.matmul(&pos.narrow(1, 1, n)?.squeeze(0)?.to_dtype(DType::F32)?)?;
+        let resized = Tensor::cat(
+            &[
+                &pos.narrow(1, 0, 1)?.to_dtype(DType::F32)?,
+                &patches.unsqueeze(0)?,
+            ],
+            1,
+        )?;
+        tensors.insert(pos_key.to_string(), resized);
+        report.notes.push(format!(
+            "resized `{pos_key}` from {g0}x{g0} to {grid}x{grid} (bicubic)"
+        ));
     }
+    Ok(())
+}
+
+/// A classifier head whose shape differs from the model's is dropped (the model keeps its init).
+fn drop_mismatched_head(
+    expected: &BTreeMap<String, Shape>,
+    tensors: &mut Tensors,
+    report: &mut LoadReport,
+) {
     for head in ["classifier.weight", "classifier.bias"] {
         if let (Some(t), Some(shape)) = (tensors.get(head), expected.get(head)) {
             if t.shape() != shape {
@@ -631,7 +672,16 @@ pub fn adapt_for_finetuning(
             }
         }
     }
-    for (name, shape) in &expected {
+}
+
+/// Sort the tensors into loaded / missing / unused against the model's parameters, keep only
+/// the expected ones, and refuse any other shape mismatch by name.
+fn keep_expected(
+    expected: &BTreeMap<String, Shape>,
+    tensors: &mut Tensors,
+    report: &mut LoadReport,
+) -> Result<()> {
+    for (name, shape) in expected {
         match tensors.get(name) {
             Some(t) if t.shape() == shape => report.loaded.push(name.clone()),
             Some(t) => {
@@ -654,7 +704,7 @@ pub fn adapt_for_finetuning(
         .collect();
     report.unused.sort();
     tensors.retain(|k, _| expected.contains_key(k));
-    Ok((tensors, report))
+    Ok(())
 }
 
 /// Overwrite the variables of `varmap` with the tensors of the same name (shapes must match).

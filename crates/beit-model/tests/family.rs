@@ -1,5 +1,5 @@
 //! Parity with the other published families of the architecture, on fixtures each library made
-//! itself (`scripts/family_fixtures.py`): timm BEiT v2 and v1 (timm's hub layout and names),
+//! itself (`scripts/fixtures/family_fixtures.py`): timm BEiT v2 and v1 (timm's hub layout and names),
 //! data2vec-vision (classifier; pre-trained backbone saved without prefix) and DiT (absolute
 //! position embeddings; MIM and classifier). Max abs error must stay <= 1e-4 in f32.
 

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use beit_model::load::{expected_parameters, read_weights, Architecture, Checkpoint};
-use beit_model::pickle_guard::{check_pickle, Allow};
 use beit_model::BeitConfig;
+use beit_weights::{check_pickle, Allow};
 use candle::{DType, Device, Tensor};
 use common::fuzz;
 use proptest::prelude::*;

@@ -1,4 +1,4 @@
-//! Parity with Hugging Face `transformers` (and timm) on the fixtures of `scripts/model_fixtures.py`:
+//! Parity with Hugging Face `transformers` (and timm) on the fixtures of `scripts/fixtures/model_fixtures.py`:
 //! small random models with every parameter perturbed, saved in the real HF layout, with the
 //! outputs `transformers` computed. Max abs error must stay <= 1e-4 in f32.
 

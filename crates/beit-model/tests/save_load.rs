@@ -65,10 +65,10 @@ fn export_round_trips_with_identical_logits() -> Result<()> {
     Ok(())
 }
 
-/// Full-size base models: `python scripts/model_fixtures.py --base DIR`, then
+/// Full-size base models: `python scripts/fixtures/model_fixtures.py --base DIR`, then
 /// `BEIT_BASE_FIXTURES=DIR cargo test -p beit-model --release --test save_load -- --ignored --nocapture`.
 #[test]
-#[ignore = "needs full-size fixtures made by scripts/model_fixtures.py --base"]
+#[ignore = "needs full-size fixtures made by scripts/fixtures/model_fixtures.py --base"]
 fn base_size_parity() -> Result<()> {
     let root = std::env::var("BEIT_BASE_FIXTURES").expect("set BEIT_BASE_FIXTURES");
     for name in ["base_mim", "base_cls"] {
@@ -108,7 +108,7 @@ fn base_size_parity() -> Result<()> {
     Ok(())
 }
 
-/// Writes our exports for `scripts/model_fixtures.py --check-export DIR/<name>` (transformers must
+/// Writes our exports for `scripts/fixtures/model_fixtures.py --check-export DIR/<name>` (transformers must
 /// load them and reproduce the logits): `BEIT_EXPORT_DIR=DIR cargo test -p beit-model --test
 /// save_load -- --ignored export_for_transformers`.
 #[test]

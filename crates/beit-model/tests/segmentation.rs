@@ -1,5 +1,5 @@
 //! Parity of `BeitForSemanticSegmentation` with `transformers` on the fixtures of
-//! `scripts/seg_fixtures.py`: tiny random models (every parameter perturbed, BatchNorm running
+//! `scripts/fixtures/seg_fixtures.py`: tiny random models (every parameter perturbed, BatchNorm running
 //! statistics non-trivial) saved by transformers itself, with its eval logits (decode and
 //! auxiliary heads), its loss, and one training step's gradients and running statistics.
 
@@ -273,7 +273,7 @@ fn classifier_backbone_starts_a_segmentation_model() -> Result<()> {
     Ok(())
 }
 
-/// Writes our export of the `aux` fixture for `scripts/seg_fixtures.py --check-export DIR/aux`
+/// Writes our export of the `aux` fixture for `scripts/fixtures/seg_fixtures.py --check-export DIR/aux`
 /// (transformers must load it and reproduce the logits): `BEIT_EXPORT_DIR=DIR cargo test -p
 /// beit-model --test segmentation -- --ignored export_for_transformers`.
 #[test]

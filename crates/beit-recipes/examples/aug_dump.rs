@@ -1,6 +1,6 @@
 //! Draw the fine-tuning recipe's training augmentation many times over the first images of the
 //! embedded Fashion-MNIST subset and write the results, so that their statistics can be compared
-//! with timm's transform (`scripts/aug_stats.py`, docs/training-parity.md).
+//! with timm's transform (`scripts/peers/aug_stats.py`, docs/training-parity.md).
 //!
 //! ```sh
 //! cargo run --release -p beit-recipes --example aug_dump -- CONFIG.toml IMAGES DRAWS OUT.f32 [KEY=VALUE ...]

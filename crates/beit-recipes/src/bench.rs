@@ -1,8 +1,8 @@
 //! The `beit-cli bench` workloads: throughput of inference or of a full training step, randomly
 //! initialised.
 //!
-//! The same workloads are timed for PyTorch + `transformers` by `scripts/bench_peer.py`, and
-//! `scripts/bench_compare.py` runs both alternately and prints the ratios (docs/performance.md).
+//! The same workloads are timed for PyTorch + `transformers` by `scripts/bench/bench_peer.py`, and
+//! `scripts/bench/bench_compare.py` runs both alternately and prints the ratios (docs/performance.md).
 
 use std::collections::HashMap;
 use std::time::Instant;

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use beit_train::{AdamWConfig, ScheduleKind, TrainConfig};
+use beit_train::{AdamWConfig, GroupingConfig, ScheduleKind, TrainConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +47,9 @@ pub struct TrainSection {
     pub weight_decay: f64,
     /// Final weight decay of a cosine schedule (`--weight_decay_end`; none = constant).
     pub weight_decay_end: Option<f64>,
-    /// Layer-wise lr decay (`--layer_decay`, 0.65); none or 1.0 = off (pre-training).
+    /// Layer-wise lr decay (`--layer_decay`, 0.65): block `i` of `L` learns at `d^(L + 1 - i)`
+    /// times the lr. None (the default of pre-training, the linear probe and the tokenizer) or
+    /// 1.0 = off, every parameter at the full lr. Read through [`TrainSection::grouping`].
     pub layer_decay: Option<f64>,
     /// Global gradient-norm clipping (`--clip_grad`; none).
     pub clip_grad: Option<f64>,
@@ -133,6 +135,15 @@ impl TrainSection {
         Ok(self.batch_size / a)
     }
 
+    /// The optimizer's parameter grouping of a model of `num_layers` blocks: unilm's weight-decay
+    /// rules and this table's `layer_decay` (none = no decay, every group at lr scale 1).
+    pub fn grouping(&self, num_layers: usize) -> GroupingConfig {
+        GroupingConfig {
+            layer_decay: self.layer_decay,
+            ..GroupingConfig::pretrain(num_layers)
+        }
+    }
+
     /// The engine's settings for a data source of `batches_per_epoch` micro-batches.
     pub fn engine(&self, batches_per_epoch: u64, show_progress: bool) -> Result<TrainConfig> {
         let cfg = TrainConfig {
@@ -163,6 +174,56 @@ impl TrainSection {
         cfg.validate().context("[train]")?;
         Ok(cfg)
     }
+}
+
+/// A normalisation preset (`normalize` in `[aug]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormalizePreset {
+    /// mean = std = 0.5 (unilm's 127.5; the released checkpoints).
+    Half,
+    /// The ImageNet mean and std (`--imagenet_default_mean_and_std`).
+    Imagenet,
+    /// No normalisation.
+    None,
+}
+
+impl NormalizePreset {
+    /// The per-channel mean and std.
+    pub fn normalize(self) -> beit_data::Normalize {
+        match self {
+            Self::Half => beit_data::Normalize::HALF,
+            Self::Imagenet => beit_data::Normalize::IMAGENET,
+            Self::None => beit_data::Normalize::IDENTITY,
+        }
+    }
+}
+
+/// How an evaluation image is brought to the model's size (`eval_resize` in `[aug]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalResizeMode {
+    /// Shorter side to size / crop_pct, then a centre crop (unilm).
+    Crop,
+    /// Resize to size x size (the published Hugging Face processors).
+    Squash,
+}
+
+/// A model size preset (`preset` in `[architecture]` of pre-training).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// BEiT-base: 12 blocks of width 768, 12 heads.
+    Base,
+    /// BEiT-large: 24 blocks of width 1024, 16 heads.
+    Large,
+}
+
+/// Deserialise an optional name where an empty or blank string means unset (as recipes written
+/// before `model` became optional spell it).
+pub fn non_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v: Option<String> = Option::deserialize(d)?;
+    Ok(v.filter(|s| !s.trim().is_empty()))
 }
 
 /// Parse one `--set key=value` into (key, TOML value). A value that is not valid TOML (e.g. a
@@ -275,7 +336,7 @@ pub fn parse_config<T: DeserializeOwned + Serialize + Default>(
 pub fn write_resolved_config<T: Serialize>(dir: &Path, cfg: &T) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("config.toml");
-    if !crate::dist::is_primary() {
+    if !crate::distributed::is_primary() {
         return Ok(path); // rank 0 writes the run's files
     }
     let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
@@ -412,5 +473,21 @@ mod tests {
         }
         .engine(30, false)
         .is_err());
+    }
+
+    #[test]
+    fn layer_decay_is_the_grouping_and_none_is_off() {
+        let t = TrainSection::default();
+        let g = t.grouping(12);
+        assert_eq!(g.layer_decay, Some(0.65));
+        assert_eq!(g.lr_scale(13), 1.0);
+        assert!((g.lr_scale(12) - 0.65).abs() < 1e-12);
+        let off = TrainSection {
+            layer_decay: None,
+            ..t
+        }
+        .grouping(12);
+        assert_eq!(off, GroupingConfig::pretrain(12));
+        assert_eq!(off.lr_scale(0), 1.0);
     }
 }

@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::parse_config;
+use crate::device::DeviceSpec;
 use crate::finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
 use crate::linear_probe::{linear_probe, LinearProbeConfig, LinearProbeJob, LinearProbeOutcome};
 use crate::pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};
@@ -106,7 +107,7 @@ pub struct DemoJob {
     /// Output folder (one sub-folder per stage, `summary.json`).
     pub output: PathBuf,
     /// Device of every stage.
-    pub device: String,
+    pub device: DeviceSpec,
     /// Replace the stage folders of an earlier run.
     pub overwrite: bool,
     /// Progress bars.
@@ -157,9 +158,9 @@ pub fn final_acc1(o: &FinetuneOutcome) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Run the demo: tokenizer -> pre-training -> fine-tuning from it and from scratch -> linear
-/// probes of both backbones.
-pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome> {
+/// Refuse (or, with `overwrite`, clear) the stage folders of an earlier run, then create the
+/// output folder with the recipe in it (`demo_config.toml`).
+fn prepare_output(job: &DemoJob) -> Result<()> {
     let out = &job.output;
     for s in STAGES {
         let dir = out.join(s);
@@ -179,18 +180,15 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         out.join("demo_config.toml"),
         toml::to_string_pretty(&job.config).context("serialising the recipe")?,
     )?;
-    let total = Instant::now();
-    let mut results = Vec::new();
+    Ok(())
+}
 
-    // 1. Tokenizer.
+/// Stage 1: the dVAE tokenizer.
+fn stage_tokenizer(job: &DemoJob, results: &mut Vec<StageResult>) -> Result<TokenizerOutcome> {
     let mut tcfg = job.config.tokenizer.clone();
-    tcfg.output = out.join("tokenizer");
-    tcfg.device = job.device.clone();
+    tcfg.output = job.output.join("tokenizer");
+    tcfg.device = job.device;
     tcfg.data.source = DATA.into();
-    announce(&format!(
-        "[1/5] training the dVAE tokenizer ({} epochs)",
-        tcfg.train.epochs
-    ));
     let t = Instant::now();
     let tok = train_tokenizer(&TokenizerJob {
         config: tcfg,
@@ -209,18 +207,21 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
             tok.eval.codebook.used
         ),
     });
+    Ok(tok)
+}
 
-    // 2. MIM pre-training.
+/// Stage 2: MIM pre-training with the stage-1 tokenizer.
+fn stage_pretrain(
+    job: &DemoJob,
+    tokenizer: &Path,
+    results: &mut Vec<StageResult>,
+) -> Result<PretrainOutcome> {
     let mut pcfg = job.config.pretrain.clone();
-    pcfg.output = out.join("pretrain");
-    pcfg.device = job.device.clone();
-    pcfg.tokenizer = Some(tok.output.clone());
+    pcfg.output = job.output.join("pretrain");
+    pcfg.device = job.device;
+    pcfg.tokenizer = Some(tokenizer.to_path_buf());
     pcfg.model = None;
     pcfg.data.source = DATA.into();
-    announce(&format!(
-        "[2/5] MIM pre-training ({} epochs on the unlabelled training images)",
-        pcfg.train.epochs
-    ));
     let t = Instant::now();
     let pre = pretrain(&PretrainJob {
         config: pcfg,
@@ -229,10 +230,6 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         stop_after: None,
     })
     .context("stage 2 (pre-training)")?;
-    let model_dir = pre
-        .export_dir
-        .clone()
-        .context("pre-training stopped early")?;
     results.push(StageResult {
         stage: "2. MIM pre-training".into(),
         seconds: t.elapsed().as_secs_f64(),
@@ -244,106 +241,129 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
             100.0 * pre.last_mlm_acc.unwrap_or(f64::NAN)
         ),
     });
+    Ok(pre)
+}
 
-    // 3 and 4. Fine-tuning from the pre-trained model and from scratch, same budget.
-    let mut tuned = Vec::new();
-    for (i, pretrained) in [true, false].into_iter().enumerate() {
-        let name = if pretrained { "pretrained" } else { "scratch" };
-        let mut fcfg = job.config.finetune.clone();
-        fcfg.output = out.join(format!("finetune-{name}"));
-        fcfg.device = job.device.clone();
-        fcfg.model = model_dir.display().to_string();
-        fcfg.pretrained = pretrained;
-        fcfg.data.source = DATA.into();
-        announce(&format!(
-            "[{}/5] fine-tuning {} on {} labelled images per class, {} epochs",
-            i + 3,
-            if pretrained {
-                "the pre-trained BEiT"
-            } else {
-                "the same BEiT from random init"
-            },
-            fcfg.data
-                .train_per_class
-                .map_or("all".to_string(), |n| n.to_string()),
-            fcfg.train.epochs
-        ));
-        let t = Instant::now();
-        let m = finetune(&FinetuneJob {
-            config: fcfg,
-            resume: None,
-            download: false,
-            stop_after: None,
-            progress: job.progress,
-        })
-        .with_context(|| format!("stage {} (fine-tuning, {name})", i + 3))?;
-        results.push(StageResult {
-            stage: format!(
-                "{}. fine-tune, {}",
-                i + 3,
-                if pretrained {
-                    "from MIM pre-training"
-                } else {
-                    "from random init"
-                }
-            ),
-            seconds: t.elapsed().as_secs_f64(),
-            result: format!("test top-1 {:.2}% ({})", final_acc1(&m), m.data),
-        });
-        tuned.push(m);
-    }
-    let scratch = tuned.pop().expect("two runs");
-    let pretrained = tuned.pop().expect("two runs");
-
-    // 5. Linear probes of the frozen features, pre-trained and at random init.
+/// Stage 3 (`pretrained`) or 4: fine-tuning from the pre-trained model or the same
+/// architecture from random init, same budget.
+fn stage_finetune(
+    job: &DemoJob,
+    model_dir: &Path,
+    pretrained: bool,
+    announce: &mut dyn FnMut(&str),
+    results: &mut Vec<StageResult>,
+) -> Result<FinetuneOutcome> {
+    let (stage, name) = if pretrained {
+        (3, "pretrained")
+    } else {
+        (4, "scratch")
+    };
+    let mut fcfg = job.config.finetune.clone();
+    fcfg.output = job.output.join(format!("finetune-{name}"));
+    fcfg.device = job.device;
+    fcfg.model = Some(model_dir.display().to_string());
+    fcfg.pretrained = pretrained;
+    fcfg.data.source = DATA.into();
     announce(&format!(
-        "[5/5] linear probes of the frozen features (pre-trained, random init), {} epochs",
-        job.config.probe.train.epochs
+        "[{stage}/5] fine-tuning {} on {} labelled images per class, {} epochs",
+        if pretrained {
+            "the pre-trained BEiT"
+        } else {
+            "the same BEiT from random init"
+        },
+        fcfg.data
+            .train_per_class
+            .map_or("all".to_string(), |n| n.to_string()),
+        fcfg.train.epochs
     ));
     let t = Instant::now();
-    let mut probes = Vec::new();
-    for pretrained in [true, false] {
+    let m = finetune(&FinetuneJob {
+        config: fcfg,
+        resume: None,
+        download: false,
+        stop_after: None,
+        progress: job.progress,
+    })
+    .with_context(|| format!("stage {stage} (fine-tuning, {name})"))?;
+    let from = if pretrained {
+        "from MIM pre-training"
+    } else {
+        "from random init"
+    };
+    results.push(StageResult {
+        stage: format!("{stage}. fine-tune, {from}"),
+        seconds: t.elapsed().as_secs_f64(),
+        result: format!("test top-1 {:.2}% ({})", final_acc1(&m), m.data),
+    });
+    Ok(m)
+}
+
+/// Stage 5: linear probes of the frozen features, pre-trained and at random init.
+fn stage_probes(
+    job: &DemoJob,
+    model_dir: &Path,
+    results: &mut Vec<StageResult>,
+) -> Result<(LinearProbeOutcome, LinearProbeOutcome)> {
+    let t = Instant::now();
+    let probe = |pretrained: bool| -> Result<LinearProbeOutcome> {
         let mut lcfg = job.config.probe.clone();
-        lcfg.output = out.join(if pretrained { STAGES[4] } else { STAGES[5] });
-        lcfg.device = job.device.clone();
-        lcfg.model = model_dir.display().to_string();
+        lcfg.output = job
+            .output
+            .join(if pretrained { STAGES[4] } else { STAGES[5] });
+        lcfg.device = job.device;
+        lcfg.model = Some(model_dir.display().to_string());
         lcfg.pretrained = pretrained;
         lcfg.data = job.config.finetune.data.clone();
         lcfg.data.source = DATA.into();
-        probes.push(
-            linear_probe(&LinearProbeJob {
-                config: lcfg,
-                resume: None,
-                download: false,
-                progress: job.progress,
-            })
-            .context("stage 5 (linear probe)")?,
-        );
-    }
-    let probe_random_init = probes.pop().expect("two probes");
-    let probe_pretrained = probes.pop().expect("two probes");
+        linear_probe(&LinearProbeJob {
+            config: lcfg,
+            resume: None,
+            download: false,
+            progress: job.progress,
+        })
+        .context("stage 5 (linear probe)")
+    };
+    let pretrained = probe(true)?;
+    let random_init = probe(false)?;
     results.push(StageResult {
         stage: "5. linear probes".into(),
         seconds: t.elapsed().as_secs_f64(),
         result: format!(
             "test top-1 {:.2}% pre-trained vs {:.2}% random init (block {})",
-            probe_pretrained.final_acc.0, probe_random_init.final_acc.0, probe_pretrained.layer
+            pretrained.final_acc.0, random_init.final_acc.0, pretrained.layer
         ),
     });
-    let seconds = total.elapsed().as_secs_f64();
-    let summary = out.join("summary.json");
-    write_summary(
-        &summary,
-        job,
-        &tok,
-        &pre,
-        &pretrained,
-        &scratch,
-        (&probe_pretrained, &probe_random_init),
-        &results,
-        seconds,
-    )?;
-    Ok(DemoOutcome {
+    Ok((pretrained, random_init))
+}
+
+/// Run the demo: tokenizer -> pre-training -> fine-tuning from it and from scratch -> linear
+/// probes of both backbones.
+pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome> {
+    prepare_output(job)?;
+    let total = Instant::now();
+    let mut results = Vec::new();
+    announce(&format!(
+        "[1/5] training the dVAE tokenizer ({} epochs)",
+        job.config.tokenizer.train.epochs
+    ));
+    let tok = stage_tokenizer(job, &mut results)?;
+    announce(&format!(
+        "[2/5] MIM pre-training ({} epochs on the unlabelled training images)",
+        job.config.pretrain.train.epochs
+    ));
+    let pre = stage_pretrain(job, &tok.output, &mut results)?;
+    let model_dir = pre
+        .export_dir
+        .clone()
+        .context("pre-training stopped early")?;
+    let pretrained = stage_finetune(job, &model_dir, true, &mut announce, &mut results)?;
+    let scratch = stage_finetune(job, &model_dir, false, &mut announce, &mut results)?;
+    announce(&format!(
+        "[5/5] linear probes of the frozen features (pre-trained, random init), {} epochs",
+        job.config.probe.train.epochs
+    ));
+    let (probe_pretrained, probe_random_init) = stage_probes(job, &model_dir, &mut results)?;
+    let outcome = DemoOutcome {
         tokenizer: tok,
         pretrain: pre,
         finetune_pretrained: pretrained,
@@ -351,29 +371,21 @@ pub fn demo(job: &DemoJob, mut announce: impl FnMut(&str)) -> Result<DemoOutcome
         probe_pretrained,
         probe_random_init,
         stages: results,
-        seconds,
-        summary,
-    })
+        seconds: total.elapsed().as_secs_f64(),
+        summary: job.output.join("summary.json"),
+    };
+    write_summary(job, &outcome)?;
+    Ok(outcome)
 }
 
-#[allow(clippy::too_many_arguments)] // one call site, the stages' outcomes
-fn write_summary(
-    path: &Path,
-    job: &DemoJob,
-    tok: &TokenizerOutcome,
-    pre: &PretrainOutcome,
-    pretrained: &FinetuneOutcome,
-    scratch: &FinetuneOutcome,
-    probes: (&LinearProbeOutcome, &LinearProbeOutcome),
-    stages: &[StageResult],
-    seconds: f64,
-) -> Result<()> {
+/// `summary.json`: the stages' headline numbers, seeds and timings.
+fn write_summary(job: &DemoJob, o: &DemoOutcome) -> Result<()> {
     let json = serde_json::json!({
         "loss_first_last": {
-            "tokenizer": tok.loss_first_last,
-            "pretrain": [pre.first_loss, pre.last_loss],
-            "finetune_pretrained": pretrained.loss_first_last,
-            "finetune_scratch": scratch.loss_first_last,
+            "tokenizer": o.tokenizer.loss_first_last,
+            "pretrain": [o.pretrain.first_loss, o.pretrain.last_loss],
+            "finetune_pretrained": o.finetune_pretrained.loss_first_last,
+            "finetune_scratch": o.finetune_scratch.loss_first_last,
         },
         "quick": job.quick,
         "seeds": {
@@ -382,16 +394,17 @@ fn write_summary(
             "finetune": job.config.finetune.train.seed,
         },
         "labels_per_class": job.config.finetune.data.train_per_class,
-        "data": pretrained.data,
-        "accuracy_pretrained": final_acc1(pretrained),
-        "accuracy_scratch": final_acc1(scratch),
-        "probe_accuracy_pretrained": probes.0.final_acc.0,
-        "probe_accuracy_random_init": probes.1.final_acc.0,
-        "probe_layer": probes.0.layer,
-        "stages": stages,
-        "total_seconds": seconds,
+        "data": o.finetune_pretrained.data,
+        "accuracy_pretrained": final_acc1(&o.finetune_pretrained),
+        "accuracy_scratch": final_acc1(&o.finetune_scratch),
+        "probe_accuracy_pretrained": o.probe_pretrained.final_acc.0,
+        "probe_accuracy_random_init": o.probe_random_init.final_acc.0,
+        "probe_layer": o.probe_pretrained.layer,
+        "stages": o.stages,
+        "total_seconds": o.seconds,
         "threads": rayon::current_num_threads(),
     });
+    let path = &o.summary;
     std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", path.display()))
 }

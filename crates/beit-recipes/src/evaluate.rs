@@ -36,7 +36,7 @@ pub fn evaluate(
     loader: &Loader,
     num_classes: usize,
     show_progress: bool,
-    world: Option<&dyn beit_train::dist::Collective>,
+    world: Option<&dyn beit_train::distributed::Collective>,
     mut forward: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<ClassificationMetrics> {
     let pb = if show_progress {
@@ -162,6 +162,67 @@ impl Dataset for Relabel {
     }
 }
 
+/// The model class of each dataset class: by name when every name is in the model's
+/// `id2label`, else by index when the counts agree; an error otherwise.
+fn class_map(classes: &[String], cfg: &beit_model::BeitConfig) -> Result<Vec<u32>> {
+    let num_labels = cfg.num_labels();
+    let by_name: BTreeMap<String, usize> = (0..num_labels).map(|i| (cfg.label(i), i)).collect();
+    if let Some(map) = classes
+        .iter()
+        .map(|c| by_name.get(c).map(|&i| i as u32))
+        .collect::<Option<Vec<u32>>>()
+    {
+        return Ok(map);
+    }
+    if classes.len() == num_labels {
+        tracing::warn!(
+            "the dataset's class names do not match the model's id2label; matching classes by index"
+        );
+        return Ok((0..num_labels as u32).collect());
+    }
+    bail!(
+        "the dataset has {} classes ({}) but the model predicts {num_labels} with other names",
+        classes.len(),
+        classes
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Per-class accuracy and the `confusions` most frequent confusions of `m`, named by `cfg`.
+fn class_reports(
+    m: &ClassificationMetrics,
+    cfg: &beit_model::BeitConfig,
+    confusions: usize,
+) -> (Vec<ClassReport>, Vec<Confusion>) {
+    let per_class = m
+        .per_class_accuracy()
+        .into_iter()
+        .enumerate()
+        .map(|(i, acc)| ClassReport {
+            index: i,
+            label: cfg.label(i),
+            images: m.confusion[i].iter().sum(),
+            acc1: acc,
+        })
+        .collect();
+    let top_confusions = m
+        .top_confusions(confusions)
+        .into_iter()
+        .map(|(t, p, n)| Confusion {
+            true_index: t,
+            true_label: cfg.label(t),
+            predicted_index: p,
+            predicted_label: cfg.label(p),
+            count: n,
+        })
+        .collect();
+    (per_class, top_confusions)
+}
+
 /// Evaluate a classifier checkpoint on a labelled split, with the checkpoint's own
 /// preprocessing. Dataset classes are matched to the model's `id2label` by name when every name
 /// is known to the model, else by index.
@@ -183,22 +244,7 @@ pub fn eval_classifier(job: &EvalJob) -> Result<EvalReport> {
         other => bail!("--split `{other}`: expected val or train"),
     };
     let num_labels = cfg.num_labels();
-    let by_name: BTreeMap<String, usize> = (0..num_labels).map(|i| (cfg.label(i), i)).collect();
-    let map: Vec<u32> =
-        if splits.classes.iter().all(|c| by_name.contains_key(c)) {
-            splits.classes.iter().map(|c| by_name[c] as u32).collect()
-        } else if splits.classes.len() == num_labels {
-            tracing::warn!(
-            "the dataset's class names do not match the model's id2label; matching classes by index"
-        );
-            (0..num_labels as u32).collect()
-        } else {
-            bail!(
-            "the dataset has {} classes ({}) but the model predicts {num_labels} with other names",
-            splits.classes.len(),
-            splits.classes.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
-        );
-        };
+    let map = class_map(&splits.classes, &cfg)?;
     let ds: Arc<dyn Dataset> = Arc::new(Relabel { inner: ds, map });
     let loader = Loader::new(
         ds,
@@ -215,28 +261,7 @@ pub fn eval_classifier(job: &EvalJob) -> Result<EvalReport> {
     let m = evaluate(&loader, num_labels, job.progress, None, |x| {
         classifier_logits(&model, x)
     })?;
-    let per_class = m
-        .per_class_accuracy()
-        .into_iter()
-        .enumerate()
-        .map(|(i, acc)| ClassReport {
-            index: i,
-            label: cfg.label(i),
-            images: m.confusion[i].iter().sum(),
-            acc1: acc,
-        })
-        .collect();
-    let top_confusions = m
-        .top_confusions(job.confusions)
-        .into_iter()
-        .map(|(t, p, n)| Confusion {
-            true_index: t,
-            true_label: cfg.label(t),
-            predicted_index: p,
-            predicted_label: cfg.label(p),
-            count: n,
-        })
-        .collect();
+    let (per_class, top_confusions) = class_reports(&m, &cfg, job.confusions);
     Ok(EvalReport {
         model: job.model.clone(),
         data: splits.description.clone(),

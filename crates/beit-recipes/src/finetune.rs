@@ -17,35 +17,37 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use beit_data::{
     load_splits, Batch, ColorJitter, DataConfig, EraseMode, EvalResize, EvalTransform, Filter,
-    ImageProcessor, Loader, LoaderConfig, Mixup, Normalize, RandAugment, RandomErasing,
-    RandomResizedCrop, TrainTransform,
+    ImageProcessor, Loader, LoaderConfig, Mixup, RandAugment, RandomErasing, RandomResizedCrop,
+    TrainTransform,
 };
 use beit_model::{BeitConfig, BeitForImageClassification, ForwardOptions};
 use beit_train::{
     build_param_groups, fit, label_smoothing_cross_entropy, named_vars, soft_target_cross_entropy,
-    BestMetric, FitOptions, GroupingConfig, Position, StepContext, StepOutput, TrainLoop,
-    TrainTask,
+    Position, StepContext, StepOutput, TrainTask,
 };
+use candle::Device;
 use candle_nn::VarMap;
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{
     export_classifier, finetune_config, log_load_report, processor_for_eval, trainable_classifier,
 };
-use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
-use crate::device::parse_device;
+use crate::config::{EvalResizeMode, NormalizePreset, TrainSection};
+use crate::device::DeviceSpec;
 use crate::evaluate::{classifier_logits, evaluate};
 use crate::model_source::load_model;
+pub use crate::runner::FinetuneOutcome;
+use crate::runner::{self, RunSpec};
 
 /// A fine-tuning recipe (`configs/finetune_*.toml`). Defaults: the paper's BEiT-base recipe on
 /// ImageNet-1k from the pt22k checkpoint (Table 13 / unilm README).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneConfig {
-    /// Starting checkpoint: directory or hub id (`--model`). Empty: from scratch with
-    /// `[architecture]`.
-    pub model: String,
+    /// Starting checkpoint: directory or hub id (`--model`). Unset (the default): from scratch
+    /// with `[architecture]`.
+    #[serde(deserialize_with = "crate::config::non_empty")]
+    pub model: Option<String>,
     /// Load the checkpoint's weights (true); false keeps only its architecture, freshly
     /// initialised: a from-scratch baseline of the same shape.
     pub pretrained: bool,
@@ -58,7 +60,7 @@ pub struct FinetuneConfig {
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Dataset.
     pub data: DataConfig,
     /// Model shape when training from scratch (ignored with a checkpoint).
@@ -72,11 +74,11 @@ pub struct FinetuneConfig {
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
-            model: String::new(),
+            model: None,
             pretrained: true,
             head_init_scale: 0.001,
             output: PathBuf::from("runs/finetune"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: DataConfig::default(),
             architecture: Architecture::default(),
             train: TrainSection::default(),
@@ -105,6 +107,25 @@ pub struct Architecture {
     pub layer_norm_eps: f64,
 }
 
+impl Architecture {
+    /// The model of this shape (relative position bias in every block, mean pooling), as
+    /// fine-tuning builds it from scratch.
+    pub fn beit_config(&self) -> BeitConfig {
+        BeitConfig {
+            hidden_size: self.hidden_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            patch_size: self.patch_size,
+            layer_scale_init_value: self.layer_scale_init_value,
+            layer_norm_eps: self.layer_norm_eps,
+            use_relative_position_bias: true,
+            use_mean_pooling: true,
+            ..BeitConfig::default()
+        }
+    }
+}
+
 impl Default for Architecture {
     fn default() -> Self {
         Self {
@@ -128,7 +149,7 @@ pub struct AugSection {
     /// RandomResizedCrop minimum area fraction (0.08).
     pub crop_scale_min: f64,
     /// Training resampling filter (`--train_interpolation`, bicubic).
-    pub train_interpolation: String,
+    pub train_interpolation: Filter,
     /// Horizontal flip probability (0.5).
     pub hflip: f64,
     /// Colour jitter strength, used only without RandAugment (`--color_jitter`, 0.4).
@@ -137,8 +158,9 @@ pub struct AugSection {
     pub auto_augment: String,
     /// Random erasing probability (`--reprob`, 0.25).
     pub reprob: f64,
-    /// Random erasing fill: `pixel`, `rand` or `const` (`--remode`).
-    pub remode: String,
+    /// Random erasing fill: `pixel` (per-pixel normal noise, the default), `rand` (one colour
+    /// per rectangle) or `const` (zeros) (`--remode`).
+    pub remode: EraseMode,
     /// Mixup alpha (`--mixup`, 0.8); 0 disables.
     pub mixup: f64,
     /// CutMix alpha (`--cutmix`, 1.0); 0 disables.
@@ -148,14 +170,14 @@ pub struct AugSection {
     /// Probability of CutMix rather than mixup (`--mixup_switch_prob`, 0.5).
     pub mixup_switch_prob: f64,
     /// Normalisation: `half` (mean = std = 0.5, the released checkpoints) or `imagenet`.
-    pub normalize: String,
+    pub normalize: NormalizePreset,
     /// Evaluation: `crop` (shorter side to size/crop_pct, centre crop, as unilm) or `squash`
     /// (resize to size × size, as the published HF processors).
-    pub eval_resize: String,
+    pub eval_resize: EvalResizeMode,
     /// Crop fraction of `crop` evaluation (0.875 at 224, as unilm).
     pub eval_crop_pct: f64,
     /// Evaluation resampling filter (bicubic).
-    pub eval_interpolation: String,
+    pub eval_interpolation: Filter,
 }
 
 impl Default for AugSection {
@@ -163,44 +185,33 @@ impl Default for AugSection {
         Self {
             input_size: 224,
             crop_scale_min: 0.08,
-            train_interpolation: "bicubic".into(),
+            train_interpolation: Filter::Bicubic,
             hflip: 0.5,
             color_jitter: 0.4,
             auto_augment: "rand-m9-mstd0.5-inc1".into(),
             reprob: 0.25,
-            remode: "pixel".into(),
+            remode: EraseMode::Pixel,
             mixup: 0.8,
             cutmix: 1.0,
             mixup_prob: 1.0,
             mixup_switch_prob: 0.5,
-            normalize: "half".into(),
-            eval_resize: "crop".into(),
+            normalize: NormalizePreset::Half,
+            eval_resize: EvalResizeMode::Crop,
             eval_crop_pct: 0.875,
-            eval_interpolation: "bicubic".into(),
+            eval_interpolation: Filter::Bicubic,
         }
     }
 }
 
 impl AugSection {
-    fn normalize(&self) -> Result<Normalize> {
-        Normalize::preset(&self.normalize).context("aug.normalize")
-    }
-
     /// The training transform.
     pub fn train_transform(&self) -> Result<TrainTransform> {
         let mut crop = RandomResizedCrop::new(self.input_size as u32);
         crop.scale = (self.crop_scale_min, 1.0);
-        crop.interpolation =
-            Filter::parse(&self.train_interpolation).context("aug.train_interpolation")?;
+        crop.interpolation = self.train_interpolation;
         let rand_augment = match self.auto_augment.trim() {
             "" | "none" => None,
             spec => Some(RandAugment::parse(spec).context("aug.auto_augment")?),
-        };
-        let mode = match self.remode.as_str() {
-            "pixel" => EraseMode::Pixel,
-            "rand" => EraseMode::Rand,
-            "const" => EraseMode::Const,
-            other => bail!("aug.remode: `{other}` is not pixel, rand or const"),
         };
         let t = TrainTransform {
             crop,
@@ -208,10 +219,10 @@ impl AugSection {
             color_jitter: (self.color_jitter > 0.0)
                 .then(|| ColorJitter::uniform(self.color_jitter)),
             rand_augment,
-            normalize: self.normalize()?,
+            normalize: self.normalize.normalize(),
             random_erasing: (self.reprob > 0.0).then(|| RandomErasing {
                 probability: self.reprob,
-                mode,
+                mode: self.remode,
                 ..RandomErasing::default()
             }),
         };
@@ -221,12 +232,11 @@ impl AugSection {
 
     /// The evaluation transform.
     pub fn eval_transform(&self) -> Result<EvalTransform> {
-        let resize = match self.eval_resize.as_str() {
-            "crop" => EvalResize::ShorterSideCrop {
+        let resize = match self.eval_resize {
+            EvalResizeMode::Crop => EvalResize::ShorterSideCrop {
                 crop_pct: self.eval_crop_pct,
             },
-            "squash" => EvalResize::Squash,
-            other => bail!("aug.eval_resize: `{other}` is not crop or squash"),
+            EvalResizeMode::Squash => EvalResize::Squash,
         };
         if !(self.eval_crop_pct > 0.0 && self.eval_crop_pct <= 1.0) {
             bail!(
@@ -237,9 +247,8 @@ impl AugSection {
         Ok(EvalTransform {
             size: self.input_size as u32,
             resize,
-            interpolation: Filter::parse(&self.eval_interpolation)
-                .context("aug.eval_interpolation")?,
-            normalize: self.normalize()?,
+            interpolation: self.eval_interpolation,
+            normalize: self.normalize.normalize(),
         })
     }
 
@@ -273,42 +282,6 @@ pub struct FinetuneJob<C = FinetuneConfig> {
     pub progress: bool,
 }
 
-/// What a fine-tuning run produced.
-#[derive(Debug, Clone)]
-pub struct FinetuneOutcome {
-    /// Optimizer steps completed.
-    pub steps: u64,
-    /// All scheduled steps are done (false after `stop_after`).
-    pub finished: bool,
-    /// What data was used.
-    pub data: String,
-    /// The latest evaluation (`acc1`, `acc5`, `loss`).
-    pub last_eval: Option<beit_train::EvalRecord>,
-    /// The best evaluation by top-1.
-    pub best_eval: Option<beit_train::EvalRecord>,
-    /// Mean training loss of the first and the last optimizer step of this invocation.
-    pub loss_first_last: Option<(f64, f64)>,
-    /// The exported best model (`config.json`, `model.safetensors`, `preprocessor_config.json`).
-    pub best_model: PathBuf,
-    /// The run's metrics log.
-    pub metrics: PathBuf,
-    /// The curves plot, if drawn.
-    pub plot: Option<PathBuf>,
-    /// The last checkpoint.
-    pub checkpoint: PathBuf,
-    /// Unreadable files skipped (train + validation).
-    pub skipped_files: usize,
-}
-
-/// Where a run stands on its best model (`best.json`).
-#[derive(Debug, Serialize, Deserialize)]
-struct BestRecord {
-    acc1: f64,
-    acc5: f64,
-    epoch: u64,
-    step: u64,
-}
-
 /// The fine-tuning task: a classifier, its loss, its evaluation and its export.
 struct ClassifierTask<'a> {
     model: BeitForImageClassification,
@@ -327,11 +300,7 @@ impl TrainTask for ClassifierTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: Batch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        let samples = crate::dist::global_positions(batch.images.dim(0)?, ctx.rank_and_size);
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), samples);
+        ctx.reseed_stochastic(self.model.backbone().rng(), batch.images.dim(0)?);
         let logits = self
             .model
             .forward(&batch.images, ForwardOptions::train())?
@@ -351,7 +320,7 @@ impl TrainTask for ClassifierTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let world = beit_train::dist::world();
+        let world = crate::distributed::world();
         let m = evaluate(
             self.eval_loader,
             self.num_classes,
@@ -372,67 +341,40 @@ impl TrainTask for ClassifierTask<'_> {
     fn on_best(&mut self, metrics: &BTreeMap<String, f64>, at: Position) -> Result<()> {
         let dir = self.out.join("best_model");
         export_classifier(&dir, &self.model_cfg, &self.varmap, &self.processor)?;
-        let rec = BestRecord {
-            acc1: metrics["acc1"],
-            acc5: metrics["acc5"],
-            epoch: at.epoch.saturating_sub(1),
-            step: at.step,
-        };
-        let file = self.out.join("best.json");
-        std::fs::write(&file, serde_json::to_string_pretty(&rec)?)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-        tracing::info!("new best acc1 {:.2}%: exported {}", rec.acc1, dir.display());
+        let best = runner::write_best(&self.out, metrics, &["acc1", "acc5"], at)?;
+        tracing::info!("new best acc1 {:.2}%: exported {}", best[0], dir.display());
         Ok(())
     }
 }
 
-/// Run (or continue) a fine-tuning job.
-pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
+/// The classifier to fine-tune, from `job`'s checkpoint after unilm's surgery or fresh from
+/// `[architecture]`, with `classes`: its config, variables and model.
+fn build_classifier(
+    job: &FinetuneJob,
+    classes: &[String],
+    device: &Device,
+) -> Result<(BeitConfig, VarMap, BeitForImageClassification)> {
     let cfg = &job.config;
     let t = &cfg.train;
-    let device = parse_device(&cfg.device)?;
-    let out = cfg.output.clone();
-    prepare_output_dir(&out, job.resume.is_some())?;
-    let micro = t.micro_batch()?;
-    let rank_micro = crate::dist::rank_micro_batch(micro)?;
-
-    let splits = load_splits(&cfg.data)?;
-    tracing::info!("data: {}", splits.description);
-    let classes = splits.classes.clone();
-
-    // Model: a checkpoint after unilm's surgery, or a fresh one.
-    let (model_cfg, checkpoint) = if cfg.model.trim().is_empty() {
-        let a = &cfg.architecture;
-        let c = BeitConfig {
-            hidden_size: a.hidden_size,
-            num_hidden_layers: a.num_hidden_layers,
-            num_attention_heads: a.num_attention_heads,
-            intermediate_size: a.intermediate_size,
-            patch_size: a.patch_size,
-            layer_scale_init_value: a.layer_scale_init_value,
-            layer_norm_eps: a.layer_norm_eps,
-            use_relative_position_bias: true,
-            use_mean_pooling: true,
-            ..BeitConfig::default()
-        };
+    let (model_cfg, checkpoint) = if let Some(model) = cfg.model.as_deref() {
+        let loaded = load_model(model, job.download)?;
         tracing::info!(
-            "model: from scratch ({} layers, width {})",
-            a.num_hidden_layers,
-            a.hidden_size
-        );
-        (c, None)
-    } else {
-        let loaded = load_model(&cfg.model, job.download)?;
-        tracing::info!(
-            "model: {} ({} tensors, {:?})",
-            cfg.model,
+            "model: {model} ({} tensors, {:?})",
             loaded.checkpoint.tensors.len(),
             loaded.checkpoint.architecture()
         );
         let weights = cfg.pretrained.then_some(loaded.checkpoint.clone());
         (loaded.checkpoint.config, weights)
+    } else {
+        let a = &cfg.architecture;
+        tracing::info!(
+            "model: from scratch ({} layers, width {})",
+            a.num_hidden_layers,
+            a.hidden_size
+        );
+        (a.beit_config(), None)
     };
-    let model_cfg = finetune_config(&model_cfg, &classes, t.drop_path_rate, cfg.aug.input_size);
+    let model_cfg = finetune_config(&model_cfg, classes, t.drop_path_rate, cfg.aug.input_size);
     model_cfg
         .validate()
         .context("the fine-tuning model configuration")?;
@@ -440,23 +382,36 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         &model_cfg,
         checkpoint.as_ref(),
         cfg.head_init_scale,
-        &device,
+        device,
         t.seed,
     )?;
-    let checkpoint_loaded = checkpoint.is_some();
-    drop(checkpoint);
-    if job.resume.is_none() && checkpoint_loaded {
+    if job.resume.is_none() && checkpoint.is_some() {
         log_load_report(&report);
     }
-    let groups = build_param_groups(
-        named_vars(&varmap),
-        &GroupingConfig::finetune(model_cfg.num_hidden_layers, t.layer_decay.unwrap_or(1.0)),
-    )?;
+    Ok((model_cfg, varmap, model))
+}
 
-    // Data pipelines.
+/// The input pipelines of a fine-tuning run.
+struct Pipelines {
+    train: Loader,
+    eval: Loader,
+    eval_transform: EvalTransform,
+    mixup: bool,
+}
+
+/// The sharded training loader (micro-batches of `micro` over all processes, mixup/CutMix when
+/// enabled) and the evaluation loader of `splits`.
+fn pipelines(
+    cfg: &FinetuneConfig,
+    splits: &beit_data::Splits,
+    micro: usize,
+    device: &Device,
+) -> Result<Pipelines> {
+    let t = &cfg.train;
+    let rank_micro = crate::distributed::rank_micro_batch(micro)?;
     let train_tf = cfg.aug.train_transform()?;
     let eval_tf = cfg.aug.eval_transform()?;
-    let loader_cfg = crate::dist::shard_loader(LoaderConfig {
+    let loader_cfg = crate::distributed::shard_loader(LoaderConfig {
         batch_size: rank_micro,
         shuffle: true,
         drop_last: true,
@@ -465,19 +420,19 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         prefetch: cfg.data.prefetch.max(1),
         ..LoaderConfig::default()
     });
-    let mut train_loader = Loader::new(
+    let mut train = Loader::new(
         splits.train.clone(),
         Arc::new(train_tf),
         loader_cfg.clone(),
         device.clone(),
     )?;
-    let mixup = cfg.aug.mixup(classes.len(), t.label_smoothing);
+    let mixup = cfg.aug.mixup(splits.classes.len(), t.label_smoothing);
     if let Some(m) = mixup {
-        train_loader = train_loader.with_mixup(m)?;
+        train = train.with_mixup(m)?;
     }
-    crate::dist::warn_if_n_dependent(mixup.is_some());
-    let eval_loader = Loader::new(
-        crate::dist::eval_shard(splits.val.clone()),
+    crate::distributed::warn_if_n_dependent(mixup.is_some());
+    let eval = Loader::new(
+        crate::distributed::eval_shard(splits.val.clone()),
         Arc::new(eval_tf.clone()),
         LoaderConfig {
             batch_size: t.eval_batch_size.unwrap_or((micro * 3).div_ceil(2)),
@@ -489,7 +444,30 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         },
         device.clone(),
     )?;
-    let batches = crate::dist::global_batches_per_epoch(splits.train.len(), micro);
+    Ok(Pipelines {
+        train,
+        eval,
+        eval_transform: eval_tf,
+        mixup: mixup.is_some(),
+    })
+}
+
+/// Run (or continue) a fine-tuning job.
+pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
+    let cfg = &job.config;
+    let t = &cfg.train;
+    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
+    let micro = t.micro_batch()?;
+    crate::distributed::rank_micro_batch(micro)?;
+    let splits = load_splits(&cfg.data)?;
+    tracing::info!("data: {}", splits.description);
+    let (model_cfg, varmap, model) = build_classifier(job, &splits.classes, &device)?;
+    let groups = build_param_groups(
+        named_vars(&varmap),
+        &t.grouping(model_cfg.num_hidden_layers),
+    )?;
+    let data = pipelines(cfg, &splits, micro, &device)?;
+    let batches = crate::distributed::global_batches_per_epoch(splits.train.len(), micro);
     if batches < t.accum_steps {
         bail!(
             "{} training images make {batches} micro-batches of {micro}, fewer than one step of \
@@ -498,18 +476,8 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
             t.accum_steps
         );
     }
-
-    let train_cfg = t.engine(batches, job.progress)?;
-    let run_config = serde_json::to_value(cfg)?;
-    write_resolved_config(&out, cfg)?;
-    let tl = TrainLoop::open(
-        train_cfg,
-        varmap.clone(),
-        groups,
-        &out,
-        job.resume.as_deref(),
-        run_config,
-    )?;
+    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     tracing::info!(
         "fine-tuning: {} epochs x {} steps of {} images ({} x {}), lr {:.2e}, layer decay {:?}, \
          mixup {}",
@@ -520,56 +488,72 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         micro,
         t.lr,
         t.layer_decay,
-        if mixup.is_some() { "on" } else { "off" },
+        if data.mixup { "on" } else { "off" },
     );
-
     let mut task = ClassifierTask {
         model,
         model_cfg,
         varmap,
         label_smoothing: t.label_smoothing,
-        eval_loader: &eval_loader,
-        num_classes: classes.len(),
+        eval_loader: &data.eval,
+        num_classes: splits.classes.len(),
         progress: job.progress,
-        processor: processor_for_eval(&eval_tf),
-        out: out.clone(),
+        processor: processor_for_eval(&data.eval_transform),
+        out: cfg.output.clone(),
     };
+    let train = &data.train;
     let precision = t.precision(&device)?;
     tracing::info!("precision: {precision}");
     let done = precision.scope(|| {
         fit(
             tl,
             &mut task,
-            |epoch| Ok(train_loader.epoch(epoch)?.map(|b| b.map_err(Into::into))),
-            &FitOptions {
-                eval_every: Some(t.eval_every.max(1)),
-                best: Some(BestMetric {
-                    name: "acc1".into(),
-                    higher_is_better: true,
-                }),
-                stop_after: job.stop_after,
-            },
+            |epoch| Ok(train.epoch(epoch)?.map(|b| b.map_err(Into::into))),
+            &runner::evaluated(t.eval_every, "acc1", job.stop_after),
         )
     })?;
-    let skipped_files = train_loader.skipped().len() + eval_loader.skipped().len();
+    let skipped_files = train.skipped().len() + data.eval.skipped().len();
     if skipped_files > 0 {
-        tracing::warn!("{}", train_loader.summary());
+        tracing::warn!("{}", train.summary());
     }
     Ok(FinetuneOutcome {
-        steps: done.summary.steps,
-        finished: done.finished,
-        data: splits.description,
-        loss_first_last: done
-            .first_step
-            .as_ref()
-            .zip(done.last_step.as_ref())
-            .map(|(a, b)| (a.loss, b.loss)),
-        last_eval: done.last_eval,
-        best_eval: done.best_eval,
-        best_model: out.join("best_model"),
-        metrics: done.summary.metrics,
-        plot: done.summary.plot,
-        checkpoint: done.summary.checkpoint,
         skipped_files,
+        ..FinetuneOutcome::new(done, splits.description, &cfg.output)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_config;
+
+    #[test]
+    fn typed_fields_reject_typos_naming_the_field_and_read_the_old_spellings() {
+        let set = |s: &str| parse_config::<FinetuneConfig>(None, &[s.to_string()], &[]);
+        for (item, field) in [
+            ("aug.train_interpolation=\"bicubc\"", "bicubc"),
+            ("aug.normalize=\"imagenett\"", "imagenett"),
+            ("aug.remode=\"pixels\"", "pixels"),
+            ("aug.eval_resize=\"squish\"", "squish"),
+            ("device=\"tpu\"", "tpu"),
+        ] {
+            let err = format!("{:#}", set(item).unwrap_err());
+            assert!(
+                err.contains(field) && err.contains("--set"),
+                "{item}: {err}"
+            );
+        }
+        let c = set("aug.eval_resize=\"squash\"").unwrap();
+        assert_eq!(c.aug.eval_resize, EvalResizeMode::Squash);
+        assert_eq!(c.model, None);
+        let c = set("model=\"\"").unwrap();
+        assert_eq!(
+            c.model, None,
+            "an empty model is unset, as older recipes wrote it"
+        );
+        let c = set("device=\"cuda:1\"").unwrap();
+        assert_eq!(c.device, DeviceSpec::Cuda(Some(1)));
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("device = \"cuda:1\""), "{text}");
+    }
 }

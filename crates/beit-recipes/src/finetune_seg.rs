@@ -28,35 +28,32 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use beit_data::seg_augment::SegTrainTransform;
-use beit_data::segmentation::{
-    fashion_seg_classes, fashion_segmentation, LabelMap, SegmentationFolder, ADE20K_CLASSES,
-    IGNORE_INDEX,
-};
-use beit_data::{FashionMnist, Filter, ImageProcessor, Normalize, RgbImage, TargetSize};
+use beit_data::segmentation::IGNORE_INDEX;
+use beit_data::{Filter, ImageProcessor, TargetSize};
 use beit_model::load::LoadReport;
 use beit_model::segmentation::{
     is_buffer, save_segmentation_hf, segmentation_model_in_varmap, BeitForSemanticSegmentation,
     SegmentationConfig,
 };
 use beit_model::{BeitConfig, ForwardOptions};
-use beit_train::seg_metrics::SegMetrics;
 use beit_train::{
-    build_param_groups, fit, named_vars, BestMetric, FitOptions, GroupingConfig, Position,
-    ScheduleKind, StepContext, StepOutput, TrainLoop, TrainRng, TrainTask,
+    build_param_groups, fit, named_vars, Position, ScheduleKind, StepContext, StepOutput, TrainRng,
+    TrainTask,
 };
 use candle::{Device, Tensor};
 use candle_nn::VarMap;
-use rand::seq::SliceRandom;
-use rand::RngCore;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::classifier::{log_load_report, trainable_classifier};
-use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
-use crate::device::parse_device;
+use crate::config::{NormalizePreset, TrainSection};
+use crate::device::DeviceSpec;
 use crate::finetune::Architecture;
 use crate::model_source::load_model;
-use crate::segment::{segment_image, Inference};
+use crate::runner::{self, FinetuneOutcome, RunSpec};
+pub use crate::seg_data::SegDataSection;
+use crate::seg_data::{load_data, Pairs, SegBatch, Stream};
+use crate::seg_eval::{score_pairs, SegPredictor};
+use crate::segment::Inference;
 
 /// A segmentation fine-tuning recipe (`configs/finetune_seg_*.toml`). Defaults: unilm's
 /// BEiT-base ADE20K recipe.
@@ -64,15 +61,16 @@ use crate::segment::{segment_image, Inference};
 #[serde(deny_unknown_fields, default)]
 pub struct FinetuneSegConfig {
     /// Starting checkpoint: a directory or hub id (`--model`), classification, MIM or
-    /// segmentation. Empty: from scratch with `[architecture]`.
-    pub model: String,
+    /// segmentation. Unset (the default): from scratch with `[architecture]`.
+    #[serde(deserialize_with = "crate::config::non_empty")]
+    pub model: Option<String>,
     /// Load the checkpoint's weights (true); false keeps only its architecture, freshly
     /// initialised (a from-scratch baseline of the same shape).
     pub pretrained: bool,
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Dataset.
     pub data: SegDataSection,
     /// Backbone shape when training from scratch (ignored with a checkpoint).
@@ -88,10 +86,10 @@ pub struct FinetuneSegConfig {
 impl Default for FinetuneSegConfig {
     fn default() -> Self {
         Self {
-            model: String::new(),
+            model: None,
             pretrained: true,
             output: PathBuf::from("runs/finetune-seg"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: SegDataSection::default(),
             architecture: Architecture::default(),
             segmentation: SegHeadSection::default(),
@@ -117,55 +115,6 @@ impl Default for FinetuneSegConfig {
                 ..TrainSection::default()
             },
             aug: SegAugSection::default(),
-        }
-    }
-}
-
-/// `[data]` of a segmentation run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SegDataSection {
-    /// A directory in the ADE20K layout (`images/<split>/*.jpg` + `annotations/<split>/*.png`,
-    /// or its parent holding `ADEChallengeData2016/`), or `fashion-mnist`: the segmentation set
-    /// derived in memory from the Fashion-MNIST subset embedded in beit-data (2x2 mosaics of
-    /// garments, 11 classes with the background).
-    pub source: String,
-    /// Training split folder (`training`).
-    pub train_split: String,
-    /// Validation split folder (`validation`).
-    pub val_split: String,
-    /// mmseg's `reduce_zero_label` (annotation 0 ignored, classes shifted down). Unset: true for
-    /// a directory (ADE20K), false for `fashion-mnist` (0 is its background class).
-    pub reduce_zero_label: Option<bool>,
-    /// Class names of a directory dataset; empty: ADE20K's 150 (with `reduce_zero_label`).
-    pub classes: Vec<String>,
-    /// Optimizer steps per epoch, drawn from an endless stream of reshuffled passes over the
-    /// training set (mmseg's iteration-based runner; 16,000 = unilm's evaluation interval).
-    /// Unset: an epoch is one pass (the last incomplete batch dropped).
-    pub iters_per_epoch: Option<u64>,
-    /// Use at most the first this many training pairs (sorted by name).
-    pub max_train_samples: Option<usize>,
-    /// Evaluate on at most the first this many validation pairs.
-    pub max_val_samples: Option<usize>,
-    /// `fashion-mnist`: training mosaics (4 garments each; 1,500 uses the 6,000 embedded images).
-    pub fashion_train_images: usize,
-    /// `fashion-mnist`: validation mosaics from the 1,000 test images (250).
-    pub fashion_val_images: usize,
-}
-
-impl Default for SegDataSection {
-    fn default() -> Self {
-        Self {
-            source: String::new(),
-            train_split: "training".into(),
-            val_split: "validation".into(),
-            reduce_zero_label: None,
-            classes: Vec::new(),
-            iters_per_epoch: Some(16_000),
-            max_train_samples: None,
-            max_val_samples: None,
-            fashion_train_images: 1_500,
-            fashion_val_images: 250,
         }
     }
 }
@@ -227,9 +176,9 @@ pub struct SegAugSection {
     /// mmseg's `PhotoMetricDistortion` (true).
     pub photometric: bool,
     /// Image resampling filter of the rescale (bilinear); labels always use nearest.
-    pub interpolation: String,
+    pub interpolation: Filter,
     /// `half` (mean = std = 0.5: unilm's 127.5 and the published processors) or `imagenet`.
-    pub normalize: String,
+    pub normalize: NormalizePreset,
     /// Stride of the sliding-window evaluation (426 at crop 640); unset: the crop size.
     pub eval_stride: Option<usize>,
 }
@@ -243,8 +192,8 @@ impl Default for SegAugSection {
             cat_max_ratio: 0.75,
             hflip: 0.5,
             photometric: true,
-            interpolation: "bilinear".into(),
-            normalize: "half".into(),
+            interpolation: Filter::Bilinear,
+            normalize: NormalizePreset::Half,
             eval_stride: Some(426),
         }
     }
@@ -260,8 +209,8 @@ impl SegAugSection {
             cat_max_ratio: self.cat_max_ratio,
             hflip: self.hflip,
             photometric: self.photometric,
-            interpolation: Filter::parse(&self.interpolation).context("aug.interpolation")?,
-            normalize: Normalize::preset(&self.normalize).context("aug.normalize")?,
+            interpolation: self.interpolation,
+            normalize: self.normalize.normalize(),
         };
         t.validate().context("[aug]")?;
         Ok(t)
@@ -270,12 +219,12 @@ impl SegAugSection {
     /// The processor of the exported model and of the evaluation (rescale, normalise; resize
     /// to the crop size for whole-image inference).
     pub fn processor(&self) -> Result<ImageProcessor> {
-        let n = Normalize::preset(&self.normalize).context("aug.normalize")?;
+        let n = self.normalize.normalize();
         let s = self.crop_size as u32;
         Ok(ImageProcessor {
             do_resize: true,
             size: TargetSize::Exact(s, s),
-            resample: Filter::parse(&self.interpolation).context("aug.interpolation")?,
+            resample: self.interpolation,
             do_center_crop: false,
             crop_size: (s, s),
             do_rescale: true,
@@ -290,113 +239,9 @@ impl SegAugSection {
 /// A segmentation fine-tuning run: the fine-tuning job over the segmentation recipe.
 pub type FinetuneSegJob = crate::finetune::FinetuneJob<FinetuneSegConfig>;
 
-/// What a segmentation fine-tuning run produced.
-#[derive(Debug, Clone)]
-pub struct FinetuneSegOutcome {
-    /// Optimizer steps completed.
-    pub steps: u64,
-    /// All scheduled steps are done.
-    pub finished: bool,
-    /// What data was used.
-    pub data: String,
-    /// The latest evaluation (`mIoU`, `mAcc`, `aAcc`, percent).
-    pub last_eval: Option<beit_train::EvalRecord>,
-    /// The best evaluation by mIoU.
-    pub best_eval: Option<beit_train::EvalRecord>,
-    /// Mean training loss of the first and the last optimizer step of this invocation.
-    pub loss_first_last: Option<(f64, f64)>,
-    /// The exported best model.
-    pub best_model: PathBuf,
-    /// The exported final model (written when the run completes).
-    pub final_model: Option<PathBuf>,
-    /// The run's metrics log.
-    pub metrics: PathBuf,
-    /// The last checkpoint.
-    pub checkpoint: PathBuf,
-}
-
-/// The pairs of one split: on disk (ADE20K layout) or in memory.
-enum Pairs {
-    Folder(SegmentationFolder, usize),
-    Memory(Vec<(RgbImage, LabelMap)>),
-}
-
-impl Pairs {
-    fn len(&self) -> usize {
-        match self {
-            Pairs::Folder(_, n) => *n,
-            Pairs::Memory(v) => v.len(),
-        }
-    }
-
-    fn load(&self, i: usize) -> Result<(RgbImage, LabelMap)> {
-        match self {
-            Pairs::Folder(f, _) => f
-                .load(i)
-                .with_context(|| format!("loading {}", f.pairs[i].image.display())),
-            Pairs::Memory(v) => Ok(v[i].clone()),
-        }
-    }
-}
-
-/// The training and validation pairs, the class names and a description.
-fn load_data(d: &SegDataSection) -> Result<(Pairs, Pairs, Vec<String>, String)> {
-    let cap = |n: usize, max: Option<usize>| max.map_or(n, |m| m.min(n));
-    if d.source.trim() == "fashion-mnist" {
-        if d.reduce_zero_label == Some(true) {
-            bail!(
-                "data.reduce_zero_label: the fashion-mnist set's label 0 is its background class"
-            );
-        }
-        let fm = FashionMnist::embedded()?;
-        let mut train = fashion_segmentation(&fm.train, d.fashion_train_images, 0)?;
-        let mut val = fashion_segmentation(&fm.test, d.fashion_val_images, 1)?;
-        train.truncate(cap(train.len(), d.max_train_samples));
-        val.truncate(cap(val.len(), d.max_val_samples));
-        let desc = format!(
-            "Fashion-MNIST segmentation mosaics (56x56, 11 classes): {} train / {} val",
-            train.len(),
-            val.len()
-        );
-        return Ok((
-            Pairs::Memory(train),
-            Pairs::Memory(val),
-            fashion_seg_classes(),
-            desc,
-        ));
-    }
-    if d.source.trim().is_empty() {
-        bail!("data.source: no dataset given (--data DIR in the ADE20K layout, or fashion-mnist)");
-    }
-    let root = Path::new(d.source.trim());
-    let reduce = d.reduce_zero_label.unwrap_or(true);
-    let classes: Vec<String> = if d.classes.is_empty() {
-        if !reduce {
-            bail!("data.classes: list the class names of a dataset without reduce_zero_label");
-        }
-        ADE20K_CLASSES.iter().map(|s| s.to_string()).collect()
-    } else {
-        d.classes.clone()
-    };
-    let train = SegmentationFolder::ade20k(root, &d.train_split, reduce)?;
-    let val = SegmentationFolder::ade20k(root, &d.val_split, reduce)?;
-    let (nt, nv) = (
-        cap(train.len(), d.max_train_samples),
-        cap(val.len(), d.max_val_samples),
-    );
-    let desc = format!(
-        "{} ({} classes{}): {nt} train / {nv} val",
-        root.display(),
-        classes.len(),
-        if reduce { ", reduce_zero_label" } else { "" }
-    );
-    Ok((
-        Pairs::Folder(train, nt),
-        Pairs::Folder(val, nv),
-        classes,
-        desc,
-    ))
-}
+/// What a segmentation fine-tuning run produced (`last_eval`/`best_eval`: `mIoU`, `mAcc`,
+/// `aAcc` in percent; `final_model` once the run completes).
+pub type FinetuneSegOutcome = FinetuneOutcome;
 
 /// `out_indices` for a backbone of `l` blocks when the recipe and the checkpoint give none.
 fn default_out_indices(l: usize) -> Vec<usize> {
@@ -414,22 +259,9 @@ fn segmentation_config(
     source: Option<&BeitConfig>,
     classes: &[String],
 ) -> Result<(BeitConfig, SegmentationConfig)> {
-    let mut c = match source {
-        Some(s) => s.clone(),
-        None => {
-            let a = &cfg.architecture;
-            BeitConfig {
-                hidden_size: a.hidden_size,
-                num_hidden_layers: a.num_hidden_layers,
-                num_attention_heads: a.num_attention_heads,
-                intermediate_size: a.intermediate_size,
-                patch_size: a.patch_size,
-                layer_scale_init_value: a.layer_scale_init_value,
-                layer_norm_eps: a.layer_norm_eps,
-                ..BeitConfig::default()
-            }
-        }
-    };
+    let mut c = source
+        .cloned()
+        .unwrap_or_else(|| cfg.architecture.beit_config());
     // The checkpoint's own `out_indices` (any of its spellings), when it has them.
     let from_checkpoint = source
         .filter(|s| {
@@ -511,28 +343,7 @@ fn build_model(
     Ok((varmap, model, report))
 }
 
-/// One micro-batch: normalised crops `(B, 3, S, S)` and labels `(B, S, S)`.
-struct SegBatch {
-    pixels: Tensor,
-    labels: Tensor,
-    len: usize,
-    /// Label pixels not equal to the ignore index (the losses' denominator).
-    labelled_pixels: usize,
-}
-
-/// Where a run stands on its best model (`best.json`).
-#[derive(Debug, Serialize, Deserialize)]
-struct BestRecord {
-    #[serde(rename = "mIoU")]
-    miou: f64,
-    #[serde(rename = "mAcc")]
-    macc: f64,
-    #[serde(rename = "aAcc")]
-    aacc: f64,
-    epoch: u64,
-    step: u64,
-}
-
+/// The segmentation task: the model, its loss, its validation and its export.
 struct SegTask<'a> {
     model: BeitForSemanticSegmentation,
     model_cfg: BeitConfig,
@@ -547,6 +358,16 @@ struct SegTask<'a> {
 }
 
 impl SegTask<'_> {
+    /// Once the run is `finished`, rank 0 exports the last model to `final_model/`.
+    fn export_final(&self, finished: bool) -> Result<Option<PathBuf>> {
+        if !(finished && crate::distributed::is_primary()) {
+            return Ok(None);
+        }
+        let dir = self.out.join("final_model");
+        self.export(&dir)?;
+        Ok(Some(dir))
+    }
+
     fn export(&self, dir: &Path) -> Result<()> {
         save_segmentation_hf(
             dir,
@@ -571,16 +392,12 @@ impl TrainTask for SegTask<'_> {
     type Error = anyhow::Error;
 
     fn train_step(&mut self, batch: SegBatch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
-        let samples = crate::dist::global_positions(batch.pixels.dim(0)?, ctx.rank_and_size);
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), samples);
+        ctx.reseed_stochastic(self.model.backbone().rng(), batch.pixels.dim(0)?);
         let out = self.model.forward(&batch.pixels, ForwardOptions::train())?;
         // The forward pass moved the BatchNorm running statistics by this rank's batch: every
         // rank takes rank 0's (PyTorch DDP's buffer broadcast), so the ranks stay identical.
-        beit_train::dist::broadcast_vars_where(
-            &*beit_train::dist::world(),
+        beit_train::distributed::broadcast_vars_where(
+            &*crate::distributed::world(),
             &self.varmap,
             is_buffer,
         )?;
@@ -595,23 +412,24 @@ impl TrainTask for SegTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let mut metrics = SegMetrics::new(self.model.num_labels(), IGNORE_INDEX as u32);
         // Data-parallel: rank r evaluates pairs r, r + N, ...; the counts are summed.
-        let world = beit_train::dist::world();
-        for i in (world.rank()..self.val.len()).step_by(world.size()) {
-            let (img, labels) = self.val.load(i)?;
-            let pred = segment_image(
-                &self.model,
-                &self.processor,
-                &img,
-                self.inference,
-                &self.device,
-            )?;
-            let gt: Vec<u32> = labels.labels.iter().map(|&v| v as u32).collect();
-            metrics
-                .update(&pred, &gt)
-                .map_err(|e| anyhow::anyhow!("validation pair {i}: {e}"))?;
-        }
+        let world = crate::distributed::world();
+        let mine: Vec<usize> = (world.rank()..self.val.len())
+            .step_by(world.size())
+            .collect();
+        let predictor = SegPredictor {
+            model: &self.model,
+            processor: &self.processor,
+            inference: self.inference,
+            device: &self.device,
+        };
+        let mut metrics = score_pairs(
+            &predictor,
+            &mine,
+            |i| self.val.load(i),
+            |i| format!("validation pair {i}"),
+            None,
+        )?;
         metrics.all_reduce(&*world)?;
         let s = metrics.scores();
         tracing::info!(
@@ -631,100 +449,36 @@ impl TrainTask for SegTask<'_> {
     fn on_best(&mut self, metrics: &BTreeMap<String, f64>, at: Position) -> Result<()> {
         let dir = self.out.join("best_model");
         self.export(&dir)?;
-        let rec = BestRecord {
-            miou: metrics["mIoU"],
-            macc: metrics["mAcc"],
-            aacc: metrics["aAcc"],
-            epoch: at.epoch.saturating_sub(1),
-            step: at.step,
-        };
-        let file = self.out.join("best.json");
-        std::fs::write(&file, serde_json::to_string_pretty(&rec)?)
-            .with_context(|| format!("cannot write {}", file.display()))?;
-        tracing::info!("new best mIoU {:.2}: exported {}", rec.miou, dir.display());
+        let best = runner::write_best(&self.out, metrics, &["mIoU", "mAcc", "aAcc"], at)?;
+        tracing::info!("new best mIoU {:.2}: exported {}", best[0], dir.display());
         Ok(())
     }
 }
 
-/// The training stream: micro-batch `b` of epoch `e` holds stream positions
-/// `(e·per_epoch + b·micro)..` where a position `p` is sample `perm(p / N)[p % N]`, a seeded
-/// permutation per pass; each sample's augmentation draws from a generator derived from
-/// `(seed, epoch, position in the epoch)`. A function of `(seed, e)` alone, so a resumed run
-/// sees the same data.
-struct Stream<'a> {
-    pairs: &'a Pairs,
-    transform: &'a SegTrainTransform,
-    seed: u64,
-    micro: usize,
-    batches_per_epoch: u64,
-    device: Device,
-    /// This process's rank and the world size: it reads its share of each micro-batch.
-    rank: usize,
-    world_size: usize,
-}
+/// The starting checkpoint of `job`, if any: its config, and its weights when `pretrained`.
+type Source = (
+    Option<BeitConfig>,
+    Option<std::collections::HashMap<String, Tensor>>,
+);
 
-impl Stream<'_> {
-    fn permutation(&self, pass: u64) -> Vec<usize> {
-        let mut p: Vec<usize> = (0..self.pairs.len()).collect();
-        p.shuffle(&mut TrainRng::derive(self.seed, &[0x7061_7373, pass]));
-        p
-    }
-
-    fn batch(&self, epoch: u64, b: u64, cache: &mut Option<(u64, Vec<usize>)>) -> Result<SegBatch> {
-        let n = self.pairs.len() as u64;
-        let per_epoch = self.batches_per_epoch * self.micro as u64;
-        let mut items = Vec::with_capacity(self.micro / self.world_size);
-        // This rank's share of the global micro-batch: positions rank, rank + N, ...
-        for j in (self.rank as u64..self.micro as u64).step_by(self.world_size) {
-            let in_epoch = b * self.micro as u64 + j;
-            let p = epoch.wrapping_mul(per_epoch).wrapping_add(in_epoch);
-            let pass = p / n;
-            if cache.as_ref().map(|c| c.0) != Some(pass) {
-                *cache = Some((pass, self.permutation(pass)));
-            }
-            let idx = cache.as_ref().map(|c| c.1[(p % n) as usize]).unwrap_or(0);
-            items.push((in_epoch, idx));
-        }
-        let samples = items
-            .par_iter()
-            .map(|&(in_epoch, idx)| {
-                let (img, labels) = self.pairs.load(idx)?;
-                let mut rng = TrainRng::derive(self.seed, &[0x0061_7567, epoch, in_epoch]);
-                self.transform
-                    .apply(&img, &labels, &mut rng)
-                    .with_context(|| format!("augmenting training pair {idx}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let side = self.transform.crop_size as usize;
-        let len = samples.len();
-        let mut pixels = Vec::with_capacity(len * 3 * side * side);
-        let mut labels = Vec::with_capacity(len * side * side);
-        for s in samples {
-            pixels.extend_from_slice(&s.pixels);
-            labels.extend(s.labels.iter().map(|&v| v as u32));
-        }
-        let labelled_pixels = labels.iter().filter(|&&v| v != IGNORE_INDEX as u32).count();
-        Ok(SegBatch {
-            pixels: Tensor::from_vec(pixels, (len, 3, side, side), &self.device)?,
-            labels: Tensor::from_vec(labels, (len, side, side), &self.device)?,
-            len,
-            labelled_pixels,
-        })
-    }
-}
-
-/// Run (or continue) a segmentation fine-tuning job.
-pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
+fn load_source(job: &FinetuneSegJob) -> Result<Source> {
     let cfg = &job.config;
-    let t = &cfg.train;
-    let device = parse_device(&cfg.device)?;
-    let precision = t.precision(&device)?;
-    tracing::info!("precision: {precision}");
-    let out = cfg.output.clone();
-    prepare_output_dir(&out, job.resume.is_some())?;
-    let micro = t.micro_batch()?;
-    crate::dist::rank_micro_batch(micro)?;
-    let world = beit_train::dist::world();
+    let Some(model) = cfg.model.as_deref() else {
+        return Ok((None, None));
+    };
+    let loaded = load_model(model, job.download)?;
+    tracing::info!(
+        "model: {model} ({} tensors, {:?})",
+        loaded.checkpoint.tensors.len(),
+        loaded.checkpoint.architecture()
+    );
+    let w = cfg.pretrained.then(|| loaded.checkpoint.tensors.clone());
+    Ok((Some(loaded.checkpoint.config), w))
+}
+
+/// Warn that a data-parallel run's BatchNorm statistics are per rank.
+fn warn_if_data_parallel() {
+    let world = crate::distributed::world();
     if world.size() > 1 && world.rank() == 0 {
         tracing::warn!(
             "data-parallel run on {} processes: the decode head's BatchNorm normalises with each \
@@ -733,26 +487,75 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
             world.size()
         );
     }
+}
+
+/// Micro-batches per epoch: `data.iters_per_epoch` optimizer steps, or one pass over the
+/// `train` pairs; an error when either split cannot make one.
+fn batches_per_epoch(
+    cfg: &FinetuneSegConfig,
+    train: usize,
+    val: usize,
+    micro: usize,
+) -> Result<u64> {
+    if train < micro {
+        bail!("{train} training pairs make no micro-batch of {micro} (lower train.batch_size)");
+    }
+    if val == 0 {
+        bail!("the validation split is empty");
+    }
+    Ok(match cfg.data.iters_per_epoch {
+        Some(0) => bail!("data.iters_per_epoch must be at least 1"),
+        Some(iters) => iters * cfg.train.accum_steps,
+        None => (train / micro) as u64,
+    })
+}
+
+/// mmseg's test pipeline: keep-ratio resize into the training `img_scale`, then windows of the
+/// crop size every `aug.eval_stride` pixels.
+fn sliding_inference(aug: &SegAugSection) -> Result<Inference> {
+    let crop = aug.crop_size;
+    let stride = aug.eval_stride.unwrap_or(crop);
+    if stride == 0 || stride > crop {
+        bail!("aug.eval_stride {stride} must lie in 1..={crop} (the crop size)");
+    }
+    Ok(Inference::Sliding {
+        crop,
+        stride,
+        scale: (aug.scale[0] as usize, aug.scale[1] as usize),
+    })
+}
+
+/// The run's log line: the schedule and the optimizer.
+fn log_plan(cfg: &FinetuneSegConfig, steps_per_epoch: u64, micro: usize) {
+    let t = &cfg.train;
+    tracing::info!(
+        "segmentation fine-tuning: {} epochs x {} steps of {} crops of {} ({} x {}), lr {:.2e} \
+         ({:?}), layer decay {:?}",
+        t.epochs,
+        steps_per_epoch,
+        t.batch_size,
+        cfg.aug.crop_size,
+        t.accum_steps,
+        micro,
+        t.lr,
+        t.schedule,
+        t.layer_decay,
+    );
+}
+
+/// Run (or continue) a segmentation fine-tuning job.
+pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
+    let (cfg, t) = (&job.config, &job.config.train);
+    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
+    let micro = t.micro_batch()?;
+    crate::distributed::rank_micro_batch(micro)?;
+    warn_if_data_parallel();
     let transform = cfg.aug.train_transform()?;
     let processor = cfg.aug.processor()?;
-
     let (train, val, classes, description) = load_data(&cfg.data)?;
     tracing::info!("data: {description}");
     let reduce_zero_label = matches!(train, Pairs::Folder(ref f, _) if f.reduce_zero_label);
-
-    let (source_cfg, weights) = if cfg.model.trim().is_empty() {
-        (None, None)
-    } else {
-        let loaded = load_model(&cfg.model, job.download)?;
-        tracing::info!(
-            "model: {} ({} tensors, {:?})",
-            cfg.model,
-            loaded.checkpoint.tensors.len(),
-            loaded.checkpoint.architecture()
-        );
-        let w = cfg.pretrained.then(|| loaded.checkpoint.tensors.clone());
-        (Some(loaded.checkpoint.config), w)
-    };
+    let (source_cfg, weights) = load_source(job)?;
     let from_weights = weights.is_some();
     let (model_cfg, seg) = segmentation_config(cfg, source_cfg.as_ref(), &classes)?;
     let (varmap, model, report) = build_model(&model_cfg, weights, &device, t.seed)?;
@@ -762,56 +565,12 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     // BatchNorm running statistics are state, not parameters: no optimizer, no weight decay.
     let params = named_vars(&varmap)
         .into_iter()
-        .filter(|(name, _)| !is_buffer(name));
-    let groups = build_param_groups(
-        params,
-        &GroupingConfig::finetune(model_cfg.num_hidden_layers, t.layer_decay.unwrap_or(1.0)),
-    )?;
-
-    if train.len() < micro {
-        bail!(
-            "{} training pairs make no micro-batch of {micro} (lower train.batch_size)",
-            train.len()
-        );
-    }
-    if val.len() == 0 {
-        bail!("the validation split is empty");
-    }
-    let batches = match cfg.data.iters_per_epoch {
-        Some(0) => bail!("data.iters_per_epoch must be at least 1"),
-        Some(iters) => iters * t.accum_steps,
-        None => (train.len() / micro) as u64,
-    };
-    let train_cfg = t.engine(batches, job.progress)?;
-    let run_config = serde_json::to_value(cfg)?;
-    write_resolved_config(&out, cfg)?;
-    let tl = TrainLoop::open(
-        train_cfg,
-        varmap.clone(),
-        groups,
-        &out,
-        job.resume.as_deref(),
-        run_config,
-    )?;
-    tracing::info!(
-        "segmentation fine-tuning: {} epochs x {} steps of {} crops of {} ({} x {}), lr {:.2e} \
-         ({:?}), layer decay {:?}",
-        t.epochs,
-        tl.config().steps_per_epoch(),
-        t.batch_size,
-        cfg.aug.crop_size,
-        t.accum_steps,
-        micro,
-        t.lr,
-        t.schedule,
-        t.layer_decay,
-    );
-
-    let crop = cfg.aug.crop_size;
-    let stride = cfg.aug.eval_stride.unwrap_or(crop);
-    if stride == 0 || stride > crop {
-        bail!("aug.eval_stride {stride} must lie in 1..={crop} (the crop size)");
-    }
+        .filter(|(n, _)| !is_buffer(n));
+    let groups = build_param_groups(params, &t.grouping(model_cfg.num_hidden_layers))?;
+    let batches = batches_per_epoch(cfg, train.len(), val.len(), micro)?;
+    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
+    log_plan(cfg, tl.config().steps_per_epoch(), micro);
     let mut task = SegTask {
         model,
         model_cfg,
@@ -819,26 +578,14 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         varmap,
         val: &val,
         processor,
-        // mmseg's test pipeline: keep-ratio resize into the training `img_scale`, then windows.
-        inference: Inference::Sliding {
-            crop,
-            stride,
-            scale: (cfg.aug.scale[0] as usize, cfg.aug.scale[1] as usize),
-        },
+        inference: sliding_inference(&cfg.aug)?,
         reduce_zero_label,
         device: device.clone(),
-        out: out.clone(),
+        out: cfg.output.clone(),
     };
-    let stream = Stream {
-        pairs: &train,
-        transform: &transform,
-        seed: t.seed,
-        micro,
-        batches_per_epoch: batches,
-        device,
-        rank: world.rank(),
-        world_size: world.size(),
-    };
+    let precision = t.precision(&device)?;
+    tracing::info!("precision: {precision}");
+    let stream = Stream::new(&train, &transform, t.seed, micro, batches, device);
     let done = precision.scope(|| {
         fit(
             tl,
@@ -848,38 +595,13 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
                 let mut cache = None;
                 Ok((0..batches).map(move |b| stream.batch(epoch, b, &mut cache)))
             },
-            &FitOptions {
-                eval_every: Some(t.eval_every.max(1)),
-                best: Some(BestMetric {
-                    name: "mIoU".into(),
-                    higher_is_better: true,
-                }),
-                stop_after: job.stop_after,
-            },
+            &runner::evaluated(t.eval_every, "mIoU", job.stop_after),
         )
     })?;
-    let final_model = if done.finished && crate::dist::is_primary() {
-        let dir = out.join("final_model");
-        task.export(&dir)?;
-        Some(dir)
-    } else {
-        None
-    };
+    let final_model = task.export_final(done.finished)?;
     Ok(FinetuneSegOutcome {
-        steps: done.summary.steps,
-        finished: done.finished,
-        data: description,
-        loss_first_last: done
-            .first_step
-            .as_ref()
-            .zip(done.last_step.as_ref())
-            .map(|(a, b)| (a.loss, b.loss)),
-        last_eval: done.last_eval,
-        best_eval: done.best_eval,
-        best_model: out.join("best_model"),
         final_model,
-        metrics: done.summary.metrics,
-        checkpoint: done.summary.checkpoint,
+        ..FinetuneOutcome::new(done, description, &cfg.output)
     })
 }
 

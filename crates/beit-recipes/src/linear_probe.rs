@@ -16,16 +16,17 @@ use beit_data::{load_splits, DataConfig, Dataset, Loader, LoaderConfig, Processo
 use beit_model::{BeitModel, ForwardOptions};
 use beit_train::{
     build_param_groups, fit, label_smoothing_cross_entropy, named_vars, EvalAccumulator,
-    FitOptions, GroupingConfig, StepContext, StepOutput, TrainLoop, TrainRng, TrainTask,
+    StepContext, StepOutput, TrainRng, TrainTask,
 };
 use candle::{DType, Tensor};
 use candle_nn::{Init, Module, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
-use crate::device::parse_device;
+use crate::config::TrainSection;
+use crate::device::DeviceSpec;
 use crate::evaluate::progress_bar;
-use crate::model_source::{load_architecture, load_model};
+use crate::model_source::{load_architecture, load_model, LoadedModel};
+use crate::runner::{self, RunSpec};
 use crate::tensor_batches::epoch_batch_indices;
 
 /// A linear-probe recipe (`configs/linear_probe_*.toml`).
@@ -33,7 +34,8 @@ use crate::tensor_batches::epoch_batch_indices;
 #[serde(deny_unknown_fields, default)]
 pub struct LinearProbeConfig {
     /// Frozen model: a directory or hub id (`--model`); any BEiT checkpoint (MIM or classifier).
-    pub model: String,
+    #[serde(deserialize_with = "crate::config::non_empty")]
+    pub model: Option<String>,
     /// Probe the checkpoint's weights (true); false probes the same architecture freshly
     /// initialised (transformers' init, seeded by `train.seed`): the random-features baseline
     /// a pre-trained model's probe is compared with.
@@ -43,7 +45,7 @@ pub struct LinearProbeConfig {
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Dataset.
     pub data: DataConfig,
     /// Optimisation of the head (`[train]`; `eval_batch_size` is the feature-extraction batch).
@@ -55,11 +57,11 @@ pub struct LinearProbeConfig {
 impl Default for LinearProbeConfig {
     fn default() -> Self {
         Self {
-            model: String::new(),
+            model: None,
             pretrained: true,
             layer: 9,
             output: PathBuf::from("runs/linear-probe"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: DataConfig::default(),
             train: TrainSection {
                 epochs: 50,
@@ -181,7 +183,7 @@ pub struct LinearProbeOutcome {
 /// `n` images (`x`, `y`); every rank gets all `n` rows, in order (an all-gather made of one sum
 /// all-reduce over disjoint rows).
 fn gather_rows(x: Tensor, y: Tensor, n: usize) -> Result<(Tensor, Tensor)> {
-    let world = beit_train::dist::world();
+    let world = crate::distributed::world();
     let (size, rank) = (world.size(), world.rank());
     if size == 1 {
         return Ok((x, y));
@@ -250,79 +252,60 @@ impl TrainTask for ProbeTask<'_> {
     }
 }
 
-/// Run (or continue) a linear probe.
-pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
+/// The probed model of `job`: the checkpoint, or its architecture freshly initialised.
+fn load_probed(job: &LinearProbeJob, model: &str, device: &candle::Device) -> Result<LoadedModel> {
     let cfg = &job.config;
-    if cfg.model.trim().is_empty() {
-        bail!("no model: pass --model DIR|HUB_ID (or set `model` in the config)");
+    if cfg.pretrained {
+        return load_model(model, job.download);
     }
-    let t = &cfg.train;
-    let feature_batch = t.eval_batch_size.unwrap_or(64);
-    if t.batch_size == 0 || feature_batch == 0 {
-        bail!("train.batch_size and train.eval_batch_size must be at least 1");
-    }
-    let device = parse_device(&cfg.device)?;
-    let out = cfg.output.clone();
-    prepare_output_dir(&out, job.resume.is_some())?;
+    tracing::info!("probing the architecture of {model} from random init");
+    load_architecture(model, job.download, |mcfg| {
+        random_init_tensors(mcfg, cfg.train.seed, device)
+    })
+}
 
-    let loaded = if cfg.pretrained {
-        load_model(&cfg.model, job.download)?
-    } else {
-        tracing::info!("probing the architecture of {} from random init", cfg.model);
-        load_architecture(&cfg.model, job.download, |mcfg| {
-            random_init_tensors(mcfg, t.seed, &device)
-        })?
-    };
-    let mcfg = loaded.checkpoint.config.clone();
-    let layers = mcfg.num_hidden_layers;
-    if cfg.layer > layers {
-        bail!(
-            "--layer {}: the model has {layers} blocks (use 1..={layers}; the paper uses 9 of 12 \
-             for base, 14 of 24 for large)",
-            cfg.layer
-        );
-    }
-    let backbone = loaded
-        .checkpoint
-        .backbone(&device)
-        .with_context(|| format!("building the backbone of {}", cfg.model))?;
-    let splits = load_splits(&cfg.data)?;
-    tracing::info!("data: {}", splits.description);
-    let classes = splits.classes.clone();
+/// Cached features `(x, y)` of the training and the validation split.
+struct Features {
+    train: (Tensor, Tensor),
+    val: (Tensor, Tensor),
+}
+
+/// Block `cfg.layer`'s pooled features of both splits (each data-parallel rank extracts its
+/// shard, then every rank gets every row), standardised when `normalize_features`.
+fn features(
+    job: &LinearProbeJob,
+    loaded: &LoadedModel,
+    splits: &beit_data::Splits,
+    device: &candle::Device,
+) -> Result<Features> {
+    let cfg = &job.config;
+    let backbone = loaded.checkpoint.backbone(device).with_context(|| {
+        format!(
+            "building the backbone of {}",
+            cfg.model.as_deref().unwrap_or("")
+        )
+    })?;
     let transform = Arc::new(ProcessorTransform::new(loaded.processor.clone())?);
     let started = std::time::Instant::now();
-    let feature_loader = |ds: Arc<dyn Dataset>| {
-        Loader::new(
-            ds,
+    let progress = job.progress && crate::distributed::is_primary();
+    let split = |ds: &Arc<dyn Dataset>, label: &str| -> Result<(Tensor, Tensor)> {
+        let loader = Loader::new(
+            crate::distributed::eval_shard(ds.clone()),
             transform.clone(),
             LoaderConfig {
-                batch_size: feature_batch,
+                batch_size: cfg.train.eval_batch_size.unwrap_or(64),
                 shuffle: false,
                 drop_last: false,
                 num_threads: cfg.data.num_workers,
                 ..LoaderConfig::default()
             },
             device.clone(),
-        )
+        )?;
+        let (x, y) = extract(&backbone, &loader, cfg.layer, label, progress)?;
+        gather_rows(x, y, ds.len())
     };
-    // Data-parallel: each rank extracts its shard of each split, then all get every row.
-    let progress = job.progress && crate::dist::is_primary();
-    let (xtr, ytr) = extract(
-        &backbone,
-        &feature_loader(crate::dist::eval_shard(splits.train.clone()))?,
-        cfg.layer,
-        "features (train)",
-        progress,
-    )?;
-    let (mut xtr, ytr) = gather_rows(xtr, ytr, splits.train.len())?;
-    let (xva, yva) = extract(
-        &backbone,
-        &feature_loader(crate::dist::eval_shard(splits.val.clone()))?,
-        cfg.layer,
-        "features (val)",
-        progress,
-    )?;
-    let (mut xva, yva) = gather_rows(xva, yva, splits.val.len())?;
+    let (mut xtr, ytr) = split(&splits.train, "features (train)")?;
+    let (mut xva, yva) = split(&splits.val, "features (val)")?;
     tracing::info!(
         "features of block {} ({} dims): {} train / {} val images in {:.1}s",
         cfg.layer,
@@ -337,78 +320,83 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         xtr = xtr.broadcast_sub(&mean)?.broadcast_div(&std)?;
         xva = xva.broadcast_sub(&mean)?.broadcast_div(&std)?;
     }
-    drop(backbone);
+    Ok(Features {
+        train: (xtr, ytr),
+        val: (xva, yva),
+    })
+}
 
-    // The head: `classifier.*` (the engine gives it lr scale 1 and decays only the weight),
-    // trunc_normal(std 0.01) as MAE's probe head, from the seeded generator.
-    let dim = xtr.dim(1)?;
+/// The head: `classifier.*` (the engine gives it lr scale 1 and decays only the weight),
+/// trunc_normal(std 0.01) as MAE's probe head, from the seeded generator.
+fn probe_head(
+    classes: usize,
+    dim: usize,
+    seed: u64,
+    device: &candle::Device,
+) -> Result<(VarMap, candle_nn::Linear)> {
     let mut varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device).pp("classifier");
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device).pp("classifier");
     let w = beit_train::init::trunc_normal_vec(
-        &mut TrainRng::derive(t.seed, &[0x68656164]),
-        classes.len() * dim,
+        &mut TrainRng::derive(seed, &[0x68656164]),
+        classes * dim,
         0.0,
         0.01,
         -0.02,
         0.02,
     )?;
-    let w = Tensor::from_vec(w, (classes.len(), dim), &device)?;
+    let w = Tensor::from_vec(w, (classes, dim), device)?;
     let head = candle_nn::Linear::new(
-        vb.get_with_hints((classes.len(), dim), "weight", Init::Const(0.0))?,
-        Some(vb.get_with_hints(classes.len(), "bias", Init::Const(0.0))?),
+        vb.get_with_hints((classes, dim), "weight", Init::Const(0.0))?,
+        Some(vb.get_with_hints(classes, "bias", Init::Const(0.0))?),
     );
     varmap.set_one("classifier.weight", &w)?;
-    let groups = build_param_groups(named_vars(&varmap), &GroupingConfig::pretrain(layers))?;
+    Ok((varmap, head))
+}
 
-    let n = xtr.dim(0)?;
+/// Run (or continue) a linear probe.
+pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
+    let (cfg, t) = (&job.config, &job.config.train);
+    let Some(model) = cfg.model.as_deref() else {
+        bail!("no model: pass --model DIR|HUB_ID (or set `model` in the config)");
+    };
+    if t.batch_size == 0 || t.eval_batch_size == Some(0) {
+        bail!("train.batch_size and train.eval_batch_size must be at least 1");
+    }
+    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
+    let loaded = load_probed(job, model, &device)?;
+    let layers = loaded.checkpoint.config.num_hidden_layers;
+    if cfg.layer > layers {
+        bail!(
+            "--layer {}: the model has {layers} blocks (use 1..={layers}; the paper uses 9 of 12 \
+             for base, 14 of 24 for large)",
+            cfg.layer
+        );
+    }
+    let splits = load_splits(&cfg.data)?;
+    tracing::info!("data: {}", splits.description);
+    let Features { train, val } = features(job, &loaded, &splits, &device)?;
+    drop(loaded);
+    let (n, dim) = train.0.dims2()?;
+    let (varmap, head) = probe_head(splits.classes.len(), dim, t.seed, &device)?;
+    let groups = build_param_groups(named_vars(&varmap), &t.grouping(layers))?;
     let bs = t.batch_size.min(n);
     // Each rank trains on its positions `r, r + N, ...` of every batch.
-    crate::dist::rank_micro_batch(bs)?;
-    let world = beit_train::dist::world();
-    let (rank, size) = (world.rank(), world.size());
-    let train_cfg = t.engine((n / bs) as u64, job.progress)?;
-    write_resolved_config(&out, cfg)?;
-    let run_config = serde_json::to_value(cfg)?;
-    let tl = TrainLoop::open(
-        train_cfg,
-        varmap.clone(),
-        groups,
-        &out,
-        job.resume.as_deref(),
-        run_config,
-    )?;
+    crate::distributed::rank_micro_batch(bs)?;
+    let batches = (n / bs) as u64;
+    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     let mut task = ProbeTask {
         head,
         label_smoothing: t.label_smoothing,
-        val: (&xva, &yva),
-        num_classes: classes.len(),
+        val: (&val.0, &val.1),
+        num_classes: splits.classes.len(),
     };
-    let (xtr, ytr) = (&xtr, &ytr);
+    let train = &train;
     let done = fit(
         tl,
         &mut task,
-        |epoch| {
-            // This epoch's order: a permutation drawn from (seed, epoch), so a resumed run agrees.
-            let batches = epoch_batch_indices(n, bs, t.seed, 0x7065726d, epoch, xtr.device())?;
-            Ok(batches.into_iter().map(move |idx| {
-                let idx = if size > 1 {
-                    let all = idx.to_vec1::<u32>()?;
-                    let mine: Vec<u32> = all.into_iter().skip(rank).step_by(size).collect();
-                    Tensor::new(mine, idx.device())?
-                } else {
-                    idx
-                };
-                Ok((xtr.index_select(&idx, 0)?, ytr.index_select(&idx, 0)?))
-            }))
-        },
-        &FitOptions {
-            eval_every: Some(t.eval_every.max(1)),
-            best: Some(beit_train::BestMetric {
-                name: "acc1".into(),
-                higher_is_better: true,
-            }),
-            stop_after: None,
-        },
+        |epoch| epoch_batches(train, bs, t.seed, epoch),
+        &runner::evaluated(t.eval_every, "acc1", None),
     )?;
     let final_acc = match &done.last_eval {
         Some(e) => (e.metrics["acc1"], e.metrics["acc5"]),
@@ -417,8 +405,8 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
             (m[0].1, m[1].1)
         }
     };
-    let head_path = out.join("linear_head.safetensors");
-    if crate::dist::is_primary() {
+    let head_path = cfg.output.join("linear_head.safetensors");
+    if crate::distributed::is_primary() {
         varmap
             .save(&head_path)
             .with_context(|| format!("cannot write {}", head_path.display()))?;
@@ -432,4 +420,27 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         head: head_path,
         metrics: done.summary.metrics,
     })
+}
+
+/// The micro-batches of `epoch` over the cached features `(x, y)`: a permutation drawn from
+/// `(seed, epoch)`, so a resumed run agrees; each rank takes its positions `r, r + N, ...`.
+fn epoch_batches<'a>(
+    (x, y): &'a (Tensor, Tensor),
+    bs: usize,
+    seed: u64,
+    epoch: u64,
+) -> Result<impl Iterator<Item = Result<(Tensor, Tensor)>> + 'a> {
+    let world = crate::distributed::world();
+    let (rank, size) = (world.rank(), world.size());
+    let batches = epoch_batch_indices(x.dim(0)?, bs, seed, 0x7065726d, epoch, x.device())?;
+    Ok(batches.into_iter().map(move |idx| {
+        let idx = if size > 1 {
+            let all = idx.to_vec1::<u32>()?;
+            let mine: Vec<u32> = all.into_iter().skip(rank).step_by(size).collect();
+            Tensor::new(mine, idx.device())?
+        } else {
+            idx
+        };
+        Ok((x.index_select(&idx, 0)?, y.index_select(&idx, 0)?))
+    }))
 }

@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use beit_data::{
-    limit, open_images, Batch, ColorJitter, DataConfig, Filter, Loader, LoaderConfig, Normalize,
+    limit, open_images, Batch, ColorJitter, DataConfig, Filter, Loader, LoaderConfig,
     RandomResizedCrop, TwoViewTransform,
 };
 use beit_mim::{
@@ -31,15 +31,16 @@ use beit_model::save::{save_hf, varmap_tensors};
 use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions};
 use beit_tokenizer::{Encoder, VisualTokenizer};
 use beit_train::{
-    build_param_groups, fit, init_beit, named_vars, FitOptions, GroupingConfig, InitConfig,
-    StepContext, StepOutput, TrainLoop, TrainRng, TrainTask,
+    build_param_groups, fit, init_beit, named_vars, FitOptions, InitConfig, StepContext,
+    StepOutput, TrainRng, TrainTask,
 };
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::config::TrainSection;
+use crate::config::{NormalizePreset, Preset, TrainSection};
+use crate::device::DeviceSpec;
+use crate::runner::{self, RunSpec};
 
 /// A pre-training configuration file (`configs/pretrain_*.toml`). Every field has a default (the
 /// paper's BEiT-base recipe on ImageNet-1k: 800 epochs, batch 2048, lr 1.5e-3 with 10 warm-up
@@ -51,7 +52,7 @@ pub struct PretrainConfig {
     /// Run folder (`--output`).
     pub output: PathBuf,
     /// Device (`--device`): cpu, cuda[:N], metal[:N].
-    pub device: String,
+    pub device: DeviceSpec,
     /// Frozen visual tokenizer (`--tokenizer`): a folder from `beit-cli tokenizer train`, an
     /// encoder safetensors file with `dall_e` names, or DALL-E's `encoder.pkl`.
     pub tokenizer: Option<PathBuf>,
@@ -100,7 +101,7 @@ impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
             output: PathBuf::from("runs/pretrain"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             tokenizer: None,
             model: None,
             architecture: ModelSection::default(),
@@ -128,8 +129,8 @@ impl Default for PretrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
-    /// `base` (12 x 768) or `large` (24 x 1024); the fields below override it.
-    pub preset: String,
+    /// `base` (12 x 768, the default) or `large` (24 x 1024); the fields below override it.
+    pub preset: Preset,
     /// Transformer width.
     pub hidden_size: Option<usize>,
     /// Number of blocks.
@@ -159,7 +160,7 @@ pub struct ModelSection {
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
-            preset: "base".into(),
+            preset: Preset::Base,
             hidden_size: None,
             num_hidden_layers: None,
             num_attention_heads: None,
@@ -181,10 +182,9 @@ impl ModelSection {
     /// `drop_path_rate`.
     pub fn beit_config(&self, vocab_size: usize, drop_path_rate: f64) -> Result<BeitConfig> {
         let base = BeitConfig::base_patch16_224_pt22k();
-        let mut cfg = match self.preset.as_str() {
-            "base" => base,
-            "large" => base.into_large(),
-            other => bail!("[architecture] preset: unknown `{other}` (expected base or large)"),
+        let mut cfg = match self.preset {
+            Preset::Base => base,
+            Preset::Large => base.into_large(),
         };
         cfg.hidden_size = self.hidden_size.unwrap_or(cfg.hidden_size);
         cfg.num_hidden_layers = self.num_hidden_layers.unwrap_or(cfg.num_hidden_layers);
@@ -210,12 +210,12 @@ impl ModelSection {
 #[serde(deny_unknown_fields, default)]
 pub struct AugSection {
     /// Filter of the patch view (`bicubic`).
-    pub interpolation: String,
+    pub interpolation: Filter,
     /// Tokenizer view side; default: patch grid x the tokenizer's downsampling (112 for DALL-E
     /// at 224 px / 16 px patches).
     pub second_size: Option<u32>,
     /// Filter of the tokenizer view (`lanczos`).
-    pub second_interpolation: String,
+    pub second_interpolation: Filter,
     /// Colour-jitter strength for brightness, contrast and saturation (0 = off).
     pub color_jitter: f32,
     /// Horizontal flip probability.
@@ -225,20 +225,20 @@ pub struct AugSection {
     /// Crop aspect-ratio range.
     pub crop_ratio: [f64; 2],
     /// Normalisation of the patch view: `half` (mean = std = 0.5) or `imagenet`.
-    pub normalize: String,
+    pub normalize: NormalizePreset,
 }
 
 impl Default for AugSection {
     fn default() -> Self {
         Self {
-            interpolation: "bicubic".into(),
+            interpolation: Filter::Bicubic,
             second_size: None,
-            second_interpolation: "lanczos".into(),
+            second_interpolation: Filter::Lanczos,
             color_jitter: 0.4,
             hflip: 0.5,
             crop_scale: [0.08, 1.0],
             crop_ratio: [3.0 / 4.0, 4.0 / 3.0],
-            normalize: "half".into(),
+            normalize: NormalizePreset::Half,
         }
     }
 }
@@ -254,12 +254,11 @@ impl AugSection {
                 size: (image_size, image_size),
                 scale: (self.crop_scale[0], self.crop_scale[1]),
                 ratio: (self.crop_ratio[0], self.crop_ratio[1]),
-                interpolation: Filter::parse(&self.interpolation).context("[aug] interpolation")?,
+                interpolation: self.interpolation,
             },
             second_size: (second_size, second_size),
-            second_interpolation: Filter::parse(&self.second_interpolation)
-                .context("[aug] second_interpolation")?,
-            normalize: Normalize::preset(&self.normalize).context("[aug] normalize")?,
+            second_interpolation: self.second_interpolation,
+            normalize: self.normalize.normalize(),
         };
         t.validate().context("[aug]")?;
         Ok(t)
@@ -333,6 +332,29 @@ pub struct PretrainOutcome {
     pub num_params: usize,
 }
 
+impl PretrainOutcome {
+    fn new(
+        done: &beit_train::FitOutcome,
+        export_dir: Option<PathBuf>,
+        started: Instant,
+        num_params: usize,
+    ) -> Self {
+        let last = done.last_step.as_ref();
+        Self {
+            steps: done.summary.steps,
+            finished: done.finished,
+            last_loss: last.map_or(f64::NAN, |r| r.loss),
+            first_loss: done.first_step.as_ref().map_or(f64::NAN, |r| r.loss),
+            last_mlm_acc: last.and_then(|r| r.metrics.get("mlm_acc").copied()),
+            export_dir,
+            metrics: done.summary.metrics.clone(),
+            plot: done.summary.plot.clone(),
+            seconds: started.elapsed().as_secs_f64(),
+            num_params,
+        }
+    }
+}
+
 /// Wraps the MIM model's `lm_head` as a [`Module`] for [`mim_loss`].
 struct LmHead<'a>(&'a BeitForMaskedImageModeling);
 
@@ -366,7 +388,7 @@ impl TrainTask for MimTask {
         // by the sample's position in the global micro-batch, so that they do not depend on the
         // number of data-parallel processes.
         let micro = pos.epoch * self.batches_per_epoch + pos.batch_in_epoch;
-        let positions = crate::dist::global_positions(b, ctx.rank_and_size);
+        let positions = ctx.global_positions(b);
         let (height, width) = self.sampler.grid();
         let mask = MaskBatch {
             height,
@@ -384,10 +406,7 @@ impl TrainTask for MimTask {
         };
         // Drop path draws from the model's generator, seeded from the run's checkpointed one and
         // keyed by each image's position in the global micro-batch, as the masks are.
-        self.model
-            .backbone()
-            .rng()
-            .reseed_for_samples(ctx.rng.next_u64(), positions);
+        ctx.reseed_stochastic(self.model.backbone().rng(), b);
         let opts = ForwardOptions::train();
         let out = if self.target == MimTarget::VisualTokens {
             // The last block, the final LayerNorm and lm_head on the masked rows only.
@@ -428,21 +447,10 @@ impl TrainTask for MimTask {
     }
 }
 
-/// Run (or continue) a pre-training job.
-pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
-    let started = Instant::now();
-    let cfg = &job.config;
+/// The frozen tokenizer of `cfg` (required by objectives that predict visual tokens) and the
+/// vocabulary size the model predicts.
+fn tokenizer_and_vocab(cfg: &PretrainConfig, device: &Device) -> Result<(Option<Encoder>, usize)> {
     let target = cfg.objective.target;
-    let device = &crate::device::parse_device(&cfg.device)?;
-    let output = &cfg.output;
-    if cfg.data.source.trim().is_empty() {
-        bail!("no training data: pass --data (or set data.source in the config)");
-    }
-    let micro_batch = cfg.train.micro_batch()?;
-    let rank_micro = crate::dist::rank_micro_batch(micro_batch)?;
-    crate::dist::warn_if_n_dependent(false);
-
-    // Tokenizer (frozen: built from plain tensors, so no gradient reaches it).
     let tokenizer = match (&cfg.tokenizer, target.needs_visual_tokens()) {
         (Some(p), _) => Some(load_tokenizer(p, device)?),
         (None, true) => bail!(
@@ -459,12 +467,24 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         (Some(t), _) => t.vocab_size(),
         (None, v) => v.unwrap_or(8192),
     };
-    let (mcfg, init_tensors) = match &cfg.model {
+    Ok((tokenizer, vocab))
+}
+
+/// Initial weights of a continued pre-training (`--model`), by name.
+type InitTensors = Option<std::collections::HashMap<String, Tensor>>;
+
+/// The model's config (from `--model`, or `[architecture]`) and the weights it starts from.
+fn model_config(
+    cfg: &PretrainConfig,
+    vocab: usize,
+    tokenized: bool,
+) -> Result<(BeitConfig, InitTensors)> {
+    let (mcfg, init) = match &cfg.model {
         Some(dir) => {
             let ck =
                 Checkpoint::from_dir(dir).with_context(|| format!("--model {}", dir.display()))?;
             let mut c = ck.config.clone();
-            if tokenizer.is_some() && c.vocab_size != vocab {
+            if tokenized && c.vocab_size != vocab {
                 bail!(
                     "--model {}: its vocab_size is {} but the tokenizer has {vocab} codes",
                     dir.display(),
@@ -481,7 +501,6 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
             None,
         ),
     };
-    let grid = mcfg.grid_size();
     if mcfg.image_size % mcfg.patch_size != 0 {
         bail!(
             "[architecture] image_size {} is not a multiple of patch_size {}",
@@ -489,7 +508,18 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
             mcfg.patch_size
         );
     }
-    let second = match (&tokenizer, cfg.aug.second_size) {
+    Ok((mcfg, init))
+}
+
+/// The tokenizer view's side: `[aug] second_size`, checked against the tokenizer's grid, or
+/// what makes the tokenizer's grid the model's `grid`.
+fn second_size(
+    tokenizer: Option<&Encoder>,
+    cfg: &PretrainConfig,
+    mcfg: &BeitConfig,
+) -> Result<u32> {
+    let grid = mcfg.grid_size();
+    Ok(match (tokenizer, cfg.aug.second_size) {
         (Some(t), Some(s)) => {
             if s as usize != grid * t.downsample() {
                 bail!(
@@ -503,19 +533,25 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         }
         (Some(t), None) => (grid * t.downsample()) as u32,
         (None, s) => s.unwrap_or(mcfg.image_size as u32 / 2),
-    };
-    let masking = cfg.masking.on_grid(grid).context("[masking]")?;
-    let sampler: Box<dyn MaskSampler> = masking.build()?;
+    })
+}
 
-    // Data.
+/// The sharded two-view loader of `cfg.data` and its micro-batches per epoch.
+fn mim_loader(
+    cfg: &PretrainConfig,
+    mcfg: &BeitConfig,
+    second: u32,
+    device: &Device,
+) -> Result<(Loader, u64, String)> {
+    let micro_batch = cfg.train.micro_batch()?;
     let (dataset, what) = open_images(&cfg.data.source)?;
     let dataset = limit(dataset, cfg.data.max_train_samples, cfg.data.split_seed);
     let transform = cfg.aug.transform(mcfg.image_size as u32, second)?;
     let loader = Loader::new(
         dataset.clone(),
         Arc::new(transform),
-        crate::dist::shard_loader(LoaderConfig {
-            batch_size: rank_micro,
+        crate::distributed::shard_loader(LoaderConfig {
+            batch_size: crate::distributed::rank_micro_batch(micro_batch)?,
             shuffle: true,
             drop_last: true,
             seed: cfg.train.seed,
@@ -525,19 +561,33 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         }),
         device.clone(),
     )?;
-    let batches_per_epoch = crate::dist::global_batches_per_epoch(dataset.len(), micro_batch);
+    let batches_per_epoch =
+        crate::distributed::global_batches_per_epoch(dataset.len(), micro_batch);
     if batches_per_epoch == 0 {
         bail!(
             "{what}: {} images do not fill one micro-batch of {micro_batch}",
             dataset.len()
         );
     }
+    Ok((loader, batches_per_epoch, what))
+}
 
-    // Model.
+/// The MIM model (and the pixel head of the pixel-regression ablations), initialised as unilm
+/// pre-trains, then from `init` when continuing a checkpoint.
+fn build_mim_model(
+    cfg: &PretrainConfig,
+    mcfg: &BeitConfig,
+    init: Option<&std::collections::HashMap<String, Tensor>>,
+    device: &Device,
+) -> Result<(
+    VarMap,
+    BeitForMaskedImageModeling,
+    Option<PixelRegressionHead>,
+)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-    let model = BeitForMaskedImageModeling::new(&mcfg, vb.clone())?;
-    let pixel_head = if target.needs_pixel_head() {
+    let model = BeitForMaskedImageModeling::new(mcfg, vb.clone())?;
+    let pixel_head = if cfg.objective.target.needs_pixel_head() {
         Some(PixelRegressionHead::new(
             mcfg.hidden_size,
             mcfg.patch_size,
@@ -547,13 +597,13 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     } else {
         None
     };
-    let layers = mcfg.num_hidden_layers;
     init_beit(
         &varmap,
-        &cfg.init.config(layers, mcfg.layer_scale_init_value),
+        &cfg.init
+            .config(mcfg.num_hidden_layers, mcfg.layer_scale_init_value),
         &mut TrainRng::derive(cfg.train.seed, &[0x1417]),
     )?;
-    if let Some(tensors) = &init_tensors {
+    if let Some(tensors) = init {
         let report = load_into_varmap(&varmap, tensors)?;
         tracing::info!(
             "initialised {} tensors from {}{}",
@@ -569,46 +619,39 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
             }
         );
     }
-    // Pixel regression trains `pixel_head` instead of `lm_head`: leave the latter out of the
-    // optimizer rather than decaying weights that get no gradient.
-    let trainable: Vec<_> = named_vars(&varmap)
+    Ok((varmap, model, pixel_head))
+}
+
+/// The trained variables of `varmap`: pixel regression trains `pixel_head` instead of
+/// `lm_head`, so the latter is left out rather than decaying weights that get no gradient.
+fn trainable(varmap: &VarMap, target: MimTarget) -> Vec<(String, candle::Var)> {
+    named_vars(varmap)
         .into_iter()
         .filter(|(n, _)| !(target.needs_pixel_head() && n.starts_with("lm_head.")))
-        .collect();
-    let num_params: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
-    let grouping = match cfg.train.layer_decay {
-        Some(d) => GroupingConfig::finetune(layers, d),
-        None => GroupingConfig::pretrain(layers),
-    };
-    let groups = build_param_groups(trainable, &grouping)?;
+        .collect()
+}
 
-    let tcfg = cfg.train.engine(batches_per_epoch, job.progress)?;
-    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    crate::config::write_resolved_config(output, cfg)?;
-    let run_config = serde_json::json!({
-        "command": "pretrain",
-        "config": cfg,
-        "model": serde_json::from_str::<serde_json::Value>(
-            &mcfg.to_hf_json(Architecture::MaskedImageModeling.hf_class())?
-        )?,
-    });
-    let tl = TrainLoop::open(
-        tcfg.clone(),
-        varmap.clone(),
-        groups,
-        output,
-        job.resume.as_deref(),
-        run_config,
-    )?;
+/// The run's log line: the model, the data, the objective and the schedule.
+fn log_start(
+    cfg: &PretrainConfig,
+    mcfg: &BeitConfig,
+    masking: &beit_mim::MaskingConfig,
+    tcfg: &beit_train::TrainConfig,
+    num_params: usize,
+    what: &str,
+) -> Result<()> {
+    let grid = mcfg.grid_size();
     tracing::info!(
         "pre-training BEiT ({} blocks x {}, {} heads, {grid}x{grid} patches of {} px, {:.2} M \
-         parameters) on {what}: target {target}, {} masking of {} patches (blocks >= {}), \
+         parameters) on {}: target {}, {} masking of {} patches (blocks >= {}), \
          {} epochs x {} steps of {} x {} images, lr {:.2e}",
-        layers,
+        mcfg.num_hidden_layers,
         mcfg.hidden_size,
         mcfg.num_attention_heads,
         mcfg.patch_size,
         num_params as f64 / 1e6,
+        what,
+        cfg.objective.target,
         match masking.strategy {
             MaskStrategy::Blockwise => "blockwise",
             MaskStrategy::Random => "random",
@@ -618,17 +661,88 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         tcfg.epochs,
         tcfg.steps_per_epoch(),
         tcfg.accum_steps,
-        micro_batch,
+        cfg.train.micro_batch()?,
         tcfg.lr,
     );
+    Ok(())
+}
 
+/// Write the finished model in Hugging Face layout under `output/model`
+/// (`BeitForMaskedImageModeling`), with `pixel_head.safetensors` beside it when there is one.
+fn export_model(
+    output: &Path,
+    mcfg: &BeitConfig,
+    varmap: &VarMap,
+    pixel_head: bool,
+) -> Result<PathBuf> {
+    let dir = output.join("model");
+    save_hf(
+        &dir,
+        mcfg,
+        Architecture::MaskedImageModeling,
+        &varmap_tensors(varmap),
+    )?;
+    if pixel_head {
+        let tensors: std::collections::HashMap<String, Tensor> = varmap_tensors(varmap)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(beit_mim::PIXEL_HEAD_NAME))
+            .collect();
+        candle::safetensors::save(&tensors, dir.join("pixel_head.safetensors"))?;
+    }
+    Ok(dir)
+}
+
+/// What every checkpoint of the run records: the command, the recipe and the model's config.
+fn run_config(cfg: &PretrainConfig, mcfg: &BeitConfig) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "command": "pretrain",
+        "config": cfg,
+        "model": serde_json::from_str::<serde_json::Value>(
+            &mcfg.to_hf_json(Architecture::MaskedImageModeling.hf_class())?
+        )?,
+    }))
+}
+
+/// Run (or continue) a pre-training job.
+pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
+    let started = Instant::now();
+    let cfg = &job.config;
+    let device = &cfg.device.open()?;
+    if cfg.data.source.trim().is_empty() {
+        bail!("no training data: pass --data (or set data.source in the config)");
+    }
+    crate::distributed::rank_micro_batch(cfg.train.micro_batch()?)?;
+    crate::distributed::warn_if_n_dependent(false);
+    let (tokenizer, vocab) = tokenizer_and_vocab(cfg, device)?;
+    let (mcfg, init_tensors) = model_config(cfg, vocab, tokenizer.is_some())?;
+    let second = second_size(tokenizer.as_ref(), cfg, &mcfg)?;
+    let masking = cfg.masking.on_grid(mcfg.grid_size()).context("[masking]")?;
+    let sampler: Box<dyn MaskSampler> = masking.build()?;
+    let (loader, batches_per_epoch, what) = mim_loader(cfg, &mcfg, second, device)?;
+    let (varmap, model, pixel_head) = build_mim_model(cfg, &mcfg, init_tensors.as_ref(), device)?;
+    drop(init_tensors);
+    let params = trainable(&varmap, cfg.objective.target);
+    let num_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+    let groups = build_param_groups(params, &cfg.train.grouping(mcfg.num_hidden_layers))?;
+    let resume = job.resume.as_deref();
+    let spec = RunSpec::new(
+        &cfg.output,
+        resume,
+        &cfg.train,
+        batches_per_epoch,
+        job.progress,
+    );
+    let record = run_config(cfg, &mcfg)?;
+    let tl = runner::open_loop_recording(&spec, cfg, record, varmap.clone(), groups)?;
+    let tcfg = tl.config().clone();
+    log_start(cfg, &mcfg, &masking, &tcfg, num_params, &what)?;
     let mut task = MimTask {
         model,
         pixel_head,
         tokenizer,
         sampler,
-        target,
-        grid,
+        target: cfg.objective.target,
+        grid: mcfg.grid_size(),
         seed: cfg.train.seed,
         batches_per_epoch,
         device: device.clone(),
@@ -650,44 +764,23 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         tracing::warn!("{} ({})", loader.summary(), s.reason);
     }
     let steps = done.summary.steps;
-    let export_dir = if done.finished && !crate::dist::is_primary() {
-        None // rank 0 exports
-    } else if done.finished {
-        let dir = output.join("model");
-        save_hf(
-            &dir,
+    let export_dir = match (done.finished, crate::distributed::is_primary()) {
+        (true, false) => None, // rank 0 exports
+        (true, true) => Some(export_model(
+            &cfg.output,
             &mcfg,
-            Architecture::MaskedImageModeling,
-            &varmap_tensors(&varmap),
-        )?;
-        if task.pixel_head.is_some() {
-            let tensors: std::collections::HashMap<String, Tensor> = varmap_tensors(&varmap)
-                .into_iter()
-                .filter(|(k, _)| k.starts_with(beit_mim::PIXEL_HEAD_NAME))
-                .collect();
-            candle::safetensors::save(&tensors, dir.join("pixel_head.safetensors"))?;
+            &varmap,
+            task.pixel_head.is_some(),
+        )?),
+        (false, _) => {
+            tracing::info!(
+                "stopped at step {steps} of {}; continue with --resume",
+                tcfg.total_steps()
+            );
+            None
         }
-        Some(dir)
-    } else {
-        tracing::info!(
-            "stopped at step {steps} of {}; continue with --resume",
-            tcfg.total_steps()
-        );
-        None
     };
-    let last = done.last_step.as_ref();
-    Ok(PretrainOutcome {
-        steps,
-        finished: done.finished,
-        last_loss: last.map_or(f64::NAN, |r| r.loss),
-        first_loss: done.first_step.as_ref().map_or(f64::NAN, |r| r.loss),
-        last_mlm_acc: last.and_then(|r| r.metrics.get("mlm_acc").copied()),
-        export_dir,
-        metrics: done.summary.metrics,
-        plot: done.summary.plot,
-        seconds: started.elapsed().as_secs_f64(),
-        num_params,
-    })
+    Ok(PretrainOutcome::new(&done, export_dir, started, num_params))
 }
 
 #[cfg(test)]
@@ -721,7 +814,7 @@ mod tests {
             Some(3.0),
             "unset fields keep the paper recipe"
         );
-        assert_eq!(cfg.architecture.preset, "large");
+        assert_eq!(cfg.architecture.preset, Preset::Large);
         assert_eq!(cfg.masking.strategy, MaskStrategy::Random);
         assert_eq!(cfg.objective.target, MimTarget::AllTokens);
         assert_eq!(cfg.data.source, "fashion-mnist");

@@ -16,14 +16,15 @@ use beit_tokenizer::pixels::{save_image, tensor_to_image};
 use beit_tokenizer::train::{evaluate, mean_image_mse, EvalStats};
 use beit_tokenizer::weights::WeightsFile;
 use beit_tokenizer::{dvae_losses, Dvae, DvaeConfig, GumbelConfig, VisualTokenizer};
-use beit_train::{fit, FitOptions, ParamGroup, StepContext, StepOutput, TrainLoop, TrainTask};
+use beit_train::{fit, FitOptions, ParamGroup, StepContext, StepOutput, TrainTask};
 use candle::{Device, Tensor};
 use image::RgbImage;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
-use crate::device::parse_device;
+use crate::config::TrainSection;
+use crate::device::DeviceSpec;
+use crate::runner::{self, RunSpec};
 use crate::tensor_batches::epoch_batch_indices;
 
 /// A tokenizer recipe (`configs/tokenizer_*.toml`).
@@ -33,7 +34,7 @@ pub struct TokenizerConfig {
     /// Run directory (`--output`).
     pub output: PathBuf,
     /// Device (`--device`).
-    pub device: String,
+    pub device: DeviceSpec,
     /// Training images (`--data`): `fashion-mnist[:DIR]` (its test split held out), or any source
     /// `beit_data::open_images` reads (its last 10% held out); `max_train_samples` keeps the
     /// first that many training images.
@@ -51,7 +52,7 @@ impl Default for TokenizerConfig {
     fn default() -> Self {
         Self {
             output: PathBuf::from("runs/tokenizer"),
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             data: DataConfig::default(),
             architecture: DvaeConfig::default(),
             objective: GumbelConfig::default(),
@@ -211,6 +212,70 @@ impl TrainTask for DvaeTask<'_> {
     }
 }
 
+/// The dVAE's optimizer groups: weight decay on the convolution kernels only, as the DALL-E
+/// training code.
+fn dvae_groups(dvae: &Dvae) -> Vec<ParamGroup> {
+    let (decay, no_decay): (Vec<_>, Vec<_>) = dvae
+        .named_vars()
+        .into_iter()
+        .partition(|(k, _)| k.ends_with(".w"));
+    vec![
+        ParamGroup {
+            name: "kernels".into(),
+            params: decay,
+            lr_scale: 1.0,
+            weight_decay: true,
+        },
+        ParamGroup {
+            name: "biases".into(),
+            params: no_decay,
+            lr_scale: 1.0,
+            weight_decay: false,
+        },
+    ]
+}
+
+/// The held-out evaluation (`eval.json`) and the reconstructions of the first 16 held-out
+/// images (`reconstructions.png`: originals on top, reconstructions below) of a trained `dvae`.
+fn evaluate_and_draw(
+    dvae: &Dvae,
+    data: &Images,
+    steps: u64,
+    started: std::time::Instant,
+    out: &Path,
+) -> Result<(EvalStats, f64)> {
+    let eval = evaluate(dvae, &data.test, 250)?;
+    let baseline = mean_image_mse(&data.train, &data.test)?;
+    let summary = serde_json::json!({
+        "steps": steps,
+        "train_seconds_this_run": started.elapsed().as_secs_f64(),
+        "heldout_images": data.test.dim(0)?,
+        "heldout_mse": eval.mse,
+        "mean_image_mse": baseline,
+        "mse_ratio": eval.mse / baseline,
+        "codes_used": eval.codebook.used,
+        "vocab_size": dvae.encoder.vocab_size(),
+        "codebook_usage": eval.codebook.usage,
+        "perplexity": eval.codebook.perplexity,
+    });
+    std::fs::write(
+        out.join("eval.json"),
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    let k = data.test.dim(0)?.min(16);
+    let originals = data.test.narrow(0, 0, k)?;
+    let ids = dvae.encoder.tokenize(&map_pixels(&originals)?)?;
+    let recon = dvae.decoder.reconstruct(&ids)?;
+    let row = |x: &Tensor| -> Result<Vec<RgbImage>> {
+        (0..k).map(|i| Ok(tensor_to_image(&x.get(i)?)?)).collect()
+    };
+    save_image(
+        &side_by_side(&row(&originals)?, &row(&recon)?),
+        &out.join("reconstructions.png"),
+    )?;
+    Ok((eval, baseline))
+}
+
 /// Train (or continue training) a dVAE tokenizer.
 pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
     let started = std::time::Instant::now();
@@ -218,9 +283,8 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
     let (model, t) = (&cfg.architecture, &cfg.train);
     model.validate("[architecture]")?;
     cfg.objective.validate("[objective]")?;
-    let device = parse_device(&cfg.device)?;
     let out = &cfg.output;
-    prepare_output_dir(out, false)?;
+    let device = runner::start(cfg.device, out, false)?;
     let has_checkpoints = !beit_train::CheckpointManager::new(out, 1)?
         .list()?
         .is_empty();
@@ -244,43 +308,14 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
         model.decoder_config().num_params(),
         data.what
     );
-    write_resolved_config(out, cfg)?;
-
     let dvae = Dvae::new(model, t.seed, &device)?;
-    // Weight decay on the convolution kernels only, as the DALL-E training code.
-    let (decay, no_decay): (Vec<_>, Vec<_>) = dvae
-        .named_vars()
-        .into_iter()
-        .partition(|(k, _)| k.ends_with(".w"));
-    let groups = vec![
-        ParamGroup {
-            name: "kernels".into(),
-            params: decay,
-            lr_scale: 1.0,
-            weight_decay: true,
-        },
-        ParamGroup {
-            name: "biases".into(),
-            params: no_decay,
-            lr_scale: 1.0,
-            weight_decay: false,
-        },
-    ];
-    let tcfg = t.engine((n / bs) as u64, job.progress)?;
-    let total_steps = tcfg.total_steps();
-    let run_config = serde_json::to_value(cfg)?;
-    let tl = TrainLoop::open(
-        tcfg,
-        dvae.varmap().clone(),
-        groups,
-        out,
-        resume_from.as_deref(),
-        run_config,
-    )?;
+    let batches = (n / bs) as u64;
+    let spec = RunSpec::new(out, resume_from.as_deref(), t, batches, job.progress);
+    let tl = runner::open_loop(&spec, cfg, dvae.varmap().clone(), dvae_groups(&dvae))?;
     let mut task = DvaeTask {
         dvae: &dvae,
         objective: &cfg.objective,
-        total_steps,
+        total_steps: tl.config().total_steps(),
     };
     let train = &data.train;
     let done = fit(
@@ -298,48 +333,13 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
         },
     )?;
     dvae.export(out)?;
-
-    let eval = evaluate(&dvae, &data.test, 250)?;
-    let baseline = mean_image_mse(&data.train, &data.test)?;
-    let summary = serde_json::json!({
-        "steps": done.summary.steps,
-        "train_seconds_this_run": started.elapsed().as_secs_f64(),
-        "heldout_images": data.test.dim(0)?,
-        "heldout_mse": eval.mse,
-        "mean_image_mse": baseline,
-        "mse_ratio": eval.mse / baseline,
-        "codes_used": eval.codebook.used,
-        "vocab_size": model.vocab_size,
-        "codebook_usage": eval.codebook.usage,
-        "perplexity": eval.codebook.perplexity,
-    });
-    std::fs::write(
-        out.join("eval.json"),
-        serde_json::to_string_pretty(&summary)? + "\n",
-    )?;
-
-    // Reconstructions of the first 16 held-out images: originals on top, reconstructions below.
-    let k = data.test.dim(0)?.min(16);
-    let originals = data.test.narrow(0, 0, k)?;
-    let ids = dvae.encoder.tokenize(&map_pixels(&originals)?)?;
-    let recon = dvae.decoder.reconstruct(&ids)?;
-    let row = |x: &Tensor| -> Result<Vec<RgbImage>> {
-        (0..k).map(|i| Ok(tensor_to_image(&x.get(i)?)?)).collect()
-    };
-    save_image(
-        &side_by_side(&row(&originals)?, &row(&recon)?),
-        &out.join("reconstructions.png"),
-    )?;
+    let (eval, baseline_mse) = evaluate_and_draw(&dvae, &data, done.summary.steps, started, out)?;
     Ok(TokenizerOutcome {
         steps: done.summary.steps,
-        loss_first_last: done
-            .first_step
-            .as_ref()
-            .zip(done.last_step.as_ref())
-            .map(|(a, b)| (a.loss, b.loss)),
+        loss_first_last: runner::loss_first_last(&done),
         seconds: started.elapsed().as_secs_f64(),
         eval,
-        baseline_mse: baseline,
+        baseline_mse,
         vocab_size: model.vocab_size,
         output: out.clone(),
     })

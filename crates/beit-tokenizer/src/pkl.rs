@@ -47,10 +47,10 @@ const MAX_PICKLE_BYTES: u64 = 64 << 20;
 /// `torch.nn.*` modules included): a pickle naming `os.system` or `builtins.eval` is an attack on
 /// whoever opens it with Python, and is reported with the callable's name.
 fn guard(bytes: &[u8], pickles: usize, err: ErrFn) -> Result<()> {
-    let allow = beit_model::pickle_guard::Allow {
+    let allow = beit_weights::Allow {
         module_prefixes: &["dall_e."],
     };
-    beit_model::pickle_guard::check_pickle(bytes, pickles, &allow).map_err(err)
+    beit_weights::check_pickle(bytes, pickles, &allow).map_err(err)
 }
 
 /// A tensor found in the object tree: which storage, its dtype and its view.

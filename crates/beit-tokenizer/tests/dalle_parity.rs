@@ -1,6 +1,6 @@
 //! Parity of the DALL-E encoder/decoder port with OpenAI's `dall_e` package.
 //!
-//! Fixtures from `scripts/tokenizer_fixtures.py`: a small random-initialised `dall_e` encoder and
+//! Fixtures from `scripts/fixtures/tokenizer_fixtures.py`: a small random-initialised `dall_e` encoder and
 //! decoder (n_hid 16, vocabulary 512, 4 groups x 2 blocks, perturbed biases) in safetensors with
 //! `dall_e`'s names, real photo crops, and the logits / ids / decoder outputs PyTorch computed.
 
@@ -140,10 +140,10 @@ fn bad_inputs_are_clear_errors() -> Result<()> {
 }
 
 /// The full-size DALL-E encoder (53.8M parameters): run
-/// `scripts/tokenizer_fixtures.py --full DIR` and `BEIT_DALLE_FULL_DIR=DIR cargo test -p
+/// `scripts/fixtures/tokenizer_fixtures.py --full DIR` and `BEIT_DALLE_FULL_DIR=DIR cargo test -p
 /// beit-tokenizer --release -- --ignored full_size`.
 #[test]
-#[ignore = "needs the 215 MB full-size encoder made by scripts/tokenizer_fixtures.py --full"]
+#[ignore = "needs the 215 MB full-size encoder made by scripts/fixtures/tokenizer_fixtures.py --full"]
 fn full_size_encoder_matches() -> Result<()> {
     let dir = PathBuf::from(std::env::var("BEIT_DALLE_FULL_DIR")?);
     let enc = Encoder::load(&dir.join("dalle_full_encoder.safetensors"), &Device::Cpu)?;

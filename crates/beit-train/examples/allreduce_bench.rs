@@ -1,10 +1,10 @@
 //! Time of the gradient all-reduce alone, without waits for slower ranks: `cargo build -p
 //! beit-train --features mpi --example allreduce_bench`, then `mpirun -n 2
 //! target/debug/examples/allreduce_bench [MILLIONS]` all-reduces a buffer of MILLIONS f32
-//! (default 86, ViT-B's parameters) as the engine does (`dist::all_reduce_grads`: flatten,
+//! (default 86, ViT-B's parameters) as the engine does (`distributed::all_reduce_grads`: flatten,
 //! sum over the ranks, average), after a barrier, five times; rank 0 prints the times.
 
-use beit_train::dist::{self, Collective, MpiWorld};
+use beit_train::distributed::{self, Collective, MpiWorld};
 use candle::{Device, Var};
 
 fn main() -> anyhow::Result<()> {
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         let mut grads = loss.backward()?;
         world.barrier("bench barrier")?;
         let t0 = std::time::Instant::now();
-        dist::all_reduce_grads(&*world, &mut grads, &vars)?;
+        distributed::all_reduce_grads(&*world, &mut grads, &vars)?;
         let dt = t0.elapsed().as_secs_f64();
         if world.rank() == 0 {
             println!(

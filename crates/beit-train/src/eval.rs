@@ -87,7 +87,7 @@ impl EvalAccumulator {
     /// Sum the counts of every rank of a data-parallel evaluation (each rank evaluated its
     /// own shard of the split): afterwards every rank holds the counts of the whole split.
     /// Counts travel as f64, exact below 2^53. No-op in a world of 1.
-    pub fn all_reduce(&mut self, world: &dyn crate::dist::Collective) -> Result<()> {
+    pub fn all_reduce(&mut self, world: &dyn crate::distributed::Collective) -> Result<()> {
         if world.size() == 1 {
             return Ok(());
         }

@@ -7,8 +7,8 @@
 //! * **resume**: a resumed run re-produces the interrupted epoch's first batches and drops them
 //!   (augmentation depends only on `(seed, epoch, index)`), so it continues bit for bit;
 //! * **short epochs**: when unreadable files leave an epoch short of its planned micro-batches,
-//!   the epoch is topped up from supplementary, deterministic passes (epoch ids `epoch + k·2^40`),
-//!   so the schedule and resume positions stay exact;
+//!   the epoch is topped up from supplementary, deterministic passes ([`top_up_epoch`]), so the
+//!   schedule and resume positions stay exact;
 //! * **stop-after**: stop at an optimizer-step boundary once that many steps are done (a
 //!   checkpoint is written by [`TrainLoop::finish`]); `--resume` continues;
 //! * **evaluation cadence**: every `eval_every` epochs and at the end, logged as an `eval` record;
@@ -16,11 +16,15 @@
 //! * **best model**: the watched metric's best value is recovered from the log on resume, and
 //!   [`TrainTask::on_best`] runs each time it improves (exports, `best.json`);
 //! * **randomness**: the task draws from the loop's checkpointed generator, handed to every call
-//!   as [`StepContext::rng`]; nothing is reseeded by hand elsewhere.
+//!   as [`StepContext::rng`]; the model's dropout / drop-path generator is reseeded from it by
+//!   [`StepContext::reseed_stochastic`]; nothing is reseeded by hand elsewhere.
 //!
 //! Metrics, curves, checkpoints and the progress bar are the [`TrainLoop`]'s.
 
 use std::collections::BTreeMap;
+
+use beit_model::layers::StochasticRng;
+use rand::RngCore;
 
 use crate::error::TrainError;
 use crate::metrics::read_jsonl;
@@ -40,6 +44,25 @@ pub struct StepContext<'a> {
     /// This process's rank and the world size (`(0, 1)` in a single process). In a
     /// data-parallel run each rank gets its own shard of every micro-batch.
     pub rank_and_size: (usize, usize),
+}
+
+impl StepContext<'_> {
+    /// The positions in the global micro-batch of this rank's `local` samples: `k·N + r` for its
+    /// `k`-th sample (rank `r` of `N`; `0..local` in a single process).
+    pub fn global_positions(&self, local: usize) -> Vec<u64> {
+        let (rank, size) = self.rank_and_size;
+        (0..local).map(|k| (k * size + rank) as u64).collect()
+    }
+
+    /// Reseed the model's dropout / drop-path generator for a micro-batch of `local` samples on
+    /// this rank: one draw of the run's generator seeds the step, and each sample is keyed by
+    /// its position in the global micro-batch, so that the draws depend neither on the number
+    /// of processes nor on where a resumed run started. Call it once per step, before the
+    /// forward pass.
+    pub fn reseed_stochastic(&mut self, stochastic: &StochasticRng, local: usize) {
+        let positions = self.global_positions(local);
+        stochastic.reseed_for_samples(self.rng.next_u64(), positions);
+    }
 }
 
 /// The recipe-specific part of a training run.
@@ -116,6 +139,17 @@ pub struct FitOutcome {
 /// Supplementary passes allowed to top up a short epoch.
 const MAX_TOP_UPS: u64 = 3;
 
+/// Bit where the supplementary passes of an epoch start in the epoch id: pass `k` of epoch `e`
+/// is `e + k·2^40`, an id no real epoch reaches, so its shuffle and augmentations (keyed by the
+/// id) differ from every real epoch's and from the other passes'.
+pub const TOP_UP_SHIFT: u32 = 40;
+
+/// The epoch id handed to `epoch_batches` for supplementary pass `pass` (1, 2, ...) of `epoch`,
+/// which tops up an epoch that ran short of micro-batches (unreadable files).
+pub fn top_up_epoch(epoch: u64, pass: u64) -> u64 {
+    epoch + (pass << TOP_UP_SHIFT)
+}
+
 /// Run (or continue) training to the end of the schedule, or to `opts.stop_after` steps.
 ///
 /// `epoch_batches(e)` returns the micro-batches of epoch `e` in order; it must be a function of
@@ -131,18 +165,11 @@ where
     I: Iterator<Item = Result<T::Batch, T::Error>>,
 {
     let (mut last_eval, mut best_eval) = evals_from_log(&tl, opts.best.as_ref())?;
-    let eval_due = |tl: &TrainLoop| -> bool {
-        let Some(every) = opts.eval_every else {
-            return false;
-        };
-        let epochs_done = tl.position().epoch;
-        tl.is_done() || (epochs_done > 0 && epochs_done % every.max(1) == 0)
-    };
     // Resumed at an epoch boundary whose evaluation never ran (interrupted during it).
     let pos = tl.position();
     if pos.step > 0
         && pos.batch_in_epoch == 0
-        && eval_due(&tl)
+        && eval_due(&tl, opts)
         && last_eval.as_ref().map(|e| e.step) != Some(pos.step)
     {
         evaluate(&mut tl, task, opts, &mut last_eval, &mut best_eval)?;
@@ -150,66 +177,26 @@ where
 
     let stop_at = opts.stop_after.unwrap_or(u64::MAX);
     let accum = tl.config().accum_steps.max(1);
-    let mut first_step = None;
-    let mut last_step = None;
+    let (mut first_step, mut last_step) = (None, None);
     let mut stopped = false;
     'epochs: while !tl.is_done() {
         let epoch = tl.position().epoch;
-        let mut batches = epoch_batches(epoch)?;
-        let mut top_ups = 0;
-        let mut produced = 0u64;
-        let skip = tl.position().batch_in_epoch;
+        let mut feed = EpochFeed::new(epoch, tl.position().batch_in_epoch, &mut epoch_batches)?;
         while !tl.is_done() && tl.position().epoch == epoch {
             let pos = tl.position();
             if pos.step >= stop_at && pos.batch_in_epoch % accum == 0 {
                 stopped = true;
                 break 'epochs;
             }
-            let batch = loop {
-                match batches.next() {
-                    Some(b) => {
-                        let b = b?;
-                        produced += 1;
-                        if produced > skip {
-                            break b;
-                        }
-                    }
-                    None => {
-                        top_ups += 1;
-                        if top_ups > MAX_TOP_UPS {
-                            return Err(TrainError::Config(format!(
-                                "epoch {epoch}: the data ran out after {produced} of {} \
-                                 micro-batches, {MAX_TOP_UPS} supplementary passes included",
-                                tl.config().batches_per_epoch
-                            ))
-                            .into());
-                        }
-                        tracing::warn!(
-                            "epoch {epoch}: fewer micro-batches than planned (unreadable \
-                             files?); topping up from a supplementary pass"
-                        );
-                        batches = epoch_batches(epoch + (top_ups << 40))?;
-                    }
-                }
-            };
-            let position = tl.position();
-            let rank_and_size = (tl.world().rank(), tl.world().size());
-            let mut ctx = StepContext {
-                position,
-                rng: tl.rng(),
-                loss_weight: None,
-                rank_and_size,
-            };
-            let out = task.train_step(batch, &mut ctx)?;
-            let loss_weight = ctx.loss_weight;
-            if let Some(report) = tl.micro_step_weighted(out, loss_weight)? {
+            let batch = feed.next_batch(&mut epoch_batches, tl.config().batches_per_epoch)?;
+            if let Some(report) = train_micro_batch(&mut tl, task, batch)? {
                 if first_step.is_none() {
                     first_step = Some(report.clone());
                 }
                 last_step = Some(report);
             }
         }
-        if tl.position().batch_in_epoch == 0 && eval_due(&tl) {
+        if tl.position().batch_in_epoch == 0 && eval_due(&tl, opts) {
             evaluate(&mut tl, task, opts, &mut last_eval, &mut best_eval)?;
         }
     }
@@ -223,6 +210,96 @@ where
         last_eval,
         best_eval,
     })
+}
+
+/// An evaluation is due: every `eval_every` epochs and at the end.
+fn eval_due(tl: &TrainLoop, opts: &FitOptions) -> bool {
+    let Some(every) = opts.eval_every else {
+        return false;
+    };
+    let epochs_done = tl.position().epoch;
+    tl.is_done() || (epochs_done > 0 && epochs_done % every.max(1) == 0)
+}
+
+/// The task's step on one micro-batch, handed to the loop.
+fn train_micro_batch<T: TrainTask>(
+    tl: &mut TrainLoop,
+    task: &mut T,
+    batch: T::Batch,
+) -> Result<Option<StepReport>, T::Error> {
+    let position = tl.position();
+    let rank_and_size = (tl.world().rank(), tl.world().size());
+    let mut ctx = StepContext {
+        position,
+        rng: tl.rng(),
+        loss_weight: None,
+        rank_and_size,
+    };
+    let out = task.train_step(batch, &mut ctx)?;
+    let loss_weight = ctx.loss_weight;
+    Ok(tl.micro_step_weighted(out, loss_weight)?)
+}
+
+/// The micro-batches of one epoch: those a resumed run already trained on are skipped, and a
+/// short epoch is topped up from supplementary passes.
+struct EpochFeed<I> {
+    epoch: u64,
+    batches: I,
+    skip: u64,
+    produced: u64,
+    top_ups: u64,
+}
+
+impl<I> EpochFeed<I> {
+    fn new<E>(
+        epoch: u64,
+        skip: u64,
+        epoch_batches: &mut impl FnMut(u64) -> Result<I, E>,
+    ) -> Result<Self, E> {
+        Ok(Self {
+            epoch,
+            batches: epoch_batches(epoch)?,
+            skip,
+            produced: 0,
+            top_ups: 0,
+        })
+    }
+
+    /// The next micro-batch to train on (`planned`: the epoch's micro-batches, for the error).
+    fn next_batch<B, E: From<TrainError>>(
+        &mut self,
+        epoch_batches: &mut impl FnMut(u64) -> Result<I, E>,
+        planned: u64,
+    ) -> Result<B, E>
+    where
+        I: Iterator<Item = Result<B, E>>,
+    {
+        let epoch = self.epoch;
+        loop {
+            if let Some(b) = self.batches.next() {
+                let b = b?;
+                self.produced += 1;
+                if self.produced > self.skip {
+                    return Ok(b);
+                }
+                continue;
+            }
+            self.top_ups += 1;
+            if self.top_ups > MAX_TOP_UPS {
+                return Err(TrainError::Config(format!(
+                    "epoch {epoch}: the data ran out after {} of {planned} micro-batches, \
+                     {MAX_TOP_UPS} supplementary passes included",
+                    self.produced
+                ))
+                .into());
+            }
+            tracing::warn!(
+                "epoch {epoch}: fewer micro-batches than planned (unreadable files?); topping up \
+                 from a supplementary pass"
+            );
+            self.batches = epoch_batches(top_up_epoch(epoch, self.top_ups))?;
+        }
+    }
 }
 
 /// Run the task's evaluation, log it, and call `on_best` when the watched metric improved.

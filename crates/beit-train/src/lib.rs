@@ -17,30 +17,34 @@
 //!                   │
 //!                   ▼
 //!  fit::fit(TrainLoop, task, epoch batches)      the one epoch loop: resume skip, short-epoch top-up,
-//!        │                                       stop-after, evaluation cadence, best-model hook
+//!        │                                       stop-after, evaluation cadence, best-model hook;
+//!        │                                       StepContext: the step's position, generator, reseeding
 //!        ▼
-//!  train_loop::TrainLoop ── owns ──► optimizer::AdamW        per-group lr/wd, f32 moments, saveable state
-//!        │                          schedule::CosineSchedule  per-step lr and wd (warm-up + cosine)
-//!        │                          accumulate::GradAccumulator  update_freq micro-batches
-//!        │                          clip::clip_grad_norm       global-norm clipping, logs the norm
-//!        │                          metrics::MetricsWriter     metrics.jsonl (step/epoch/eval records)
-//!        │                          checkpoint::CheckpointManager  atomic dirs, keep-last-N, best
-//!        │                          rng::TrainRng              seeded ChaCha12 with saveable position
-//!        │                          progress::TrainProgress    indicatif bar with img/s and ETA
-//!        └── finish() ──► plot::plot_metrics                   curves.png from metrics.jsonl
+//!  train_loop::TrainLoop  (train_config::TrainConfig)   the public face: micro_step, record_eval, finish
+//!        ├── accumulate::GradAccumulator              update_freq micro-batches
+//!        ├── update::Updater          the update:     distributed all-reduce → clip::clip_grad_norm
+//!        │                                            → optimizer::AdamW at schedule's lr / wd
+//!        ├── records::Records         the records:    metrics::MetricsWriter (metrics.jsonl),
+//!        │                                            progress::TrainProgress, plot::plot_metrics
+//!        ├── checkpoint_policy::CheckpointPolicy      when to save, keep-last-N, best, resume;
+//!        │                                            files through checkpoint::CheckpointManager
+//!        └── rng::TrainRng                            seeded ChaCha12 with saveable position
 //! ```
 //!
-//! Data-parallel runs ([`dist`], feature `mpi` for the MPI world, `nccl` for the gradients
-//! all-reduced on the GPUs by NCCL): the loop all-reduces and averages the gradients before
-//! clipping, logs global losses, writes files on rank 0 only and compares a weight checksum
-//! across ranks at every checkpoint; without an installed world everything is the
-//! single-process path.
+//! Seeds are derived by the workspace's one scheme, the `beit-rng` crate.
+//!
+//! Data-parallel runs ([`distributed`], feature `mpi` for the MPI world, `nccl` for the gradients
+//! all-reduced on the GPUs by NCCL): the caller creates the collective and hands it to
+//! [`TrainLoop::open_in`] (or [`TrainLoop::new_in`] / [`TrainLoop::resume_in`]); the loop
+//! all-reduces and averages the gradients before clipping, logs global losses, writes files on
+//! rank 0 only and compares a weight checksum across ranks at every checkpoint. The plain
+//! constructors are the single-process path.
 //!
 //! [`losses`] has the fine-tuning losses (label smoothing, soft targets) and top-k accuracy,
 //! [`eval`] the classification metrics of an evaluation pass. [`precision::Precision`] tells the
 //! model which dtype to compute in (bf16 on CUDA with f32 master weights, f32 on CPU); drop path
-//! and dropout belong to the model, which seeds them from the [`rng::TrainRng`] that [`fit`]
-//! hands to every step ([`StepContext::rng`]).
+//! and dropout belong to the model, whose generator [`StepContext::reseed_stochastic`] reseeds
+//! from the [`rng::TrainRng`] that [`fit`] hands to every step ([`StepContext::rng`]).
 //!
 //! # A training run in outline
 //!
@@ -91,15 +95,16 @@
 //!   line where that applies).
 //! * Nothing here prints: logs go through `tracing` (`beit_train=debug` for more), the progress
 //!   bar is hidden unless stderr is a terminal.
-//! * Numerical references: `scripts/train_fixtures.py` writes `fixtures/train/*.json` from
+//! * Numerical references: `scripts/fixtures/train_fixtures.py` writes `fixtures/train/*.json` from
 //!   PyTorch / timm / numpy (AdamW with groups, `clip_grad_norm_`, unilm's cosine scheduler,
 //!   label-smoothing and soft-target cross-entropy, top-k accuracy).
 
 pub mod accumulate;
 mod adamw_cpu;
 pub mod checkpoint;
+pub mod checkpoint_policy;
 pub mod clip;
-pub mod dist;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod fit;
@@ -111,10 +116,13 @@ pub mod param_groups;
 pub mod plot;
 pub mod precision;
 pub mod progress;
+pub mod records;
 pub mod rng;
 pub mod schedule;
 pub mod seg_metrics;
+pub mod train_config;
 pub mod train_loop;
+pub mod update;
 
 pub use accumulate::GradAccumulator;
 pub use checkpoint::{
@@ -123,7 +131,7 @@ pub use checkpoint::{
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use error::{Result, TrainError};
 pub use eval::{ClassificationMetrics, EvalAccumulator};
-pub use fit::{fit, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask};
+pub use fit::{fit, top_up_epoch, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask};
 pub use init::{init_beit, init_beit_with, InitConfig, PatchEmbedInit, Truncation};
 pub use losses::{
     label_smoothing_cross_entropy, soft_target_cross_entropy, target_rank, topk_accuracy,
@@ -136,8 +144,8 @@ pub use param_groups::{
 pub use plot::{plot_metrics, PlotOptions};
 pub use precision::Precision;
 pub use progress::TrainProgress;
+pub use records::{METRICS_FILE, PLOT_FILE};
 pub use rng::{RngState, TrainRng};
 pub use schedule::{CosineSchedule, LrSchedule, PolySchedule, ScheduleKind};
-pub use train_loop::{
-    BestMetric, Position, StepOutput, StepReport, TrainConfig, TrainLoop, TrainSummary,
-};
+pub use train_config::{TrainConfig, POLY_WARMUP_RATIO};
+pub use train_loop::{BestMetric, Position, StepOutput, StepReport, TrainLoop, TrainSummary};

@@ -41,14 +41,10 @@ impl TrainRng {
     }
 
     /// An independent generator for `keys` (e.g. `[epoch, sample_index]`) under `seed`: the
-    /// seed picks the key, the keys are mixed into the stream number.
+    /// seed picks the key, the keys are mixed into the stream number ([`beit_rng::stream_id`]).
     pub fn derive(seed: u64, keys: &[u64]) -> Self {
-        let mut stream = 0x9E37_79B9_7F4A_7C15u64;
-        for &k in keys {
-            stream = splitmix64(stream ^ k);
-        }
         let mut r = ChaCha12Rng::seed_from_u64(seed);
-        r.set_stream(stream);
+        r.set_stream(beit_rng::stream_id(keys));
         Self(r)
     }
 
@@ -111,13 +107,6 @@ impl TrainRng {
             .collect();
         Ok(Tensor::from_vec(v, shape, device)?)
     }
-}
-
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl RngCore for TrainRng {

@@ -99,7 +99,7 @@ impl SegMetrics {
     /// Sum the counts over the ranks of a data-parallel run (each rank counted its share of the
     /// images): afterwards every rank holds the counts of the whole split. The counts travel as
     /// f64, exact below 2^53 pixels per class.
-    pub fn all_reduce(&mut self, world: &dyn crate::dist::Collective) -> crate::Result<()> {
+    pub fn all_reduce(&mut self, world: &dyn crate::distributed::Collective) -> crate::Result<()> {
         if world.size() == 1 {
             return Ok(());
         }
@@ -171,10 +171,10 @@ mod tests {
         let mut m = SegMetrics::new(3, 255);
         m.update(&[0, 1, 2, 2, 1], &[0, 1, 1, 255, 2]).unwrap();
         let one = m.clone();
-        m.all_reduce(&crate::dist::SingleProcess).unwrap();
+        m.all_reduce(&crate::distributed::SingleProcess).unwrap();
         assert_eq!(m, one, "a world of one changes nothing");
         // Three ranks that counted the same images: three times the counts, the same scores.
-        m.all_reduce(&crate::dist::tests::Replicated::new(3))
+        m.all_reduce(&crate::distributed::tests::Replicated::new(3))
             .unwrap();
         let mut three = one.clone();
         three.merge(&one);

@@ -1,11 +1,18 @@
-//! [`TrainLoop`]: the optimizer, schedules, accumulation, clipping, metrics, progress and
-//! checkpoints of a run, driven one micro-batch at a time.
+//! [`TrainLoop`]: a training run driven one micro-batch at a time, the public face of the engine.
 //!
-//! The caller owns the model and the data; the loop owns everything else. Per micro-batch the
-//! caller computes the loss (a scalar tensor whose graph reaches the model's `Var`s) and hands it
-//! to [`TrainLoop::micro_step`], which back-propagates `loss / accum_steps`, sums the gradients,
-//! and after `accum_steps` micro-batches clips them, applies AdamW with the scheduled lr and
-//! weight decay, logs a JSONL record and saves a checkpoint when one is due.
+//! The caller owns the model and the data; the loop owns everything else, by concern:
+//!
+//! * the update ([`crate::update::Updater`]): data-parallel reductions, clipping, AdamW with the
+//!   scheduled lr and weight decay;
+//! * the records ([`crate::records::Records`]): `metrics.jsonl`, log lines, progress bar, plot;
+//! * the checkpoint policy ([`crate::checkpoint_policy::CheckpointPolicy`]): when to save, what
+//!   to keep, how a run directory is opened or resumed;
+//! * the trainer state (step, epoch, data position, best metric) and the run's generator.
+//!
+//! Per micro-batch the caller computes the loss (a scalar tensor whose graph reaches the model's
+//! `Var`s) and hands it to [`TrainLoop::micro_step`], which back-propagates `loss / accum_steps`,
+//! sums the gradients, and after `accum_steps` micro-batches takes an optimizer step, logs a
+//! record and saves a checkpoint when one is due.
 //!
 //! Data position: an epoch is `steps_per_epoch = batches_per_epoch / accum_steps` optimizer
 //! steps; a trailing incomplete accumulation is not drawn. [`TrainLoop::position`] says which
@@ -13,8 +20,11 @@
 //! generators derived from `(seed, epoch, index)` with [`TrainRng::derive`]); the generator is
 //! saved with each checkpoint, so a resumed run (see [`TrainLoop::resume`]) continues bit for bit.
 //! A model with its own generator for dropout / drop path (beit-model's `StochasticRng`) should be
-//! reseeded from it before each forward pass, e.g. `model.backbone().rng().reseed(rng.next_u64())`
-//! (as `tests/with_model.rs` does); data augmentation likewise.
+//! reseeded from it before each forward pass ([`crate::StepContext::reseed_stochastic`] does it
+//! under [`crate::fit`]); data augmentation likewise.
+//!
+//! Data-parallel runs: the collective is handed in ([`TrainLoop::open_in`] and siblings); the
+//! plain constructors run as a single process.
 //!
 //! Records of `metrics.jsonl` (one JSON object per line):
 //!
@@ -28,210 +38,23 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle::{DType, Tensor, Var};
+use candle::{DType, Tensor};
 use candle_nn::VarMap;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::accumulate::GradAccumulator;
-use crate::checkpoint::{Checkpoint, CheckpointManager, TrainerState};
-use crate::clip::{clip_grad_norm, global_grad_norm};
-use crate::dist::{self, Collective};
+use crate::checkpoint::{Checkpoint, TrainerState, BEST_DIR, STATE_FILE};
+use crate::checkpoint_policy::{self, CheckpointPolicy};
+use crate::distributed::{self, Collective, SingleProcess};
 use crate::error::{Result, TrainError};
-use crate::metrics::{MetricAverager, MetricsWriter, Throughput};
-use crate::optimizer::{AdamW, AdamWConfig};
+use crate::metrics::MetricsWriter;
+use crate::optimizer::AdamW;
 use crate::param_groups::ParamGroup;
-use crate::plot::{plot_metrics, PlotOptions};
 use crate::progress::TrainProgress;
+use crate::records::{Records, METRICS_FILE};
 use crate::rng::TrainRng;
-use crate::schedule::{CosineSchedule, LrSchedule, PolySchedule, ScheduleKind};
-
-/// File name of the metrics log inside the run directory.
-pub const METRICS_FILE: &str = "metrics.jsonl";
-/// File name of the curves plot inside the run directory.
-pub const PLOT_FILE: &str = "curves.png";
-
-fn one() -> u64 {
-    1
-}
-
-/// Engine settings of a run (the recipe's optimisation part).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// Number of epochs.
-    pub epochs: u64,
-    /// Micro-batches the data source provides per epoch.
-    pub batches_per_epoch: u64,
-    /// Micro-batches per optimizer step (unilm `--update_freq`).
-    #[serde(default = "one")]
-    pub accum_steps: u64,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Final learning rate of the schedule (`--min_lr`).
-    pub min_lr: f64,
-    /// The learning-rate schedule: warm-up + cosine (default) or mmseg's warm-up + poly.
-    #[serde(default)]
-    pub lr_schedule: ScheduleKind,
-    /// Exponent of the poly schedule (mmseg `power`, 1.0).
-    #[serde(default = "default_poly_power")]
-    pub poly_power: f64,
-    /// Warm-up epochs.
-    pub warmup_epochs: u64,
-    /// Warm-up steps overriding `warmup_epochs` (used only when `warmup_epochs > 0`, as unilm).
-    #[serde(default)]
-    pub warmup_steps: Option<u64>,
-    /// Weight decay at the start.
-    pub weight_decay: f64,
-    /// Weight decay at the end (cosine); `None` keeps it constant.
-    #[serde(default)]
-    pub weight_decay_end: Option<f64>,
-    /// Clip gradients to this global norm.
-    #[serde(default)]
-    pub clip_grad: Option<f64>,
-    /// AdamW betas and eps.
-    #[serde(default)]
-    pub adamw: AdamWConfig,
-    /// Seed of the loop's random generator.
-    pub seed: u64,
-    /// Log a line every this many optimizer steps.
-    #[serde(default = "default_log_every")]
-    pub log_every: u64,
-    /// Save a checkpoint every this many optimizer steps.
-    #[serde(default)]
-    pub checkpoint_every: Option<u64>,
-    /// Save a checkpoint at the end of every epoch.
-    #[serde(default)]
-    pub checkpoint_each_epoch: bool,
-    /// Step checkpoints to keep.
-    #[serde(default = "default_keep_last")]
-    pub keep_last: usize,
-    /// Draw the progress bar (still hidden when stderr is not a terminal).
-    #[serde(default)]
-    pub show_progress: bool,
-}
-
-fn default_poly_power() -> f64 {
-    1.0
-}
-
-/// mmseg's `warmup_ratio` of the poly schedule's linear warm-up (unilm's ADE20K recipe).
-pub const POLY_WARMUP_RATIO: f64 = 1e-6;
-
-fn default_log_every() -> u64 {
-    10
-}
-fn default_keep_last() -> usize {
-    2
-}
-
-impl Default for TrainConfig {
-    /// One epoch of one micro-batch per step at lr 1e-3 (cosine to 0 without warm-up), weight
-    /// decay 0.05 constant, no clipping, default AdamW betas, seed 0, a log line every 10 steps,
-    /// no intermediate checkpoints (the last step is always saved), 2 step checkpoints kept, no
-    /// progress bar. Set `batches_per_epoch` and `epochs` for a real run.
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            batches_per_epoch: 1,
-            accum_steps: 1,
-            lr: 1e-3,
-            min_lr: 0.0,
-            lr_schedule: ScheduleKind::Cosine,
-            poly_power: default_poly_power(),
-            warmup_epochs: 0,
-            warmup_steps: None,
-            weight_decay: 0.05,
-            weight_decay_end: None,
-            clip_grad: None,
-            adamw: AdamWConfig::default(),
-            seed: 0,
-            log_every: default_log_every(),
-            checkpoint_every: None,
-            checkpoint_each_epoch: false,
-            keep_last: default_keep_last(),
-            show_progress: false,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// Optimizer steps per epoch.
-    pub fn steps_per_epoch(&self) -> u64 {
-        self.batches_per_epoch / self.accum_steps.max(1)
-    }
-
-    /// Optimizer steps of the whole run.
-    pub fn total_steps(&self) -> u64 {
-        self.epochs * self.steps_per_epoch()
-    }
-
-    /// Check the values.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(TrainError::Config(m));
-        if self.accum_steps == 0 {
-            return bad("accum_steps must be at least 1".into());
-        }
-        if self.steps_per_epoch() == 0 {
-            return bad(format!(
-                "{} batches per epoch do not make one step of {} accumulated batches",
-                self.batches_per_epoch, self.accum_steps
-            ));
-        }
-        if self.epochs == 0 {
-            return bad("epochs must be at least 1".into());
-        }
-        if !(self.lr.is_finite() && self.lr >= 0.0 && self.min_lr.is_finite() && self.min_lr >= 0.0)
-        {
-            return bad(format!(
-                "lr {} / min_lr {} must be finite and >= 0",
-                self.lr, self.min_lr
-            ));
-        }
-        if let Some(c) = self.clip_grad {
-            if c.is_nan() || c <= 0.0 {
-                return bad(format!("clip_grad must be > 0, got {c}"));
-            }
-        }
-        if self.log_every == 0 {
-            return bad("log_every must be at least 1".into());
-        }
-        Ok(())
-    }
-
-    /// The per-step learning-rate schedule. Both kinds take their warm-up length the same way
-    /// (`warmup_epochs` epochs, replaced by `warmup_steps` when both are set).
-    pub fn lr_schedule(&self) -> Result<LrSchedule> {
-        let cosine = CosineSchedule::from_epochs(
-            self.lr,
-            self.min_lr,
-            self.epochs,
-            self.steps_per_epoch(),
-            self.warmup_epochs,
-            self.warmup_steps,
-        )?;
-        Ok(match self.lr_schedule {
-            ScheduleKind::Cosine => LrSchedule::Cosine(cosine),
-            ScheduleKind::Poly => LrSchedule::Poly(PolySchedule::new(
-                self.lr,
-                self.min_lr,
-                cosine.total_steps,
-                cosine.warmup_steps,
-                self.poly_power,
-                POLY_WARMUP_RATIO,
-            )?),
-        })
-    }
-
-    /// The per-step weight-decay schedule (no warm-up).
-    pub fn wd_schedule(&self) -> Result<CosineSchedule> {
-        CosineSchedule::new(
-            self.weight_decay,
-            self.weight_decay_end.unwrap_or(self.weight_decay),
-            self.total_steps(),
-            0,
-        )
-    }
-}
+use crate::train_config::TrainConfig;
+use crate::update::Updater;
 
 /// What the caller's forward pass returns for one micro-batch.
 #[derive(Debug, Clone)]
@@ -308,28 +131,12 @@ pub struct TrainSummary {
 pub struct TrainLoop {
     cfg: TrainConfig,
     varmap: VarMap,
-    optimizer: AdamW,
-    vars: Vec<Var>,
-    lr_sched: LrSchedule,
-    wd_sched: CosineSchedule,
+    updater: Updater,
     accum: GradAccumulator,
-    step_avg: MetricAverager,
-    epoch_avg: MetricAverager,
-    step_samples: u64,
-    throughput: Throughput,
+    records: Records,
+    checkpoints: CheckpointPolicy,
     state: TrainerState,
     rng: TrainRng,
-    /// The log; `None` on ranks other than 0 (only rank 0 writes).
-    metrics: Option<MetricsWriter>,
-    metrics_path: PathBuf,
-    checkpoints: CheckpointManager,
-    progress: TrainProgress,
-    last_saved: Option<(u64, PathBuf)>,
-    warned_missing_grads: bool,
-    /// The data-parallel world ([`dist::world`] when the loop was opened).
-    world: Arc<dyn Collective>,
-    /// Seconds spent in collectives (waits for slower ranks included) since the last step.
-    comm_seconds: f64,
 }
 
 impl std::fmt::Debug for TrainLoop {
@@ -341,11 +148,29 @@ impl std::fmt::Debug for TrainLoop {
     }
 }
 
+/// The single-process world of the plain constructors.
+fn single_process() -> Arc<dyn Collective> {
+    Arc::new(SingleProcess)
+}
+
 impl TrainLoop {
-    /// Start a fresh run writing into `out_dir` (metrics, checkpoints, plot). `groups` are the
-    /// optimizer groups over `varmap`'s trainable parameters; `run_config` is stored in every
-    /// checkpoint for the record.
+    /// Start a fresh single-process run writing into `out_dir` (metrics, checkpoints, plot).
+    /// `groups` are the optimizer groups over `varmap`'s trainable parameters; `run_config` is
+    /// stored in every checkpoint for the record.
     pub fn new(
+        cfg: TrainConfig,
+        varmap: VarMap,
+        groups: Vec<ParamGroup>,
+        out_dir: &Path,
+        run_config: Value,
+    ) -> Result<Self> {
+        Self::new_in(single_process(), cfg, varmap, groups, out_dir, run_config)
+    }
+
+    /// [`TrainLoop::new`] in the data-parallel `world`: rank 0 opens the run directory and
+    /// writes; every rank starts from rank 0's initial weights.
+    pub fn new_in(
+        world: Arc<dyn Collective>,
         cfg: TrainConfig,
         varmap: VarMap,
         groups: Vec<ParamGroup>,
@@ -356,43 +181,22 @@ impl TrainLoop {
         let rng = TrainRng::seed_from_u64(cfg.seed);
         let train_config = serde_json::to_value(&cfg).unwrap_or(Value::Null);
         let state = TrainerState::new(cfg.seed, rng.state(), train_config, run_config);
-        let world = dist::world();
-        if world.rank() != 0 {
+        let primary = world.rank() == 0;
+        let writer = if primary {
+            checkpoint_policy::refuse_earlier_run(out_dir)?;
+            Some(MetricsWriter::create(out_dir.join(METRICS_FILE))?)
+        } else {
             // Rank 0 checks and creates the run directory first.
             world.barrier("opening the run directory")?;
-            let metrics_path = out_dir.join(METRICS_FILE);
-            let tl = Self::assemble(cfg, varmap, groups, out_dir, state, rng, None, metrics_path)?;
-            dist::broadcast_vars(&*tl.world, &tl.varmap)?;
-            return Ok(tl);
-        }
-        // A fresh run in a directory of an earlier one would truncate its log, and rotation
-        // (newest steps first) would delete the new run's checkpoints in favour of the old ones.
-        if out_dir.is_dir() {
-            if let Some((step, _)) = CheckpointManager::new(out_dir, 1)?.list()?.pop() {
-                return Err(TrainError::Config(format!(
-                    "{} already holds checkpoints (latest: step {step}); resume from it or choose \
-                     another output directory",
-                    out_dir.display()
-                )));
-            }
-        }
-        let metrics = MetricsWriter::create(out_dir.join(METRICS_FILE))?;
-        let metrics_path = metrics.path().to_path_buf();
-        let tl = Self::assemble(
-            cfg,
-            varmap,
-            groups,
-            out_dir,
-            state,
-            rng,
-            Some(metrics),
-            metrics_path,
-        )?;
-        if world.size() > 1 {
+            None
+        };
+        let parts = (cfg, varmap, groups);
+        let tl = Self::assemble(world.clone(), parts, out_dir, state, rng, writer)?;
+        if primary && world.size() > 1 {
             world.barrier("opening the run directory")?;
-            // Every rank starts from rank 0's initial weights.
-            dist::broadcast_vars(&*world, &tl.varmap)?;
         }
+        // Every rank starts from rank 0's initial weights.
+        distributed::broadcast_vars(&*world, &tl.varmap)?;
         Ok(tl)
     }
 
@@ -405,16 +209,38 @@ impl TrainLoop {
         resume: Option<&Path>,
         run_config: Value,
     ) -> Result<Self> {
+        Self::open_in(
+            single_process(),
+            cfg,
+            varmap,
+            groups,
+            out_dir,
+            resume,
+            run_config,
+        )
+    }
+
+    /// [`TrainLoop::open`] in the data-parallel `world`.
+    pub fn open_in(
+        world: Arc<dyn Collective>,
+        cfg: TrainConfig,
+        varmap: VarMap,
+        groups: Vec<ParamGroup>,
+        out_dir: &Path,
+        resume: Option<&Path>,
+        run_config: Value,
+    ) -> Result<Self> {
         match resume {
-            Some(ck) => Self::resume(cfg, varmap, groups, out_dir, ck, run_config),
-            None => Self::new(cfg, varmap, groups, out_dir, run_config),
+            Some(ck) => Self::resume_in(world, cfg, varmap, groups, out_dir, ck, run_config),
+            None => Self::new_in(world, cfg, varmap, groups, out_dir, run_config),
         }
     }
 
-    /// Continue a run from `checkpoint` (a checkpoint directory, or a run directory whose newest
-    /// checkpoint is used): loads the weights into `varmap`, the optimizer state, the schedule
-    /// and data position and the random generator; metric records written after that checkpoint
-    /// are dropped from `out_dir/metrics.jsonl`.
+    /// Continue a single-process run from `checkpoint` (a checkpoint directory, or a run
+    /// directory whose newest checkpoint is used): loads the weights into `varmap`, the optimizer
+    /// state, the schedule and data position and the random generator; metric records written
+    /// after that checkpoint are dropped from `out_dir/metrics.jsonl`, and so are the step
+    /// checkpoints after it.
     pub fn resume(
         cfg: TrainConfig,
         varmap: VarMap,
@@ -423,8 +249,29 @@ impl TrainLoop {
         checkpoint: &Path,
         run_config: Value,
     ) -> Result<Self> {
+        Self::resume_in(
+            single_process(),
+            cfg,
+            varmap,
+            groups,
+            out_dir,
+            checkpoint,
+            run_config,
+        )
+    }
+
+    /// [`TrainLoop::resume`] in the data-parallel `world`: rank 0 trims the log and the abandoned
+    /// checkpoints; every rank reads the checkpoint, and their weights are compared.
+    pub fn resume_in(
+        world: Arc<dyn Collective>,
+        cfg: TrainConfig,
+        varmap: VarMap,
+        groups: Vec<ParamGroup>,
+        out_dir: &Path,
+        checkpoint: &Path,
+        run_config: Value,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let world = dist::world();
         let primary = world.rank() == 0;
         if !primary {
             // Rank 0 trims the log and the abandoned checkpoints first.
@@ -432,73 +279,29 @@ impl TrainLoop {
         }
         let ck = Checkpoint::open(checkpoint)?;
         ck.load_model(&varmap)?;
-        let mut state = ck.state.clone();
-        let rng = TrainRng::from_state(&state.rng).map_err(|e| TrainError::Checkpoint {
-            path: ck.dir.join(crate::checkpoint::STATE_FILE),
-            message: e.to_string(),
-        })?;
-        let train_config = serde_json::to_value(&cfg).unwrap_or(Value::Null);
-        if train_config != state.train_config {
-            tracing::warn!(
-                "resuming {} with a different training configuration; the schedules follow the \
-                 new one",
-                ck.dir.display()
-            );
-        }
-        if state.step > cfg.total_steps() {
-            return Err(TrainError::Checkpoint {
-                path: ck.dir.clone(),
-                message: format!(
-                    "checkpoint is at step {} but the configured run has only {} steps",
-                    state.step,
-                    cfg.total_steps()
-                ),
-            });
-        }
-        state.train_config = train_config;
-        state.run_config = run_config;
-        // Step checkpoints newer than the one resumed from belong to the abandoned continuation
-        // (like the metrics records after it, dropped below); left in place, rotation would keep
-        // them and delete the new ones.
-        if primary && out_dir.is_dir() {
-            for (step, dir) in CheckpointManager::new(out_dir, 1)?.list()? {
-                if step > state.step {
-                    tracing::warn!(
-                        "removing {} (step {step} > resumed step {})",
-                        dir.display(),
-                        state.step
-                    );
-                    std::fs::remove_dir_all(&dir).map_err(crate::error::io_err(&dir))?;
-                }
-            }
-        }
-        let metrics_path = out_dir.join(METRICS_FILE);
-        let metrics = if primary {
-            Some(MetricsWriter::resume(&metrics_path, state.step)?)
+        let (state, rng) = resumed_state(&ck, &cfg, run_config)?;
+        let writer = if primary {
+            checkpoint_policy::drop_abandoned(out_dir, state.step)?;
+            Some(MetricsWriter::resume(
+                out_dir.join(METRICS_FILE),
+                state.step,
+            )?)
         } else {
             None
         };
-        let mut tl = Self::assemble(
-            cfg,
-            varmap,
-            groups,
-            out_dir,
-            state,
-            rng,
-            metrics,
-            metrics_path,
-        )?;
-        tl.optimizer.load(&ck.optimizer_path())?;
+        let parts = (cfg, varmap, groups);
+        let mut tl = Self::assemble(world.clone(), parts, out_dir, state, rng, writer)?;
+        tl.updater.optimizer_mut().load(&ck.optimizer_path())?;
         if primary && world.size() > 1 {
             world.barrier("opening the checkpoint to resume")?;
         }
         // All ranks read the same checkpoint (a shared file system); the comparison makes sure.
-        dist::check_in_sync(
+        distributed::check_in_sync(
             &*world,
-            dist::weights_checksum(&tl.varmap)?,
+            distributed::weights_checksum(&tl.varmap)?,
             &format!("resuming from {}", ck.dir.display()),
         )?;
-        tl.last_saved = Some((tl.state.step, ck.dir.clone()));
+        tl.checkpoints.mark_saved(tl.state.step, ck.dir.clone());
         tracing::info!(
             "resumed from {} at step {} (epoch {}, batch {})",
             ck.dir.display(),
@@ -509,48 +312,40 @@ impl TrainLoop {
         Ok(tl)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn assemble(
-        cfg: TrainConfig,
-        varmap: VarMap,
-        groups: Vec<ParamGroup>,
+        world: Arc<dyn Collective>,
+        (cfg, varmap, groups): (TrainConfig, VarMap, Vec<ParamGroup>),
         out_dir: &Path,
         state: TrainerState,
         rng: TrainRng,
-        metrics: Option<MetricsWriter>,
-        metrics_path: PathBuf,
+        writer: Option<MetricsWriter>,
     ) -> Result<Self> {
-        let world = dist::world();
-        let optimizer = AdamW::new(groups, cfg.adamw)?;
-        let vars = optimizer.vars();
-        let checkpoints = CheckpointManager::new(out_dir, cfg.keep_last)?;
+        let total = cfg.total_steps();
         let progress = if cfg.show_progress && world.rank() == 0 {
-            TrainProgress::new(cfg.total_steps(), state.step, "train")
+            TrainProgress::new(total, state.step, "train")
         } else {
-            TrainProgress::hidden(cfg.total_steps())
+            TrainProgress::hidden(total)
         };
+        let data_parallel = world.size() > 1;
+        let updater = Updater::new(&cfg, groups, world)?;
+        let checkpoints = CheckpointPolicy::new(out_dir, &cfg)?;
+        let records = Records::new(
+            writer,
+            out_dir.join(METRICS_FILE),
+            progress,
+            &state.epoch_sums,
+            (cfg.log_every, total),
+            data_parallel,
+        );
         Ok(Self {
-            lr_sched: cfg.lr_schedule()?,
-            wd_sched: cfg.wd_schedule()?,
             cfg,
             varmap,
-            optimizer,
-            vars,
+            updater,
             accum: GradAccumulator::new(),
-            step_avg: MetricAverager::new(),
-            epoch_avg: MetricAverager::from_sums(&state.epoch_sums),
-            step_samples: 0,
-            throughput: Throughput::new(),
+            records,
+            checkpoints,
             state,
             rng,
-            metrics,
-            metrics_path,
-            checkpoints,
-            progress,
-            last_saved: None,
-            warned_missing_grads: false,
-            world,
-            comm_seconds: 0.0,
         })
     }
 
@@ -571,7 +366,7 @@ impl TrainLoop {
 
     /// The optimizer.
     pub fn optimizer(&self) -> &AdamW {
-        &self.optimizer
+        self.updater.optimizer()
     }
 
     /// The run's random generator (data order, augmentation, masking, dropout).
@@ -581,34 +376,27 @@ impl TrainLoop {
 
     /// The progress bar (e.g. to print lines above it).
     pub fn progress(&self) -> &TrainProgress {
-        &self.progress
+        self.records.progress()
     }
 
     /// The run directory.
     pub fn out_dir(&self) -> &Path {
-        self.checkpoints.dir()
+        self.checkpoints.manager().dir()
     }
 
     /// The metrics log.
     pub fn metrics_path(&self) -> &Path {
-        &self.metrics_path
+        self.records.path()
     }
 
     /// The data-parallel world the loop runs in.
     pub fn world(&self) -> &Arc<dyn Collective> {
-        &self.world
-    }
-
-    fn write_record(&mut self, rec: Map<String, Value>) -> Result<()> {
-        match &mut self.metrics {
-            Some(m) => m.write(&Value::Object(rec)),
-            None => Ok(()),
-        }
+        self.updater.world()
     }
 
     /// Scheduled learning rate at optimizer step `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
-        self.lr_sched.value(step)
+        self.updater.lr_at(step)
     }
 
     /// Which micro-batch to feed next.
@@ -654,176 +442,66 @@ impl TrainLoop {
                 loss.dims()
             )));
         }
-        let mut loss_val = loss.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
-        let mut batch_size = out.batch_size as f64;
-        let mut metrics = out.metrics;
-        // In a data-parallel run, this rank's share of the global micro-batch's loss.
-        let mut share = 1.0;
-        if self.world.size() > 1 {
-            let w = loss_weight.unwrap_or(batch_size);
-            let mut sums = vec![loss_val * w, w, batch_size];
-            sums.extend(metrics.iter().map(|(_, v)| v * batch_size));
-            let t0 = std::time::Instant::now();
-            self.world
-                .all_reduce_sum_f64("loss all-reduce", &mut sums)?;
-            self.comm_seconds += t0.elapsed().as_secs_f64();
-            share = w * self.world.size() as f64 / sums[1];
-            loss_val = sums[0] / sums[1];
-            batch_size = sums[2];
-            for ((_, v), s) in metrics.iter_mut().zip(&sums[3..]) {
-                *v = s / batch_size;
-            }
-        }
-        if !loss_val.is_finite() {
+        let local = loss.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+        let batch_size = out.batch_size as f64;
+        let global =
+            self.updater
+                .global_micro_batch(local, batch_size, loss_weight, out.metrics)?;
+        if !global.loss.is_finite() {
             return Err(TrainError::NonFinite {
                 what: "loss",
                 step: self.state.step,
-                value: loss_val,
+                value: global.loss,
             });
         }
         let accum = self.cfg.accum_steps;
-        let scaled = if share != 1.0 {
-            (loss * (share / accum as f64))?
+        let scaled = if global.share != 1.0 {
+            (loss * (global.share / accum as f64))?
         } else if accum > 1 {
             (loss / accum as f64)?
         } else {
             loss
         };
-        let grads = scaled.backward()?;
-        self.accum.add(grads, &self.vars)?;
-        self.step_avg.add("loss", loss_val, batch_size);
-        for (k, v) in &metrics {
-            self.step_avg.add(k, *v, batch_size);
-        }
-        self.step_samples += batch_size as u64;
+        self.accum.add(scaled.backward()?, self.updater.vars())?;
+        self.records
+            .add_micro_batch(global.loss, global.batch_size, &global.metrics);
         self.state.batch_in_epoch += 1;
-        self.state.samples_seen += batch_size as u64;
+        self.state.samples_seen += global.batch_size as u64;
         if (self.accum.micro_batches() as u64) < accum {
             return Ok(None);
         }
         self.optimizer_step().map(Some)
     }
 
+    /// The update of the accumulated gradients, its records, the epoch's end and a checkpoint
+    /// when one is due.
     fn optimizer_step(&mut self) -> Result<StepReport> {
-        let mut grads = self.accum.take();
-        // Data-parallel: every rank continues with the mean of the ranks' gradients.
-        let t0 = std::time::Instant::now();
-        dist::all_reduce_grads(&*self.world, &mut grads, &self.vars)?;
-        self.comm_seconds += t0.elapsed().as_secs_f64();
-        let comm_seconds = std::mem::take(&mut self.comm_seconds);
-        let it = self.state.step;
-        let lr = self.lr_sched.value(it);
-        let wd = self.wd_sched.value(it);
-        let grad_norm = match self.cfg.clip_grad {
-            Some(c) => clip_grad_norm(&mut grads, &self.vars, c)?,
-            None => global_grad_norm(&grads, &self.vars)?,
-        };
-        let skipped = !grad_norm.is_finite();
-        if skipped {
-            tracing::warn!("step {}: gradient norm {grad_norm}, update skipped", it + 1);
-        } else {
-            let stats = self.optimizer.step(&grads, lr, wd)?;
-            if stats.without_grad > 0 && !self.warned_missing_grads {
-                self.warned_missing_grads = true;
-                tracing::warn!(
-                    "{} of {} parameters received no gradient (not updated)",
-                    stats.without_grad,
-                    stats.without_grad + stats.updated
-                );
-            }
-        }
-        drop(grads);
+        let update = self.updater.apply(self.accum.take(), self.state.step)?;
         self.state.step += 1;
-        let step = self.state.step;
-        let epoch = self.state.epoch;
-        let images_per_sec = {
-            let mut t = std::mem::take(&mut self.throughput);
-            t.add(self.step_samples);
-            t.rate()
-        };
-        let samples = std::mem::take(&mut self.step_samples) as f64;
-        let mut means = self.step_avg.means();
-        self.step_avg.reset();
-        let loss = means.remove("loss").unwrap_or(f64::NAN);
-        self.epoch_avg.add("loss", loss, samples);
-        for (k, v) in &means {
-            self.epoch_avg.add(k, *v, samples);
-        }
-
-        let mut rec = Map::new();
-        rec.insert("kind".into(), json!("step"));
-        rec.insert("step".into(), json!(step));
-        rec.insert("epoch".into(), json!(epoch));
-        rec.insert("loss".into(), json!(loss));
-        rec.insert("lr".into(), json!(lr));
-        rec.insert("wd".into(), json!(wd));
-        rec.insert("grad_norm".into(), json!(grad_norm));
-        for (k, v) in &means {
-            rec.insert(k.clone(), json!(v));
-        }
-        rec.insert("images_per_sec".into(), json!(images_per_sec));
-        if self.world.size() > 1 {
-            // Time in the step's collectives (gradient and loss all-reduces, waits included).
-            rec.insert("comm_seconds".into(), json!(comm_seconds));
-        }
-        if skipped {
-            rec.insert("skipped".into(), json!(true));
-        }
-        self.write_record(rec)?;
-        self.progress.update(step, loss, lr, images_per_sec);
-        if step % self.cfg.log_every == 0 || step == 1 {
-            let extra: String = means.iter().map(|(k, v)| format!(" {k} {v:.4}")).collect();
-            tracing::info!(
-                "step {step}/{} epoch {epoch} loss {loss:.4} lr {lr:.3e} grad_norm {grad_norm:.3}{extra} {images_per_sec:.1} img/s",
-                self.cfg.total_steps()
-            );
-        }
-
+        let (step, epoch) = (self.state.step, self.state.epoch);
+        let means = self.records.step(step, epoch, &update)?;
         let epoch_end = step % self.cfg.steps_per_epoch() == 0;
         if epoch_end {
-            let means = self.epoch_avg.means();
-            self.epoch_avg.reset();
-            let mut rec = Map::new();
-            rec.insert("kind".into(), json!("epoch"));
-            rec.insert("step".into(), json!(step));
-            rec.insert("epoch".into(), json!(epoch));
-            for (k, v) in &means {
-                rec.insert(k.clone(), json!(v));
-            }
-            self.write_record(rec)?;
-            tracing::info!(
-                "epoch {epoch} done: {}",
-                means
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v:.4}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            self.records.end_epoch(step, epoch)?;
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;
         }
-        let due = self
-            .cfg
-            .checkpoint_every
-            .is_some_and(|n| n > 0 && step % n == 0)
-            || (epoch_end && self.cfg.checkpoint_each_epoch)
-            || self.is_done();
-        let checkpoint = if due {
+        let checkpoint = if self.checkpoints.due(step, epoch_end, self.is_done()) {
             Some(self.save_checkpoint()?)
         } else {
             None
         };
-        self.throughput = Throughput::new();
+        self.records.restart_clock();
         Ok(StepReport {
             step,
             epoch,
-            loss,
-            lr,
-            weight_decay: wd,
-            grad_norm,
-            skipped,
-            metrics: means,
-            images_per_sec,
+            loss: means.loss,
+            lr: update.lr,
+            weight_decay: update.wd,
+            grad_norm: update.grad_norm,
+            skipped: update.skipped,
+            metrics: means.metrics,
+            images_per_sec: means.images_per_sec,
             epoch_end,
             checkpoint,
         })
@@ -836,23 +514,8 @@ impl TrainLoop {
         metrics: &[(&str, f64)],
         best: Option<&BestMetric>,
     ) -> Result<bool> {
-        let mut rec = Map::new();
-        rec.insert("kind".into(), json!("eval"));
-        rec.insert("step".into(), json!(self.state.step));
-        rec.insert("epoch".into(), json!(self.state.epoch));
-        for (k, v) in metrics {
-            rec.insert((*k).to_string(), json!(v));
-        }
-        self.write_record(rec)?;
-        tracing::info!(
-            "eval at step {}: {}",
-            self.state.step,
-            metrics
-                .iter()
-                .map(|(k, v)| format!("{k} {v:.4}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        self.records
+            .eval(self.state.step, self.state.epoch, metrics)?;
         let Some(best) = best else {
             return Ok(false);
         };
@@ -871,22 +534,27 @@ impl TrainLoop {
         if better {
             self.state.best_metric = Some(value);
             self.state.best_step = Some(self.state.step);
-            self.ensure_step_boundary()?;
-            self.state.rng = self.rng.state();
-            self.state.epoch_sums = self.epoch_avg.sums();
-            let dir = if self.world.rank() == 0 {
-                self.checkpoints.save_as(
-                    crate::checkpoint::BEST_DIR,
-                    &self.varmap,
-                    &self.optimizer,
-                    &self.state,
-                )?
-            } else {
-                self.checkpoints.best_dir()
-            };
-            tracing::info!("new best {} {value:.4}: saved {}", best.name, dir.display());
+            self.save_best(&best.name, value)?;
         }
         Ok(better)
+    }
+
+    fn save_best(&mut self, name: &str, value: f64) -> Result<()> {
+        self.ensure_step_boundary()?;
+        self.snapshot_state();
+        let manager = self.checkpoints.manager();
+        let dir = if self.world().rank() == 0 {
+            manager.save_as(
+                BEST_DIR,
+                &self.varmap,
+                self.updater.optimizer(),
+                &self.state,
+            )?
+        } else {
+            manager.best_dir()
+        };
+        tracing::info!("new best {name} {value:.4}: saved {}", dir.display());
+        Ok(())
     }
 
     fn ensure_step_boundary(&self) -> Result<()> {
@@ -898,32 +566,35 @@ impl TrainLoop {
         Ok(())
     }
 
+    /// Copy the generator's position and the epoch's running sums into the state to save.
+    fn snapshot_state(&mut self) {
+        self.state.rng = self.rng.state();
+        self.state.epoch_sums = self.records.epoch_sums();
+    }
+
     /// Save a checkpoint of the current step now (rotating old ones).
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let step = self.state.step;
+        let data_parallel = self.world().size() > 1;
         self.ensure_step_boundary()?;
-        if let Some((s, p)) = &self.last_saved {
-            // In a data-parallel run the decision must be the same on every rank (the save
-            // involves a collective), so it cannot depend on when rank 0's files appear.
-            if *s == self.state.step && (self.world.size() > 1 || p.exists()) {
-                return Ok(p.clone());
-            }
+        if let Some(p) = self.checkpoints.saved_at(step, data_parallel) {
+            return Ok(p.clone());
         }
-        self.state.rng = self.rng.state();
-        self.state.epoch_sums = self.epoch_avg.sums();
+        self.snapshot_state();
         // Data-parallel: the ranks' weights must agree before rank 0 saves them for all.
-        dist::check_in_sync(
-            &*self.world,
-            dist::weights_checksum(&self.varmap)?,
-            &format!("checkpoint at step {}", self.state.step),
+        distributed::check_in_sync(
+            &**self.world(),
+            distributed::weights_checksum(&self.varmap)?,
+            &format!("checkpoint at step {step}"),
         )?;
-        let dir = if self.world.rank() == 0 {
-            self.checkpoints
-                .save(&self.varmap, &self.optimizer, &self.state)?
+        let manager = self.checkpoints.manager();
+        let dir = if self.world().rank() == 0 {
+            manager.save(&self.varmap, self.updater.optimizer(), &self.state)?
         } else {
-            self.checkpoints.step_dir(self.state.step)
+            manager.step_dir(step)
         };
         tracing::debug!("saved checkpoint {}", dir.display());
-        self.last_saved = Some((self.state.step, dir.clone()));
+        self.checkpoints.mark_saved(step, dir.clone());
         Ok(dir)
     }
 
@@ -931,29 +602,46 @@ impl TrainLoop {
     /// curves plot (a plotting failure is logged, not fatal) and close the progress bar.
     pub fn finish(mut self) -> Result<TrainSummary> {
         let checkpoint = self.save_checkpoint()?;
-        self.progress.finish();
-        let png = self.out_dir().join(PLOT_FILE);
-        if self.metrics.is_none() {
-            // Not rank 0: nothing to draw.
-            return Ok(TrainSummary {
-                steps: self.state.step,
-                checkpoint,
-                metrics: self.metrics_path.clone(),
-                plot: None,
-            });
-        }
-        let plot = match plot_metrics(&self.metrics_path, &png, &PlotOptions::default()) {
-            Ok(_) => Some(png),
-            Err(e) => {
-                tracing::warn!("no plot: {e}");
-                None
-            }
-        };
+        let plot = self.records.finish(self.out_dir());
         Ok(TrainSummary {
             steps: self.state.step,
             checkpoint,
-            metrics: self.metrics_path.clone(),
+            metrics: self.records.path().to_path_buf(),
             plot,
         })
     }
+}
+
+/// The trainer state and generator of checkpoint `ck`, continued under `cfg` and `run_config`.
+fn resumed_state(
+    ck: &Checkpoint,
+    cfg: &TrainConfig,
+    run_config: Value,
+) -> Result<(TrainerState, TrainRng)> {
+    let mut state = ck.state.clone();
+    let rng = TrainRng::from_state(&state.rng).map_err(|e| TrainError::Checkpoint {
+        path: ck.dir.join(STATE_FILE),
+        message: e.to_string(),
+    })?;
+    let train_config = serde_json::to_value(cfg).unwrap_or(Value::Null);
+    if train_config != state.train_config {
+        tracing::warn!(
+            "resuming {} with a different training configuration; the schedules follow the new \
+             one",
+            ck.dir.display()
+        );
+    }
+    if state.step > cfg.total_steps() {
+        return Err(TrainError::Checkpoint {
+            path: ck.dir.clone(),
+            message: format!(
+                "checkpoint is at step {} but the configured run has only {} steps",
+                state.step,
+                cfg.total_steps()
+            ),
+        });
+    }
+    state.train_config = train_config;
+    state.run_config = run_config;
+    Ok((state, rng))
 }

@@ -1,4 +1,4 @@
-//! AdamW, clipping and accumulation against PyTorch (fixtures from scripts/train_fixtures.py).
+//! AdamW, clipping and accumulation against PyTorch (fixtures from scripts/fixtures/train_fixtures.py).
 
 use std::collections::HashMap;
 

@@ -62,7 +62,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &DemoJob {
             config,
             output: args.output.clone(),
-            device: args.device.clone(),
+            device: args.device.parse().map_err(anyhow::Error::msg)?,
             overwrite: args.overwrite,
             progress: !args.quiet,
             quick: args.quick,

@@ -2,11 +2,11 @@
 //! the ADE20K layout, accumulated as mmsegmentation does.
 
 use anyhow::{bail, Context, Result};
-use beit_data::segmentation::{SegmentationFolder, IGNORE_INDEX};
+use beit_data::segmentation::SegmentationFolder;
 use beit_model::segmentation::segmentation_model;
-use beit_recipes::segment::{checkpoint_reduces_labels, report, segment_image, Inference};
+use beit_recipes::seg_eval::{score_pairs, SegPredictor};
+use beit_recipes::segment::{checkpoint_reduces_labels, report, Inference};
 use beit_recipes::{load_model, parse_device};
-use beit_train::seg_metrics::SegMetrics;
 use clap::Args;
 
 /// Evaluate a segmentation model: mIoU, mAcc, aAcc and per-class IoU/accuracy.
@@ -32,8 +32,8 @@ pub struct EvalSegArgs {
     pub split: String,
     /// `auto` (the checkpoint's `do_reduce_labels`, true for the ADE20K checkpoints), `true` or
     /// `false`.
-    #[arg(long, default_value = "auto")]
-    pub reduce_zero_label: String,
+    #[arg(long, value_enum, default_value_t = ReduceZeroLabel::Auto)]
+    pub reduce_zero_label: ReduceZeroLabel,
     /// mmseg's sliding-window inference `CROP,STRIDE` (ADE20K: `640,426`); default: whole image.
     #[arg(long, value_name = "CROP,STRIDE")]
     pub sliding_window: Option<String>,
@@ -51,14 +51,25 @@ pub struct EvalSegArgs {
     pub json: bool,
 }
 
+/// Whether annotation 0 is ignored and the classes shift down by one (mmseg's
+/// `reduce_zero_label`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceZeroLabel {
+    /// As the checkpoint's `preprocessor_config.json` says (`do_reduce_labels`).
+    Auto,
+    /// Reduce.
+    True,
+    /// Keep the annotations as they are.
+    False,
+}
+
 /// Run the command.
 pub fn run(args: EvalSegArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let reduce = match args.reduce_zero_label.as_str() {
-        "auto" => checkpoint_reduces_labels(&args.model, args.download)?,
-        "true" => true,
-        "false" => false,
-        other => bail!("--reduce-zero-label must be auto, true or false, got `{other}`"),
+    let reduce = match args.reduce_zero_label {
+        ReduceZeroLabel::Auto => checkpoint_reduces_labels(&args.model, args.download)?,
+        ReduceZeroLabel::True => true,
+        ReduceZeroLabel::False => false,
     };
     let loaded = load_model(&args.model, args.download)?;
     let cfg = &loaded.checkpoint.config;
@@ -70,26 +81,20 @@ pub fn run(args: EvalSegArgs) -> Result<()> {
     if n == 0 {
         bail!("--max-samples 0: nothing to evaluate");
     }
-    let mut metrics = SegMetrics::new(model.num_labels(), IGNORE_INDEX as u32);
-    let started = std::time::Instant::now();
-    for i in 0..n {
-        let (img, labels) = data.load(i)?;
-        let pred = segment_image(&model, &loaded.processor, &img, inference, &device)
-            .with_context(|| format!("segmenting {}", data.pairs[i].image.display()))?;
-        let gt: Vec<u32> = labels.labels.iter().map(|&v| v as u32).collect();
-        metrics
-            .update(&pred, &gt)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", data.pairs[i].annotation.display()))?;
-        if (i + 1) % 50 == 0 || i + 1 == n {
-            tracing::info!(
-                "{}/{} images, running mIoU {:.2} ({:.1} s)",
-                i + 1,
-                n,
-                100.0 * metrics.scores().miou,
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
+    let predictor = SegPredictor {
+        model: &model,
+        processor: &loaded.processor,
+        inference,
+        device: &device,
+    };
+    let indices: Vec<usize> = (0..n).collect();
+    let metrics = score_pairs(
+        &predictor,
+        &indices,
+        |i| Ok(data.load(i)?),
+        |i| data.pairs[i].image.display().to_string(),
+        Some(50),
+    )?;
     let rep = report(
         &metrics.scores(),
         n,

@@ -32,7 +32,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         return Ok(());
     };
     let out = finetune(&job)?;
-    if !beit_recipes::dist::is_primary() {
+    if !beit_recipes::distributed::is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let mut rows = vec![

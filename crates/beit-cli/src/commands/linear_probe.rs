@@ -45,14 +45,14 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         return Ok(());
     }
     let resume = args.resume.checkpoint(&config.output);
-    let model = config.model.clone();
+    let model = config.model.clone().unwrap_or_default();
     let out = linear_probe(&LinearProbeJob {
         config,
         resume,
         download: args.download,
         progress: !args.common.quiet,
     })?;
-    if !beit_recipes::dist::is_primary() {
+    if !beit_recipes::distributed::is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let mut rows = vec![

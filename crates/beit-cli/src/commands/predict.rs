@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use beit_data::decode::{decode_file, DecodeOptions};
 use beit_model::ForwardOptions;
-use candle::{Tensor, D};
 use clap::Args;
 use serde::Serialize;
 
 use beit_recipes::load_model;
 use beit_recipes::parse_device;
+use beit_recipes::predictions::{predictions, Prediction};
 
 /// Classify images with a BEiT classifier.
 ///
@@ -39,17 +39,6 @@ pub struct PredictArgs {
     pub images: Vec<PathBuf>,
 }
 
-/// One predicted class.
-#[derive(Debug, Serialize, Clone, PartialEq)]
-pub struct Prediction {
-    /// Class index.
-    pub index: usize,
-    /// Class name from the config's `id2label`.
-    pub label: String,
-    /// Softmax probability.
-    pub probability: f32,
-}
-
 /// The predictions for one image.
 #[derive(Debug, Serialize)]
 pub struct ImagePredictions {
@@ -76,15 +65,8 @@ pub fn run(args: PredictArgs) -> Result<()> {
         let img = decode_file(path, &DecodeOptions::default())?;
         let pixels = loaded.processor.pixel_values(&img, &device)?.unsqueeze(0)?;
         let logits = model.forward(&pixels, ForwardOptions::default())?.logits;
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.squeeze(0)?;
-        let predictions = top_k(&probs, args.top_k)?
-            .into_iter()
-            .map(|(index, probability)| Prediction {
-                index,
-                label: cfg.label(index),
-                probability,
-            })
-            .collect();
+        // The same softmax and top-k as the HTTP server's `/v1/classify`.
+        let predictions = predictions(&logits, args.top_k, cfg)?.remove(0);
         results.push(ImagePredictions {
             image: path.display().to_string(),
             predictions,
@@ -106,12 +88,4 @@ pub fn run(args: PredictArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The `k` largest entries of a 1-D tensor as (index, value), largest first.
-pub fn top_k(values: &Tensor, k: usize) -> Result<Vec<(usize, f32)>> {
-    let v = values.to_dtype(candle::DType::F32)?.to_vec1::<f32>()?;
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
-    Ok(idx.into_iter().take(k).map(|i| (i, v[i])).collect())
 }

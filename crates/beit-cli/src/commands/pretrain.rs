@@ -55,7 +55,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         progress: !args.common.quiet,
         stop_after: args.stop_after,
     })?;
-    if !beit_recipes::dist::is_primary() {
+    if !beit_recipes::distributed::is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let acc = out

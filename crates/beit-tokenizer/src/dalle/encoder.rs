@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn full_size_parameter_count_matches_dall_e() {
-        // 53,786,240 parameters and 74 tensors, as printed by scripts/tokenizer_fixtures.py --full.
+        // 53,786,240 parameters and 74 tensors, as printed by scripts/fixtures/tokenizer_fixtures.py --full.
         let cfg = EncoderConfig::default();
         assert_eq!(cfg.num_params(), 53_786_240);
         assert_eq!(cfg.param_shapes().len(), 74);

@@ -1,0 +1,130 @@
+//! The server as a whole: the loaded model, its batching thread, and serving until shutdown.
+
+use std::future::Future;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use beit_data::ImageProcessor;
+use beit_model::load::Architecture;
+use beit_recipes::load_model;
+use candle::{Device, Tensor};
+use tokio::net::TcpListener;
+
+use crate::batcher::{self, Batcher};
+use crate::config::ServeConfig;
+use crate::error::{Result, ServeError};
+use crate::metrics::Metrics;
+use crate::model::{Network, ServedModel};
+
+/// What every handler shares.
+pub struct AppState {
+    /// The queue to the model.
+    pub batcher: Batcher,
+    /// The checkpoint's preprocessing (the same as `beit-cli predict`'s).
+    pub processor: ImageProcessor,
+    /// Where pixels are prepared and the model runs.
+    pub device: Device,
+    /// Limits.
+    pub config: ServeConfig,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Raised once the model is loaded and warmed up.
+    pub ready: Arc<AtomicBool>,
+    /// Blocks of the backbone (the largest valid `layer`).
+    pub num_layers: usize,
+    /// Whether the checkpoint has a classification head.
+    pub model_classifies: bool,
+}
+
+/// A loaded model with its batching thread running, ready to serve.
+pub struct Service {
+    state: Arc<AppState>,
+    worker: JoinHandle<()>,
+}
+
+impl Service {
+    /// Load `spec` (a model directory or hub id, as `beit-cli predict --model`) on `device` and
+    /// start the batching thread (which warms the model up before `/readyz` says ready).
+    pub fn load(spec: &str, download: bool, device: Device, config: ServeConfig) -> Result<Self> {
+        config.validate()?;
+        let model_err = |source| ServeError::Model {
+            spec: spec.to_string(),
+            source,
+        };
+        let loaded = load_model(spec, download).map_err(model_err)?;
+        let ckpt = &loaded.checkpoint;
+        let network = match ckpt.architecture() {
+            Architecture::ImageClassification => ckpt.classifier(&device).map(Network::Classifier),
+            _ => ckpt.backbone(&device).map(Network::Backbone),
+        }
+        .map_err(|e| model_err(e.into()))?;
+        let size = ckpt.config.image_size;
+        let (h, w) = loaded.processor.fixed_output_size().unwrap_or((size, size));
+        let warmup = Tensor::zeros((1, 3, h, w), candle::DType::F32, &device)
+            .map_err(|e| model_err(e.into()))?;
+        let model = ServedModel {
+            network,
+            config: ckpt.config.clone(),
+        };
+        let model_classifies = model.can_classify();
+        let num_layers = ckpt.config.num_hidden_layers;
+        let metrics = Arc::new(Metrics::default());
+        let ready = Arc::new(AtomicBool::new(false));
+        let (batcher, worker) = batcher::start(
+            model,
+            warmup,
+            config.max_batch,
+            config.max_wait,
+            config.queue_capacity,
+            metrics.clone(),
+            ready.clone(),
+        )?;
+        let state = AppState {
+            batcher,
+            processor: loaded.processor,
+            device,
+            config,
+            metrics,
+            ready,
+            num_layers,
+            model_classifies,
+        };
+        Ok(Service {
+            state: Arc::new(state),
+            worker,
+        })
+    }
+
+    /// The shared state (for tests and embedding the router elsewhere).
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serve on `listener` until `shutdown` completes; then stop accepting, answer every request
+    /// already received (the queue drains), and stop the batching thread.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let Service { state, worker } = self;
+        let app = crate::routes::router(state);
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServeError::Io {
+                what: format!("serving on {addr}"),
+                source,
+            })?;
+        // Every handler (and its copy of the queue's sender) is gone: the thread drains and ends.
+        tokio::task::spawn_blocking(move || worker.join())
+            .await
+            .map_err(|e| ServeError::Worker(e.to_string()))?
+            .map_err(|_| ServeError::Worker("the batching thread panicked".into()))
+    }
+}
