@@ -3,7 +3,7 @@
 
     python scripts/bench/bench_peer.py --mode infer|train-mim|train-cls --config cfg.json \
         [--batch 8] [--image-size 224] [--iters 5] [--warmup 1] [--threads 2] \
-        [--device cpu|cuda] [--amp none|bf16|fp16] [--json]
+        [--device cpu|cuda] [--amp none|bf16|fp16] [--compile] [--json]
 
 `--config` is the HF `config.json` that `beit-cli bench --dump-config` writes, so both sides run
 the same architecture (random weights). Steps:
@@ -12,7 +12,10 @@ the same architecture (random weights). Steps:
   image) and `labels` for the masked patches (transformers computes the loss on them), backward,
   `torch.optim.AdamW` step;
 - train-cls: classifier forward with labels, backward, AdamW step.
-One JSON line with at least mode, batch, images_per_s and median_s (as `beit-cli bench --json`).
+`--compile` wraps the model in `torch.compile` (default mode; compilation happens in the warm-up
+steps, so give it `--warmup 2` or more). One JSON line with at least mode, batch, images_per_s and
+median_s (as `beit-cli bench --json`); on CUDA also peak_mem_bytes
+(`torch.cuda.max_memory_allocated` over the timed steps).
 """
 import argparse
 import json
@@ -36,6 +39,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="torch.autocast dtype (none = f32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -91,6 +95,9 @@ def main():
             scaler.step(opt)
             scaler.update()
 
+    if a.compile:
+        model = torch.compile(model)
+
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -98,6 +105,8 @@ def main():
     for _ in range(a.warmup):
         step()
         sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for _ in range(a.iters):
         t = time.perf_counter()
@@ -118,7 +127,10 @@ def main():
         "images_per_s": b / med,
         "median_s": med,
         "step_s": times,
+        "compile": a.compile,
     }
+    if dev.type == "cuda":
+        out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(dev)
     if a.json:
         print(json.dumps(out))
     else:

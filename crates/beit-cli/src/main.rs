@@ -58,6 +58,8 @@ enum Command {
     Embed(commands::embed::EmbedArgs),
     /// Weighted k-NN top-1/top-5 of features from `embed` (DINO's evaluation).
     Knn(commands::knn::KnnArgs),
+    /// Run the parity fixtures on a device in f32 or bf16 against the committed outputs.
+    Verify(commands::verify::VerifyArgs),
 }
 
 fn main() {
@@ -90,6 +92,7 @@ fn main() {
         Command::Serve(a) => commands::serve::run(a),
         Command::Embed(a) => commands::embed::run(a),
         Command::Knn(a) => commands::knn::run(a),
+        Command::Verify(a) => commands::verify::run(a),
     };
     if let Err(err) = result {
         // One clear line (with its causes) and a non-zero exit; no panic, no backtrace noise.

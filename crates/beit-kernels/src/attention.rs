@@ -180,12 +180,14 @@ fn composed(qkv: &Tensor, bias: Option<&Tensor>, g: Geometry) -> Result<Tensor> 
     let q = qkv.get(0)?.contiguous()?;
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
-    let scores = q.matmul(&k.t()?)?;
+    let scores = crate::autocast_matmul(&q, &k.t()?)?;
     let probs = match bias {
         Some(bias) => softmax_with_bias(&scores, &bias.reshape((1, h, t, t))?)?,
         None => softmax_last_dim(&scores)?,
     };
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))
+    crate::autocast_matmul(&probs, &v)?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -30,9 +30,11 @@ pub fn with_fused_ops<R>(on: bool, f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// True when the kernels are enabled and every tensor is f32 on the CPU: the case they handle.
+/// True when the kernels are enabled, matrix products are not lowered to bf16
+/// ([`crate::with_matmul_dtype`]) and every tensor is f32 on the CPU: the case they handle.
 pub fn fused_cpu_f32(ts: &[&Tensor]) -> bool {
     enabled()
+        && crate::matmul_dtype() == DType::F32
         && ts
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)

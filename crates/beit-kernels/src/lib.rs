@@ -26,6 +26,7 @@
 //! values and gradients of every kernel against its composition, and the math against `f64`.
 
 mod attention;
+mod autocast;
 mod bias_gelu;
 mod conv;
 mod cpu;
@@ -43,6 +44,7 @@ mod test_util;
 mod vmath;
 
 pub use attention::{attention_core, attention_core_rows, QueryRows};
+pub use autocast::{autocast_broadcast_matmul, autocast_matmul, matmul_dtype, with_matmul_dtype};
 pub use bias_gelu::bias_gelu_erf;
 pub use conv::{conv2d_same, conv2d_same_bias, upsample2x};
 pub use dispatch::{enabled, fused_cpu_f32, isa, with_fused_ops, Isa};

@@ -19,7 +19,7 @@ use crate::gemm::{filled_by, sgemm, Mat};
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let ts: Vec<&Tensor> = [Some(x), Some(w), b].into_iter().flatten().collect();
     if !fused_cpu_f32(&ts) {
-        let y = x.broadcast_matmul(&w.t()?)?;
+        let y = crate::autocast_broadcast_matmul(x, &w.t()?)?;
         return match b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -4,8 +4,8 @@ use candle::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use beit_kernels::{
-    attention_core, attention_core_rows, merge_heads, softmax_last_dim, softmax_with_bias,
-    split_heads, stack3_scaled_first, QueryRows,
+    attention_core, attention_core_rows, autocast_matmul, merge_heads, softmax_last_dim,
+    softmax_with_bias, split_heads, stack3_scaled_first, QueryRows,
 };
 
 use crate::config::BeitConfig;
@@ -118,7 +118,7 @@ impl BeitAttention {
         let (q, k, v) = match &self.fused {
             Some((w, bias)) => {
                 // Frozen weights: one (3C, C) GEMM, each split reading its third of the columns.
-                let qkv = x2.matmul(&w.t()?)?;
+                let qkv = autocast_matmul(&x2, &w.t()?)?;
                 let (qb, vb) = (bias.narrow(0, 0, c)?, bias.narrow(0, 2 * c, c)?);
                 (
                     split_heads(&qkv, Some(&qb), b, t, h, 3, 0)?,
@@ -132,9 +132,9 @@ impl BeitAttention {
                 let scale = (self.head_dim as f64).powf(-0.5);
                 let qb = (self.query.bias().expect("query has a bias") * scale)?;
                 let vb = self.value.bias().expect("value has a bias");
-                let q = x2.matmul(&(self.query.weight() * scale)?.t()?)?;
-                let k = x2.matmul(&self.key.weight().t()?)?;
-                let v = x2.matmul(&self.value.weight().t()?)?;
+                let q = autocast_matmul(&x2, &(self.query.weight() * scale)?.t()?)?;
+                let k = autocast_matmul(&x2, &self.key.weight().t()?)?;
+                let v = autocast_matmul(&x2, &self.value.weight().t()?)?;
                 (
                     split_heads(&q, Some(&qb), b, t, h, 1, 0)?,
                     split_heads(&k, None, b, t, h, 1, 0)?,
@@ -142,14 +142,14 @@ impl BeitAttention {
                 )
             }
         };
-        let scores = q.matmul(&k.t()?)?;
+        let scores = autocast_matmul(&q, &k.t()?)?;
         let bias = self.attention_bias(shared_bias, window, scores.dtype())?;
         // Bias add and softmax in one pass (and one backward pass when training).
         let probs = match &bias {
             Some(bias) => softmax_with_bias(&scores, bias)?,
             None => softmax_last_dim(&scores)?,
         };
-        let attended = self.attn_dropout.forward_t(&probs, train)?.matmul(&v)?; // (B, H, T, D)
+        let attended = autocast_matmul(&self.attn_dropout.forward_t(&probs, train)?, &v)?; // (B, H, T, D)
         let out = self
             .output
             .forward(&merge_heads(&attended)?)?

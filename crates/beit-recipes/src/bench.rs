@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use beit_model::kernels::with_matmul_dtype;
 use beit_model::{
     BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, ForwardOptions,
 };
@@ -215,7 +216,13 @@ pub fn measure(args: &BenchJob, cfg: &BeitConfig, dev: &Device) -> Result<BenchR
     let pixels: Vec<f32> = (0..b * 3 * s * s)
         .map(|_| rng.random::<f32>() * 2.0 - 1.0)
         .collect();
-    let pixels = Tensor::from_vec(pixels, (b, 3, s, s), dev)?.to_dtype(dtype)?;
+    let pixels = Tensor::from_vec(pixels, (b, 3, s, s), dev)?;
+    // Inference casts the weights and inputs; training keeps them f32 and computes the matrix
+    // products in `dtype` (mixed precision, as `train.precision`).
+    let pixels = match args.mode {
+        BenchMode::Infer => pixels.to_dtype(dtype)?,
+        _ => pixels,
+    };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
     match args.mode {
@@ -249,16 +256,19 @@ pub fn measure(args: &BenchJob, cfg: &BeitConfig, dev: &Device) -> Result<BenchR
                 .collect();
             let labels = Tensor::from_vec(labels, m, dev)?;
             let mut opt = BenchOptimizer::new(&varmap, cfg.num_hidden_layers)?;
-            time_steps(dev, args.warmup, args.iters, |p| {
-                let logits = model
-                    .forward_masked(&pixels, &mask, ForwardOptions::train())?
-                    .logits;
-                let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
-                p.mark()?;
-                let grads = loss.backward()?;
-                p.mark()?;
-                opt.step(&grads)?;
-                p.mark()
+            with_matmul_dtype(dtype, || {
+                time_steps(dev, args.warmup, args.iters, |p| {
+                    let logits = model
+                        .forward_masked(&pixels, &mask, ForwardOptions::train())?
+                        .logits;
+                    let loss =
+                        candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
+                    p.mark()?;
+                    let grads = loss.backward()?;
+                    p.mark()?;
+                    opt.step(&grads)?;
+                    p.mark()
+                })
             })
         }
         BenchMode::TrainCls => {
@@ -267,14 +277,17 @@ pub fn measure(args: &BenchJob, cfg: &BeitConfig, dev: &Device) -> Result<BenchR
             let labels: Vec<u32> = (0..b).map(|_| rng.random_range(0..classes)).collect();
             let labels = Tensor::from_vec(labels, b, dev)?;
             let mut opt = BenchOptimizer::new(&varmap, cfg.num_hidden_layers)?;
-            time_steps(dev, args.warmup, args.iters, |p| {
-                let logits = model.forward(&pixels, ForwardOptions::train())?.logits;
-                let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
-                p.mark()?;
-                let grads = loss.backward()?;
-                p.mark()?;
-                opt.step(&grads)?;
-                p.mark()
+            with_matmul_dtype(dtype, || {
+                time_steps(dev, args.warmup, args.iters, |p| {
+                    let logits = model.forward(&pixels, ForwardOptions::train())?.logits;
+                    let loss =
+                        candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &labels)?;
+                    p.mark()?;
+                    let grads = loss.backward()?;
+                    p.mark()?;
+                    opt.step(&grads)?;
+                    p.mark()
+                })
             })
         }
     }

@@ -77,6 +77,9 @@ pub struct TrainSection {
     pub checkpoint_each_epoch: bool,
     /// Step checkpoints kept (2).
     pub keep_last: usize,
+    /// Compute precision: `auto` (bf16 on CUDA, f32 elsewhere), `f32` or `bf16` (matrix products
+    /// in bf16, parameters, norms, softmax and the loss in f32; see `beit_train::Precision`).
+    pub precision: String,
 }
 
 impl Default for TrainSection {
@@ -107,11 +110,18 @@ impl Default for TrainSection {
             checkpoint_every: None,
             checkpoint_each_epoch: true,
             keep_last: 2,
+            precision: "auto".into(),
         }
     }
 }
 
 impl TrainSection {
+    /// The resolved `precision` on `device`.
+    pub fn precision(&self, device: &candle::Device) -> Result<beit_train::Precision> {
+        beit_train::Precision::parse_for(&self.precision, device)
+            .with_context(|| "train.precision".to_string())
+    }
+
     /// Images per micro-batch (`batch_size / accum_steps`).
     pub fn micro_batch(&self) -> Result<usize> {
         let a = self.accum_steps as usize;

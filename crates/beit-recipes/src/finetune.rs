@@ -500,12 +500,16 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         out: cfg.output.clone(),
     };
     let train = &data.train;
-    let done = fit(
-        tl,
-        &mut task,
-        |epoch| Ok(train.epoch(epoch)?.map(|b| b.map_err(Into::into))),
-        &runner::evaluated(t.eval_every, "acc1", job.stop_after),
-    )?;
+    let precision = t.precision(&device)?;
+    tracing::info!("precision: {precision}");
+    let done = precision.scope(|| {
+        fit(
+            tl,
+            &mut task,
+            |epoch| Ok(train.epoch(epoch)?.map(|b| b.map_err(Into::into))),
+            &runner::evaluated(t.eval_every, "acc1", job.stop_after),
+        )
+    })?;
     let skipped_files = train.skipped().len() + data.eval.skipped().len();
     if skipped_files > 0 {
         tracing::warn!("{}", train.summary());

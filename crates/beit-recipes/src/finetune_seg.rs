@@ -583,13 +583,17 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         device: device.clone(),
         out: cfg.output.clone(),
     };
+    let precision = t.precision(&device)?;
+    tracing::info!("precision: {precision}");
     let loader = train_loader(train.into(), transform, t.seed, micro, batches, device)?;
-    let done = fit(
-        tl,
-        &mut task,
-        |epoch| Ok(loader.epoch(epoch)?.map(|b| b.map_err(anyhow::Error::from))),
-        &runner::evaluated(t.eval_every, "mIoU", job.stop_after),
-    )?;
+    let done = precision.scope(|| {
+        fit(
+            tl,
+            &mut task,
+            |epoch| Ok(loader.epoch(epoch)?.map(|b| b.map_err(anyhow::Error::from))),
+            &runner::evaluated(t.eval_every, "mIoU", job.stop_after),
+        )
+    })?;
     let final_model = task.export_final(done.finished)?;
     Ok(FinetuneSegOutcome {
         final_model,

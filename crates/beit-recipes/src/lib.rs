@@ -60,6 +60,7 @@ pub mod seg_eval;
 pub mod segment;
 pub mod tensor_batches;
 pub mod tokenizer;
+pub mod verify;
 
 pub use config::{load_config, parse_set, set_dotted, write_resolved_config, TrainSection};
 pub use demo::{demo, DemoConfig, DemoJob, DemoOutcome};

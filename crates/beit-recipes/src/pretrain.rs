@@ -747,15 +747,19 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         batches_per_epoch,
         device: device.clone(),
     };
-    let done = fit(
-        tl,
-        &mut task,
-        |epoch| Ok(loader.epoch(epoch)?.map(|b| b.map_err(Into::into))),
-        &FitOptions {
-            stop_after: job.stop_after,
-            ..FitOptions::default()
-        },
-    )?;
+    let precision = cfg.train.precision(device)?;
+    tracing::info!("precision: {precision}");
+    let done = precision.scope(|| {
+        fit(
+            tl,
+            &mut task,
+            |epoch| Ok(loader.epoch(epoch)?.map(|b| b.map_err(Into::into))),
+            &FitOptions {
+                stop_after: job.stop_after,
+                ..FitOptions::default()
+            },
+        )
+    })?;
     if let Some(s) = loader.skipped().first() {
         tracing::warn!("{} ({})", loader.summary(), s.reason);
     }

@@ -1,10 +1,12 @@
-//! Mixed precision: bf16 compute on CUDA with f32 master weights, f32 on CPU.
+//! Mixed precision: bf16 matrix products with f32 master weights (`train.precision`; `auto` is
+//! bf16 on CUDA, f32 elsewhere, and `bf16` can be chosen on the CPU too).
 //!
-//! candle has no autocast. The pattern (candle-notes §2.6): parameters stay f32 `Var`s (the
-//! optimizer updates them in f32); the model casts weights and activations to the compute dtype
-//! right before matmuls/convolutions ([`Precision::cast`]); `to_dtype` has a backward, so
-//! gradients arrive at the f32 `Var`s in f32. LayerNorm, softmax and the loss should be computed
-//! in f32 ([`Precision::to_f32`]). bf16 keeps f32's exponent range, so no loss scaling is needed.
+//! candle has no autocast. Parameters stay f32 `Var`s (the optimizer updates them in f32); inside
+//! [`Precision::scope`] the model's matrix products (linear layers, attention) cast their inputs
+//! to bf16 and their products back to f32 ([`beit_model::kernels::with_matmul_dtype`]);
+//! `to_dtype` has a backward, so gradients arrive at the f32 `Var`s in f32. LayerNorm, softmax
+//! and the loss are computed in f32. bf16 keeps f32's exponent range, so no loss scaling is
+//! needed. Convolutions (the dVAE tokenizer, the segmentation decoder) stay f32.
 
 use std::fmt;
 use std::str::FromStr;
@@ -49,6 +51,12 @@ impl Precision {
             Self::F32 => DType::F32,
             Self::Bf16 => DType::BF16,
         }
+    }
+
+    /// Run `f` (a training run: the model is built and run on the calling thread) with the
+    /// model's matrix products computed in this precision.
+    pub fn scope<R>(self, f: impl FnOnce() -> R) -> R {
+        beit_model::kernels::with_matmul_dtype(self.compute_dtype(), f)
     }
 
     /// Cast a float tensor to the compute dtype (no-op if it already has it; integer tensors are

@@ -17,3 +17,4 @@ pub mod pretrain;
 pub mod segment;
 pub mod serve;
 pub mod tokenizer;
+pub mod verify;
