@@ -97,9 +97,9 @@ fn random_init_tensors(
     } else {
         beit_model::BeitForImageClassification::new(cfg, vb)?;
     }
-    beit_train::init_beit(
+    beit_model::init_beit(
         &varmap,
-        &beit_train::InitConfig::transformers(cfg.num_hidden_layers, cfg.layer_scale_init_value),
+        &beit_model::InitConfig::transformers(cfg.num_hidden_layers, cfg.layer_scale_init_value),
         &mut TrainRng::derive(seed, &[0x696e6974]),
     )?;
     Ok(beit_model::save::varmap_tensors(&varmap))
@@ -336,7 +336,7 @@ fn probe_head(
 ) -> Result<(VarMap, candle_nn::Linear)> {
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device).pp("classifier");
-    let w = beit_train::init::trunc_normal_vec(
+    let w = beit_model::init::trunc_normal_vec(
         &mut TrainRng::derive(seed, &[0x68656164]),
         classes * dim,
         0.0,

@@ -26,13 +26,13 @@ use beit_mim::{
     masked_token_loss, mim_loss, MaskBatch, MaskSampler, MaskStrategy, MaskingSpec, MimInputs,
     MimTarget, PixelRegressionHead,
 };
+use beit_model::init::{init_beit, InitConfig};
 use beit_model::load::{load_into_varmap, Architecture, Checkpoint};
 use beit_model::save::{save_hf, varmap_tensors};
 use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions};
 use beit_tokenizer::{Encoder, VisualTokenizer};
 use beit_train::{
-    build_param_groups, fit, init_beit, named_vars, FitOptions, InitConfig, StepContext,
-    StepOutput, TrainRng, TrainTask,
+    build_param_groups, fit, named_vars, FitOptions, StepContext, StepOutput, TrainRng, TrainTask,
 };
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -77,7 +77,7 @@ pub struct PretrainConfig {
     pub train: TrainSection,
 }
 
-/// The initialisation of a model built from scratch (`beit_train::InitConfig`).
+/// The initialisation of a model built from scratch (`beit_model::init::InitConfig`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InitScheme {
