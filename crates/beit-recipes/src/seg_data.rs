@@ -17,6 +17,8 @@ use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::distributed::World;
+
 /// `[data]` of a segmentation run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -176,7 +178,8 @@ pub(crate) struct Stream<'a> {
 }
 
 impl<'a> Stream<'a> {
-    /// The stream of `pairs` in micro-batches of `micro` (this process reads its share).
+    /// The stream of `pairs` in micro-batches of `micro` (this process of `world` reads its
+    /// share).
     pub(crate) fn new(
         pairs: &'a Pairs,
         transform: &'a SegTrainTransform,
@@ -184,8 +187,8 @@ impl<'a> Stream<'a> {
         micro: usize,
         batches_per_epoch: u64,
         device: Device,
+        world: &World,
     ) -> Self {
-        let world = crate::distributed::world();
         Self {
             pairs,
             transform,
