@@ -12,7 +12,7 @@ What it does, step by step (each line names the beit-rs counterpart):
 - initialisation (`--init`): `hf` keeps transformers' own `_init_weights`; `unilm` applies unilm's
   rules (trunc normal std 0.02, zero biases, LayerNorm 1/0, LayerScale init value, zero
   relative-position tables, torch's default Conv2d init of the patch embedding, output
-  projections of block l divided by sqrt(2l), head x 0.001), as `beit_train::init_beit` does;
+  projections of block l divided by sqrt(2l), head x 0.001), as `beit_model::init::init_beit` does;
 - optimizer: AdamW over unilm's groups (layer id 0 for the embeddings, k+1 for block k, L+1 for
   the rest; lr scale `layer_decay^(L+1-id)`; no weight decay for 1-D tensors, `.bias`,
   `cls_token`, `position_embeddings`; the relative-position tables decayed unless
@@ -320,7 +320,7 @@ def is_block_output(name):
 
 @torch.no_grad()
 def unilm_init(model, layer_scale_init, head_init_scale=0.001):
-    """unilm's fine-tuning initialisation (the rules of `beit_train::init_beit`)."""
+    """unilm's fine-tuning initialisation (the rules of `beit_model::init::init_beit`)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.trunc_normal_(m.weight, std=0.02)

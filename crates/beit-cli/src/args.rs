@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use beit_recipes::World;
 use clap::Args;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -133,12 +134,13 @@ pub struct FinetuneRunArgs {
 }
 
 impl FinetuneRunArgs {
-    /// The job the flags describe over the recipe `C` (whose run directory `output` names), or
-    /// `None` when `--print-config` printed the resolved recipe instead.
+    /// The job the flags describe over the recipe `C` (whose run directory `output` names), run
+    /// in `world`, or `None` when `--print-config` printed the resolved recipe instead.
     pub fn job<C: DeserializeOwned + Serialize + Default>(
         &self,
         common: &CommonArgs,
         output: impl Fn(&C) -> &Path,
+        world: &World,
     ) -> Result<Option<beit_recipes::FinetuneJob<C>>> {
         let config: C = common.resolve(vec![])?;
         if self.print_config {
@@ -151,6 +153,7 @@ impl FinetuneRunArgs {
             download: self.download,
             stop_after: self.stop_after,
             progress: !common.quiet,
+            world: world.clone(),
         }))
     }
 }

@@ -66,11 +66,13 @@ fn main() {
     let cli = Cli::parse();
     // Under `mpirun` / `srun` (feature `mpi`): one process of a data-parallel job.
     #[cfg(feature = "mpi")]
-    let mpi = beit_recipes::distributed::init_from_launcher().unwrap_or_else(|e| {
+    let (world, mpi) = beit_recipes::distributed::init_from_launcher().unwrap_or_else(|e| {
         eprintln!("error: starting MPI: {e:#}");
         std::process::exit(1)
     });
-    let rank = beit_recipes::distributed::world().rank();
+    #[cfg(not(feature = "mpi"))]
+    let world = beit_recipes::World::default();
+    let rank = world.rank();
     // Rank 0 logs; the others only warn.
     init_tracing(if rank == 0 { cli.log.as_str() } else { "warn" });
     memory::configure();
@@ -78,17 +80,17 @@ fn main() {
         Command::Predict(a) => commands::predict::run(a),
         Command::Attention(a) => commands::attention::run(a),
         Command::Mask(a) => commands::mask::run(a),
-        Command::Tokenizer(c) => commands::tokenizer::run(c),
-        Command::Pretrain(a) => commands::pretrain::run(a),
-        Command::Finetune(a) => commands::finetune::run(a),
+        Command::Tokenizer(c) => commands::tokenizer::run(c, &world),
+        Command::Pretrain(a) => commands::pretrain::run(a, &world),
+        Command::Finetune(a) => commands::finetune::run(a, &world),
         Command::Eval(a) => commands::eval::run(a),
-        Command::LinearProbe(a) => commands::linear_probe::run(a),
-        Command::Demo(a) => commands::demo::run(a),
+        Command::LinearProbe(a) => commands::linear_probe::run(a, &world),
+        Command::Demo(a) => commands::demo::run(a, &world),
         Command::Bench(a) => commands::bench::run(a),
         Command::Data(c) => commands::data::run(c),
         Command::Segment(a) => commands::segment::run(a),
         Command::EvalSeg(a) => commands::eval_seg::run(a),
-        Command::FinetuneSeg(a) => commands::finetune_seg::run(a),
+        Command::FinetuneSeg(a) => commands::finetune_seg::run(a, &world),
         Command::Serve(a) => commands::serve::run(a),
         Command::Embed(a) => commands::embed::run(a),
         Command::Knn(a) => commands::knn::run(a),
@@ -101,7 +103,7 @@ fn main() {
             r => eprintln!("error: rank {r}: {err:#}"),
         }
         #[cfg(feature = "mpi")]
-        beit_recipes::distributed::abort_job(mpi, 1);
+        beit_recipes::distributed::abort_job(&world, mpi, 1);
         std::process::exit(1);
     }
 }

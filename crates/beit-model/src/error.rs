@@ -1,4 +1,4 @@
-//! Errors of the model crate: each names the file, key or field at fault.
+//! Errors of the model crate: each names the file, key, parameter or field at fault.
 
 use std::path::PathBuf;
 
@@ -43,6 +43,17 @@ pub enum BeitError {
     /// Bad input to a forward pass (image size, mask shape...).
     #[error("{0}")]
     Input(String),
+    /// A parameter the model has no rule for, or that is not where it should be.
+    #[error("parameter `{name}`: {message}")]
+    Parameter {
+        /// The parameter name (Hugging Face key).
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Initialisation settings that cannot be carried out (truncation bounds, depth).
+    #[error("invalid initialisation: {0}")]
+    Init(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle::Error),

@@ -8,6 +8,9 @@
 //! - [`BeitModel`], [`BeitForImageClassification`], [`BeitForMaskedImageModeling`] are the modules;
 //! - [`load`] reads `model.safetensors` (also sharded) and `pytorch_model.bin`, maps unilm/timm names,
 //!   and reports missing/unexpected keys and shape mismatches by name; [`save`] writes HF layout.
+//! - [`param_info`] says what each named parameter is (layer id, weight decay, role) and [`init`]
+//!   initialises a model for training from scratch by those roles (unilm's and transformers'
+//!   `_init_weights`), drawing from the caller's seeded generator.
 //!
 //! Training-safe: every op used keeps its autograd graph (candle-nn's fused LayerNorm/softmax
 //! kernels are used only when no gradient is needed), and dropout/DropPath draw from a seedable RNG.
@@ -28,6 +31,7 @@ pub mod config;
 pub mod embeddings;
 pub mod error;
 pub mod heads;
+pub mod init;
 pub mod interpolate;
 pub mod layers;
 pub mod load;
@@ -42,6 +46,7 @@ pub use error::{BeitError, Result};
 pub use heads::{
     BeitForImageClassification, BeitForMaskedImageModeling, ClassifierOutput, MimOutput,
 };
+pub use init::{init_beit, init_beit_with, InitConfig, PatchEmbedInit, Truncation};
 pub use model::{BeitModel, BeitOutput, ForwardOptions};
 
 /// The CPU kernels the model runs on (LayerNorm, softmax, attention, ...), each choosing the fused

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use beit_data::{EvalResize, EvalTransform, ImageProcessor, TargetSize};
+use beit_model::init::{init_beit, InitConfig};
 use beit_model::load::{adapt_for_finetuning, load_into_varmap, Architecture, Checkpoint};
 use beit_model::{BeitConfig, BeitForImageClassification};
-use beit_train::{init_beit, InitConfig, TrainRng};
+use beit_train::TrainRng;
 use candle::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 

@@ -15,6 +15,8 @@ use beit_train::{AdamWConfig, GroupingConfig, ScheduleKind, TrainConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::distributed::World;
+
 /// The `[train]` table of every training recipe (unilm's `run_*.py` flag names in brackets).
 ///
 /// The defaults below are the fine-tuning recipe of BEiT-base on ImageNet-1k; each command's
@@ -376,11 +378,11 @@ pub fn parse_config<T: DeserializeOwned + Serialize + Default>(
 }
 
 /// Write the resolved config as `config.toml` in `dir` (for the record, and to rerun with
-/// `--config DIR/config.toml`).
-pub fn write_resolved_config<T: Serialize>(dir: &Path, cfg: &T) -> Result<PathBuf> {
+/// `--config DIR/config.toml`); in a data-parallel `world`, rank 0 writes it.
+pub fn write_resolved_config<T: Serialize>(dir: &Path, cfg: &T, world: &World) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join("config.toml");
-    if !crate::distributed::is_primary() {
+    if !world.is_primary() {
         return Ok(path); // rank 0 writes the run's files
     }
     let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;

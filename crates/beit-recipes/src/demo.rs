@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::parse_config;
 use crate::device::DeviceSpec;
+use crate::distributed::World;
 use crate::finetune::{finetune, FinetuneConfig, FinetuneJob, FinetuneOutcome};
 use crate::linear_probe::{linear_probe, LinearProbeConfig, LinearProbeJob, LinearProbeOutcome};
 use crate::pretrain::{pretrain, PretrainConfig, PretrainJob, PretrainOutcome};
@@ -114,6 +115,8 @@ pub struct DemoJob {
     pub progress: bool,
     /// Marked in the summary (the quick overrides are already in `config`).
     pub quick: bool,
+    /// The processes every stage is spread over (a single one by default).
+    pub world: World,
 }
 
 /// What one stage reported.
@@ -195,6 +198,7 @@ fn stage_tokenizer(job: &DemoJob, results: &mut Vec<StageResult>) -> Result<Toke
         resume: false,
         stop_after: None,
         progress: job.progress,
+        world: job.world.clone(),
     })
     .context("stage 1 (tokenizer)")?;
     results.push(StageResult {
@@ -228,6 +232,7 @@ fn stage_pretrain(
         resume: None,
         progress: job.progress,
         stop_after: None,
+        world: job.world.clone(),
     })
     .context("stage 2 (pre-training)")?;
     results.push(StageResult {
@@ -283,6 +288,7 @@ fn stage_finetune(
         download: false,
         stop_after: None,
         progress: job.progress,
+        world: job.world.clone(),
     })
     .with_context(|| format!("stage {stage} (fine-tuning, {name})"))?;
     let from = if pretrained {
@@ -320,6 +326,7 @@ fn stage_probes(
             resume: None,
             download: false,
             progress: job.progress,
+            world: job.world.clone(),
         })
         .context("stage 5 (linear probe)")
     };

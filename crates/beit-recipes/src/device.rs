@@ -1,5 +1,6 @@
 //! `--device cpu|cuda[:N]|metal[:N]` parsing shared by every command that runs a model.
 
+use crate::distributed::World;
 use anyhow::{bail, Context, Result};
 use candle::Device;
 
@@ -68,10 +69,16 @@ impl<'de> serde::Deserialize<'de> for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Open the device. A GPU in a binary built without the matching cargo feature is a clear
-    /// error naming the feature to enable.
+    /// Open the device of a single process ([`DeviceSpec::open_in`] a single-process world).
     pub fn open(self) -> Result<Device> {
-        let local = || crate::distributed::world().local_rank();
+        self.open_in(&World::default())
+    }
+
+    /// Open the device for this process of `world`: a GPU without an ordinal is the one of the
+    /// process's local rank. A GPU in a binary built without the matching cargo feature is a clear
+    /// error naming the feature to enable.
+    pub fn open_in(self, world: &World) -> Result<Device> {
+        let local = || world.local_rank();
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(n) => {

@@ -1,9 +1,10 @@
 //! The recipes' side of data-parallel training (see `beit_train::distributed` for the engine's
 //! side and `docs/distributed.md` for launching).
 //!
-//! The process's collective is created once, at start-up ([`init_from_launcher`], or
-//! [`install`] with any [`Collective`]), kept here and handed explicitly to the engine
-//! (`TrainLoop::open_in`) and to evaluation; without it every recipe is the single-process one.
+//! The run's collective is a value, a [`World`]: created once by the caller at start-up (the CLI
+//! with [`init_from_launcher`]), handed to each recipe in its job and from there to the engine
+//! (`TrainLoop::open_in`), the data sharding and the evaluation. The default is the single
+//! process.
 //!
 //! `train.batch_size` stays the global batch: with `A` accumulation steps it makes global
 //! micro-batches of `m = batch_size / A` samples, the same on any number of processes `N`. Each
@@ -15,52 +16,122 @@
 //! micro-batch)`, and drop path / dropout by `(step seed, position in the global micro-batch)`
 //! (`beit_train::StepContext::global_positions`), so the data and the regularisers do not depend on `N`. Mixup/CutMix
 //! (which mixes a batch with itself reversed, as timm does under DDP) does depend on how the batch
-//! is split: [`warn_if_n_dependent`] says so.
+//! is split: [`World::warn_if_n_dependent`] says so.
 
-use std::sync::{Arc, OnceLock};
+use std::fmt;
+use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use beit_data::{Dataset, LoaderConfig, Subset};
 use beit_train::distributed::{Collective, SingleProcess};
 
-static WORLD: OnceLock<Arc<dyn Collective>> = OnceLock::new();
+/// The collective of a run, handed to each recipe in its job: [`SingleProcess`] by default, the
+/// MPI world (or NCCL over it) when the CLI was launched by `mpirun` / `srun`
+/// ([`init_from_launcher`]).
+#[derive(Clone)]
+pub struct World(Arc<dyn Collective>);
 
-/// Make `world` the process's collective. Once per process; a second call is an error.
-pub fn install(world: Arc<dyn Collective>) -> Result<()> {
-    WORLD
-        .set(world)
-        .map_err(|_| anyhow!("the data-parallel world is already set"))
-}
-
-/// The process's collective ([`SingleProcess`] unless [`install`] was called).
-pub fn world() -> Arc<dyn Collective> {
-    WORLD
-        .get()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(SingleProcess))
-}
-
-/// This rank's share of a global micro-batch of `micro` samples. Fails when `N` does not
-/// divide it.
-pub fn rank_micro_batch(micro: usize) -> Result<usize> {
-    let n = world().size();
-    if !micro.is_multiple_of(n) {
-        bail!(
-            "train.batch_size / train.accum_steps = {micro} samples per micro-batch cannot be \
-             split evenly over {n} processes (choose a batch size that is a multiple of \
-             accum_steps x {n})"
-        );
+impl World {
+    /// A run over `collective`.
+    pub fn new(collective: Arc<dyn Collective>) -> Self {
+        Self(collective)
     }
-    Ok(micro / n)
+
+    /// The collective, for the engine (`TrainLoop::open_in`).
+    pub fn collective(&self) -> Arc<dyn Collective> {
+        self.0.clone()
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.0.rank()
+    }
+
+    /// Number of processes.
+    pub fn size(&self) -> usize {
+        self.0.size()
+    }
+
+    /// Whether this process writes the run's files (rank 0).
+    pub fn is_primary(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// This rank's share of a global micro-batch of `micro` samples. Fails when `N` does not
+    /// divide it.
+    pub fn rank_micro_batch(&self, micro: usize) -> Result<usize> {
+        let n = self.size();
+        if !micro.is_multiple_of(n) {
+            bail!(
+                "train.batch_size / train.accum_steps = {micro} samples per micro-batch cannot be \
+                 split evenly over {n} processes (choose a batch size that is a multiple of \
+                 accum_steps x {n})"
+            );
+        }
+        Ok(micro / n)
+    }
+
+    /// Shard a training loader's epochs over the world's ranks.
+    pub fn shard_loader(&self, cfg: LoaderConfig) -> LoaderConfig {
+        LoaderConfig {
+            rank: self.rank(),
+            world_size: self.size(),
+            ..cfg
+        }
+    }
+
+    /// This rank's share of an evaluation split: samples `r, r + N, ...` (no padding, so the
+    /// summed counts are those of the split).
+    pub fn eval_shard(&self, ds: Arc<dyn Dataset>) -> Arc<dyn Dataset> {
+        // Sharded sets are split by the loader (disjoint shards per rank), not by index.
+        if self.size() == 1 || ds.shards().is_some() {
+            return ds;
+        }
+        let idx: Vec<usize> = (self.rank()..ds.len()).step_by(self.size()).collect();
+        Arc::new(Subset::new(ds, idx))
+    }
+
+    /// Log once (rank 0) what makes a data-parallel run differ from a single process.
+    pub fn warn_if_n_dependent(&self, mixup: bool) {
+        if self.size() == 1 || self.rank() != 0 {
+            return;
+        }
+        tracing::info!(
+            "data-parallel run: {} processes ({}), local rank {}",
+            self.size(),
+            self.0.backend(),
+            self.0.local_rank()
+        );
+        if mixup {
+            tracing::warn!(
+                "mixup/CutMix mixes each rank's share of the batch: the pairs differ from one \
+                 process's"
+            );
+        }
+    }
 }
 
-/// Shard a training loader's epochs over the world's ranks.
-pub fn shard_loader(cfg: LoaderConfig) -> LoaderConfig {
-    let w = world();
-    LoaderConfig {
-        rank: w.rank(),
-        world_size: w.size(),
-        ..cfg
+impl Default for World {
+    /// A single process.
+    fn default() -> Self {
+        Self(Arc::new(SingleProcess))
+    }
+}
+
+impl std::ops::Deref for World {
+    type Target = dyn Collective;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl fmt::Debug for World {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("World")
+            .field("backend", &self.0.backend())
+            .field("rank", &self.rank())
+            .field("size", &self.size())
+            .finish()
     }
 }
 
@@ -68,43 +139,6 @@ pub fn shard_loader(cfg: LoaderConfig) -> LoaderConfig {
 /// same on every `N` (each rank's loader may have one more, never read).
 pub fn global_batches_per_epoch(len: usize, micro: usize) -> u64 {
     (len / micro.max(1)) as u64
-}
-
-/// This rank's share of an evaluation split: samples `r, r + N, ...` (no padding, so the summed
-/// counts are those of the split).
-pub fn eval_shard(ds: Arc<dyn Dataset>) -> Arc<dyn Dataset> {
-    let w = world();
-    // Sharded sets are split by the loader (disjoint shards per rank), not by index.
-    if w.size() == 1 || ds.shards().is_some() {
-        return ds;
-    }
-    let idx: Vec<usize> = (w.rank()..ds.len()).step_by(w.size()).collect();
-    Arc::new(Subset::new(ds, idx))
-}
-
-/// Log once (rank 0) what makes a data-parallel run differ from a single process.
-pub fn warn_if_n_dependent(mixup: bool) {
-    let w = world();
-    if w.size() == 1 || w.rank() != 0 {
-        return;
-    }
-    tracing::info!(
-        "data-parallel run: {} processes ({}), local rank {}",
-        w.size(),
-        w.backend(),
-        w.local_rank()
-    );
-    if mixup {
-        tracing::warn!(
-            "mixup/CutMix mixes each rank's share of the batch: the pairs differ from one \
-             process's"
-        );
-    }
-}
-
-/// Whether this process writes the run's files.
-pub fn is_primary() -> bool {
-    world().rank() == 0
 }
 
 /// Environment variables set by the launchers (`mpirun` of OpenMPI, MPICH/Intel MPI's
@@ -117,26 +151,26 @@ pub fn launched_by_mpi() -> bool {
     LAUNCHER_VARS.iter().any(|k| std::env::var_os(k).is_some())
 }
 
-/// When launched by `mpirun` / `srun`, initialise MPI and make it (or, in a `nccl` build, NCCL
-/// over it for CUDA tensors: `beit_train::distributed::transport_from_env`) the process's world; a
-/// plain start stays a single process (`None`). Keep the guard until the end of a successful
-/// run; on failure call [`abort_job`] so that the other ranks end too.
+/// When launched by `mpirun` / `srun`, initialise MPI and return its world (or, in a `nccl`
+/// build, NCCL over it for CUDA tensors: `beit_train::distributed::transport_from_env`) with the
+/// guard; a plain start is a single process (no guard). Keep the guard until the end of a
+/// successful run; on failure call [`abort_job`] so that the other ranks end too.
 #[cfg(feature = "mpi")]
-pub fn init_from_launcher() -> Result<Option<beit_train::distributed::MpiGuard>> {
+pub fn init_from_launcher() -> Result<(World, Option<beit_train::distributed::MpiGuard>)> {
     if !launched_by_mpi() {
-        return Ok(None);
+        return Ok((World::default(), None));
     }
     let guard = beit_train::distributed::MpiWorld::init()?;
-    install(beit_train::distributed::transport_from_env(guard.world())?)?;
-    Ok(Some(guard))
+    let world = World::new(beit_train::distributed::transport_from_env(guard.world())?);
+    Ok((world, Some(guard)))
 }
 
 /// End a failed data-parallel job: every rank stops (MPI_Abort) rather than waiting for the
 /// failed one in a collective. Returns when there is no MPI world (the caller then exits).
 #[cfg(feature = "mpi")]
-pub fn abort_job(guard: Option<beit_train::distributed::MpiGuard>, code: i32) {
+pub fn abort_job(world: &World, guard: Option<beit_train::distributed::MpiGuard>, code: i32) {
     if let Some(g) = guard {
-        if world().size() > 1 {
+        if world.size() > 1 {
             g.abort(code);
         }
         drop(g);

@@ -33,6 +33,7 @@ use crate::classifier::{
 };
 use crate::config::{AutoAugment, EvalResizeMode, NormalizePreset, TrainSection};
 use crate::device::DeviceSpec;
+use crate::distributed::World;
 use crate::evaluate::{classifier_logits, evaluate};
 use crate::model_source::load_model;
 pub use crate::runner::FinetuneOutcome;
@@ -278,6 +279,8 @@ pub struct FinetuneJob<C = FinetuneConfig> {
     pub stop_after: Option<u64>,
     /// Draw progress bars.
     pub progress: bool,
+    /// The processes the run is spread over (a single one by default).
+    pub world: World,
 }
 
 /// The fine-tuning task: a classifier, its loss, its evaluation and its export.
@@ -291,6 +294,7 @@ struct ClassifierTask<'a> {
     progress: bool,
     processor: ImageProcessor,
     out: PathBuf,
+    world: World,
 }
 
 impl TrainTask for ClassifierTask<'_> {
@@ -318,12 +322,12 @@ impl TrainTask for ClassifierTask<'_> {
     }
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
-        let world = crate::distributed::world();
+        let world = &self.world;
         let m = evaluate(
             self.eval_loader,
             self.num_classes,
-            self.progress && world.rank() == 0,
-            Some(&*world),
+            self.progress && world.is_primary(),
+            Some(&**world),
             |x| classifier_logits(&self.model, x),
         )?;
         tracing::info!(
@@ -404,12 +408,13 @@ fn pipelines(
     splits: &beit_data::Splits,
     micro: usize,
     device: &Device,
+    world: &World,
 ) -> Result<Pipelines> {
     let t = &cfg.train;
-    let rank_micro = crate::distributed::rank_micro_batch(micro)?;
+    let rank_micro = world.rank_micro_batch(micro)?;
     let train_tf = cfg.aug.train_transform()?;
     let eval_tf = cfg.aug.eval_transform()?;
-    let loader_cfg = crate::distributed::shard_loader(LoaderConfig {
+    let loader_cfg = world.shard_loader(LoaderConfig {
         batch_size: rank_micro,
         shuffle: true,
         drop_last: true,
@@ -428,9 +433,9 @@ fn pipelines(
     if let Some(m) = mixup {
         train = train.with_mixup(m)?;
     }
-    crate::distributed::warn_if_n_dependent(mixup.is_some());
+    world.warn_if_n_dependent(mixup.is_some());
     let eval = Loader::new(
-        crate::distributed::eval_shard(splits.val.clone()),
+        world.eval_shard(splits.val.clone()),
         Arc::new(eval_tf.clone()),
         LoaderConfig {
             batch_size: t.eval_batch_size.unwrap_or((micro * 3).div_ceil(2)),
@@ -454,9 +459,10 @@ fn pipelines(
 pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let cfg = &job.config;
     let t = &cfg.train;
-    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
+    let world = &job.world;
+    let device = runner::start(cfg.device, world, &cfg.output, job.resume.is_some())?;
     let micro = t.micro_batch()?;
-    crate::distributed::rank_micro_batch(micro)?;
+    world.rank_micro_batch(micro)?;
     let splits = load_splits(&cfg.data)?;
     tracing::info!("data: {}", splits.description);
     let (model_cfg, varmap, model) = build_classifier(job, &splits.classes, &device)?;
@@ -464,7 +470,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         named_vars(&varmap),
         &t.grouping(model_cfg.num_hidden_layers),
     )?;
-    let data = pipelines(cfg, &splits, micro, &device)?;
+    let data = pipelines(cfg, &splits, micro, &device, world)?;
     let batches = crate::distributed::global_batches_per_epoch(splits.train.len(), micro);
     if batches < t.accum_steps {
         bail!(
@@ -474,7 +480,14 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
             t.accum_steps
         );
     }
-    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let spec = RunSpec::new(
+        &cfg.output,
+        job.resume.as_deref(),
+        t,
+        batches,
+        job.progress,
+        world,
+    );
     let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     tracing::info!(
         "fine-tuning: {} epochs x {} steps of {} images ({} x {}), lr {:.2e}, layer decay {:?}, \
@@ -498,6 +511,7 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
         progress: job.progress,
         processor: processor_for_eval(&data.eval_transform),
         out: cfg.output.clone(),
+        world: world.clone(),
     };
     let train = &data.train;
     let precision = t.precision(&device)?;

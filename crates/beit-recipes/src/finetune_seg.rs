@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::classifier::{log_load_report, trainable_classifier};
 use crate::config::{NormalizePreset, TrainSection};
 use crate::device::DeviceSpec;
+use crate::distributed::World;
 use crate::finetune::Architecture;
 use crate::model_source::load_model;
 use crate::runner::{self, FinetuneOutcome, RunSpec};
@@ -355,12 +356,13 @@ struct SegTask<'a> {
     reduce_zero_label: bool,
     device: Device,
     out: PathBuf,
+    world: World,
 }
 
 impl SegTask<'_> {
     /// Once the run is `finished`, rank 0 exports the last model to `final_model/`.
     fn export_final(&self, finished: bool) -> Result<Option<PathBuf>> {
-        if !(finished && crate::distributed::is_primary()) {
+        if !(finished && self.world.is_primary()) {
             return Ok(None);
         }
         let dir = self.out.join("final_model");
@@ -396,11 +398,7 @@ impl TrainTask for SegTask<'_> {
         let out = self.model.forward(&batch.pixels, ForwardOptions::train())?;
         // The forward pass moved the BatchNorm running statistics by this rank's batch: every
         // rank takes rank 0's (PyTorch DDP's buffer broadcast), so the ranks stay identical.
-        beit_train::distributed::broadcast_vars_where(
-            &*crate::distributed::world(),
-            &self.varmap,
-            is_buffer,
-        )?;
+        beit_train::distributed::broadcast_vars_where(&*self.world, &self.varmap, is_buffer)?;
         let loss = self.model.loss(&out, &batch.labels)?;
         // Both losses are means over the labelled pixels: ranks are weighted by their count.
         ctx.loss_weight = Some(batch.labelled_pixels as f64);
@@ -413,7 +411,7 @@ impl TrainTask for SegTask<'_> {
 
     fn evaluate(&mut self) -> Result<Vec<(String, f64)>> {
         // Data-parallel: rank r evaluates pairs r, r + N, ...; the counts are summed.
-        let world = crate::distributed::world();
+        let world = &self.world;
         let mine: Vec<usize> = (world.rank()..self.val.len())
             .step_by(world.size())
             .collect();
@@ -430,7 +428,7 @@ impl TrainTask for SegTask<'_> {
             |i| format!("validation pair {i}"),
             None,
         )?;
-        metrics.all_reduce(&*world)?;
+        metrics.all_reduce(&**world)?;
         let s = metrics.scores();
         tracing::info!(
             "validation: mIoU {:.2} mAcc {:.2} aAcc {:.2} ({} images)",
@@ -477,8 +475,7 @@ fn load_source(job: &FinetuneSegJob) -> Result<Source> {
 }
 
 /// Warn that a data-parallel run's BatchNorm statistics are per rank.
-fn warn_if_data_parallel() {
-    let world = crate::distributed::world();
+fn warn_if_data_parallel(world: &World) {
     if world.size() > 1 && world.rank() == 0 {
         tracing::warn!(
             "data-parallel run on {} processes: the decode head's BatchNorm normalises with each \
@@ -546,10 +543,11 @@ fn log_plan(cfg: &FinetuneSegConfig, steps_per_epoch: u64, micro: usize) {
 /// Run (or continue) a segmentation fine-tuning job.
 pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let (cfg, t) = (&job.config, &job.config.train);
-    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
+    let world = &job.world;
+    let device = runner::start(cfg.device, world, &cfg.output, job.resume.is_some())?;
     let micro = t.micro_batch()?;
-    crate::distributed::rank_micro_batch(micro)?;
-    warn_if_data_parallel();
+    world.rank_micro_batch(micro)?;
+    warn_if_data_parallel(world);
     let transform = cfg.aug.train_transform()?;
     let processor = cfg.aug.processor()?;
     let (train, val, classes, description) = load_data(&cfg.data)?;
@@ -568,7 +566,14 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         .filter(|(n, _)| !is_buffer(n));
     let groups = build_param_groups(params, &t.grouping(model_cfg.num_hidden_layers))?;
     let batches = batches_per_epoch(cfg, train.len(), val.len(), micro)?;
-    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let spec = RunSpec::new(
+        &cfg.output,
+        job.resume.as_deref(),
+        t,
+        batches,
+        job.progress,
+        world,
+    );
     let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     log_plan(cfg, tl.config().steps_per_epoch(), micro);
     let mut task = SegTask {
@@ -582,10 +587,19 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         reduce_zero_label,
         device: device.clone(),
         out: cfg.output.clone(),
+        world: world.clone(),
     };
     let precision = t.precision(&device)?;
     tracing::info!("precision: {precision}");
-    let loader = train_loader(train.into(), transform, t.seed, micro, batches, device)?;
+    let loader = train_loader(
+        train.into(),
+        transform,
+        t.seed,
+        micro,
+        batches,
+        device,
+        &world,
+    )?;
     let done = precision.scope(|| {
         fit(
             tl,

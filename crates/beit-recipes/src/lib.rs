@@ -65,6 +65,7 @@ pub mod verify;
 pub use config::{load_config, parse_set, set_dotted, write_resolved_config, TrainSection};
 pub use demo::{demo, DemoConfig, DemoJob, DemoOutcome};
 pub use device::{parse_device, DeviceSpec};
+pub use distributed::World;
 pub use evaluate::{eval_classifier, evaluate, EvalJob, EvalReport};
 pub use finetune::{finetune, FinetuneConfig, FinetuneJob};
 pub use finetune_seg::{finetune_seg, FinetuneSegConfig, FinetuneSegJob, FinetuneSegOutcome};

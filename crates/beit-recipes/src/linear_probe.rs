@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainSection;
 use crate::device::DeviceSpec;
+use crate::distributed::World;
 use crate::evaluate::progress_bar;
 use crate::model_source::{load_architecture, load_model, LoadedModel};
 use crate::runner::{self, RunSpec};
@@ -97,9 +98,9 @@ fn random_init_tensors(
     } else {
         beit_model::BeitForImageClassification::new(cfg, vb)?;
     }
-    beit_train::init_beit(
+    beit_model::init_beit(
         &varmap,
-        &beit_train::InitConfig::transformers(cfg.num_hidden_layers, cfg.layer_scale_init_value),
+        &beit_model::InitConfig::transformers(cfg.num_hidden_layers, cfg.layer_scale_init_value),
         &mut TrainRng::derive(seed, &[0x696e6974]),
     )?;
     Ok(beit_model::save::varmap_tensors(&varmap))
@@ -158,6 +159,8 @@ pub struct LinearProbeJob {
     pub download: bool,
     /// Draw progress bars.
     pub progress: bool,
+    /// The processes the run is spread over (a single one by default).
+    pub world: World,
 }
 
 /// What a linear probe produced.
@@ -182,8 +185,7 @@ pub struct LinearProbeOutcome {
 /// Data-parallel feature extraction: each rank extracted the rows `r, r + N, ...` of a split of
 /// `n` images (`x`, `y`); every rank gets all `n` rows, in order (an all-gather made of one sum
 /// all-reduce over disjoint rows).
-fn gather_rows(x: Tensor, y: Tensor, n: usize) -> Result<(Tensor, Tensor)> {
-    let world = crate::distributed::world();
+fn gather_rows(world: &World, x: Tensor, y: Tensor, n: usize) -> Result<(Tensor, Tensor)> {
     let (size, rank) = (world.size(), world.rank());
     if size == 1 {
         return Ok((x, y));
@@ -287,10 +289,10 @@ fn features(
     })?;
     let transform = Arc::new(ProcessorTransform::new(loaded.processor.clone())?);
     let started = std::time::Instant::now();
-    let progress = job.progress && crate::distributed::is_primary();
+    let progress = job.progress && job.world.is_primary();
     let split = |ds: &Arc<dyn Dataset>, label: &str| -> Result<(Tensor, Tensor)> {
         let loader = Loader::new(
-            crate::distributed::eval_shard(ds.clone()),
+            job.world.eval_shard(ds.clone()),
             transform.clone(),
             LoaderConfig {
                 batch_size: cfg.train.eval_batch_size.unwrap_or(64),
@@ -302,7 +304,7 @@ fn features(
             device.clone(),
         )?;
         let (x, y) = extract(&backbone, &loader, cfg.layer, label, progress)?;
-        gather_rows(x, y, ds.len())
+        gather_rows(&job.world, x, y, ds.len())
     };
     let (mut xtr, ytr) = split(&splits.train, "features (train)")?;
     let (mut xva, yva) = split(&splits.val, "features (val)")?;
@@ -336,7 +338,7 @@ fn probe_head(
 ) -> Result<(VarMap, candle_nn::Linear)> {
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device).pp("classifier");
-    let w = beit_train::init::trunc_normal_vec(
+    let w = beit_model::init::trunc_normal_vec(
         &mut TrainRng::derive(seed, &[0x68656164]),
         classes * dim,
         0.0,
@@ -362,7 +364,8 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     if t.batch_size == 0 || t.eval_batch_size == Some(0) {
         bail!("train.batch_size and train.eval_batch_size must be at least 1");
     }
-    let device = runner::start(cfg.device, &cfg.output, job.resume.is_some())?;
+    let world = &job.world;
+    let device = runner::start(cfg.device, world, &cfg.output, job.resume.is_some())?;
     let loaded = load_probed(job, model, &device)?;
     let layers = loaded.checkpoint.config.num_hidden_layers;
     if cfg.layer > layers {
@@ -381,9 +384,16 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let groups = build_param_groups(named_vars(&varmap), &t.grouping(layers))?;
     let bs = t.batch_size.min(n);
     // Each rank trains on its positions `r, r + N, ...` of every batch.
-    crate::distributed::rank_micro_batch(bs)?;
+    world.rank_micro_batch(bs)?;
     let batches = (n / bs) as u64;
-    let spec = RunSpec::new(&cfg.output, job.resume.as_deref(), t, batches, job.progress);
+    let spec = RunSpec::new(
+        &cfg.output,
+        job.resume.as_deref(),
+        t,
+        batches,
+        job.progress,
+        world,
+    );
     let tl = runner::open_loop(&spec, cfg, varmap.clone(), groups)?;
     let mut task = ProbeTask {
         head,
@@ -395,7 +405,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
     let done = fit(
         tl,
         &mut task,
-        |epoch| epoch_batches(train, bs, t.seed, epoch),
+        |epoch| epoch_batches(world, train, bs, t.seed, epoch),
         &runner::evaluated(t.eval_every, "acc1", None),
     )?;
     let final_acc = match &done.last_eval {
@@ -406,7 +416,7 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
         }
     };
     let head_path = cfg.output.join("linear_head.safetensors");
-    if crate::distributed::is_primary() {
+    if world.is_primary() {
         varmap
             .save(&head_path)
             .with_context(|| format!("cannot write {}", head_path.display()))?;
@@ -425,12 +435,12 @@ pub fn linear_probe(job: &LinearProbeJob) -> Result<LinearProbeOutcome> {
 /// The micro-batches of `epoch` over the cached features `(x, y)`: a permutation drawn from
 /// `(seed, epoch)`, so a resumed run agrees; each rank takes its positions `r, r + N, ...`.
 fn epoch_batches<'a>(
+    world: &World,
     (x, y): &'a (Tensor, Tensor),
     bs: usize,
     seed: u64,
     epoch: u64,
 ) -> Result<impl Iterator<Item = Result<(Tensor, Tensor)>> + 'a> {
-    let world = crate::distributed::world();
     let (rank, size) = (world.rank(), world.size());
     let batches = epoch_batch_indices(x.dim(0)?, bs, seed, 0x7065726d, epoch, x.device())?;
     Ok(batches.into_iter().map(move |idx| {

@@ -26,13 +26,13 @@ use beit_mim::{
     masked_token_loss, mim_loss, MaskBatch, MaskSampler, MaskStrategy, MaskingSpec, MimInputs,
     MimTarget, PixelRegressionHead,
 };
+use beit_model::init::{init_beit, InitConfig};
 use beit_model::load::{load_into_varmap, Architecture, Checkpoint};
 use beit_model::save::{save_hf, varmap_tensors};
 use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions};
 use beit_tokenizer::{Encoder, VisualTokenizer};
 use beit_train::{
-    build_param_groups, fit, init_beit, named_vars, FitOptions, InitConfig, StepContext,
-    StepOutput, TrainRng, TrainTask,
+    build_param_groups, fit, named_vars, FitOptions, StepContext, StepOutput, TrainRng, TrainTask,
 };
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{NormalizePreset, Preset, TrainSection};
 use crate::device::DeviceSpec;
+use crate::distributed::World;
 use crate::runner::{self, RunSpec};
 
 /// A pre-training configuration file (`configs/pretrain_*.toml`). Every field has a default (the
@@ -77,7 +78,7 @@ pub struct PretrainConfig {
     pub train: TrainSection,
 }
 
-/// The initialisation of a model built from scratch (`beit_train::InitConfig`).
+/// The initialisation of a model built from scratch (`beit_model::init::InitConfig`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InitScheme {
@@ -305,6 +306,8 @@ pub struct PretrainJob {
     /// Save a checkpoint and stop after this many optimizer steps (a time-boxed slice of the run;
     /// continue it with `--resume`).
     pub stop_after: Option<u64>,
+    /// The processes the run is spread over (a single one by default).
+    pub world: World,
 }
 
 /// What a run produced.
@@ -542,6 +545,7 @@ fn mim_loader(
     mcfg: &BeitConfig,
     second: u32,
     device: &Device,
+    world: &World,
 ) -> Result<(Loader, u64, String)> {
     let micro_batch = cfg.train.micro_batch()?;
     let (dataset, what) = open_images(&cfg.data.source)?;
@@ -550,8 +554,8 @@ fn mim_loader(
     let loader = Loader::new(
         dataset.clone(),
         Arc::new(transform),
-        crate::distributed::shard_loader(LoaderConfig {
-            batch_size: crate::distributed::rank_micro_batch(micro_batch)?,
+        world.shard_loader(LoaderConfig {
+            batch_size: world.rank_micro_batch(micro_batch)?,
             shuffle: true,
             drop_last: true,
             seed: cfg.train.seed,
@@ -707,18 +711,19 @@ fn run_config(cfg: &PretrainConfig, mcfg: &BeitConfig) -> Result<serde_json::Val
 pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let started = Instant::now();
     let cfg = &job.config;
-    let device = &cfg.device.open()?;
+    let world = &job.world;
+    let device = &cfg.device.open_in(world)?;
     if cfg.data.source.trim().is_empty() {
         bail!("no training data: pass --data (or set data.source in the config)");
     }
-    crate::distributed::rank_micro_batch(cfg.train.micro_batch()?)?;
-    crate::distributed::warn_if_n_dependent(false);
+    world.rank_micro_batch(cfg.train.micro_batch()?)?;
+    world.warn_if_n_dependent(false);
     let (tokenizer, vocab) = tokenizer_and_vocab(cfg, device)?;
     let (mcfg, init_tensors) = model_config(cfg, vocab, tokenizer.is_some())?;
     let second = second_size(tokenizer.as_ref(), cfg, &mcfg)?;
     let masking = cfg.masking.on_grid(mcfg.grid_size()).context("[masking]")?;
     let sampler: Box<dyn MaskSampler> = masking.build()?;
-    let (loader, batches_per_epoch, what) = mim_loader(cfg, &mcfg, second, device)?;
+    let (loader, batches_per_epoch, what) = mim_loader(cfg, &mcfg, second, device, world)?;
     let (varmap, model, pixel_head) = build_mim_model(cfg, &mcfg, init_tensors.as_ref(), device)?;
     drop(init_tensors);
     let params = trainable(&varmap, cfg.objective.target);
@@ -731,6 +736,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         &cfg.train,
         batches_per_epoch,
         job.progress,
+        world,
     );
     let record = run_config(cfg, &mcfg)?;
     let tl = runner::open_loop_recording(&spec, cfg, record, varmap.clone(), groups)?;
@@ -764,7 +770,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         tracing::warn!("{} ({})", loader.summary(), s.reason);
     }
     let steps = done.summary.steps;
-    let export_dir = match (done.finished, crate::distributed::is_primary()) {
+    let export_dir = match (done.finished, world.is_primary()) {
         (true, false) => None, // rank 0 exports
         (true, true) => Some(export_model(
             &cfg.output,

@@ -19,11 +19,13 @@ use serde::{Serialize, Serializer};
 
 use crate::config::{prepare_output_dir, write_resolved_config, TrainSection};
 use crate::device::DeviceSpec;
+use crate::distributed::World;
 
-/// The first two steps of a recipe: its device (`device`, opened), then its run directory
+/// The first two steps of a recipe: its device (`device`, opened for this process of `world`),
+/// then its run directory
 /// (`output`, created for a fresh run; required to exist when `resuming`).
-pub fn start(device: DeviceSpec, output: &Path, resuming: bool) -> Result<Device> {
-    let device = device.open()?;
+pub fn start(device: DeviceSpec, world: &World, output: &Path, resuming: bool) -> Result<Device> {
+    let device = device.open_in(world)?;
     prepare_output_dir(output, resuming)?;
     Ok(device)
 }
@@ -41,17 +43,20 @@ pub struct RunSpec<'a> {
     pub batches_per_epoch: u64,
     /// Draw progress bars.
     pub progress: bool,
+    /// The processes the run is spread over.
+    pub world: &'a World,
 }
 
 impl<'a> RunSpec<'a> {
     /// A run in `output` (resumed from `resume`, if given) on the `[train]` table `train`,
-    /// `batches_per_epoch` micro-batches an epoch.
+    /// `batches_per_epoch` micro-batches an epoch, over the processes of `world`.
     pub fn new(
         output: &'a Path,
         resume: Option<&'a Path>,
         train: &'a TrainSection,
         batches_per_epoch: u64,
         progress: bool,
+        world: &'a World,
     ) -> Self {
         Self {
             output,
@@ -59,6 +64,7 @@ impl<'a> RunSpec<'a> {
             train,
             batches_per_epoch,
             progress,
+            world,
         }
     }
 }
@@ -84,9 +90,9 @@ pub fn open_loop_recording<C: Serialize>(
     groups: Vec<ParamGroup>,
 ) -> Result<TrainLoop> {
     let engine = spec.train.engine(spec.batches_per_epoch, spec.progress)?;
-    write_resolved_config(spec.output, config)?;
+    write_resolved_config(spec.output, config, spec.world)?;
     Ok(TrainLoop::open_in(
-        crate::distributed::world(),
+        spec.world.collective(),
         engine,
         varmap,
         groups,

@@ -19,6 +19,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 type DataResult<T> = beit_data::Result<T>;
+use crate::distributed::World;
 
 /// `[data]` of a segmentation run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,9 +196,10 @@ pub(crate) fn train_loader(
     micro: usize,
     batches_per_epoch: u64,
     device: Device,
+    world: &World,
 ) -> Result<Loader<SegBatches>> {
-    let cfg = crate::distributed::shard_loader(LoaderConfig {
-        batch_size: crate::distributed::rank_micro_batch(micro)?,
+    let cfg = world.shard_loader(LoaderConfig {
+        batch_size: world.rank_micro_batch(micro)?,
         shuffle: false,
         drop_last: false,
         seed,

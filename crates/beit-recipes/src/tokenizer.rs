@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainSection;
 use crate::device::DeviceSpec;
+use crate::distributed::World;
 use crate::runner::{self, RunSpec};
 use crate::tensor_batches::epoch_batch_indices;
 
@@ -88,6 +89,8 @@ pub struct TokenizerJob {
     pub stop_after: Option<u64>,
     /// Draw the progress bar.
     pub progress: bool,
+    /// The processes the run is spread over (a single one by default).
+    pub world: World,
 }
 
 /// What a tokenizer run produced.
@@ -284,7 +287,7 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
     model.validate("[architecture]")?;
     cfg.objective.validate("[objective]")?;
     let out = &cfg.output;
-    let device = runner::start(cfg.device, out, false)?;
+    let device = runner::start(cfg.device, &job.world, out, false)?;
     let has_checkpoints = !beit_train::CheckpointManager::new(out, 1)?
         .list()?
         .is_empty();
@@ -310,7 +313,14 @@ pub fn train_tokenizer(job: &TokenizerJob) -> Result<TokenizerOutcome> {
     );
     let dvae = Dvae::new(model, t.seed, &device)?;
     let batches = (n / bs) as u64;
-    let spec = RunSpec::new(out, resume_from.as_deref(), t, batches, job.progress);
+    let spec = RunSpec::new(
+        out,
+        resume_from.as_deref(),
+        t,
+        batches,
+        job.progress,
+        &job.world,
+    );
     let tl = runner::open_loop(&spec, cfg, dvae.varmap().clone(), dvae_groups(&dvae))?;
     let mut task = DvaeTask {
         dvae: &dvae,

@@ -6,12 +6,13 @@
 //! (`beit.embeddings.cls_token`, `beit.encoder.layer.3.output.dense.weight`, `lm_head.weight`,
 //! `classifier.bias`, …). What a name means (layer id, no-decay, role at init) is the model's
 //! knowledge, asked through `beit_model::param_info::ParamInfo` (`*_with` entry points take it as a
-//! trait object; the plain ones use BEiT's).
+//! trait object; the plain ones use BEiT's). Initialising a model from scratch is the model's too
+//! (`beit_model::init`), fed by the engine's seeded [`TrainRng`].
 //!
 //! # How the pieces fit
 //!
 //! ```text
-//!  VarMap (model) ──► init::init_beit            from-scratch init (trunc normal, 1/sqrt(2l), head ×0.001)
+//!  VarMap (model, initialised by beit_model::init with a TrainRng)
 //!        │
 //!        └──► param_groups::build_param_groups    layer id → lr scale d^(L+1-id); decay / no-decay
 //!                   │
@@ -64,6 +65,7 @@
 //! }
 //! let varmap = candle_nn::VarMap::new();
 //! // ... build the model through VarBuilder::from_varmap(&varmap, DType::F32, &device) ...
+//! # use beit_model::init::{init_beit, InitConfig};
 //! init_beit(&varmap, &InitConfig::pretrain(12, 0.1), &mut TrainRng::derive(0, &[0]))?;
 //! let groups = build_param_groups(named_vars(&varmap), &GroupingConfig::pretrain(12))?;
 //! let cfg = TrainConfig {
@@ -108,7 +110,6 @@ pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod fit;
-pub mod init;
 pub mod losses;
 pub mod metrics;
 pub mod optimizer;
@@ -132,7 +133,6 @@ pub use clip::{clip_grad_norm, global_grad_norm};
 pub use error::{Result, TrainError};
 pub use eval::{ClassificationMetrics, EvalAccumulator};
 pub use fit::{fit, top_up_epoch, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask};
-pub use init::{init_beit, init_beit_with, InitConfig, PatchEmbedInit, Truncation};
 pub use losses::{
     label_smoothing_cross_entropy, soft_target_cross_entropy, target_rank, topk_accuracy,
 };

@@ -42,7 +42,7 @@ fn state(step: u64) -> TrainerState {
 }
 
 fn weight(vm: &VarMap) -> Vec<f32> {
-    beit_train::init::var_values(vm, "fc.weight").unwrap()
+    beit_model::init::var_values(vm, "fc.weight").unwrap()
 }
 
 #[test]

@@ -9,10 +9,11 @@ use std::path::Path;
 
 use std::collections::BTreeMap;
 
+use beit_model::init::{init_beit, InitConfig};
 use beit_train::{
-    build_param_groups, fit, init_beit, named_vars, read_jsonl, AdamWConfig, BestMetric,
-    FitOptions, FitOutcome, GroupingConfig, InitConfig, Position, StepContext, StepOutput,
-    TrainConfig, TrainLoop, TrainRng, TrainTask,
+    build_param_groups, fit, named_vars, read_jsonl, AdamWConfig, BestMetric, FitOptions,
+    FitOutcome, GroupingConfig, Position, StepContext, StepOutput, TrainConfig, TrainLoop,
+    TrainRng, TrainTask,
 };
 use candle::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarMap};

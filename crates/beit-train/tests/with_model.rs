@@ -3,14 +3,13 @@
 //! updates every parameter, lowers the loss, and resumes exactly (model dropout/drop-path
 //! reseeded from the loop's generator).
 
+use beit_model::init::{init_beit, var_values, InitConfig, InitKind};
 use beit_model::{
     BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, ForwardOptions,
 };
-use beit_train::init::InitKind;
 use beit_train::{
-    build_param_groups, fit, init_beit, named_vars, read_jsonl, AdamWConfig, FitOptions,
-    GroupingConfig, InitConfig, Position, StepContext, StepOutput, TrainConfig, TrainLoop,
-    TrainRng, TrainTask,
+    build_param_groups, fit, named_vars, read_jsonl, AdamWConfig, FitOptions, GroupingConfig,
+    Position, StepContext, StepOutput, TrainConfig, TrainLoop, TrainRng, TrainTask,
 };
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -242,7 +241,7 @@ fn mim_training_updates_everything_and_resumes_exactly() -> anyhow::Result<()> {
     )?;
     run(tl, &model)?;
     for (name, old) in &before {
-        let new: Vec<f32> = beit_train::init::var_values(&vm, name)?;
+        let new: Vec<f32> = var_values(&vm, name)?;
         assert_ne!(&new, old, "`{name}` was not updated");
     }
     let la = losses(dir_a.path());
@@ -283,11 +282,7 @@ fn mim_training_updates_everything_and_resumes_exactly() -> anyhow::Result<()> {
     run(tl, &model_c)?;
     assert_eq!(la, losses(dir_b.path()));
     for (name, _) in &before {
-        assert_eq!(
-            beit_train::init::var_values(&vm, name)?,
-            beit_train::init::var_values(&vm_c, name)?,
-            "{name}"
-        );
+        assert_eq!(var_values(&vm, name)?, var_values(&vm_c, name)?, "{name}");
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use beit_recipes::demo::{demo, final_acc1, DemoConfig, DemoJob, DEMO_TOML};
+use beit_recipes::World;
 use clap::Args;
 
 /// The one-command demo: dVAE tokenizer -> MIM pre-training -> fine-tuning on a few labels per
@@ -40,7 +41,7 @@ pub struct DemoArgs {
 }
 
 /// Run the command.
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(args: DemoArgs, world: &World) -> Result<()> {
     let (text, origin) = match &args.config {
         Some(p) => (
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -66,6 +67,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             overwrite: args.overwrite,
             progress: !args.quiet,
             quick: args.quick,
+            world: world.clone(),
         },
         |line| println!("{line}"),
     )?;

@@ -1,7 +1,7 @@
 //! `beit-cli finetune`: fine-tune an image classifier (`beit_recipes::finetune`).
 
 use anyhow::Result;
-use beit_recipes::{finetune, FinetuneConfig};
+use beit_recipes::{finetune, FinetuneConfig, World};
 use clap::Args;
 
 use crate::args::{print_table, CommonArgs, FinetuneRunArgs};
@@ -27,12 +27,15 @@ pub struct FinetuneArgs {
 }
 
 /// Run the command.
-pub fn run(args: FinetuneArgs) -> Result<()> {
-    let Some(job) = args.run.job(&args.common, |c: &FinetuneConfig| &c.output)? else {
+pub fn run(args: FinetuneArgs, world: &World) -> Result<()> {
+    let Some(job) = args
+        .run
+        .job(&args.common, |c: &FinetuneConfig| &c.output, world)?
+    else {
         return Ok(());
     };
     let out = finetune(&job)?;
-    if !beit_recipes::distributed::is_primary() {
+    if !world.is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let mut rows = vec![

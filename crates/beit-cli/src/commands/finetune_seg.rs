@@ -1,7 +1,7 @@
 //! `beit-cli finetune-seg`: fine-tune a semantic segmentation model (`beit_recipes::finetune_seg`).
 
 use anyhow::Result;
-use beit_recipes::{finetune_seg, FinetuneSegConfig};
+use beit_recipes::{finetune_seg, FinetuneSegConfig, World};
 use clap::Args;
 
 use crate::args::{print_table, CommonArgs, FinetuneRunArgs};
@@ -27,15 +27,15 @@ pub struct FinetuneSegArgs {
 }
 
 /// Run the command.
-pub fn run(args: FinetuneSegArgs) -> Result<()> {
+pub fn run(args: FinetuneSegArgs, world: &World) -> Result<()> {
     let Some(job) = args
         .run
-        .job(&args.common, |c: &FinetuneSegConfig| &c.output)?
+        .job(&args.common, |c: &FinetuneSegConfig| &c.output, world)?
     else {
         return Ok(());
     };
     let out = finetune_seg(&job)?;
-    if !beit_recipes::distributed::is_primary() {
+    if !world.is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let mut rows = vec![

@@ -2,7 +2,7 @@
 //! (`beit_recipes::linear_probe`).
 
 use anyhow::Result;
-use beit_recipes::{linear_probe, LinearProbeConfig, LinearProbeJob};
+use beit_recipes::{linear_probe, LinearProbeConfig, LinearProbeJob, World};
 use clap::Args;
 
 use crate::args::{print_table, CommonArgs, ResumeArg};
@@ -33,7 +33,7 @@ pub struct LinearProbeArgs {
 }
 
 /// Run the command.
-pub fn run(args: LinearProbeArgs) -> Result<()> {
+pub fn run(args: LinearProbeArgs, world: &World) -> Result<()> {
     let extra = args
         .layer
         .map(|l| ("layer".to_string(), toml::Value::Integer(l as i64)))
@@ -51,8 +51,9 @@ pub fn run(args: LinearProbeArgs) -> Result<()> {
         resume,
         download: args.download,
         progress: !args.common.quiet,
+        world: world.clone(),
     })?;
-    if !beit_recipes::distributed::is_primary() {
+    if !world.is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let mut rows = vec![

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use beit_recipes::{pretrain, PretrainConfig, PretrainJob};
+use beit_recipes::{pretrain, PretrainConfig, PretrainJob, World};
 use clap::Args;
 
 use crate::args::{path_value, CommonArgs, ResumeArg};
@@ -37,7 +37,7 @@ pub struct PretrainArgs {
 }
 
 /// Run the command.
-pub fn run(args: PretrainArgs) -> Result<()> {
+pub fn run(args: PretrainArgs, world: &World) -> Result<()> {
     let extra = args
         .tokenizer
         .iter()
@@ -54,8 +54,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         resume,
         progress: !args.common.quiet,
         stop_after: args.stop_after,
+        world: world.clone(),
     })?;
-    if !beit_recipes::distributed::is_primary() {
+    if !world.is_primary() {
         return Ok(()); // rank 0 prints the summary
     }
     let acc = out

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use beit_recipes::config::load_config;
 use beit_recipes::tokenizer::{read_weights, side_by_side};
-use beit_recipes::{train_tokenizer, TokenizerConfig, TokenizerJob};
+use beit_recipes::{train_tokenizer, TokenizerConfig, TokenizerJob, World};
 use beit_tokenizer::dvae::{DECODER_FILE, ENCODER_FILE};
 use beit_tokenizer::pixels::{
     image_to_tensor, map_pixels, open_image, resize_lanczos, save_image, tensor_to_image,
@@ -104,11 +104,11 @@ pub struct TrainArgs {
 }
 
 /// Run a tokenizer command.
-pub fn run(command: TokenizerCommand) -> Result<()> {
+pub fn run(command: TokenizerCommand, world: &World) -> Result<()> {
     match command {
         TokenizerCommand::Encode(a) => encode(a),
         TokenizerCommand::Reconstruct(a) => reconstruct(a),
-        TokenizerCommand::Train(a) => train(a),
+        TokenizerCommand::Train(a) => train(a, world),
     }
 }
 
@@ -202,7 +202,7 @@ fn reconstruct(args: ReconstructArgs) -> Result<()> {
 }
 
 /// Top row `a`, bottom row `b` (pairs side by side when there is one of each).
-fn train(args: TrainArgs) -> Result<()> {
+fn train(args: TrainArgs, world: &World) -> Result<()> {
     let flags = vec![
         (
             "data.source".to_string(),
@@ -220,6 +220,7 @@ fn train(args: TrainArgs) -> Result<()> {
         resume: args.resume,
         stop_after: args.steps,
         progress: !args.quiet,
+        world: world.clone(),
     })?;
     let e = &out.eval;
     println!(

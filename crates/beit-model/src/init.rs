@@ -1,4 +1,6 @@
-//! Initialisation for training from scratch, applied to a `VarMap` by parameter role.
+//! Initialisation for training from scratch, applied to a `VarMap` by parameter role: the
+//! model's own init rules, beside the parameter knowledge of [`crate::param_info`] (as timm's and
+//! transformers' `_init_weights` belong to their models).
 //!
 //! The model says what each tensor is ([`ParamInfo::role`], e.g. BEiT's
 //! [`beit_model::param_info::BeitParams`]); the [`InitConfig`] says how each role is drawn. Two
@@ -24,24 +26,22 @@
 //! truncated, biases 0; `cls_token`, `mask_token`, `position_embeddings` and the relative-position
 //! tables 0; LayerNorm 1/0; LayerScale the init value; no depth rescale, no head scaling.
 //!
-//! Random numbers come from a seeded [`TrainRng`], parameters are visited in sorted name order,
-//! so the same seed gives the same model on every machine.
+//! Random numbers come from the caller's seeded generator (any [`rand::Rng`]; training passes its
+//! checkpointed one), parameters are visited in sorted name order, so the same seed gives the
+//! same model on every machine.
 //!
 //! Fine-tuning a checkpoint follows unilm's order: build the model, initialise everything with
 //! [`InitConfig::finetune`] (which scales the fresh head by 0.001), then load the pre-trained
 //! weights non-strictly over it, leaving the head (and any other parameter the checkpoint lacks)
 //! with its fresh initialisation.
 
-use candle::{DType, Tensor};
+use candle::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, TrainError};
-use beit_model::param_info::{BeitParams, ParamInfo, ParamRole};
-
-use crate::param_groups::named_vars;
-use crate::rng::TrainRng;
+use crate::error::{BeitError, Result};
+use crate::param_info::{BeitParams, ParamInfo, ParamRole};
 
 /// Where the truncated normal is cut.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -155,7 +155,7 @@ impl InitConfig {
 /// `n` samples of a normal(`mean`, `std`) truncated to `[a, b]` (rejection sampling, exact in
 /// distribution; fails if the interval holds almost no mass).
 pub fn trunc_normal_vec(
-    rng: &mut TrainRng,
+    rng: &mut (impl Rng + ?Sized),
     n: usize,
     mean: f64,
     std: f64,
@@ -163,7 +163,7 @@ pub fn trunc_normal_vec(
     b: f64,
 ) -> Result<Vec<f32>> {
     if a >= b || a.is_nan() || b.is_nan() || std.is_nan() || std <= 0.0 {
-        return Err(TrainError::Config(format!(
+        return Err(BeitError::Init(format!(
             "truncated normal needs a < b and std > 0 (a={a}, b={b}, std={std})"
         )));
     }
@@ -177,7 +177,7 @@ pub fn trunc_normal_vec(
         }
         tries += 1;
         if tries > 1000 + 1000 * n as u64 {
-            return Err(TrainError::Config(format!(
+            return Err(BeitError::Init(format!(
                 "truncated normal [{a}, {b}] around {mean} (std {std}) rejects almost everything"
             )));
         }
@@ -225,12 +225,12 @@ impl InitKind {
 
 /// Which unilm rule applies to a BEiT parameter name and shape.
 pub fn init_kind(name: &str, dims: &[usize]) -> Result<InitKind> {
-    let role = beit_model::param_info::role(name, dims).ok_or_else(|| no_rule(name, dims))?;
+    let role = crate::param_info::role(name, dims).ok_or_else(|| no_rule(name, dims))?;
     Ok(InitKind::for_role(role, &InitConfig::finetune(0, 0.0)))
 }
 
-fn no_rule(name: &str, dims: &[usize]) -> TrainError {
-    TrainError::Parameter {
+fn no_rule(name: &str, dims: &[usize]) -> BeitError {
+    BeitError::Parameter {
         name: name.into(),
         message: format!("no initialisation rule for a parameter of shape {dims:?}"),
     }
@@ -241,7 +241,7 @@ fn no_rule(name: &str, dims: &[usize]) -> TrainError {
 pub fn init_beit(
     varmap: &VarMap,
     cfg: &InitConfig,
-    rng: &mut TrainRng,
+    rng: &mut (impl Rng + ?Sized),
 ) -> Result<Vec<(String, InitKind)>> {
     init_beit_with(varmap, cfg, rng, &BeitParams::new(cfg.num_layers))
 }
@@ -252,11 +252,11 @@ pub fn init_beit(
 pub fn init_beit_with(
     varmap: &VarMap,
     cfg: &InitConfig,
-    rng: &mut TrainRng,
+    rng: &mut (impl Rng + ?Sized),
     info: &dyn ParamInfo,
 ) -> Result<Vec<(String, InitKind)>> {
     if info.num_layers() != cfg.num_layers {
-        return Err(TrainError::Config(format!(
+        return Err(BeitError::Init(format!(
             "the initialisation is configured for {} blocks but the model has {}",
             cfg.num_layers,
             info.num_layers()
@@ -267,7 +267,7 @@ pub fn init_beit_with(
         Truncation::Absolute { a, b } => (a, b),
         Truncation::None => (f64::NEG_INFINITY, f64::INFINITY),
     };
-    let vars = named_vars(varmap);
+    let vars = sorted_vars(varmap);
     let mut roles = Vec::with_capacity(vars.len());
     for (name, var) in &vars {
         let role = info
@@ -289,12 +289,12 @@ pub fn init_beit_with(
         let mut values: Vec<f32> = match kind {
             InitKind::TruncNormal => trunc_normal_vec(rng, n, 0.0, cfg.std, lo, hi)?,
             InitKind::ConvDefault => {
-                let fan_in = conv_fan_in.ok_or_else(|| TrainError::Parameter {
+                let fan_in = conv_fan_in.ok_or_else(|| BeitError::Parameter {
                     name: name.clone(),
                     message: "patch-embedding bias without its weight".into(),
                 })?;
                 let bound = 1.0 / (fan_in as f32).sqrt();
-                rng.uniform_vec(n, -bound, bound)
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
             }
             InitKind::Zeros => vec![0.0; n],
             InitKind::Ones => vec![1.0; n],
@@ -302,7 +302,7 @@ pub fn init_beit_with(
         };
         if let Some(k) = info.block_index(name) {
             if k >= cfg.num_layers {
-                return Err(TrainError::Parameter {
+                return Err(BeitError::Parameter {
                     name: name.clone(),
                     message: format!("block {k} but the model has {} blocks", cfg.num_layers),
                 });
@@ -327,10 +327,18 @@ pub fn init_beit_with(
     Ok(report)
 }
 
+/// The variables of `varmap` in name order.
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("VarMap mutex poisoned");
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 /// Convenience for tests and tools: the f32 values of a named parameter.
 pub fn var_values(varmap: &VarMap, name: &str) -> Result<Vec<f32>> {
     let data = varmap.data().lock().expect("VarMap mutex poisoned");
-    let v = data.get(name).ok_or_else(|| TrainError::Parameter {
+    let v = data.get(name).ok_or_else(|| BeitError::Parameter {
         name: name.into(),
         message: "not in the VarMap".into(),
     })?;

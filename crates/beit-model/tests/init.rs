@@ -1,11 +1,12 @@
 //! unilm initialisation applied by name to a small BEiT-shaped VarMap.
 
-use beit_train::init::{
+use beit_model::init::{
     init_beit, init_kind, trunc_normal_vec, var_values, InitConfig, InitKind, Truncation,
 };
-use beit_train::TrainRng;
+// `StdRng::seed_from_u64` draws the same numbers as the training engine's `TrainRng`.
 use candle::{DType, Device};
 use candle_nn::{Init, VarMap};
+use rand::{rngs::StdRng, SeedableRng};
 
 const D: usize = 32;
 const L: usize = 3;
@@ -68,7 +69,7 @@ fn std_of(v: &[f32]) -> f64 {
 fn unilm_rules_by_name() -> anyhow::Result<()> {
     let vm = tiny_classifier();
     let cfg = InitConfig::finetune(L, 0.1);
-    init_beit(&vm, &cfg, &mut TrainRng::seed_from_u64(3))?;
+    init_beit(&vm, &cfg, &mut StdRng::seed_from_u64(3))?;
     let v = |n: &str| var_values(&vm, n).unwrap();
     assert!(v("beit.encoder.layer.0.attention.attention.query.bias")
         .iter()
@@ -116,10 +117,10 @@ fn unilm_rules_by_name() -> anyhow::Result<()> {
 
     // Same seed, same model; another seed, another model.
     let vm2 = tiny_classifier();
-    init_beit(&vm2, &cfg, &mut TrainRng::seed_from_u64(3))?;
+    init_beit(&vm2, &cfg, &mut StdRng::seed_from_u64(3))?;
     assert_eq!(var_values(&vm2, "classifier.weight")?, h);
     let vm3 = tiny_classifier();
-    init_beit(&vm3, &cfg, &mut TrainRng::seed_from_u64(4))?;
+    init_beit(&vm3, &cfg, &mut StdRng::seed_from_u64(4))?;
     assert_ne!(var_values(&vm3, "classifier.weight")?, h);
     Ok(())
 }
@@ -129,13 +130,13 @@ fn pretrain_truncates_at_one_std() -> anyhow::Result<()> {
     let cfg = InitConfig::pretrain(L, 0.1);
     assert_eq!(cfg.truncation, Truncation::StdMultiple(1.0));
     let vm = tiny_classifier();
-    init_beit(&vm, &cfg, &mut TrainRng::seed_from_u64(1))?;
+    init_beit(&vm, &cfg, &mut StdRng::seed_from_u64(1))?;
     let q = var_values(&vm, "beit.encoder.layer.0.attention.attention.key.weight")?;
     assert!(q.iter().all(|x| x.abs() <= 0.02));
     // A N(0,1) truncated to [-1, 1] has std 0.5376.
-    let s = trunc_normal_vec(&mut TrainRng::seed_from_u64(0), 20000, 0.0, 1.0, -1.0, 1.0)?;
+    let s = trunc_normal_vec(&mut StdRng::seed_from_u64(0), 20000, 0.0, 1.0, -1.0, 1.0)?;
     assert!((std_of(&s) - 0.5376).abs() < 0.01, "{}", std_of(&s));
-    assert!(trunc_normal_vec(&mut TrainRng::seed_from_u64(0), 1, 0.0, 1.0, 1.0, -1.0).is_err());
+    assert!(trunc_normal_vec(&mut StdRng::seed_from_u64(0), 1, 0.0, 1.0, 1.0, -1.0).is_err());
     Ok(())
 }
 
@@ -158,7 +159,7 @@ fn unknown_parameter_is_an_error() {
 fn transformers_scheme() -> anyhow::Result<()> {
     let vm = tiny_classifier();
     let cfg = InitConfig::transformers(L, 0.1);
-    let report = init_beit(&vm, &cfg, &mut TrainRng::seed_from_u64(5))?;
+    let report = init_beit(&vm, &cfg, &mut StdRng::seed_from_u64(5))?;
     let v = |n: &str| var_values(&vm, n).unwrap();
     // Zero class token, normal patch embedding with a zero bias, no depth rescale, no head scale.
     assert!(v("beit.embeddings.cls_token").iter().all(|&x| x == 0.0));
@@ -190,8 +191,8 @@ fn transformers_scheme() -> anyhow::Result<()> {
 /// the roles it reports, and a name it has no role for is an error naming it.
 #[test]
 fn roles_come_from_the_model() -> anyhow::Result<()> {
+    use beit_model::init::init_beit_with;
     use beit_model::param_info::{ParamInfo, ParamRole};
-    use beit_train::init::init_beit_with;
     struct Toy;
     impl ParamInfo for Toy {
         fn num_layers(&self) -> usize {
@@ -220,20 +221,20 @@ fn roles_come_from_the_model() -> anyhow::Result<()> {
         vm.get((64, 64), n, Init::Const(7.0), DType::F32, &Device::Cpu)?;
     }
     let cfg = InitConfig::finetune(1, 0.1);
-    init_beit_with(&vm, &cfg, &mut TrainRng::seed_from_u64(0), &Toy)?;
+    init_beit_with(&vm, &cfg, &mut StdRng::seed_from_u64(0), &Toy)?;
     assert!(var_values(&vm, "gain")?.iter().all(|&x| x == 1.0));
     let out = std_of(&var_values(&vm, "blk.out")?);
     assert!((out - 0.02 / 2f64.sqrt()).abs() < 0.002, "{out}");
     assert!((std_of(&var_values(&vm, "head")?) - 2e-5).abs() < 3e-6);
     vm.get(3, "other", Init::Const(7.0), DType::F32, &Device::Cpu)?;
-    let e = init_beit_with(&vm, &cfg, &mut TrainRng::seed_from_u64(0), &Toy)
+    let e = init_beit_with(&vm, &cfg, &mut StdRng::seed_from_u64(0), &Toy)
         .unwrap_err()
         .to_string();
     assert!(e.contains("other"), "{e}");
     let e = init_beit_with(
         &vm,
         &InitConfig::finetune(2, 0.1),
-        &mut TrainRng::seed_from_u64(0),
+        &mut StdRng::seed_from_u64(0),
         &Toy,
     )
     .unwrap_err()
