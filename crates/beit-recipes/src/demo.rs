@@ -228,6 +228,7 @@ fn stage_pretrain(
         resume: None,
         progress: job.progress,
         stop_after: None,
+        dump_batches: None,
     })
     .context("stage 2 (pre-training)")?;
     results.push(StageResult {
