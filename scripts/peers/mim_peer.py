@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BeitForMaskedImageModeling
 
-BLOCK = re.compile(r"^(?:beit\.)?encoder\.layer\.(\d+)\.")
+BLOCK = re.compile(r"^(?:beit\.)?(?:encoder\.layer|layers)\.(\d+)\.")
 
 
 def layer_id(name, num_layers):
