@@ -233,6 +233,7 @@ fn stage_pretrain(
         progress: job.progress,
         stop_after: None,
         world: job.world.clone(),
+        dump_batches: None,
     })
     .context("stage 2 (pre-training)")?;
     results.push(StageResult {

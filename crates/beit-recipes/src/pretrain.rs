@@ -308,6 +308,10 @@ pub struct PretrainJob {
     pub stop_after: Option<u64>,
     /// The processes the run is spread over (a single one by default).
     pub world: World,
+    /// Write what each micro-batch trains on into this folder (see [`dump_micro_batch`]) and
+    /// the initial weights under `model/` (HF layout), for a step-for-step comparison with
+    /// another implementation.
+    pub dump_batches: Option<PathBuf>,
 }
 
 /// What a run produced.
@@ -378,6 +382,34 @@ struct MimTask {
     seed: u64,
     batches_per_epoch: u64,
     device: Device,
+    dump: Option<PathBuf>,
+}
+
+/// File name of global micro-batch `micro` in a batch dump.
+pub fn dump_file_name(micro: u64) -> String {
+    format!("batch-{micro:06}.safetensors")
+}
+
+/// Write one micro-batch as the model sees it: `pixel_values` (f32, the normalised patch view),
+/// `bool_masked_pos` (u8, batch x patches, 1 = masked) and, with a tokenizer, `token_ids` (i64,
+/// batch x patches, the visual tokens of every position).
+pub fn dump_micro_batch(
+    dir: &Path,
+    micro: u64,
+    pixels: &Tensor,
+    mask: &Tensor,
+    token_ids: Option<&Tensor>,
+) -> Result<()> {
+    let mut tensors = vec![
+        ("pixel_values".to_string(), pixels.clone()),
+        ("bool_masked_pos".to_string(), mask.clone()),
+    ];
+    if let Some(ids) = token_ids {
+        tensors.push(("token_ids".to_string(), ids.to_dtype(DType::I64)?));
+    }
+    let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+    let path = dir.join(dump_file_name(micro));
+    candle::safetensors::save(&map, &path).with_context(|| format!("writing {}", path.display()))
 }
 
 impl TrainTask for MimTask {
@@ -407,6 +439,9 @@ impl TrainTask for MimTask {
             (Some(_), None) => bail!("the loader produced no tokenizer view"),
             (None, _) => None,
         };
+        if let Some(dir) = &self.dump {
+            dump_micro_batch(dir, micro, &batch.images, &mask, token_ids.as_ref())?;
+        }
         // Drop path draws from the model's generator, seeded from the run's checkpointed one and
         // keyed by each image's position in the global micro-batch, as the masks are.
         ctx.reseed_stochastic(self.model.backbone().rng(), b);
@@ -726,6 +761,10 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let (loader, batches_per_epoch, what) = mim_loader(cfg, &mcfg, second, device, world)?;
     let (varmap, model, pixel_head) = build_mim_model(cfg, &mcfg, init_tensors.as_ref(), device)?;
     drop(init_tensors);
+    if let Some(dir) = &job.dump_batches {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        export_model(dir, &mcfg, &varmap, pixel_head.is_some())?;
+    }
     let params = trainable(&varmap, cfg.objective.target);
     let num_params: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
     let groups = build_param_groups(params, &cfg.train.grouping(mcfg.num_hidden_layers))?;
@@ -752,6 +791,7 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
         seed: cfg.train.seed,
         batches_per_epoch,
         device: device.clone(),
+        dump: job.dump_batches.clone(),
     };
     let precision = cfg.train.precision(device)?;
     tracing::info!("precision: {precision}");

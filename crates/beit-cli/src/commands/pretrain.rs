@@ -31,6 +31,12 @@ pub struct PretrainArgs {
     /// Stop (with a checkpoint) after this many optimizer steps; continue later with --resume.
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Write each micro-batch the model trains on (patch-view pixels, masks, visual-token ids)
+    /// as `batch-NNNNNN.safetensors` into this folder, and the initial weights under its
+    /// `model/` (HF layout), for a step-for-step comparison with PyTorch
+    /// (`scripts/peers/mim_peer.py`).
+    #[arg(long)]
+    dump_batches: Option<PathBuf>,
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -55,6 +61,7 @@ pub fn run(args: PretrainArgs, world: &World) -> Result<()> {
         progress: !args.common.quiet,
         stop_after: args.stop_after,
         world: world.clone(),
+        dump_batches: args.dump_batches,
     })?;
     if !world.is_primary() {
         return Ok(()); // rank 0 prints the summary
