@@ -31,6 +31,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/classify", post(classify))
         .route("/v1/embed", post(embed))
+        .route("/v1/segment", post(crate::segment::segment))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -44,6 +45,7 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/v1/classify" => "/v1/classify",
         "/v1/embed" => "/v1/embed",
+        "/v1/segment" => "/v1/segment",
         _ => "other",
     }
 }
@@ -88,13 +90,16 @@ async fn classify(
             "top_k must be in 1..={max}, got {top_k}"
         )));
     }
+    if state.model_segments {
+        return Err(segmentation_only());
+    }
     if !state.model_classifies {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "this checkpoint has no classification head: use /v1/embed",
         ));
     }
-    let (names, answer) = infer(&state, req, Task::Classify { top_k }).await?;
+    let Inferred { names, answer, .. } = infer(&state, req, Task::Classify { top_k }).await?;
     let Answer::Classes(classes) = answer else {
         return Err(internal(
             "the model answered features to a classify request",
@@ -121,6 +126,9 @@ async fn embed(
             .parse()
             .map_err(|e| ApiError::bad_request(format!("{e}")))?,
     };
+    if state.model_segments {
+        return Err(segmentation_only());
+    }
     let layer = q.layer.unwrap_or(state.num_layers);
     if layer > state.num_layers {
         let n = state.num_layers;
@@ -128,7 +136,7 @@ async fn embed(
             "layer must be in 0..={n}, got {layer}"
         )));
     }
-    let (names, answer) = infer(&state, req, Task::Embed { layer, pool }).await?;
+    let Inferred { names, answer, .. } = infer(&state, req, Task::Embed { layer, pool }).await?;
     let Answer::Features(features) = answer else {
         return Err(internal("the model answered classes to an embed request"));
     };
@@ -154,19 +162,35 @@ async fn embed(
     Ok(Json(body).into_response())
 }
 
-fn internal(message: impl Into<String>) -> ApiError {
+/// 404 of `/v1/classify` and `/v1/embed` on a semantic segmentation checkpoint.
+fn segmentation_only() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "this checkpoint is a semantic segmentation model: use /v1/segment",
+    )
+}
+
+pub(crate) fn internal(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
 }
 
-/// Read, prepare and queue the images of `req`, and wait for the model's answer, all within
-/// the request timeout.
-async fn infer(
-    state: &Arc<AppState>,
-    req: Request,
-    task: Task,
-) -> Result<(Vec<String>, Answer), ApiError> {
+/// What the model answered for one request.
+pub(crate) struct Inferred {
+    /// The images' names (multipart file names, `body` for a raw body).
+    pub names: Vec<String>,
+    /// Each image's decoded `(width, height)`.
+    pub sizes: Vec<(u32, u32)>,
+    /// The model's answer.
+    pub answer: Answer,
+}
+
+/// `work`, or a 504 once the request timeout has passed.
+pub(crate) async fn within_timeout<T>(
+    state: &AppState,
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
     let timeout = state.config.request_timeout;
-    match tokio::time::timeout(timeout, infer_untimed(state, req, task)).await {
+    match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -175,16 +199,23 @@ async fn infer(
     }
 }
 
-async fn infer_untimed(
+/// Read, prepare and queue the images of `req`, and wait for the model's answer, all within
+/// the request timeout.
+async fn infer(state: &Arc<AppState>, req: Request, task: Task) -> Result<Inferred, ApiError> {
+    within_timeout(state, infer_untimed(state, req, task)).await
+}
+
+/// Read, prepare and queue the images of `req`, and wait for the model's answer.
+pub(crate) async fn infer_untimed(
     state: &Arc<AppState>,
     req: Request,
     task: Task,
-) -> Result<(Vec<String>, Answer), ApiError> {
+) -> Result<Inferred, ApiError> {
     let cfg = &state.config;
     let images = read_images(req, cfg.max_batch, cfg.max_body_bytes).await?;
     let names = images.iter().map(|i| i.name.clone()).collect();
     let st = state.clone();
-    let pixels = tokio::task::spawn_blocking(move || {
+    let prepared = tokio::task::spawn_blocking(move || {
         prepare(&images, &st.processor, &st.config.decode, &st.device)
     })
     .await
@@ -193,7 +224,7 @@ async fn infer_untimed(
     state
         .batcher
         .submit(Job {
-            pixels,
+            pixels: prepared.pixels,
             task,
             reply,
         })
@@ -204,7 +235,11 @@ async fn infer_untimed(
             Rejected::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
         })?;
     match answer.await {
-        Ok(Ok(a)) => Ok((names, a)),
+        Ok(Ok(answer)) => Ok(Inferred {
+            names,
+            sizes: prepared.sizes,
+            answer,
+        }),
         Ok(Err(m)) => Err(internal(m)),
         Err(_) => Err(internal("the batching thread stopped")),
     }
