@@ -19,6 +19,7 @@ pub mod api;
 pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod infer;
 pub mod input;
 pub mod metrics;
 pub mod model;

@@ -12,8 +12,8 @@ use beit_recipes::segment::{class_areas, label_png, ImageSegmentation};
 use candle::Tensor;
 
 use crate::api::ApiError;
+use crate::infer::{infer_untimed, internal, within_timeout, Inferred};
 use crate::model::{Answer, Task};
-use crate::routes::{infer_untimed, internal, within_timeout, Inferred};
 use crate::state::AppState;
 
 /// Content type of the label image answer.
