@@ -7,7 +7,6 @@
 //! (ignored) and 1..=150 are the classes, which `reduce_zero_label` maps to 255 and 0..=149.
 
 use std::collections::BTreeMap;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
@@ -398,13 +397,28 @@ pub fn read_label_png(path: &Path) -> Result<LabelMap> {
     })
 }
 
-/// Write `map` as an 8-bit palette PNG (index per pixel; `palette` gives the colours of indices
-/// `0..palette.len()`, at most 256). Written to a temporary name and renamed.
+/// Write `map` as an 8-bit palette PNG ([`encode_label_png`]). Written to a temporary name and
+/// renamed.
 pub fn write_label_png(path: &Path, map: &LabelMap, palette: &[[u8; 3]]) -> Result<()> {
     let io = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
     };
+    let bytes = encode_label_png(map, palette).map_err(|e| match e {
+        DataError::Format { reason, .. } => DataError::Format {
+            path: path.to_path_buf(),
+            reason,
+        },
+        other => other,
+    })?;
+    let tmp = path.with_extension("png.tmp");
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// `map` as the bytes of an 8-bit palette PNG (index per pixel; `palette` gives the colours of
+/// indices `0..palette.len()`, at most 256).
+pub fn encode_label_png(map: &LabelMap, palette: &[[u8; 3]]) -> Result<Vec<u8>> {
     if palette.is_empty() || palette.len() > 256 {
         return Err(DataError::param(
             "palette",
@@ -417,22 +431,21 @@ pub fn write_label_png(path: &Path, map: &LabelMap, palette: &[[u8; 3]]) -> Resu
             "length differs from width x height",
         ));
     }
-    let tmp = path.with_extension("png.tmp");
+    let mut out = Vec::new();
     {
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut enc = png::Encoder::new(BufWriter::new(file), map.width, map.height);
+        let mut enc = png::Encoder::new(&mut out, map.width, map.height);
         enc.set_color(png::ColorType::Indexed);
         enc.set_depth(png::BitDepth::Eight);
         enc.set_palette(palette.iter().flatten().copied().collect::<Vec<u8>>());
         let fail = |e: png::EncodingError| DataError::Format {
-            path: path.to_path_buf(),
+            path: PathBuf::from("<label map>"),
             reason: format!("cannot encode PNG ({e})"),
         };
         let mut writer = enc.write_header().map_err(fail)?;
         writer.write_image_data(&map.labels).map_err(fail)?;
         writer.finish().map_err(fail)?;
     }
-    std::fs::rename(&tmp, path).map_err(io)
+    Ok(out)
 }
 
 /// One image and its label file.

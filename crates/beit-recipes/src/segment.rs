@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use beit_data::resize::resize;
-use beit_data::segmentation::{generic_palette, write_label_png, LabelMap, ADE20K_PALETTE};
+use beit_data::segmentation::{encode_label_png, generic_palette, LabelMap, ADE20K_PALETTE};
 use beit_data::ImageProcessor;
 use beit_hub::{resolve_model, ResolveOptions};
 use beit_model::segmentation::{
@@ -229,29 +229,43 @@ pub fn write_outputs(
         .unwrap_or("image");
     let (w, h) = img.dimensions();
     let labels_path = out.join(format!("{stem}.labels.png"));
-    if classes.iter().all(|c| (c.index as usize) < palette.len()) && palette.len() <= 256 {
-        let map = LabelMap {
-            width: w,
-            height: h,
-            labels: labels.iter().map(|&l| l as u8).collect(),
-        };
-        write_label_png(&labels_path, &map, palette)?;
-    } else {
-        // More than 256 classes: 16-bit greyscale, the value is the class index.
-        let buf: Vec<u16> = labels
-            .iter()
-            .map(|&l| l.min(u16::MAX as u32) as u16)
-            .collect();
-        image::ImageBuffer::<image::Luma<u16>, _>::from_raw(w, h, buf)
-            .context("label buffer size")?
-            .save(&labels_path)
-            .with_context(|| format!("cannot write {}", labels_path.display()))?;
-    }
+    std::fs::write(&labels_path, label_png(w, h, labels, classes, palette)?)
+        .with_context(|| format!("cannot write {}", labels_path.display()))?;
     let overlay_path = out.join(format!("{stem}.overlay.png"));
     overlay(img, labels, classes, palette)?
         .save(&overlay_path)
         .with_context(|| format!("cannot write {}", overlay_path.display()))?;
     Ok(())
+}
+
+/// The label map `labels` (`height` rows of `width`) as PNG bytes: an 8-bit palette PNG when
+/// every class present has a colour in `palette` (at most 256), else 16-bit greyscale whose
+/// value is the class index.
+pub fn label_png(
+    width: u32,
+    height: u32,
+    labels: &[u32],
+    classes: &[ClassArea],
+    palette: &[[u8; 3]],
+) -> Result<Vec<u8>> {
+    if classes.iter().all(|c| (c.index as usize) < palette.len()) && palette.len() <= 256 {
+        let map = LabelMap {
+            width,
+            height,
+            labels: labels.iter().map(|&l| l as u8).collect(),
+        };
+        return Ok(encode_label_png(&map, palette)?);
+    }
+    let buf: Vec<u16> = labels
+        .iter()
+        .map(|&l| l.min(u16::MAX as u32) as u16)
+        .collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::ImageBuffer::<image::Luma<u16>, _>::from_raw(width, height, buf)
+        .context("label buffer size")?
+        .write_to(&mut out, image::ImageFormat::Png)
+        .context("cannot encode the label PNG")?;
+    Ok(out.into_inner())
 }
 
 /// The embedded legend font (DejaVu Sans, ASCII subset; licence beside the file).

@@ -77,14 +77,7 @@ pub fn start(
     let handle = std::thread::Builder::new()
         .name("beit-serve-batcher".into())
         .spawn(move || {
-            let task = if model.can_classify() {
-                Task::Classify { top_k: 1 }
-            } else {
-                Task::Embed {
-                    layer: 0,
-                    pool: Default::default(),
-                }
-            };
+            let task = model.warmup_task();
             if let Err(e) = model.run(&warmup, &[(task, 1)]) {
                 tracing::error!("warm-up forward failed: {e:#}");
             }

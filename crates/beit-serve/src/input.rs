@@ -96,6 +96,14 @@ async fn read_multipart(req: Request, max_images: usize) -> Result<Vec<RawImage>
     Ok(images)
 }
 
+/// A request's images, prepared for the model.
+pub struct Prepared {
+    /// `(n, 3, H, W)` on the model's device.
+    pub pixels: Tensor,
+    /// Each image's decoded `(width, height)`.
+    pub sizes: Vec<(u32, u32)>,
+}
+
 /// Decode and prepare `images` as the checkpoint's processor says: `(n, 3, H, W)` on `device`.
 /// Undecodable images are a 422 naming the image and the decoder's complaint.
 pub fn prepare(
@@ -103,9 +111,10 @@ pub fn prepare(
     processor: &ImageProcessor,
     decode: &DecodeOptions,
     device: &Device,
-) -> Result<Tensor, ApiError> {
+) -> Result<Prepared, ApiError> {
     let unprocessable = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
     let mut rows = Vec::with_capacity(images.len());
+    let mut sizes = Vec::with_capacity(images.len());
     for img in images {
         let rgb = decode_bytes(&img.bytes, Path::new(&img.name), decode)
             .map_err(|e| unprocessable(e.to_string()))?;
@@ -113,10 +122,12 @@ pub fn prepare(
             .pixel_values(&rgb, device)
             .map_err(|e| unprocessable(format!("`{}`: {e}", img.name)))?;
         rows.push(px);
+        sizes.push(rgb.dimensions());
     }
-    Tensor::stack(&rows, 0).map_err(|e| {
+    let pixels = Tensor::stack(&rows, 0).map_err(|e| {
         unprocessable(format!(
             "the images of one request must prepare to one size: {e}"
         ))
-    })
+    })?;
+    Ok(Prepared { pixels, sizes })
 }

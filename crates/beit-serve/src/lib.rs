@@ -1,10 +1,11 @@
-//! An HTTP server for BEiT checkpoints (`beit-cli serve`): classification and embeddings behind
-//! dynamic batching, with every queue and input bounded.
+//! An HTTP server for BEiT checkpoints (`beit-cli serve`): classification, embeddings and semantic
+//! segmentation behind dynamic batching, with every queue and input bounded.
 //!
 //! | route | answer |
 //! |---|---|
 //! | `POST /v1/classify?top_k=K` | top-k classes per image, as `beit-cli predict --json` |
 //! | `POST /v1/embed?pool=mean\|cls&layer=N` | pooled block features (JSON, or safetensors on `Accept`) |
+//! | `POST /v1/segment` | a class per pixel per image, as `beit-cli segment --json` (or a label PNG on `Accept`) |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 once the model is loaded and warmed up, 503 before |
 //! | `GET /metrics` | Prometheus text: requests, latency, batch sizes, queue depth |
@@ -18,10 +19,12 @@ pub mod api;
 pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod infer;
 pub mod input;
 pub mod metrics;
 pub mod model;
 pub mod routes;
+pub mod segment;
 pub mod state;
 
 pub use config::ServeConfig;

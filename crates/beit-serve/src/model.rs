@@ -1,7 +1,8 @@
-//! The network behind the server: a classifier checkpoint (classify and embed) or a backbone
-//! (embed only), run on a whole batch at once.
+//! The network behind the server: a classifier checkpoint (classify and embed), a backbone
+//! (embed only) or a semantic segmentation model (segment only), run on a whole batch at once.
 
 use anyhow::{bail, Result};
+use beit_model::segmentation::BeitForSemanticSegmentation;
 use beit_model::{BeitConfig, BeitForImageClassification, BeitModel, ForwardOptions};
 use beit_recipes::features::{pooled_layer, Pool};
 use beit_recipes::predictions::{predictions, Prediction};
@@ -22,6 +23,8 @@ pub enum Task {
         /// Pooling.
         pool: Pool,
     },
+    /// Per-pixel class logits of each image, at the model's output resolution.
+    Segment,
 }
 
 /// What the model answered for one request, one entry per image.
@@ -31,6 +34,9 @@ pub enum Answer {
     Classes(Vec<Vec<Prediction>>),
     /// One feature vector per image.
     Features(Vec<Vec<f32>>),
+    /// Logits `(K, h, w)` per image, on the CPU (the label maps are made from them off the
+    /// batching thread).
+    Logits(Vec<Tensor>),
 }
 
 /// A loaded network.
@@ -39,6 +45,8 @@ pub enum Network {
     Classifier(BeitForImageClassification),
     /// A bare backbone (e.g. from a pre-training checkpoint).
     Backbone(BeitModel),
+    /// `BeitForSemanticSegmentation` (UperNet; boxed, being the largest by far).
+    Segmenter(Box<BeitForSemanticSegmentation>),
 }
 
 /// The network and its config.
@@ -55,6 +63,23 @@ impl ServedModel {
         matches!(self.network, Network::Classifier(_))
     }
 
+    /// Whether `/v1/segment` is available (and nothing else).
+    pub fn can_segment(&self) -> bool {
+        matches!(self.network, Network::Segmenter(_))
+    }
+
+    /// The task of the warm-up forward pass.
+    pub fn warmup_task(&self) -> Task {
+        match self.network {
+            Network::Classifier(_) => Task::Classify { top_k: 1 },
+            Network::Backbone(_) => Task::Embed {
+                layer: 0,
+                pool: Pool::default(),
+            },
+            Network::Segmenter(_) => Task::Segment,
+        }
+    }
+
     /// Run `pixels` `(B, 3, H, W)`, the images of several requests stacked, and answer each
     /// request; `tasks[i]` covers the next `counts[i]` rows.
     pub fn run(&self, pixels: &Tensor, tasks: &[(Task, usize)]) -> Result<Vec<Answer>> {
@@ -69,6 +94,7 @@ impl ServedModel {
                 (Some(out.logits), out.backbone.hidden_states)
             }
             Network::Backbone(m) => (None, m.forward(pixels, None, opts)?.hidden_states),
+            Network::Segmenter(m) => (Some(m.forward(pixels, opts)?.logits), Vec::new()),
         };
         let mut start = 0;
         let mut answers = Vec::with_capacity(tasks.len());
@@ -89,11 +115,25 @@ impl ServedModel {
     ) -> Result<Answer> {
         match task {
             Task::Classify { top_k } => {
-                let Some(logits) = logits else {
+                let Some(logits) = logits.filter(|_| self.can_classify()) else {
                     bail!("this checkpoint has no classification head");
                 };
                 let rows = logits.narrow(0, start, n)?;
                 Ok(Answer::Classes(predictions(&rows, top_k, &self.config)?))
+            }
+            Task::Segment => {
+                let Some(logits) = logits.filter(|_| self.can_segment()) else {
+                    bail!("this checkpoint is not a semantic segmentation model");
+                };
+                let rows = logits
+                    .narrow(0, start, n)?
+                    .to_device(&candle::Device::Cpu)?;
+                Ok(Answer::Logits(
+                    (0..n).map(|i| rows.get(i)).collect::<candle::Result<_>>()?,
+                ))
+            }
+            Task::Embed { .. } if self.can_segment() => {
+                bail!("a semantic segmentation model does not serve embeddings")
             }
             Task::Embed { layer, pool } => {
                 let rows: Vec<Tensor> = hidden

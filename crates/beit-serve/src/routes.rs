@@ -11,14 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use beit_recipes::features::Pool;
-use tokio::sync::oneshot;
 
 use crate::api::{
     ApiError, ClassifyQuery, EmbedQuery, EmbedResponse, ImageEmbedding, ImagePredictions,
     SAFETENSORS_MIME,
 };
-use crate::batcher::{Job, Rejected};
-use crate::input::{prepare, read_images};
+use crate::infer::{infer, internal, Inferred};
 use crate::model::{Answer, Task};
 use crate::state::AppState;
 
@@ -31,6 +29,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/classify", post(classify))
         .route("/v1/embed", post(embed))
+        .route("/v1/segment", post(crate::segment::segment))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -44,6 +43,7 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/v1/classify" => "/v1/classify",
         "/v1/embed" => "/v1/embed",
+        "/v1/segment" => "/v1/segment",
         _ => "other",
     }
 }
@@ -88,13 +88,16 @@ async fn classify(
             "top_k must be in 1..={max}, got {top_k}"
         )));
     }
+    if state.model_segments {
+        return Err(segmentation_only());
+    }
     if !state.model_classifies {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "this checkpoint has no classification head: use /v1/embed",
         ));
     }
-    let (names, answer) = infer(&state, req, Task::Classify { top_k }).await?;
+    let Inferred { names, answer, .. } = infer(&state, req, Task::Classify { top_k }).await?;
     let Answer::Classes(classes) = answer else {
         return Err(internal(
             "the model answered features to a classify request",
@@ -121,6 +124,9 @@ async fn embed(
             .parse()
             .map_err(|e| ApiError::bad_request(format!("{e}")))?,
     };
+    if state.model_segments {
+        return Err(segmentation_only());
+    }
     let layer = q.layer.unwrap_or(state.num_layers);
     if layer > state.num_layers {
         let n = state.num_layers;
@@ -128,7 +134,7 @@ async fn embed(
             "layer must be in 0..={n}, got {layer}"
         )));
     }
-    let (names, answer) = infer(&state, req, Task::Embed { layer, pool }).await?;
+    let Inferred { names, answer, .. } = infer(&state, req, Task::Embed { layer, pool }).await?;
     let Answer::Features(features) = answer else {
         return Err(internal("the model answered classes to an embed request"));
     };
@@ -154,58 +160,10 @@ async fn embed(
     Ok(Json(body).into_response())
 }
 
-fn internal(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
-}
-
-/// Read, prepare and queue the images of `req`, and wait for the model's answer, all within
-/// the request timeout.
-async fn infer(
-    state: &Arc<AppState>,
-    req: Request,
-    task: Task,
-) -> Result<(Vec<String>, Answer), ApiError> {
-    let timeout = state.config.request_timeout;
-    match tokio::time::timeout(timeout, infer_untimed(state, req, task)).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("no answer within {} ms", timeout.as_millis()),
-        )),
-    }
-}
-
-async fn infer_untimed(
-    state: &Arc<AppState>,
-    req: Request,
-    task: Task,
-) -> Result<(Vec<String>, Answer), ApiError> {
-    let cfg = &state.config;
-    let images = read_images(req, cfg.max_batch, cfg.max_body_bytes).await?;
-    let names = images.iter().map(|i| i.name.clone()).collect();
-    let st = state.clone();
-    let pixels = tokio::task::spawn_blocking(move || {
-        prepare(&images, &st.processor, &st.config.decode, &st.device)
-    })
-    .await
-    .map_err(|e| internal(format!("preprocessing task: {e}")))??;
-    let (reply, answer) = oneshot::channel();
-    state
-        .batcher
-        .submit(Job {
-            pixels,
-            task,
-            reply,
-        })
-        .map_err(|r| match r {
-            Rejected::Full => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue full, retry later")
-            }
-            Rejected::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-        })?;
-    match answer.await {
-        Ok(Ok(a)) => Ok((names, a)),
-        Ok(Err(m)) => Err(internal(m)),
-        Err(_) => Err(internal("the batching thread stopped")),
-    }
+/// 404 of `/v1/classify` and `/v1/embed` on a semantic segmentation checkpoint.
+fn segmentation_only() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "this checkpoint is a semantic segmentation model: use /v1/segment",
+    )
 }

@@ -7,7 +7,11 @@ use std::thread::JoinHandle;
 
 use beit_data::ImageProcessor;
 use beit_model::load::Architecture;
+use beit_model::segmentation::load::is_segmentation;
+use beit_model::segmentation::segmentation_model;
+use beit_model::BeitConfig;
 use beit_recipes::load_model;
+use beit_recipes::segment::palette_for;
 use candle::{Device, Tensor};
 use tokio::net::TcpListener;
 
@@ -35,6 +39,12 @@ pub struct AppState {
     pub num_layers: usize,
     /// Whether the checkpoint has a classification head.
     pub model_classifies: bool,
+    /// Whether the checkpoint is a semantic segmentation model (it serves `/v1/segment` only).
+    pub model_segments: bool,
+    /// The checkpoint's config (class names of the label maps).
+    pub model_config: BeitConfig,
+    /// Colours of the classes in label PNGs (as `beit-cli segment --out` writes them).
+    pub palette: Vec<[u8; 3]>,
 }
 
 /// A loaded model with its batching thread running, ready to serve.
@@ -54,11 +64,18 @@ impl Service {
         };
         let loaded = load_model(spec, download).map_err(model_err)?;
         let ckpt = &loaded.checkpoint;
-        let network = match ckpt.architecture() {
-            Architecture::ImageClassification => ckpt.classifier(&device).map(Network::Classifier),
-            _ => ckpt.backbone(&device).map(Network::Backbone),
+        let network = if is_segmentation(ckpt.tensors.keys()) {
+            segmentation_model(ckpt, &device).map(|m| Network::Segmenter(Box::new(m)))
+        } else if ckpt.architecture() == Architecture::ImageClassification {
+            ckpt.classifier(&device).map(Network::Classifier)
+        } else {
+            ckpt.backbone(&device).map(Network::Backbone)
         }
         .map_err(|e| model_err(e.into()))?;
+        let palette = match &network {
+            Network::Segmenter(m) => palette_for(m.num_labels()),
+            _ => Vec::new(),
+        };
         let size = ckpt.config.image_size;
         let (h, w) = loaded.processor.fixed_output_size().unwrap_or((size, size));
         let warmup = Tensor::zeros((1, 3, h, w), candle::DType::F32, &device)
@@ -68,6 +85,8 @@ impl Service {
             config: ckpt.config.clone(),
         };
         let model_classifies = model.can_classify();
+        let model_segments = model.can_segment();
+        let model_config = ckpt.config.clone();
         let num_layers = ckpt.config.num_hidden_layers;
         let metrics = Arc::new(Metrics::default());
         let ready = Arc::new(AtomicBool::new(false));
@@ -89,6 +108,9 @@ impl Service {
             ready,
             num_layers,
             model_classifies,
+            model_segments,
+            model_config,
+            palette,
         };
         Ok(Service {
             state: Arc::new(state),

@@ -445,3 +445,203 @@ fn a_full_queue_answers_503_with_retry_after() {
     assert!(busy.iter().all(|r| r.1.as_deref() == Some("1")));
     server.shutdown();
 }
+
+fn seg_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/seg/segment")
+}
+
+const SEG_IMAGES: [&str; 5] = [
+    "cat_gray.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "rocket_420.jpg",
+    "rocket_rgba.png",
+];
+
+/// What `beit-cli segment --json` prints for `name`: the same library calls (checkpoint,
+/// processor, decoder, whole-image inference, class areas).
+fn cli_segmentation(name: &str) -> serde_json::Value {
+    use beit_recipes::segment::{class_areas, segment_image, ImageSegmentation, Inference};
+    let dir = seg_dir();
+    let loaded = beit_recipes::load_model(dir.to_str().unwrap(), false).unwrap();
+    let model =
+        beit_model::segmentation::segmentation_model(&loaded.checkpoint, &Device::Cpu).unwrap();
+    let path = dir.join(name);
+    let img = beit_data::decode::decode_file(&path, &Default::default()).unwrap();
+    let labels = segment_image(
+        &model,
+        &loaded.processor,
+        &img,
+        Inference::Whole,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let classes = class_areas(&labels, |i| loaded.checkpoint.config.label(i));
+    serde_json::to_value(ImageSegmentation {
+        image: name.into(),
+        height: h,
+        width: w,
+        labels: labels.chunks(w).map(<[u32]>::to_vec).collect(),
+        classes,
+    })
+    .unwrap()
+}
+
+fn assert_same_segmentation(got: &serde_json::Value, want: &serde_json::Value, name: &str) {
+    for key in ["height", "width", "labels", "classes"] {
+        assert_eq!(got[key], want[key], "{name}: {key}");
+    }
+}
+
+fn post_accept(url: &str, accept: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut r = agent()
+        .post(url)
+        .header("Content-Type", "application/octet-stream")
+        .header("Accept", accept)
+        .send(body)
+        .unwrap();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (r.status().as_u16(), ct, r.body_mut().read_to_vec().unwrap())
+}
+
+#[test]
+fn segment_answers_the_cli_label_map_as_json_and_png() {
+    let server = Running::start_with(
+        seg_dir(),
+        ServeConfig {
+            max_batch: 4,
+            max_wait: Duration::from_millis(20),
+            ..ServeConfig::default()
+        },
+    );
+    let url = server.url("/v1/segment");
+    let want: Vec<serde_json::Value> = SEG_IMAGES.iter().map(|n| cli_segmentation(n)).collect();
+    // Concurrent single-image requests (batched together) answer the CLI's label map.
+    let clients: Vec<_> = SEG_IMAGES
+        .iter()
+        .zip(&want)
+        .map(|(name, want)| {
+            let (url, want) = (url.clone(), want.clone());
+            let bytes = std::fs::read(seg_dir().join(name)).unwrap();
+            std::thread::spawn(move || {
+                let (status, body) = post(&url, "application/octet-stream", &bytes);
+                assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
+                let got = json(&body);
+                assert_eq!(got[0]["image"], "body");
+                assert_same_segmentation(&got[0], &want, name);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    // Several images in one multipart request, named by their parts.
+    let (a, b) = (SEG_IMAGES[1], SEG_IMAGES[2]);
+    let (ba, bb) = (
+        std::fs::read(seg_dir().join(a)).unwrap(),
+        std::fs::read(seg_dir().join(b)).unwrap(),
+    );
+    let (ct, body) = multipart(&[(a, &ba), (b, &bb)]);
+    let (status, resp) = post(&url, &ct, &body);
+    assert_eq!(status, 200);
+    let got = json(&resp);
+    assert_eq!(got[0]["image"], a);
+    assert_same_segmentation(&got[0], &want[1], a);
+    assert_same_segmentation(&got[1], &want[2], b);
+    // A label PNG on request, decoding to the same labels; one image per PNG answer.
+    let (status, ct, png) = post_accept(&url, "image/png", &ba);
+    assert_eq!((status, ct.as_str()), (200, "image/png"));
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("labels.png");
+    std::fs::write(&file, &png).unwrap();
+    let map = beit_data::segmentation::read_label_png(&file).unwrap();
+    assert_eq!((map.width, map.height), json_size(&want[1]));
+    let labels: Vec<u64> = map.labels.iter().map(|&l| l as u64).collect();
+    let want_labels: Vec<u64> = want[1]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .collect();
+    assert_eq!(labels, want_labels);
+    let (ct, body) = multipart(&[(a, &ba), (b, &bb)]);
+    let r = agent()
+        .post(&url)
+        .header("Content-Type", &ct)
+        .header("Accept", "image/png")
+        .send(&body[..])
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // The other routes say this is a segmentation model.
+    for route in ["/v1/classify", "/v1/embed"] {
+        let (status, body) = post(&server.url(route), "image/png", &ba);
+        assert_eq!(status, 404, "{route}");
+        assert!(json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/segment"));
+    }
+    let (_, metrics) = get(&server.url("/metrics"));
+    assert!(
+        metrics.contains("beit_requests_total{route=\"/v1/segment\",status=\"200\"} 7"),
+        "{metrics}"
+    );
+    server.shutdown();
+}
+
+fn json_size(want: &serde_json::Value) -> (u32, u32) {
+    (
+        want["width"].as_u64().unwrap() as u32,
+        want["height"].as_u64().unwrap() as u32,
+    )
+}
+
+#[test]
+fn segment_refuses_hostile_bodies_and_classifiers() {
+    let server = Running::start_with(
+        seg_dir(),
+        ServeConfig {
+            max_body_bytes: 200_000,
+            max_batch: 2,
+            ..ServeConfig::default()
+        },
+    );
+    let url = server.url("/v1/segment");
+    let jpeg = std::fs::read(seg_dir().join("rocket.jpg")).unwrap();
+    let png = std::fs::read(seg_dir().join("cat_gray.png")).unwrap();
+    let hostile: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("empty", Vec::new(), 400),
+        ("text", b"hello, not an image".to_vec(), 422),
+        ("truncated jpeg", jpeg[..jpeg.len() / 2].to_vec(), 422),
+        ("truncated png", png[..png.len() / 2].to_vec(), 422),
+        ("pixel bomb", bmp_header(20_000, 20_000), 422),
+        ("too large", vec![0u8; 300_000], 413),
+    ];
+    for (what, body, want) in &hostile {
+        let (status, resp) = post(&url, "application/octet-stream", body);
+        assert_eq!(status, *want, "{what}: {}", String::from_utf8_lossy(&resp));
+        assert!(!json(&resp)["error"].as_str().unwrap().is_empty(), "{what}");
+    }
+    let many: Vec<(&str, &[u8])> = (0..3).map(|_| ("x.png", png.as_slice())).collect();
+    let (ct, body) = multipart(&many);
+    assert_eq!(post(&url, &ct, &body).0, 413);
+    // Still healthy.
+    let (status, body) = post(&url, "image/png", &png);
+    assert_eq!(status, 200);
+    assert_same_segmentation(&json(&body)[0], &cli_segmentation("cat_gray.png"), "cat");
+    server.shutdown();
+    // A classifier has no /v1/segment.
+    let server = Running::start(ServeConfig::default());
+    let (status, body) = post(&server.url("/v1/segment"), "image/png", &png);
+    assert_eq!(status, 404);
+    assert!(json(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a semantic segmentation model"));
+    server.shutdown();
+}

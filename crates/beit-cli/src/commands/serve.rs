@@ -1,4 +1,5 @@
-//! `beit-cli serve`: an HTTP endpoint for a checkpoint (classify, embed), with dynamic batching.
+//! `beit-cli serve`: an HTTP endpoint for a checkpoint (classify, embed, segment), with dynamic
+//! batching.
 
 use std::time::Duration;
 
@@ -8,8 +9,8 @@ use clap::Args;
 
 use beit_recipes::parse_device;
 
-/// Serve a checkpoint over HTTP: `POST /v1/classify`, `POST /v1/embed`, `GET /healthz`,
-/// `GET /readyz`, `GET /metrics` (docs/serving.md).
+/// Serve a checkpoint over HTTP: `POST /v1/classify`, `POST /v1/embed`, `POST /v1/segment`
+/// (segmentation checkpoints), `GET /healthz`, `GET /readyz`, `GET /metrics` (docs/serving.md).
 ///
 /// Concurrent requests are batched (up to `--max-batch` images, waiting at most
 /// `--max-wait-ms`) into one forward pass. SIGTERM or Ctrl-C stops accepting connections,
