@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod routes;
 pub mod segment;
+mod serve;
 pub mod state;
 
 pub use config::ServeConfig;

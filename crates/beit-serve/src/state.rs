@@ -1,6 +1,5 @@
-//! The server as a whole: the loaded model, its batching thread, and serving until shutdown.
+//! The server as a whole: the loaded model and its batching thread (`serve.rs` serves it).
 
-use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,7 +12,6 @@ use beit_model::BeitConfig;
 use beit_recipes::load_model;
 use beit_recipes::segment::palette_for;
 use candle::{Device, Tensor};
-use tokio::net::TcpListener;
 
 use crate::batcher::{self, Batcher};
 use crate::config::ServeConfig;
@@ -49,8 +47,8 @@ pub struct AppState {
 
 /// A loaded model with its batching thread running, ready to serve.
 pub struct Service {
-    state: Arc<AppState>,
-    worker: JoinHandle<()>,
+    pub(crate) state: Arc<AppState>,
+    pub(crate) worker: JoinHandle<()>,
 }
 
 impl Service {
@@ -121,32 +119,5 @@ impl Service {
     /// The shared state (for tests and embedding the router elsewhere).
     pub fn state(&self) -> Arc<AppState> {
         self.state.clone()
-    }
-
-    /// Serve on `listener` until `shutdown` completes; then stop accepting, answer every request
-    /// already received (the queue drains), and stop the batching thread.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<()> {
-        let Service { state, worker } = self;
-        let app = crate::routes::router(state);
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| ServeError::Io {
-                what: format!("serving on {addr}"),
-                source,
-            })?;
-        // Every handler (and its copy of the queue's sender) is gone: the thread drains and ends.
-        tokio::task::spawn_blocking(move || worker.join())
-            .await
-            .map_err(|e| ServeError::Worker(e.to_string()))?
-            .map_err(|_| ServeError::Worker("the batching thread panicked".into()))
     }
 }
