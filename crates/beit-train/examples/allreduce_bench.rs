@@ -1,8 +1,10 @@
 //! Time of the gradient all-reduce alone, without waits for slower ranks: `cargo build -p
 //! beit-train --features mpi --example allreduce_bench`, then `mpirun -n 2
 //! target/debug/examples/allreduce_bench [MILLIONS]` all-reduces a buffer of MILLIONS f32
-//! (default 86, ViT-B's parameters) as the engine does (`distributed::all_reduce_grads`: flatten,
-//! sum over the ranks, average), after a barrier, five times; rank 0 prints the times.
+//! (default 86, ViT-B's parameters) as the engine does (`distributed::all_reduce_grads`: copy into
+//! one flat buffer, sum over the ranks, average), after a barrier, five times; rank 0 prints the
+//! times. `scripts/bench/allreduce_anchor.sh` runs it alternately with MPI's own in-place
+//! all-reduce of the same buffer.
 
 use beit_train::distributed::{self, Collective, MpiWorld};
 use candle::{Device, Var};

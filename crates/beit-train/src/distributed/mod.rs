@@ -191,6 +191,10 @@ pub fn all_reduce_grads(world: &dyn Collective, grads: &mut GradStore, vars: &[V
     if vars.is_empty() || (n == 1 && !force_reduce()) {
         return Ok(());
     }
+    if vars[0].device().is_cpu() {
+        return HOST_GRADS
+            .with(|buf| all_reduce_grads_host(world, grads, vars, &mut buf.borrow_mut()));
+    }
     let device = vars[0].device().clone();
     let mut parts = Vec::with_capacity(vars.len() + 1);
     let mut present = Vec::with_capacity(vars.len());
@@ -222,6 +226,76 @@ pub fn all_reduce_grads(world: &dyn Collective, grads: &mut GradStore, vars: &[V
                 .narrow(0, offset, len)?
                 .reshape(v.shape())?
                 .to_dtype(v.dtype())?;
+            grads.insert(v.as_tensor(), g);
+        } else {
+            grads.remove(v.as_tensor());
+        }
+        offset += len;
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The flat f32 gradient buffer of [`all_reduce_grads_host`], kept from step to step so that
+    /// its pages are faulted in once, not at every step.
+    static HOST_GRADS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copy `t` (any dtype, any layout, on the host) into `dst`, flattened, as f32.
+fn copy_into_f32(t: &Tensor, dst: &mut [f32]) -> Result<()> {
+    let t = t.to_dtype(DType::F32)?;
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle::Storage::Cpu(cpu), Some((start, end))) => {
+            dst.copy_from_slice(&cpu.as_slice::<f32>()?[start..end]);
+        }
+        _ => {
+            drop(storage);
+            dst.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(())
+}
+
+/// [`all_reduce_grads`] for parameters on the host: the gradients are copied once into a
+/// persistent flat buffer (presence flags at its end), summed in it by the collective, and the
+/// means are written straight into the new gradient tensors.
+fn all_reduce_grads_host(
+    world: &dyn Collective,
+    grads: &mut GradStore,
+    vars: &[Var],
+    buf: &mut Vec<f32>,
+) -> Result<()> {
+    let total: usize = vars.iter().map(|v| v.elem_count()).sum();
+    buf.resize(total + vars.len(), 0.0);
+    let mut offset = 0;
+    for (i, v) in vars.iter().enumerate() {
+        let len = v.elem_count();
+        let dst = &mut buf[offset..offset + len];
+        match grads.get(v.as_tensor()) {
+            Some(g) => {
+                copy_into_f32(g, dst)?;
+                buf[total + i] = 1.0;
+            }
+            None => {
+                dst.fill(0.0);
+                buf[total + i] = 0.0;
+            }
+        }
+        offset += len;
+    }
+    world.all_reduce_sum_f32("gradient all-reduce", buf)?;
+    // The same arithmetic as `affine(1/n, 0)` in f32: bit-identical means.
+    let scale = (1.0 / world.size() as f64) as f32;
+    let mut offset = 0;
+    for (i, v) in vars.iter().enumerate() {
+        let len = v.elem_count();
+        if buf[total + i] > 0.0 {
+            let mean: Vec<f32> = buf[offset..offset + len]
+                .iter()
+                .map(|x| x * scale + 0.0)
+                .collect();
+            let g = Tensor::from_vec(mean, v.shape(), v.device())?.to_dtype(v.dtype())?;
             grads.insert(v.as_tensor(), g);
         } else {
             grads.remove(v.as_tensor());

@@ -42,6 +42,9 @@ pub struct MpiWorld {
     local_rank: usize,
     in_flight: Arc<Mutex<InFlight>>,
     timeout: Duration,
+    /// The send side of the f32 all-reduce, kept between calls so that its pages are faulted
+    /// in once (the gradient all-reduce moves hundreds of megabytes at every step).
+    send_f32: Mutex<Vec<f32>>,
 }
 
 /// Keeps MPI initialised; dropping it finalises MPI (the end of a successful run). On a failed
@@ -109,6 +112,7 @@ impl MpiWorld {
             local_rank,
             in_flight,
             timeout,
+            send_f32: Mutex::new(Vec::new()),
         });
         Ok(MpiGuard {
             universe: Some(universe),
@@ -201,9 +205,11 @@ impl Collective for MpiWorld {
         "mpi"
     }
     fn all_reduce_sum_f32(&self, what: &str, buf: &mut [f32]) -> Result<()> {
+        let mut send = self.send_f32.lock().unwrap_or_else(|e| e.into_inner());
         self.with_comm(what, |c| {
             for chunk in buf.chunks_mut(CHUNK) {
-                let send = chunk.to_vec();
+                send.clear();
+                send.extend_from_slice(chunk);
                 c.all_reduce_into(&send[..], chunk, SystemOperation::sum());
             }
         })
