@@ -598,7 +598,7 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
         micro,
         batches,
         device,
-        &world,
+        world,
     )?;
     let done = precision.scope(|| {
         fit(
