@@ -51,6 +51,7 @@ pub mod resize;
 pub mod sampler;
 pub mod seg_augment;
 pub mod segmentation;
+pub mod shard_count;
 pub mod shard_dataset;
 pub mod shard_format;
 pub mod shard_manifest;

@@ -20,7 +20,7 @@ use parquet::record::{Field, Row};
 use parquet::schema::types::Type;
 
 use crate::error::{DataError, Result};
-use crate::shard_format::ShardCount;
+use crate::shard_count::ShardCount;
 use crate::tar_shard::RawSample;
 
 /// The image column: `{bytes, path}` structs, or binary.

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::error::Result;
 use crate::parquet_shard;
+pub use crate::shard_count::ShardCount;
 use crate::tar_shard::{self, RawSample};
 
 /// The format of one shard file, from its extension.
@@ -43,17 +44,6 @@ impl ShardFormat {
             ShardFormat::Parquet => "Parquet",
         }
     }
-}
-
-/// What counting a shard learns without decoding images.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ShardCount {
-    /// Samples the shard delivers (errors included), as [`read_shard`] would.
-    pub samples: usize,
-    /// The largest label seen, when labels were read.
-    pub max_label: Option<u32>,
-    /// Class names the file itself declares (a Parquet file's `ClassLabel` names).
-    pub classes: Option<Vec<String>>,
 }
 
 /// Read every sample of `shard` in order, handing each (or its error) to `visit`, which returns

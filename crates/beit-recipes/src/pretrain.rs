@@ -742,6 +742,28 @@ fn run_config(cfg: &PretrainConfig, mcfg: &BeitConfig) -> Result<serde_json::Val
     }))
 }
 
+/// Rank 0 exports the model of a finished run in HF layout; an unfinished run (stopped after
+/// `--stop-after` steps of `total_steps`) says how to continue.
+fn export_if_finished(
+    done: &beit_train::FitOutcome,
+    total_steps: u64,
+    world: &World,
+    cfg: &PretrainConfig,
+    mcfg: &BeitConfig,
+    varmap: &VarMap,
+    pixel_head: bool,
+) -> Result<Option<PathBuf>> {
+    if !done.finished {
+        let steps = done.summary.steps;
+        tracing::info!("stopped at step {steps} of {total_steps}; continue with --resume");
+        return Ok(None);
+    }
+    if !world.is_primary() {
+        return Ok(None); // rank 0 exports
+    }
+    Ok(Some(export_model(&cfg.output, mcfg, varmap, pixel_head)?))
+}
+
 /// Run (or continue) a pre-training job.
 pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let started = Instant::now();
@@ -809,23 +831,9 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     if let Some(s) = loader.skipped().first() {
         tracing::warn!("{} ({})", loader.summary(), s.reason);
     }
-    let steps = done.summary.steps;
-    let export_dir = match (done.finished, world.is_primary()) {
-        (true, false) => None, // rank 0 exports
-        (true, true) => Some(export_model(
-            &cfg.output,
-            &mcfg,
-            &varmap,
-            task.pixel_head.is_some(),
-        )?),
-        (false, _) => {
-            tracing::info!(
-                "stopped at step {steps} of {}; continue with --resume",
-                tcfg.total_steps()
-            );
-            None
-        }
-    };
+    let has_pixel_head = task.pixel_head.is_some();
+    let total = tcfg.total_steps();
+    let export_dir = export_if_finished(&done, total, world, cfg, &mcfg, &varmap, has_pixel_head)?;
     Ok(PretrainOutcome::new(&done, export_dir, started, num_params))
 }
 
