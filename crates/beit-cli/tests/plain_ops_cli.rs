@@ -6,12 +6,9 @@
 
 mod common;
 
-use common::{cli, records, run_ok};
-use std::path::{Path, PathBuf};
+use common::{cli, records, run_ok, tokenizer};
+use std::path::Path;
 use std::process::Command;
-
-use beit_tokenizer::{Dvae, DvaeConfig};
-use candle::Device;
 
 /// The largest relative difference the two paths may show in a step loss.
 const TOLERANCE: f64 = 1e-4;
@@ -81,25 +78,6 @@ eval_resize = "squash"
 const TOKENIZER: &str = "[architecture]\nimage_size = 28\nchannels = 3\nvocab_size = 8\n\
 downsample = 4\nn_hid = 8\nn_init = 8\nn_blk_per_group = 1\n\n[data]\nmax_train_samples = 32\n\n\
 [train]\nepochs = 1\nbatch_size = 4\nwarmup_steps = 1\nlog_every = 1\n";
-
-/// A frozen random dVAE (16 codes, 4x downsampling) in `beit-cli tokenizer train`'s layout.
-fn tokenizer(dir: &Path) -> PathBuf {
-    let cfg = DvaeConfig {
-        image_size: 16,
-        channels: 3,
-        vocab_size: 16,
-        downsample: 4,
-        n_hid: 8,
-        n_init: 8,
-        n_blk_per_group: 1,
-    };
-    let out = dir.join("tok");
-    Dvae::new(&cfg, 3, &Device::Cpu)
-        .unwrap()
-        .export(&out)
-        .unwrap();
-    out
-}
 
 /// Run `args` (with `--output DIR` appended) once with the fused kernels and once with
 /// `BEIT_FUSED_OPS=0`; return the step losses of each run.

@@ -3,12 +3,14 @@
 //! the exported model loads back (HF layout) with identical logits, the Table 4 ablation switches
 //! run, and bad input gives clear errors.
 
+mod common;
+
+use common::tokenizer;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use beit_model::load::Checkpoint;
 use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions};
-use beit_tokenizer::{Dvae, DvaeConfig};
 use candle::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::Value;
@@ -61,25 +63,6 @@ fn ok(out: &Output, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A frozen random dVAE (16 codes, 4x downsampling) in `beit-cli tokenizer train`'s layout.
-fn tokenizer(dir: &Path) -> PathBuf {
-    let cfg = DvaeConfig {
-        image_size: 16,
-        channels: 3,
-        vocab_size: 16,
-        downsample: 4,
-        n_hid: 8,
-        n_init: 8,
-        n_blk_per_group: 1,
-    };
-    let out = dir.join("tok");
-    Dvae::new(&cfg, 3, &Device::Cpu)
-        .unwrap()
-        .export(&out)
-        .unwrap();
-    out
 }
 
 fn config(dir: &Path) -> PathBuf {

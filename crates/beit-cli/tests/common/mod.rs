@@ -74,3 +74,24 @@ crop_size = 32
 scale = [128, 32]
 eval_stride = 24
 "#;
+
+/// A frozen random dVAE (16 codes, 4x downsampling) in `beit-cli tokenizer train`'s layout.
+pub fn tokenizer(dir: &Path) -> PathBuf {
+    use beit_tokenizer::{Dvae, DvaeConfig};
+    use candle::Device;
+    let cfg = DvaeConfig {
+        image_size: 16,
+        channels: 3,
+        vocab_size: 16,
+        downsample: 4,
+        n_hid: 8,
+        n_init: 8,
+        n_blk_per_group: 1,
+    };
+    let out = dir.join("tok");
+    Dvae::new(&cfg, 3, &Device::Cpu)
+        .unwrap()
+        .export(&out)
+        .unwrap();
+    out
+}
