@@ -49,9 +49,10 @@ pub struct TrainSection {
     pub weight_decay: f64,
     /// Final weight decay of a cosine schedule (`--weight_decay_end`; none = constant).
     pub weight_decay_end: Option<f64>,
-    /// Layer-wise lr decay (`--layer_decay`, 0.65): block `i` of `L` learns at `d^(L + 1 - i)`
-    /// times the lr. None (the default of pre-training, the linear probe and the tokenizer) or
-    /// 1.0 = off, every parameter at the full lr. Read through [`TrainSection::grouping`].
+    /// Layer-wise lr decay (`--layer_decay`): block `i` of `L` learns at `d^(L + 1 - i)` times
+    /// the lr. None or 1.0 = off, every parameter at the full lr: the default here and of
+    /// pre-training, the linear probe and the tokenizer; fine-tuning sets 0.65 (unilm's
+    /// ImageNet value) and segmentation 0.9. Read through [`TrainSection::grouping`].
     pub layer_decay: Option<f64>,
     /// Global gradient-norm clipping (`--clip_grad`; none).
     pub clip_grad: Option<f64>,
@@ -98,7 +99,10 @@ impl Default for TrainSection {
             warmup_steps: None,
             weight_decay: 0.05,
             weight_decay_end: None,
-            layer_decay: Some(0.65),
+            // Every `Option` here defaults to None: a command's `Some` default is serialised
+            // with the defaults and survives a recipe file's partial `[train]` table, while a
+            // `None` is absent from that table and must come back as None (see `parse_config`).
+            layer_decay: None,
             clip_grad: None,
             drop_path_rate: 0.1,
             label_smoothing: 0.1,
@@ -523,7 +527,10 @@ mod tests {
 
     #[test]
     fn layer_decay_is_the_grouping_and_none_is_off() {
-        let t = TrainSection::default();
+        let t = TrainSection {
+            layer_decay: Some(0.65),
+            ..TrainSection::default()
+        };
         let g = t.grouping(12);
         assert_eq!(g.layer_decay, Some(0.65));
         assert_eq!(g.lr_scale(13), 1.0);

@@ -81,7 +81,10 @@ impl Default for FinetuneConfig {
             device: DeviceSpec::Cpu,
             data: DataConfig::default(),
             architecture: Architecture::default(),
-            train: TrainSection::default(),
+            train: TrainSection {
+                layer_decay: Some(0.65),
+                ..TrainSection::default()
+            },
             aug: AugSection::default(),
         }
     }
