@@ -26,7 +26,9 @@
 //!        ├── update::Updater          the update:     distributed all-reduce → clip::clip_grad_norm
 //!        │                                            → optimizer::AdamW at schedule's lr / wd
 //!        ├── records::Records         the records:    metrics::MetricsWriter (metrics.jsonl),
-//!        │                                            progress::TrainProgress, plot::plot_metrics
+//!        │                                            progress::TrainProgress, plot::plot_metrics;
+//!        │                                            pending::Pending (step values on the device
+//!        │                                            until a log step reads them: host::read_values)
 //!        ├── checkpoint_policy::CheckpointPolicy      when to save, keep-last-N, best, resume;
 //!        │                                            files through checkpoint::CheckpointManager
 //!        └── rng::TrainRng                            seeded ChaCha12 with saveable position
