@@ -71,7 +71,8 @@ pub fn squared_grad_norm(grads: &GradStore, vars: &[Var]) -> Result<SquaredNorm>
     let device = if device_sums.is_empty() {
         None
     } else {
-        Some(Tensor::stack(&device_sums, 0)?.sum_all()?)
+        // Detached, so that a pending norm does not keep the gradients alive.
+        Some(Tensor::stack(&device_sums, 0)?.sum_all()?.detach())
     };
     Ok(SquaredNorm { host, device })
 }

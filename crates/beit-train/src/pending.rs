@@ -33,6 +33,17 @@ impl StepValue {
     pub fn scaled(value: Tensor, scale: f64) -> Self {
         Self::Device { value, scale }
     }
+
+    /// The same value, cut from the graph that computed it.
+    fn detached(self) -> Self {
+        match self {
+            Self::Device { value, scale } => Self::Device {
+                value: value.detach(),
+                scale,
+            },
+            host => host,
+        }
+    }
 }
 
 impl From<f64> for StepValue {
@@ -112,7 +123,9 @@ impl Pending {
         !self.steps.is_empty()
     }
 
-    /// Add a micro-batch of the step under way (after `steps_done` completed ones).
+    /// Add a micro-batch of the step under way (after `steps_done` completed ones). Device
+    /// values are kept detached: a loss attached to its graph would keep the micro-batch's
+    /// activations alive until the read.
     pub fn add_micro_batch(
         &mut self,
         steps_done: u64,
@@ -122,9 +135,11 @@ impl Pending {
     ) {
         self.open.push(MicroBatch {
             steps_done,
-            loss,
+            loss: loss.detached(),
             batch_size,
-            metrics,
+            metrics: (metrics.into_iter())
+                .map(|(k, v)| (k, v.detached()))
+                .collect(),
         });
     }
 
