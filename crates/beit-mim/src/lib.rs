@@ -40,7 +40,7 @@ pub use config::MaskingSpec;
 pub use error::{MimError, Result};
 pub use loss::{
     check_finite, gather_masked_labels, gather_masked_rows, gather_rows, masked_flat_indices,
-    mim_cross_entropy, mlm_accuracy,
+    mim_cross_entropy, mlm_accuracy, mlm_accuracy_on_device,
 };
 pub use masking::{MaskingGenerator, MAX_ATTEMPTS_PER_BLOCK};
 pub use masking_config::{MaskStrategy, MaskingConfig};

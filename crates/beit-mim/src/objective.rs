@@ -3,7 +3,7 @@
 use candle::{DType, Module, Tensor};
 
 use crate::error::{bad_input, MimError, Result};
-use crate::loss::{gather_rows, masked_flat_indices, mim_cross_entropy, mlm_accuracy};
+use crate::loss::{gather_rows, masked_flat_indices, mim_cross_entropy, mlm_accuracy_on_device};
 use crate::pixel::{normalize_patches, patchify, pixel_mse, PixelRegressionHead};
 use crate::target::MimTarget;
 
@@ -25,9 +25,9 @@ pub struct MimInputs<'a> {
 pub struct MimLossOutput {
     /// Scalar loss (f32), differentiable.
     pub loss: Tensor,
-    /// Arg-max accuracy of the visual tokens on the masked positions (`mlm_acc`); `None` for
-    /// pixel regression.
-    pub mlm_acc: Option<f32>,
+    /// Arg-max accuracy of the visual tokens on the masked positions (`mlm_acc`, a scalar f32
+    /// tensor on the device, not read back); `None` for pixel regression.
+    pub mlm_acc: Option<Tensor>,
     /// Number of masked positions in the batch.
     pub num_masked: usize,
 }
@@ -83,7 +83,7 @@ pub fn mim_loss(
             let masked_ids = ids.index_select(&idx_t, 0)?;
             Ok(MimLossOutput {
                 loss: mim_cross_entropy(&logits, &ids)?,
-                mlm_acc: Some(mlm_accuracy(&masked_logits, &masked_ids)?),
+                mlm_acc: Some(mlm_accuracy_on_device(&masked_logits, &masked_ids)?),
                 num_masked: idx.len(),
             })
         }
@@ -179,7 +179,7 @@ fn loss_on_masked_rows(
     let ids = flat_ids.index_select(&idx_t, 0)?;
     Ok(MimLossOutput {
         loss: mim_cross_entropy(masked_logits, &ids)?,
-        mlm_acc: Some(mlm_accuracy(masked_logits, &ids)?),
+        mlm_acc: Some(mlm_accuracy_on_device(masked_logits, &ids)?),
         num_masked: idx.len(),
     })
 }

@@ -16,7 +16,7 @@ use beit_data::{load_splits, DataConfig, Dataset, Loader, LoaderConfig, Processo
 use beit_model::{BeitModel, ForwardOptions};
 use beit_train::{
     build_param_groups, fit, label_smoothing_cross_entropy, named_vars, EvalAccumulator,
-    StepContext, StepOutput, TrainRng, TrainTask,
+    StepContext, StepOutput, StepValue, TrainRng, TrainTask,
 };
 use candle::{DType, Tensor};
 use candle_nn::{Init, Module, VarBuilder, VarMap};
@@ -231,11 +231,11 @@ impl TrainTask for ProbeTask<'_> {
     ) -> Result<StepOutput> {
         let logits = self.head.forward(&x)?;
         let loss = label_smoothing_cross_entropy(&logits, &y, self.label_smoothing)?;
-        let acc = beit_train::topk_accuracy(&logits, &y, &[1])?[0];
+        let acc = beit_train::topk_accuracy_on_device(&logits, &y, &[1])?.remove(0);
         Ok(StepOutput {
             loss,
             batch_size: x.dim(0)?,
-            metrics: vec![("train_acc1".into(), 100.0 * acc)],
+            metrics: vec![("train_acc1".into(), StepValue::scaled(acc, 100.0))],
         })
     }
 

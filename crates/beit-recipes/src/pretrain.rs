@@ -32,7 +32,8 @@ use beit_model::save::{save_hf, varmap_tensors};
 use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions};
 use beit_tokenizer::{Encoder, VisualTokenizer};
 use beit_train::{
-    build_param_groups, fit, named_vars, FitOptions, StepContext, StepOutput, TrainRng, TrainTask,
+    build_param_groups, fit, named_vars, FitOptions, StepContext, StepOutput, StepValue, TrainRng,
+    TrainTask,
 };
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -473,9 +474,11 @@ impl TrainTask for MimTask {
             MimTarget::AllTokens => (b * self.grid * self.grid) as f64,
             _ => out.num_masked as f64,
         });
-        let mut metrics = vec![("masked".to_string(), out.num_masked as f64 / b as f64)];
+        let masked = out.num_masked as f64 / b as f64;
+        let mut metrics = vec![("masked".to_string(), StepValue::Host(masked))];
         if let Some(acc) = out.mlm_acc {
-            metrics.push(("mlm_acc".to_string(), acc as f64));
+            // Stays on the device until the step's values are read back.
+            metrics.push(("mlm_acc".to_string(), acc.into()));
         }
         Ok(StepOutput {
             loss: out.loss,

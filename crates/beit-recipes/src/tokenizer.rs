@@ -204,12 +204,12 @@ impl TrainTask for DvaeTask<'_> {
             loss: l.loss,
             batch_size: images.dim(0)?,
             metrics: vec![
-                ("recon".into(), l.recon),
-                ("kl".into(), l.kl),
-                ("tau".into(), l.tau),
-                ("kl_weight".into(), l.kl_weight),
-                ("codes_used".into(), l.codebook.used as f64),
-                ("perplexity".into(), l.codebook.perplexity),
+                ("recon".into(), l.recon.into()),
+                ("kl".into(), l.kl.into()),
+                ("tau".into(), l.tau.into()),
+                ("kl_weight".into(), l.kl_weight.into()),
+                ("codes_used".into(), (l.codebook.used as f64).into()),
+                ("perplexity".into(), l.codebook.perplexity.into()),
             ],
         })
     }

@@ -5,7 +5,10 @@
 //! pre-clip norm is returned (unilm logs it as `grad_norm`).
 //!
 //! The squares of contiguous f32 gradients on the CPU are summed straight from their buffers (in
-//! f64, without temporaries); other gradients go through tensor ops on their device.
+//! f64, without temporaries); other gradients go through tensor ops on their device, and their
+//! sum is read back once ([`crate::host`]): clipping needs the norm on the host. Without
+//! clipping, [`squared_grad_norm`] leaves that sum on the device, to be read with the step's
+//! logged values.
 
 use candle::{backprop::GradStore, CpuStorage, DType, Storage, Tensor, Var};
 
@@ -29,24 +32,55 @@ fn cpu_sum_sq(t: &Tensor) -> Option<f64> {
     }
 }
 
-/// The global L2 norm of the gradients of `vars` (parameters without a gradient are ignored).
-pub fn global_grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
-    let mut total = 0f64;
-    // Gradients not handled on the host: squares summed on their device, read back once.
+/// The squared global norm of a set of gradients, in two parts: what was summed on the host
+/// (contiguous f32 CPU gradients, in f64) and, for the other gradients, their sum of squares as
+/// a scalar f32 tensor on their device, not yet read.
+#[derive(Debug, Clone)]
+pub struct SquaredNorm {
+    /// Sum of squares taken on the host.
+    pub host: f64,
+    /// Sum of squares still on the device; `None` when every gradient was on the host.
+    pub device: Option<Tensor>,
+}
+
+impl SquaredNorm {
+    /// The norm, given the value of the device part read back (`None` without one): the host
+    /// part plus the device part, square-rooted.
+    pub fn norm_with(&self, device_value: Option<f64>) -> f64 {
+        (self.host + device_value.unwrap_or(0.0)).sqrt()
+    }
+
+    /// The norm now: reads the device part back (one counted read, see [`crate::host`]).
+    pub fn read(&self) -> Result<f64> {
+        let read = crate::host::read_values(self.device.as_slice())?;
+        Ok(self.norm_with(read.first().copied()))
+    }
+}
+
+/// The squared global L2 norm of the gradients of `vars` (parameters without a gradient are
+/// ignored), without reading anything back.
+pub fn squared_grad_norm(grads: &GradStore, vars: &[Var]) -> Result<SquaredNorm> {
+    let mut host = 0f64;
     let mut device_sums = Vec::new();
     for g in vars.iter().filter_map(|v| grads.get(v.as_tensor())) {
         match cpu_sum_sq(g) {
-            Some(s) => total += s,
+            Some(s) => host += s,
             None => device_sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?),
         }
     }
-    if !device_sums.is_empty() {
-        total += Tensor::stack(&device_sums, 0)?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    Ok(total.sqrt())
+    let device = if device_sums.is_empty() {
+        None
+    } else {
+        // Detached, so that a pending norm does not keep the gradients alive.
+        Some(Tensor::stack(&device_sums, 0)?.sum_all()?.detach())
+    };
+    Ok(SquaredNorm { host, device })
+}
+
+/// The global L2 norm of the gradients of `vars` (parameters without a gradient are ignored).
+/// Gradients not on the host are summed on their device and read back once.
+pub fn global_grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
+    squared_grad_norm(grads, vars)?.read()
 }
 
 /// Clip the gradients of `vars` in `grads` to global norm `max_norm`; returns the norm before

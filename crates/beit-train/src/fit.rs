@@ -28,8 +28,9 @@ use rand::RngCore;
 
 use crate::error::TrainError;
 use crate::metrics::read_jsonl;
+use crate::records::StepRecord;
 use crate::rng::TrainRng;
-use crate::train_loop::{BestMetric, Position, StepOutput, StepReport, TrainLoop, TrainSummary};
+use crate::train_loop::{BestMetric, Position, StepOutput, TrainLoop, TrainSummary};
 
 /// What [`fit`] hands a task with each micro-batch.
 pub struct StepContext<'a> {
@@ -127,9 +128,9 @@ pub struct FitOutcome {
     /// All scheduled steps are done (false when `stop_after` cut the run short).
     pub finished: bool,
     /// The first optimizer step of this invocation.
-    pub first_step: Option<StepReport>,
+    pub first_step: Option<StepRecord>,
     /// The last optimizer step of this invocation.
-    pub last_step: Option<StepReport>,
+    pub last_step: Option<StepRecord>,
     /// The latest evaluation (of this invocation or, after a resume, of the log).
     pub last_eval: Option<EvalRecord>,
     /// The best evaluation by [`FitOptions::best`] over the whole run.
@@ -177,7 +178,6 @@ where
 
     let stop_at = opts.stop_after.unwrap_or(u64::MAX);
     let accum = tl.config().accum_steps.max(1);
-    let (mut first_step, mut last_step) = (None, None);
     let mut stopped = false;
     'epochs: while !tl.is_done() {
         let epoch = tl.position().epoch;
@@ -189,12 +189,7 @@ where
                 break 'epochs;
             }
             let batch = feed.next_batch(&mut epoch_batches, tl.config().batches_per_epoch)?;
-            if let Some(report) = train_micro_batch(&mut tl, task, batch)? {
-                if first_step.is_none() {
-                    first_step = Some(report.clone());
-                }
-                last_step = Some(report);
-            }
+            train_micro_batch(&mut tl, task, batch)?;
         }
         if tl.position().batch_in_epoch == 0 && eval_due(&tl, opts) {
             evaluate(&mut tl, task, opts, &mut last_eval, &mut best_eval)?;
@@ -203,10 +198,10 @@ where
     let finished = tl.is_done() && !stopped;
     let summary = tl.finish()?;
     Ok(FitOutcome {
+        first_step: summary.first_step.clone(),
+        last_step: summary.last_step.clone(),
         summary,
         finished,
-        first_step,
-        last_step,
         last_eval,
         best_eval,
     })
@@ -226,7 +221,7 @@ fn train_micro_batch<T: TrainTask>(
     tl: &mut TrainLoop,
     task: &mut T,
     batch: T::Batch,
-) -> Result<Option<StepReport>, T::Error> {
+) -> Result<(), T::Error> {
     let position = tl.position();
     let rank_and_size = (tl.world().rank(), tl.world().size());
     let mut ctx = StepContext {
@@ -237,7 +232,8 @@ fn train_micro_batch<T: TrainTask>(
     };
     let out = task.train_step(batch, &mut ctx)?;
     let loss_weight = ctx.loss_weight;
-    Ok(tl.micro_step_weighted(out, loss_weight)?)
+    tl.micro_step_weighted(out, loss_weight)?;
+    Ok(())
 }
 
 /// The micro-batches of one epoch: those a resumed run already trained on are skipped, and a

@@ -26,7 +26,9 @@
 //!        ├── update::Updater          the update:     distributed all-reduce → clip::clip_grad_norm
 //!        │                                            → optimizer::AdamW at schedule's lr / wd
 //!        ├── records::Records         the records:    metrics::MetricsWriter (metrics.jsonl),
-//!        │                                            progress::TrainProgress, plot::plot_metrics
+//!        │                                            progress::TrainProgress, plot::plot_metrics;
+//!        │                                            pending::Pending (step values on the device
+//!        │                                            until a log step reads them: host::read_values)
 //!        ├── checkpoint_policy::CheckpointPolicy      when to save, keep-last-N, best, resume;
 //!        │                                            files through checkpoint::CheckpointManager
 //!        └── rng::TrainRng                            seeded ChaCha12 with saveable position
@@ -110,10 +112,12 @@ pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod fit;
+pub mod host;
 pub mod losses;
 pub mod metrics;
 pub mod optimizer;
 pub mod param_groups;
+pub mod pending;
 pub mod plot;
 pub mod precision;
 pub mod progress;
@@ -129,22 +133,24 @@ pub use accumulate::GradAccumulator;
 pub use checkpoint::{
     load_model, save_model, Checkpoint, CheckpointManager, LoadReport, TrainerState,
 };
-pub use clip::{clip_grad_norm, global_grad_norm};
+pub use clip::{clip_grad_norm, global_grad_norm, squared_grad_norm, SquaredNorm};
 pub use error::{Result, TrainError};
 pub use eval::{ClassificationMetrics, EvalAccumulator};
 pub use fit::{fit, top_up_epoch, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask};
 pub use losses::{
     label_smoothing_cross_entropy, soft_target_cross_entropy, target_rank, topk_accuracy,
+    topk_accuracy_on_device,
 };
 pub use metrics::{read_jsonl, MetricAverager, MetricsWriter, Throughput};
 pub use optimizer::{AdamW, AdamWConfig, StepStats};
 pub use param_groups::{
     build_param_groups, build_param_groups_with, layer_id, named_vars, GroupingConfig, ParamGroup,
 };
+pub use pending::StepValue;
 pub use plot::{plot_metrics, PlotOptions};
 pub use precision::Precision;
 pub use progress::TrainProgress;
-pub use records::{METRICS_FILE, PLOT_FILE};
+pub use records::{StepRecord, METRICS_FILE, PLOT_FILE};
 pub use rng::{RngState, TrainRng};
 pub use schedule::{CosineSchedule, LrSchedule, PolySchedule, ScheduleKind};
 pub use train_config::{TrainConfig, POLY_WARMUP_RATIO};

@@ -70,18 +70,31 @@ pub fn soft_target_cross_entropy(logits: &Tensor, soft_targets: &Tensor) -> Resu
 /// Fraction of rows whose target is among the `k` largest logits, for each `k` in `ks`.
 ///
 /// Computed on the device (one comparison per class, then a count), so only `ks.len()` numbers
-/// are read back; a target tied with other logits counts as ranked first among them.
+/// are read back, in one read; a target tied with other logits counts as ranked first among
+/// them. A training step keeps them on the device: [`topk_accuracy_on_device`].
 pub fn topk_accuracy(logits: &Tensor, targets: &Tensor, ks: &[usize]) -> Result<Vec<f64>> {
     let (n, _) = check_logits(logits)?;
     if n == 0 {
         return Ok(vec![0.0; ks.len()]);
     }
+    crate::host::read_values(&topk_accuracy_on_device(logits, targets, ks)?)
+}
+
+/// [`topk_accuracy`] left on the device: one f32 scalar tensor per `k` (nothing is read back;
+/// hand them to the step as [`crate::StepValue`]s). Zero rows give zeros.
+pub fn topk_accuracy_on_device(
+    logits: &Tensor,
+    targets: &Tensor,
+    ks: &[usize],
+) -> Result<Vec<Tensor>> {
+    let (n, _) = check_logits(logits)?;
+    if n == 0 {
+        let zero = Tensor::zeros((), DType::F32, logits.device())?;
+        return Ok(vec![zero; ks.len()]);
+    }
     let rank = target_rank(logits, targets)?;
     ks.iter()
-        .map(|&k| {
-            let hit = rank.lt(k as f64)?.to_dtype(DType::F32)?.mean_all()?;
-            Ok(hit.to_scalar::<f32>()? as f64)
-        })
+        .map(|&k| Ok(rank.lt(k as f64)?.to_dtype(DType::F32)?.mean_all()?))
         .collect()
 }
 

@@ -26,19 +26,47 @@
 //! Data-parallel runs: the collective is handed in ([`TrainLoop::open_in`] and siblings); the
 //! plain constructors run as a single process.
 //!
+//! # What the step reads back
+//!
+//! On an accelerator a read of a device value waits for all the queued work, so the step keeps
+//! its values on the device and reads back only:
+//!
+//! * the logged values, once at step 1, every `log_every` steps, at an epoch's end and before a
+//!   checkpoint (a resumed or finishing run included): the losses and device metrics of every
+//!   micro-batch since the previous read, and the gradient norms not read yet, in one read of a
+//!   small vector. Each step's record is then folded and written exactly as if it had been
+//!   read at its end (same means, same order in `metrics.jsonl`); steps in between return a
+//!   [`StepReport`] without a record;
+//! * with clipping on, the global gradient norm, one scalar per optimizer step (clipping needs
+//!   it on the host).
+//!
+//! Every read goes through [`crate::host::read_values`], which counts them; tests pin the count
+//! per run, so a read added inside the step fails them. A data-parallel run also reads each
+//! micro-batch's loss and metrics for its host all-reduce: that is the transport's, not the
+//! step's; a single process never does.
+//!
+//! Non-finite values: a non-finite loss still stops the run with [`TrainError::NonFinite`]
+//! naming its step, found at the read that brings it back, and no checkpoint or model is ever
+//! written with non-finite weights (every checkpoint reads first). With clipping on, a
+//! non-finite loss gives a non-finite gradient norm, which skips the update and reads at once,
+//! so the weights stay those of the step before. Without clipping, a non-finite gradient norm
+//! known on the host (f32 gradients on the CPU) skips the update as before; one left on the
+//! device is found at the next read and stops the run (`"gradient norm"`), as a non-finite
+//! loss found there does; the weights of the steps in between are not saved.
+//!
 //! Records of `metrics.jsonl` (one JSON object per line):
 //!
 //! * `{"kind":"step","step":s,"epoch":e,"loss":…,"lr":…,"wd":…,"grad_norm":…,<caller metrics>…,"images_per_sec":…}`
 //!   (plus `"comm_seconds"`, the time in collectives, in a data-parallel run)
-//!   after every optimizer step (`"skipped":true` when a non-finite gradient norm skipped the update);
+//!   for every optimizer step, written when it is read back (`"skipped":true` when a non-finite
+//!   gradient norm skipped the update; `images_per_sec` is the mean of the steps read together);
 //! * `{"kind":"epoch","step":s,"epoch":e,"loss":…,<caller metrics>…}` with sample-weighted epoch means;
 //! * `{"kind":"eval","step":s,"epoch":e,…}` from [`TrainLoop::record_eval`].
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle::{DType, Tensor};
+use candle::Tensor;
 use candle_nn::VarMap;
 use serde_json::Value;
 
@@ -50,8 +78,9 @@ use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
 use crate::optimizer::AdamW;
 use crate::param_groups::ParamGroup;
+use crate::pending::StepValue;
 use crate::progress::TrainProgress;
-use crate::records::{Records, METRICS_FILE};
+use crate::records::{Records, StepRecord, METRICS_FILE};
 use crate::rng::TrainRng;
 use crate::train_config::TrainConfig;
 use crate::update::Updater;
@@ -63,8 +92,10 @@ pub struct StepOutput {
     pub loss: Tensor,
     /// Number of samples in the micro-batch (weights the averages and the images/s).
     pub batch_size: usize,
-    /// Extra metrics of the micro-batch (e.g. `mlm_acc`, `acc1`), averaged by batch size.
-    pub metrics: Vec<(String, f64)>,
+    /// Extra metrics of the micro-batch (e.g. `mlm_acc`, `acc1`), averaged by batch size: keep
+    /// those computed on the device there (`StepValue::from(tensor)`), they are read with the
+    /// logged values.
+    pub metrics: Vec<(String, StepValue)>,
 }
 
 /// Where the data stream stands.
@@ -85,24 +116,19 @@ pub struct StepReport {
     pub step: u64,
     /// Epoch the step belonged to.
     pub epoch: u64,
-    /// Mean loss over the step's micro-batches.
-    pub loss: f64,
     /// Learning rate used (before the groups' lr scales).
     pub lr: f64,
     /// Weight decay used.
     pub weight_decay: f64,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// The update was skipped because the gradient norm was not finite.
-    pub skipped: bool,
-    /// Means of the caller's metrics over the step.
-    pub metrics: BTreeMap<String, f64>,
-    /// Samples per second over the step (wall time between steps).
-    pub images_per_sec: f64,
     /// This step completed an epoch.
     pub epoch_end: bool,
     /// A checkpoint was written after this step.
     pub checkpoint: Option<PathBuf>,
+    /// The step's record (loss, gradient norm, metrics, ...) when its values were read back at
+    /// this step: at step 1, every `log_every` steps, at an epoch's end and with a checkpoint.
+    /// Otherwise `None`: the values are still on the device, and [`TrainSummary`] has the
+    /// first and last steps of the run.
+    pub record: Option<StepRecord>,
 }
 
 /// Which evaluation metric selects the best checkpoint.
@@ -125,6 +151,10 @@ pub struct TrainSummary {
     pub metrics: PathBuf,
     /// The curves plot, if it could be drawn.
     pub plot: Option<PathBuf>,
+    /// The record of the first optimizer step this loop took.
+    pub first_step: Option<StepRecord>,
+    /// The record of the last optimizer step.
+    pub last_step: Option<StepRecord>,
 }
 
 /// Drives a training run; see the module documentation.
@@ -137,6 +167,8 @@ pub struct TrainLoop {
     checkpoints: CheckpointPolicy,
     state: TrainerState,
     rng: TrainRng,
+    /// The first and the latest step records read back by this loop.
+    read: (Option<StepRecord>, Option<StepRecord>),
 }
 
 impl std::fmt::Debug for TrainLoop {
@@ -296,11 +328,13 @@ impl TrainLoop {
             world.barrier("opening the checkpoint to resume")?;
         }
         // All ranks read the same checkpoint (a shared file system); the comparison makes sure.
-        distributed::check_in_sync(
-            &*world,
-            distributed::weights_checksum(&tl.varmap)?,
-            &format!("resuming from {}", ck.dir.display()),
-        )?;
+        if world.size() > 1 {
+            distributed::check_in_sync(
+                &*world,
+                distributed::weights_checksum(&tl.varmap)?,
+                &format!("resuming from {}", ck.dir.display()),
+            )?;
+        }
         tl.checkpoints.mark_saved(tl.state.step, ck.dir.clone());
         tracing::info!(
             "resumed from {} at step {} (epoch {}, batch {})",
@@ -346,6 +380,7 @@ impl TrainLoop {
             checkpoints,
             state,
             rng,
+            read: (None, None),
         })
     }
 
@@ -414,7 +449,8 @@ impl TrainLoop {
     }
 
     /// Back-propagate one micro-batch; after `accum_steps` of them take an optimizer step and
-    /// return its report. Fails on a non-finite loss (as unilm stops), naming the step.
+    /// return its report. A non-finite loss stops the run (as unilm stops) with an error naming
+    /// the step, when it is read back (see the module documentation).
     pub fn micro_step(&mut self, out: StepOutput) -> Result<Option<StepReport>> {
         self.micro_step_weighted(out, None)
     }
@@ -442,17 +478,22 @@ impl TrainLoop {
                 loss.dims()
             )));
         }
-        let local = loss.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
         let batch_size = out.batch_size as f64;
-        let global =
-            self.updater
-                .global_micro_batch(local, batch_size, loss_weight, out.metrics)?;
-        if !global.loss.is_finite() {
-            return Err(TrainError::NonFinite {
-                what: "loss",
-                step: self.state.step,
-                value: global.loss,
-            });
+        let global = self.updater.global_micro_batch(
+            StepValue::from(loss.clone()),
+            batch_size,
+            loss_weight,
+            out.metrics,
+        )?;
+        // A data-parallel run has the global loss on the host already: checked at once.
+        if let StepValue::Host(value) = global.loss {
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    what: "loss",
+                    step: self.state.step,
+                    value,
+                });
+            }
         }
         let accum = self.cfg.accum_steps;
         let scaled = if global.share != 1.0 {
@@ -463,8 +504,12 @@ impl TrainLoop {
             loss
         };
         self.accum.add(scaled.backward()?, self.updater.vars())?;
-        self.records
-            .add_micro_batch(global.loss, global.batch_size, &global.metrics);
+        self.records.add_micro_batch(
+            self.state.step,
+            global.loss,
+            global.batch_size,
+            global.metrics,
+        );
         self.state.batch_in_epoch += 1;
         self.state.samples_seen += global.batch_size as u64;
         if (self.accum.micro_batches() as u64) < accum {
@@ -473,38 +518,62 @@ impl TrainLoop {
         self.optimizer_step().map(Some)
     }
 
-    /// The update of the accumulated gradients, its records, the epoch's end and a checkpoint
-    /// when one is due.
+    /// The update of the accumulated gradients, its records (read back when due), the epoch's
+    /// end and a checkpoint when one is due.
     fn optimizer_step(&mut self) -> Result<StepReport> {
         let update = self.updater.apply(self.accum.take(), self.state.step)?;
         self.state.step += 1;
         let (step, epoch) = (self.state.step, self.state.epoch);
-        let means = self.records.step(step, epoch, &update)?;
+        let (lr, weight_decay) = (update.lr, update.wd);
+        // A skipped update is read at once: was the loss non-finite too (the run stops)?
+        let read_now = update.skipped || step % self.cfg.log_every == 0 || step == 1;
+        self.records.step(step, epoch, update);
         let epoch_end = step % self.cfg.steps_per_epoch() == 0;
+        let checkpoint_due = self.checkpoints.due(step, epoch_end, self.is_done());
+        let read = if read_now || epoch_end || checkpoint_due {
+            self.read_back()?
+        } else {
+            false
+        };
         if epoch_end {
             self.records.end_epoch(step, epoch)?;
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;
         }
-        let checkpoint = if self.checkpoints.due(step, epoch_end, self.is_done()) {
+        let checkpoint = if checkpoint_due {
             Some(self.save_checkpoint()?)
         } else {
             None
         };
-        self.records.restart_clock();
+        if read {
+            self.records.restart_clock();
+        }
+        let record = (self.read.1.as_ref())
+            .filter(|r| read && r.step == step)
+            .cloned();
         Ok(StepReport {
             step,
             epoch,
-            loss: means.loss,
-            lr: update.lr,
-            weight_decay: update.wd,
-            grad_norm: update.grad_norm,
-            skipped: update.skipped,
-            metrics: means.metrics,
-            images_per_sec: means.images_per_sec,
+            lr,
+            weight_decay,
             epoch_end,
             checkpoint,
+            record,
         })
+    }
+
+    /// Read the completed steps' values back and write their records (nothing to do when none
+    /// waits); fails on a non-finite loss or gradient norm. Returns whether a read happened.
+    fn read_back(&mut self) -> Result<bool> {
+        let read = self.records.read_back()?;
+        let Some(last) = read.last() else {
+            return Ok(false);
+        };
+        if self.read.0.is_none() {
+            self.read.0 = read.first().cloned();
+        }
+        self.read.1 = Some(last.clone());
+        Ok(true)
     }
 
     /// Log evaluation metrics (an `eval` record) and, if `best` is given and the metric
@@ -514,6 +583,8 @@ impl TrainLoop {
         metrics: &[(&str, f64)],
         best: Option<&BestMetric>,
     ) -> Result<bool> {
+        // The step records come first in the log.
+        self.read_back()?;
         self.records
             .eval(self.state.step, self.state.epoch, metrics)?;
         let Some(best) = best else {
@@ -541,7 +612,7 @@ impl TrainLoop {
 
     fn save_best(&mut self, name: &str, value: f64) -> Result<()> {
         self.ensure_step_boundary()?;
-        self.snapshot_state();
+        self.snapshot_state()?;
         let manager = self.checkpoints.manager();
         let dir = if self.world().rank() == 0 {
             manager.save_as(
@@ -566,10 +637,14 @@ impl TrainLoop {
         Ok(())
     }
 
-    /// Copy the generator's position and the epoch's running sums into the state to save.
-    fn snapshot_state(&mut self) {
+    /// Read the completed steps back (which fails if one was not finite: no checkpoint holds
+    /// non-finite weights), then copy the generator's position and the epoch's running sums
+    /// into the state to save.
+    fn snapshot_state(&mut self) -> Result<()> {
+        self.read_back()?;
         self.state.rng = self.rng.state();
         self.state.epoch_sums = self.records.epoch_sums();
+        Ok(())
     }
 
     /// Save a checkpoint of the current step now (rotating old ones).
@@ -580,13 +655,15 @@ impl TrainLoop {
         if let Some(p) = self.checkpoints.saved_at(step, data_parallel) {
             return Ok(p.clone());
         }
-        self.snapshot_state();
+        self.snapshot_state()?;
         // Data-parallel: the ranks' weights must agree before rank 0 saves them for all.
-        distributed::check_in_sync(
-            &**self.world(),
-            distributed::weights_checksum(&self.varmap)?,
-            &format!("checkpoint at step {step}"),
-        )?;
+        if data_parallel {
+            distributed::check_in_sync(
+                &**self.world(),
+                distributed::weights_checksum(&self.varmap)?,
+                &format!("checkpoint at step {step}"),
+            )?;
+        }
         let manager = self.checkpoints.manager();
         let dir = if self.world().rank() == 0 {
             manager.save(&self.varmap, self.updater.optimizer(), &self.state)?
@@ -603,11 +680,14 @@ impl TrainLoop {
     pub fn finish(mut self) -> Result<TrainSummary> {
         let checkpoint = self.save_checkpoint()?;
         let plot = self.records.finish(self.out_dir());
+        let (first_step, last_step) = self.read;
         Ok(TrainSummary {
             steps: self.state.step,
             checkpoint,
             metrics: self.records.path().to_path_buf(),
             plot,
+            first_step,
+            last_step,
         })
     }
 }

@@ -11,38 +11,48 @@ use std::time::Instant;
 use candle::backprop::GradStore;
 use candle::Var;
 
-use crate::clip::{clip_grad_norm, global_grad_norm};
+use crate::clip::{clip_grad_norm, squared_grad_norm, SquaredNorm};
 use crate::distributed::{self, Collective};
 use crate::error::Result;
 use crate::optimizer::AdamW;
 use crate::param_groups::ParamGroup;
+use crate::pending::{self, StepValue};
 use crate::schedule::{CosineSchedule, LrSchedule};
 use crate::train_config::TrainConfig;
 
+/// The global gradient norm of a step, before clipping.
+#[derive(Debug, Clone)]
+pub enum GradNorm {
+    /// Known on the host: clipping read it, or every gradient was summed on the host.
+    Read(f64),
+    /// Partly on the device (no clipping): read with the step's logged values.
+    Pending(SquaredNorm),
+}
+
 /// What one optimizer step applied.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Update {
     /// Scheduled learning rate (before the groups' lr scales).
     pub lr: f64,
     /// Scheduled weight decay.
     pub wd: f64,
     /// Global gradient norm before clipping.
-    pub grad_norm: f64,
-    /// The update was skipped because the gradient norm was not finite.
+    pub grad_norm: GradNorm,
+    /// The update was skipped because the gradient norm, known on the host, was not finite.
     pub skipped: bool,
     /// Seconds in collectives since the previous step (waits for slower ranks included).
     pub comm_seconds: f64,
 }
 
 /// A micro-batch's loss and sample count over all ranks.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GlobalMicroBatch {
-    /// Loss of the global micro-batch.
-    pub loss: f64,
+    /// Loss of the global micro-batch (still on the device in a single process).
+    pub loss: StepValue,
     /// Samples of the global micro-batch.
     pub batch_size: f64,
     /// Sample-weighted means of the caller's metrics over the global micro-batch.
-    pub metrics: Vec<(String, f64)>,
+    pub metrics: Vec<(String, StepValue)>,
     /// Factor on this rank's loss so that the mean of the ranks' gradients is the gradient of
     /// the global micro-batch's loss (1 in a single process).
     pub share: f64,
@@ -107,13 +117,13 @@ impl Updater {
 
     /// The loss, sample count and metrics of the global micro-batch of which this rank computed
     /// `batch_size` samples with mean `loss` (over `loss_weight` terms, the batch size when
-    /// `None`). Only a data-parallel run communicates.
+    /// `None`). Only a data-parallel run communicates; a single process reads nothing back.
     pub fn global_micro_batch(
         &mut self,
-        loss: f64,
+        loss: StepValue,
         batch_size: f64,
         loss_weight: Option<f64>,
-        mut metrics: Vec<(String, f64)>,
+        metrics: Vec<(String, StepValue)>,
     ) -> Result<GlobalMicroBatch> {
         let n = self.world.size();
         if n == 1 {
@@ -124,19 +134,24 @@ impl Updater {
                 share: 1.0,
             });
         }
+        // The host all-reduce of the transport needs this rank's values on the host: a read per
+        // micro-batch that only data-parallel runs make.
+        let (names, values): (Vec<String>, Vec<StepValue>) = metrics.into_iter().unzip();
+        let mut local = pending::read_all(std::iter::once(loss).chain(values).collect())?;
+        let loss = local.remove(0);
         let w = loss_weight.unwrap_or(batch_size);
         let mut sums = vec![loss * w, w, batch_size];
-        sums.extend(metrics.iter().map(|(_, v)| v * batch_size));
+        sums.extend(local.iter().map(|v| v * batch_size));
         let t0 = Instant::now();
         self.world
             .all_reduce_sum_f64("loss all-reduce", &mut sums)?;
         self.comm_seconds += t0.elapsed().as_secs_f64();
         let batch_size = sums[2];
-        for ((_, v), s) in metrics.iter_mut().zip(&sums[3..]) {
-            *v = s / batch_size;
-        }
+        let metrics = (names.into_iter().zip(&sums[3..]))
+            .map(|(k, s)| (k, StepValue::Host(s / batch_size)))
+            .collect();
         Ok(GlobalMicroBatch {
-            loss: sums[0] / sums[1],
+            loss: StepValue::Host(sums[0] / sums[1]),
             batch_size,
             metrics,
             share: w * n as f64 / sums[1],
@@ -144,8 +159,9 @@ impl Updater {
     }
 
     /// Optimizer step `step` (0-based) with the accumulated `grads`: the ranks' mean gradient,
-    /// clipped to the global norm, then AdamW at the step's lr and wd. A non-finite norm skips
-    /// the update (logged).
+    /// clipped to the global norm, then AdamW at the step's lr and wd. A non-finite norm known on
+    /// the host skips the update (logged); without clipping, a norm left on the device is only
+    /// checked when it is read (see [`crate::train_loop`]).
     pub fn apply(&mut self, mut grads: GradStore, step: u64) -> Result<Update> {
         // Data-parallel: every rank continues with the mean of the ranks' gradients.
         let t0 = Instant::now();
@@ -155,16 +171,20 @@ impl Updater {
         let lr = self.lr_sched.value(step);
         let wd = self.wd_sched.value(step);
         let grad_norm = match self.clip_grad {
-            Some(c) => clip_grad_norm(&mut grads, &self.vars, c)?,
-            None => global_grad_norm(&grads, &self.vars)?,
+            Some(c) => GradNorm::Read(clip_grad_norm(&mut grads, &self.vars, c)?),
+            None => match squared_grad_norm(&grads, &self.vars)? {
+                sq if sq.device.is_none() => GradNorm::Read(sq.norm_with(None)),
+                sq => GradNorm::Pending(sq),
+            },
         };
-        let skipped = !grad_norm.is_finite();
-        if skipped {
-            tracing::warn!(
-                "step {}: gradient norm {grad_norm}, update skipped",
-                step + 1
-            );
-        } else {
+        let skipped = match grad_norm {
+            GradNorm::Read(n) if !n.is_finite() => {
+                tracing::warn!("step {}: gradient norm {n}, update skipped", step + 1);
+                true
+            }
+            _ => false,
+        };
+        if !skipped {
             self.adamw_step(&grads, lr, wd)?;
         }
         Ok(Update {

@@ -35,7 +35,7 @@ fn bf16_compute_with_f32_master_weights_trains() -> anyhow::Result<()> {
         clip_grad: None,
         adamw: AdamWConfig::default(),
         seed: 0,
-        log_every: 100,
+        log_every: 1,
         checkpoint_every: None,
         checkpoint_each_epoch: false,
         keep_last: 1,
@@ -68,6 +68,7 @@ fn bf16_compute_with_f32_master_weights_trains() -> anyhow::Result<()> {
                 metrics: vec![],
             })?
             .unwrap();
+        let r = r.record.expect("read back at every step (log_every = 1)");
         assert!(!r.skipped && r.grad_norm > 0.0);
         losses.push(r.loss);
     }

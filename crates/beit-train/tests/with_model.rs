@@ -173,11 +173,11 @@ fn forward(
         .forward_masked(&b.pixels, &b.mask, ForwardOptions::train())?
         .logits;
     let loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
-    let acc = beit_train::topk_accuracy(&logits, &b.labels, &[1])?[0];
+    let acc = beit_train::topk_accuracy_on_device(&logits, &b.labels, &[1])?.remove(0);
     Ok(StepOutput {
         loss,
         batch_size: 2,
-        metrics: vec![("mlm_acc".into(), acc)],
+        metrics: vec![("mlm_acc".into(), acc.into())],
     })
 }
 
