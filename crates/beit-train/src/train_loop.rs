@@ -45,6 +45,7 @@ use serde_json::Value;
 use crate::accumulate::GradAccumulator;
 use crate::checkpoint::{Checkpoint, TrainerState, BEST_DIR, STATE_FILE};
 use crate::checkpoint_policy::{self, CheckpointPolicy};
+use crate::data_position::{gather_positions, DataPosition};
 use crate::distributed::{self, Collective, SingleProcess};
 use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
@@ -137,6 +138,7 @@ pub struct TrainLoop {
     checkpoints: CheckpointPolicy,
     state: TrainerState,
     rng: TrainRng,
+    data_position: Option<DataPosition>,
 }
 
 impl std::fmt::Debug for TrainLoop {
@@ -346,6 +348,7 @@ impl TrainLoop {
             checkpoints,
             state,
             rng,
+            data_position: None,
         })
     }
 
@@ -406,6 +409,13 @@ impl TrainLoop {
             epoch: self.state.epoch,
             batch_in_epoch: self.state.batch_in_epoch,
         }
+    }
+
+    /// Record where a streamed data source stands after the micro-batch about to be handed to
+    /// [`TrainLoop::micro_step`]; the next checkpoint saves it (every rank's). `None` for data
+    /// read by index.
+    pub fn set_data_position(&mut self, position: Option<DataPosition>) {
+        self.data_position = position;
     }
 
     /// All optimizer steps are done.
@@ -541,7 +551,7 @@ impl TrainLoop {
 
     fn save_best(&mut self, name: &str, value: f64) -> Result<()> {
         self.ensure_step_boundary()?;
-        self.snapshot_state();
+        self.snapshot_state()?;
         let manager = self.checkpoints.manager();
         let dir = if self.world().rank() == 0 {
             manager.save_as(
@@ -566,10 +576,13 @@ impl TrainLoop {
         Ok(())
     }
 
-    /// Copy the generator's position and the epoch's running sums into the state to save.
-    fn snapshot_state(&mut self) {
+    /// Copy the generator's position, the epoch's running sums and every rank's data position
+    /// into the state to save (a collective in a data-parallel run).
+    fn snapshot_state(&mut self) -> Result<()> {
         self.state.rng = self.rng.state();
         self.state.epoch_sums = self.records.epoch_sums();
+        self.state.data_positions = gather_positions(&**self.world(), self.data_position)?;
+        Ok(())
     }
 
     /// Save a checkpoint of the current step now (rotating old ones).
@@ -580,7 +593,7 @@ impl TrainLoop {
         if let Some(p) = self.checkpoints.saved_at(step, data_parallel) {
             return Ok(p.clone());
         }
-        self.snapshot_state();
+        self.snapshot_state()?;
         // Data-parallel: the ranks' weights must agree before rank 0 saves them for all.
         distributed::check_in_sync(
             &**self.world(),
