@@ -349,19 +349,7 @@ fn finetune_from_scratch_lowers_the_loss_and_linear_probe_runs() {
 fn image_folder_with_a_corrupt_file_is_trained_on() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    for (split, n) in [("train", 8), ("val", 3)] {
-        for (c, colour) in [("red", [200u8, 30, 30]), ("blue", [30, 30, 200])] {
-            let dir = data.join(split).join(c);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                let img = image::RgbImage::from_fn(20 + i, 18, |x, y| {
-                    let v = ((x * 7 + y * 3 + i * 11) % 40) as u8;
-                    image::Rgb([colour[0] + v, colour[1] + v, colour[2] + v])
-                });
-                img.save(dir.join(format!("{i}.png"))).unwrap();
-            }
-        }
-    }
+    common::image_folder(&data, &[("train", 8), ("val", 3)]);
     std::fs::write(data.join("train/red/broken.png"), b"not a png at all").unwrap();
     let config = tmp.path().join("folder.toml");
     std::fs::write(

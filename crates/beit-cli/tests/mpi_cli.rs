@@ -3,7 +3,9 @@
 //! <= 1e-5) and the same evaluation accuracy as one process with the same global batch, and a
 //! run stopped on one world size resumes on another with the same losses. Only rank 0 writes.
 //! `finetune-seg` runs on two processes with its ranks in sync (its BatchNorm makes it
-//! statistically, not bitwise, one process's run).
+//! statistically, not bitwise, one process's run). On tar shards, each rank reading its own,
+//! a two-process run stopped mid-epoch resumes from every rank's saved stream position with
+//! bit-identical losses, hostile shards included.
 //!
 //! Drop path is on (drawn per image by its position in the global micro-batch); mixup/CutMix is
 //! off: it mixes each rank's share of the batch (docs/distributed.md).
@@ -11,12 +13,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use beit_tokenizer::{Dvae, DvaeConfig};
-use candle::Device;
-use common::records;
+use common::{records, tokenizer};
 
 /// `beit-cli ARGS` on `n` processes (`mpirun -n n`), or as a plain process when `n == 0`.
 fn run(n: usize, args: &[String]) -> Output {
@@ -226,24 +226,6 @@ keep_last = 5
 log_every = 1
 "#;
 
-fn tokenizer(dir: &Path) -> PathBuf {
-    let cfg = DvaeConfig {
-        image_size: 16,
-        channels: 3,
-        vocab_size: 16,
-        downsample: 4,
-        n_hid: 8,
-        n_init: 8,
-        n_blk_per_group: 1,
-    };
-    let out = dir.join("tok");
-    Dvae::new(&cfg, 3, &Device::Cpu)
-        .unwrap()
-        .export(&out)
-        .unwrap();
-    out
-}
-
 #[test]
 fn pretrain_on_two_processes_matches_one_and_resumes_on_another_count() {
     let tmp = tempfile::tempdir().unwrap();
@@ -392,4 +374,50 @@ fn a_forced_all_reduce_in_a_world_of_one_changes_nothing_and_the_backend_is_chec
         err.contains("BEIT_DIST_BACKEND=\"gloo\": expected `nccl` or `mpi`"),
         "{err}"
     );
+}
+
+/// `finetune` on two processes over tar shards and over their Parquet copy: stopped after 2
+/// steps and resumed on two, every rank continues from its own saved stream position, with the
+/// losses of the uninterrupted run; then the same on shards with a corrupt sample and a truncated
+/// shard (skipped and named).
+#[test]
+fn sharded_finetune_on_two_processes_resumes_from_each_ranks_position() {
+    let (tmp, shards) = common::packed_folder();
+    let hub = tmp.path().join("hub");
+    common::hub_parquet(&tmp.path().join("folder"), &hub, 4);
+    let cfg = tmp.path().join("ft.toml");
+    std::fs::write(&cfg, common::SHARDED_FINETUNE).unwrap();
+    let ft = |data: &Path, out: &Path, extra: &[&str]| {
+        let mut v = vec!["finetune", "--data", data.to_str().unwrap()];
+        v.extend(extra);
+        args(&v, &cfg, out)
+    };
+    for (tag, data) in [("tar", &shards), ("parquet", &hub), ("spoiled", &shards)] {
+        let names = (tag == "spoiled").then(|| common::spoil_shards(&shards.join("train")));
+        let (full, resumed) = (
+            tmp.path().join(tag),
+            tmp.path().join(format!("{tag}-resumed")),
+        );
+        let out = run(2, &ft(data, &full, &[]));
+        run(2, &ft(data, &resumed, &["--stop-after", "2"]));
+        let state = resumed.join("checkpoint-00000002/trainer_state.json");
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
+        let positions = state["data_positions"].as_array().unwrap();
+        assert_eq!(positions.len(), 2, "one position per rank: {state}");
+        assert!(positions.iter().all(|p| p["batches"] == 4), "{state}");
+        let again = run(2, &ft(data, &resumed, &["--resume"]));
+        let log = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            log.contains("reading on from the saved data position"),
+            "{log}"
+        );
+        let (a, b) = (losses(&full), losses(&resumed));
+        assert_eq!(a.len(), 6, "2 epochs x 3 steps");
+        assert_eq!(a, b, "{tag}: resumed losses differ");
+        if let Some((corrupt, cut)) = names {
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(log.contains(&corrupt) && log.contains(&cut), "{log}");
+        }
+    }
 }

@@ -210,6 +210,12 @@ impl<A: Assemble> Loader<A> {
         &self.cfg
     }
 
+    /// The dataset is streamed (tar shards, Parquet files): its epochs report a
+    /// [`StreamPosition`] after each batch and resume from one ([`Loader::epoch_from`]).
+    pub fn is_streamed(&self) -> bool {
+        self.shards.is_some()
+    }
+
     /// Samples this rank sees per epoch.
     pub fn samples_per_epoch(&self) -> usize {
         if let Some(s) = &self.shards {

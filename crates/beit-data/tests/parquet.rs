@@ -15,93 +15,14 @@ use beit_data::{
 };
 use candle::Device;
 use parquet::basic::Compression;
-use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
-use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 
+#[path = "common/parquet_writer.rs"]
+mod parquet_writer;
+use parquet_writer::{write_parquet, Layout, Row, HUB};
+
 const CLASSES: [&str; 3] = ["bird", "cat", "dog"];
-
-/// One row: image bytes (None: null) and label (None: null).
-type Row = (Option<Vec<u8>>, Option<i64>);
-
-/// What a written file holds besides its rows.
-#[derive(Clone, Copy)]
-struct Layout {
-    /// Name the classes in the `huggingface` metadata.
-    names: bool,
-    /// Have a `label` column.
-    label: bool,
-    /// Rows per row group.
-    group: usize,
-    codec: Compression,
-}
-
-const HUB: Layout = Layout {
-    names: true,
-    label: true,
-    group: 2,
-    codec: Compression::SNAPPY,
-};
-
-fn schema(label: bool) -> String {
-    let label = if label { "optional int64 label;" } else { "" };
-    format!(
-        "message schema {{ optional group image {{ optional binary bytes; \
-         optional binary path (STRING); }} {label} }}"
-    )
-}
-
-fn hub_metadata() -> KeyValue {
-    let meta = serde_json::json!({"info": {"features": {
-        "image": {"_type": "Image"},
-        "label": {"names": CLASSES, "_type": "ClassLabel"}}}});
-    KeyValue::new("huggingface".into(), meta.to_string())
-}
-
-/// Write `rows` as the `datasets` library does, `layout.group` rows per row group.
-fn write_parquet(path: &Path, rows: &[Row], layout: Layout) {
-    let schema = Arc::new(parse_message_type(&schema(layout.label)).unwrap());
-    let props = WriterProperties::builder()
-        .set_compression(layout.codec)
-        .set_key_value_metadata(layout.names.then(|| vec![hub_metadata()]))
-        .build();
-    let file = std::fs::File::create(path).unwrap();
-    let mut w = SerializedFileWriter::new(file, schema, Arc::new(props)).unwrap();
-    for chunk in rows.chunks(layout.group) {
-        let mut rg = w.next_row_group().unwrap();
-        let bytes: Vec<ByteArray> = chunk
-            .iter()
-            .filter_map(|r| r.0.clone().map(ByteArray::from))
-            .collect();
-        let defs: Vec<i16> = chunk.iter().map(|r| 1 + r.0.is_some() as i16).collect();
-        let mut col = rg.next_column().unwrap().unwrap();
-        col.typed::<ByteArrayType>()
-            .write_batch(&bytes, Some(&defs), None)
-            .unwrap();
-        col.close().unwrap();
-        let paths: Vec<ByteArray> = (0..chunk.len())
-            .map(|i| ByteArray::from(format!("{i}.png").into_bytes()))
-            .collect();
-        let mut col = rg.next_column().unwrap().unwrap();
-        col.typed::<ByteArrayType>()
-            .write_batch(&paths, Some(&vec![2; chunk.len()]), None)
-            .unwrap();
-        col.close().unwrap();
-        if layout.label {
-            let labels: Vec<i64> = chunk.iter().filter_map(|r| r.1).collect();
-            let defs: Vec<i16> = chunk.iter().map(|r| r.1.is_some() as i16).collect();
-            let mut col = rg.next_column().unwrap().unwrap();
-            col.typed::<Int64Type>()
-                .write_batch(&labels, Some(&defs), None)
-                .unwrap();
-            col.close().unwrap();
-        }
-        rg.close().unwrap();
-    }
-    w.close().unwrap();
-}
 
 fn photo(seed: u32) -> RgbImage {
     RgbImage::from_fn(20, 14, |x, y| {
@@ -247,7 +168,7 @@ fn hub_parquet_reads_like_the_image_folder() {
 #[test]
 fn labels_without_names_are_indices_and_zstd_reads() {
     let layout = Layout {
-        names: false,
+        names: None,
         codec: Compression::ZSTD(Default::default()),
         ..HUB
     };

@@ -21,8 +21,8 @@ use beit_data::{
 };
 use beit_model::{BeitConfig, BeitForImageClassification, ForwardOptions};
 use beit_train::{
-    build_param_groups, fit, label_smoothing_cross_entropy, named_vars, soft_target_cross_entropy,
-    Position, StepContext, StepOutput, TrainTask,
+    build_param_groups, fit_source, label_smoothing_cross_entropy, named_vars,
+    soft_target_cross_entropy, Position, StepContext, StepOutput, TrainTask,
 };
 use candle::Device;
 use candle_nn::VarMap;
@@ -35,6 +35,7 @@ use crate::config::{AutoAugment, EvalResizeMode, NormalizePreset, TrainSection};
 use crate::device::DeviceSpec;
 use crate::distributed::World;
 use crate::evaluate::{classifier_logits, evaluate};
+use crate::loader_epochs::LoaderEpochs;
 use crate::model_source::load_model;
 pub use crate::runner::FinetuneOutcome;
 use crate::runner::{self, RunSpec};
@@ -520,10 +521,10 @@ pub fn finetune(job: &FinetuneJob) -> Result<FinetuneOutcome> {
     let precision = t.precision(&device)?;
     tracing::info!("precision: {precision}");
     let done = precision.scope(|| {
-        fit(
+        fit_source(
             tl,
             &mut task,
-            |epoch| Ok(train.epoch(epoch)?.map(|b| b.map_err(Into::into))),
+            &mut LoaderEpochs(train),
             &runner::evaluated(t.eval_every, "acc1", job.stop_after),
         )
     })?;

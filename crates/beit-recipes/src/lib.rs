@@ -18,7 +18,9 @@
 //! run directory ([`runner::start`]), build its model, optimizer groups
 //! ([`config::TrainSection::grouping`]: the one place `layer_decay` is read) and data, open the
 //! engine with the resolved recipe written as `config.toml` ([`runner::open_loop`]), then
-//! [`beit_train::fit`] its [`beit_train::TrainTask`] with [`runner::evaluated`] options; a new
+//! [`beit_train::fit`] its [`beit_train::TrainTask`] with [`runner::evaluated`] options (a job on a
+//! beit-data loader fits [`loader_epochs::LoaderEpochs`] with [`beit_train::fit_source`], which
+//! saves a streamed loader's position with the checkpoints); a new
 //! best model is recorded by [`runner::write_best`], and a fine-tuning run reports a
 //! [`runner::FinetuneOutcome`]. A recipe file is its config, its task and an entry function.
 //!
@@ -51,6 +53,7 @@ pub mod finetune;
 pub mod finetune_seg;
 pub mod knn;
 pub mod linear_probe;
+pub mod loader_epochs;
 pub mod model_source;
 pub mod predictions;
 pub mod pretrain;

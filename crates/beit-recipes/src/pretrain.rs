@@ -32,7 +32,8 @@ use beit_model::save::{save_hf, varmap_tensors};
 use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions};
 use beit_tokenizer::{Encoder, VisualTokenizer};
 use beit_train::{
-    build_param_groups, fit, named_vars, FitOptions, StepContext, StepOutput, StepValue, TrainRng,
+    build_param_groups, fit_source, named_vars, FitOptions, StepContext, StepOutput, StepValue,
+    TrainRng,
     TrainTask,
 };
 use candle::{DType, Device, Module, Tensor};
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{NormalizePreset, Preset, TrainSection};
 use crate::device::DeviceSpec;
 use crate::distributed::World;
+use crate::loader_epochs::LoaderEpochs;
 use crate::runner::{self, RunSpec};
 
 /// A pre-training configuration file (`configs/pretrain_*.toml`). Every field has a default (the
@@ -821,10 +823,10 @@ pub fn pretrain(job: &PretrainJob) -> Result<PretrainOutcome> {
     let precision = cfg.train.precision(device)?;
     tracing::info!("precision: {precision}");
     let done = precision.scope(|| {
-        fit(
+        fit_source(
             tl,
             &mut task,
-            |epoch| Ok(loader.epoch(epoch)?.map(|b| b.map_err(Into::into))),
+            &mut LoaderEpochs(&loader),
             &FitOptions {
                 stop_after: job.stop_after,
                 ..FitOptions::default()

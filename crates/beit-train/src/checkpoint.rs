@@ -6,7 +6,8 @@
 //! <run>/checkpoint-00001200/
 //!     model.safetensors       parameters by Hugging Face name (f32 master weights)
 //!     optimizer.safetensors   AdamW moments and step counts by parameter name
-//!     trainer_state.json      step, epoch, data position, RNG state, best metric, config
+//!     trainer_state.json      step, epoch, data position (and a streamed source's, per rank),
+//!                             RNG state, best metric, config
 //! <run>/best/                 a full copy of the best checkpoint so far (same three files)
 //! ```
 //!
@@ -31,6 +32,7 @@ use candle::Tensor;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use crate::data_position::DataPosition;
 use crate::error::{io_err, Result, TrainError};
 use crate::optimizer::AdamW;
 use crate::param_groups::named_vars;
@@ -71,6 +73,11 @@ pub struct TrainerState {
     /// resumption.
     #[serde(default, with = "exact_f64_pairs")]
     pub epoch_sums: std::collections::BTreeMap<String, [f64; 2]>,
+    /// Where a streamed data source stood after the checkpoint's last micro-batch, one entry
+    /// per rank (empty for data read by index, and in checkpoints written before positions were
+    /// recorded): a resumed run continues the stream from there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_positions: Vec<DataPosition>,
     /// Best evaluation metric so far and the step it was reached at.
     pub best_metric: Option<f64>,
     /// Step of the best metric.
@@ -98,6 +105,7 @@ impl TrainerState {
             seed,
             rng,
             epoch_sums: Default::default(),
+            data_positions: Vec::new(),
             best_metric: None,
             best_step: None,
             train_config,

@@ -5,7 +5,9 @@
 //! [`TrainLoop`] through the whole run:
 //!
 //! * **resume**: a resumed run re-produces the interrupted epoch's first batches and drops them
-//!   (augmentation depends only on `(seed, epoch, index)`), so it continues bit for bit;
+//!   (augmentation depends only on `(seed, epoch, index)`), so it continues bit for bit; a
+//!   streamed source ([`EpochSource`], [`fit_source`]) instead reopens the epoch at the
+//!   [`DataPosition`](crate::DataPosition) saved with the checkpoint, each rank at its own;
 //! * **short epochs**: when unreadable files leave an epoch short of its planned micro-batches,
 //!   the epoch is topped up from supplementary, deterministic passes ([`top_up_epoch`]), so the
 //!   schedule and resume positions stay exact;
@@ -26,6 +28,8 @@ use std::collections::BTreeMap;
 use beit_model::layers::StochasticRng;
 use rand::RngCore;
 
+use crate::data_position::resume_position;
+use crate::epoch_source::{EpochFn, EpochSource};
 use crate::error::TrainError;
 use crate::metrics::read_jsonl;
 use crate::records::StepRecord;
@@ -156,14 +160,29 @@ pub fn top_up_epoch(epoch: u64, pass: u64) -> u64 {
 /// `epoch_batches(e)` returns the micro-batches of epoch `e` in order; it must be a function of
 /// `e` alone (plus the run's seed), so that resumed and supplementary passes see the same data.
 pub fn fit<T, I>(
-    mut tl: TrainLoop,
+    tl: TrainLoop,
     task: &mut T,
-    mut epoch_batches: impl FnMut(u64) -> Result<I, T::Error>,
+    epoch_batches: impl FnMut(u64) -> Result<I, T::Error>,
     opts: &FitOptions,
 ) -> Result<FitOutcome, T::Error>
 where
     T: TrainTask,
     I: Iterator<Item = Result<T::Batch, T::Error>>,
+{
+    fit_source(tl, task, &mut EpochFn(epoch_batches), opts)
+}
+
+/// [`fit`] on the micro-batches of `source`; a streamed source's position after each micro-batch
+/// is saved with the checkpoints, and a resumed run reopens the interrupted epoch there.
+pub fn fit_source<T, S>(
+    mut tl: TrainLoop,
+    task: &mut T,
+    source: &mut S,
+    opts: &FitOptions,
+) -> Result<FitOutcome, T::Error>
+where
+    T: TrainTask,
+    S: EpochSource<Batch = T::Batch, Error = T::Error>,
 {
     let (mut last_eval, mut best_eval) = evals_from_log(&tl, opts.best.as_ref())?;
     // Resumed at an epoch boundary whose evaluation never ran (interrupted during it).
@@ -181,14 +200,16 @@ where
     let mut stopped = false;
     'epochs: while !tl.is_done() {
         let epoch = tl.position().epoch;
-        let mut feed = EpochFeed::new(epoch, tl.position().batch_in_epoch, &mut epoch_batches)?;
+        let mut feed = EpochFeed::new(&tl, source)?;
         while !tl.is_done() && tl.position().epoch == epoch {
             let pos = tl.position();
             if pos.step >= stop_at && pos.batch_in_epoch % accum == 0 {
                 stopped = true;
                 break 'epochs;
             }
-            let batch = feed.next_batch(&mut epoch_batches, tl.config().batches_per_epoch)?;
+            let planned = tl.config().batches_per_epoch;
+            let batch = feed.next_batch::<T::Error>(source, planned)?;
+            tl.set_data_position(source.position(&feed.batches));
             train_micro_batch(&mut tl, task, batch)?;
         }
         if tl.position().batch_in_epoch == 0 && eval_due(&tl, opts) {
@@ -236,39 +257,52 @@ fn train_micro_batch<T: TrainTask>(
     Ok(())
 }
 
-/// The micro-batches of one epoch: those a resumed run already trained on are skipped, and a
-/// short epoch is topped up from supplementary passes.
-struct EpochFeed<I> {
+/// The micro-batches of one epoch: those a resumed run already trained on are skipped (or, for a
+/// streamed source, not read again), and a short epoch is topped up from supplementary passes.
+struct EpochFeed<S: EpochSource> {
     epoch: u64,
-    batches: I,
+    batches: S::Iter,
     skip: u64,
     produced: u64,
     top_ups: u64,
 }
 
-impl<I> EpochFeed<I> {
-    fn new<E>(
-        epoch: u64,
-        skip: u64,
-        epoch_batches: &mut impl FnMut(u64) -> Result<I, E>,
-    ) -> Result<Self, E> {
-        Ok(Self {
+impl<S: EpochSource> EpochFeed<S> {
+    /// The feed of the loop's current epoch, from the loop's position in it.
+    fn new(tl: &TrainLoop, source: &mut S) -> Result<Self, S::Error> {
+        let Position {
             epoch,
-            batches: epoch_batches(epoch)?,
+            batch_in_epoch: done,
+            ..
+        } = tl.position();
+        let saved = &tl.state().data_positions;
+        if let Some(pos) = resume_position(saved, &**tl.world(), epoch, done) {
+            if let Some(batches) = source.epoch_from(pos) {
+                tracing::info!(
+                    "epoch {epoch}: reading on from the saved data position ({} items, {done} \
+                     micro-batches)",
+                    pos.items
+                );
+                return Ok(Self::at(epoch, batches?, done, done));
+            }
+        }
+        Ok(Self::at(epoch, source.epoch(epoch)?, done, 0))
+    }
+
+    fn at(epoch: u64, batches: S::Iter, skip: u64, produced: u64) -> Self {
+        Self {
+            epoch,
+            batches,
             skip,
-            produced: 0,
+            produced,
             top_ups: 0,
-        })
+        }
     }
 
     /// The next micro-batch to train on (`planned`: the epoch's micro-batches, for the error).
-    fn next_batch<B, E: From<TrainError>>(
-        &mut self,
-        epoch_batches: &mut impl FnMut(u64) -> Result<I, E>,
-        planned: u64,
-    ) -> Result<B, E>
+    fn next_batch<E>(&mut self, source: &mut S, planned: u64) -> Result<S::Batch, E>
     where
-        I: Iterator<Item = Result<B, E>>,
+        E: From<S::Error> + From<TrainError>,
     {
         let epoch = self.epoch;
         loop {
@@ -293,7 +327,7 @@ impl<I> EpochFeed<I> {
                 "epoch {epoch}: fewer micro-batches than planned (unreadable files?); topping up \
                  from a supplementary pass"
             );
-            self.batches = epoch_batches(top_up_epoch(epoch, self.top_ups))?;
+            self.batches = source.epoch(top_up_epoch(epoch, self.top_ups))?;
         }
     }
 }

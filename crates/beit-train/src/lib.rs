@@ -108,7 +108,9 @@ mod adamw_cpu;
 pub mod checkpoint;
 pub mod checkpoint_policy;
 pub mod clip;
+pub mod data_position;
 pub mod distributed;
+pub mod epoch_source;
 pub mod error;
 pub mod eval;
 pub mod fit;
@@ -134,9 +136,13 @@ pub use checkpoint::{
     load_model, save_model, Checkpoint, CheckpointManager, LoadReport, TrainerState,
 };
 pub use clip::{clip_grad_norm, global_grad_norm, squared_grad_norm, SquaredNorm};
+pub use data_position::DataPosition;
+pub use epoch_source::{EpochFn, EpochSource};
 pub use error::{Result, TrainError};
 pub use eval::{ClassificationMetrics, EvalAccumulator};
-pub use fit::{fit, top_up_epoch, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask};
+pub use fit::{
+    fit, fit_source, top_up_epoch, EvalRecord, FitOptions, FitOutcome, StepContext, TrainTask,
+};
 pub use losses::{
     label_smoothing_cross_entropy, soft_target_cross_entropy, target_rank, topk_accuracy,
     topk_accuracy_on_device,

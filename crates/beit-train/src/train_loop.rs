@@ -73,6 +73,7 @@ use serde_json::Value;
 use crate::accumulate::GradAccumulator;
 use crate::checkpoint::{Checkpoint, TrainerState, BEST_DIR, STATE_FILE};
 use crate::checkpoint_policy::{self, CheckpointPolicy};
+use crate::data_position::{gather_positions, DataPosition};
 use crate::distributed::{self, Collective, SingleProcess};
 use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
@@ -169,6 +170,7 @@ pub struct TrainLoop {
     rng: TrainRng,
     /// The first and the latest step records read back by this loop.
     read: (Option<StepRecord>, Option<StepRecord>),
+    data_position: Option<DataPosition>,
 }
 
 impl std::fmt::Debug for TrainLoop {
@@ -381,6 +383,7 @@ impl TrainLoop {
             state,
             rng,
             read: (None, None),
+            data_position: None,
         })
     }
 
@@ -441,6 +444,13 @@ impl TrainLoop {
             epoch: self.state.epoch,
             batch_in_epoch: self.state.batch_in_epoch,
         }
+    }
+
+    /// Record where a streamed data source stands after the micro-batch about to be handed to
+    /// [`TrainLoop::micro_step`]; the next checkpoint saves it (every rank's). `None` for data
+    /// read by index.
+    pub fn set_data_position(&mut self, position: Option<DataPosition>) {
+        self.data_position = position;
     }
 
     /// All optimizer steps are done.
@@ -638,12 +648,13 @@ impl TrainLoop {
     }
 
     /// Read the completed steps back (which fails if one was not finite: no checkpoint holds
-    /// non-finite weights), then copy the generator's position and the epoch's running sums
-    /// into the state to save.
+    /// non-finite weights), then copy the generator's position, the epoch's running sums and
+    /// every rank's data position into the state to save (a collective in a data-parallel run).
     fn snapshot_state(&mut self) -> Result<()> {
         self.read_back()?;
         self.state.rng = self.rng.state();
         self.state.epoch_sums = self.records.epoch_sums();
+        self.state.data_positions = gather_positions(&**self.world(), self.data_position)?;
         Ok(())
     }
 

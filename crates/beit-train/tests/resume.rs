@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 
 use beit_model::init::{init_beit, InitConfig};
 use beit_train::{
-    build_param_groups, fit, named_vars, read_jsonl, AdamWConfig, BestMetric, FitOptions,
-    FitOutcome, GroupingConfig, Position, StepContext, StepOutput, TrainConfig, TrainLoop,
-    TrainRng, TrainTask,
+    build_param_groups, fit, fit_source, named_vars, read_jsonl, AdamWConfig, BestMetric,
+    Checkpoint, DataPosition, EpochSource, FitOptions, FitOutcome, GroupingConfig, Position,
+    StepContext, StepOutput, TrainConfig, TrainLoop, TrainRng, TrainTask,
 };
 use candle::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarMap};
@@ -466,5 +466,108 @@ fn fit_evaluates_tracks_the_best_and_stops_after() -> anyhow::Result<()> {
     )?;
     let (_, task_c) = run_fit(tl, &vm_c, &opts)?;
     assert_eq!(task_c.evals, task_a.evals);
+    Ok(())
+}
+
+/// A streamed toy source: micro-batch `i` of an epoch is stream items `3i..3i+3` (one of them
+/// "skipped"), so the position after it is `{items: 3(i+1), batches: i+1}`.
+struct Stream {
+    per_epoch: u64,
+    reopened: Vec<DataPosition>,
+}
+
+struct StreamIter {
+    epoch: u64,
+    next: u64,
+    end: u64,
+}
+
+impl Iterator for StreamIter {
+    type Item = anyhow::Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        (self.next < self.end).then(|| {
+            self.next += 1;
+            next_batch(self.epoch, self.next - 1)
+        })
+    }
+}
+
+impl EpochSource for Stream {
+    type Batch = Batch;
+    type Error = anyhow::Error;
+    type Iter = StreamIter;
+
+    fn epoch(&mut self, epoch: u64) -> anyhow::Result<StreamIter> {
+        Ok(StreamIter {
+            epoch,
+            next: 0,
+            end: self.per_epoch,
+        })
+    }
+
+    fn epoch_from(&mut self, pos: DataPosition) -> Option<anyhow::Result<StreamIter>> {
+        assert_eq!(
+            pos.items,
+            3 * pos.batches,
+            "the position saved after that batch"
+        );
+        self.reopened.push(pos);
+        Some(Ok(StreamIter {
+            epoch: pos.epoch,
+            next: pos.batches,
+            end: self.per_epoch,
+        }))
+    }
+
+    fn position(&self, it: &StreamIter) -> Option<DataPosition> {
+        (it.next > 0).then_some(DataPosition {
+            epoch: it.epoch,
+            items: 3 * it.next,
+            batches: it.next,
+        })
+    }
+}
+
+/// `fit_source`: the checkpoint records the streamed source's position, and the resumed run
+/// reopens the epoch there (no replay) with the losses of the uninterrupted run.
+#[test]
+fn a_streamed_source_resumes_from_its_saved_position() -> anyhow::Result<()> {
+    use serde_json::json;
+    let cfg = config();
+    let run = |dir: &Path, vm: &VarMap, resume: bool, stop_after| -> anyhow::Result<Stream> {
+        let ck = resume.then_some(dir);
+        let tl = TrainLoop::open(cfg.clone(), vm.clone(), groups(vm), dir, ck, json!({}))?;
+        let mut task = Mlp {
+            vm,
+            evals: vec![],
+            best_calls: vec![],
+        };
+        let mut source = Stream {
+            per_epoch: cfg.batches_per_epoch,
+            reopened: vec![],
+        };
+        let opts = FitOptions {
+            stop_after,
+            ..FitOptions::default()
+        };
+        fit_source(tl, &mut task, &mut source, &opts)?;
+        Ok(source)
+    };
+    let (a, b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (vm_a, vm_b) = (make_model(5), make_model(5));
+    assert!(run(a.path(), &vm_a, false, None)?.reopened.is_empty());
+    // Stopped after 3 steps: 2 micro-batches into epoch 1.
+    run(b.path(), &vm_b, false, Some(3))?;
+    let saved = Checkpoint::open(b.path())?.state.data_positions;
+    let at = DataPosition {
+        epoch: 1,
+        items: 6,
+        batches: 2,
+    };
+    assert_eq!(saved, vec![at]);
+    let resumed = run(b.path(), &vm_b, true, None)?;
+    assert_eq!(resumed.reopened, vec![at]);
+    assert_eq!(curve(a.path()), curve(b.path()));
+    assert_eq!(weights(&vm_a), weights(&vm_b));
     Ok(())
 }
