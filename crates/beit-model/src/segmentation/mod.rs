@@ -1,7 +1,8 @@
 //! Semantic segmentation: `BeitForSemanticSegmentation` (BEiT backbone, four-scale neck, UperNet
 //! decode head, optional FCN auxiliary head) exactly as `transformers` computes it, with the
 //! operations candle lacks (differentiable bilinear resizing and adaptive average pooling,
-//! BatchNorm with running statistics, synchronised across processes in data-parallel training) and the checkpoint layouts of the hub and of unilm/mmseg.
+//! BatchNorm with running statistics, synchronised across processes in data-parallel training)
+//! and the checkpoint layouts of the hub and of unilm/mmseg.
 //!
 //! See `docs/segmentation.md` for the architecture, the layer-indexing difference with unilm and
 //! the key names.
