@@ -19,9 +19,11 @@
 //! Under `mpirun` each rank reads its share of every global micro-batch (positions `r, r + N,
 //! ...`, the same samples and augmentations as one process), the ranks' losses are weighted by
 //! their labelled pixels, validation is sharded and its counts summed, and rank 0 writes. The
-//! decode head's BatchNorm normalises with each rank's batch statistics (mmseg's SyncBatchNorm
-//! is not implemented) and every rank then takes rank 0's running statistics (as PyTorch's DDP
-//! broadcasts buffers), so the run is statistically, not bitwise, that of one process.
+//! BatchNorms of the neck and heads are synchronised (mmseg's `SyncBN`,
+//! `segmentation.sync_batch_norm`): their batch statistics are summed over the ranks
+//! (`beit_model::segmentation::sync_bn`), so the losses are one process's within float rounding;
+//! every rank then takes rank 0's running statistics (as PyTorch's DDP broadcasts buffers), so
+//! that the ranks stay bitwise identical whatever the transport's summation order.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,7 @@ use beit_model::segmentation::{
     SegmentationConfig,
 };
 use beit_model::{BeitConfig, ForwardOptions};
+use beit_train::distributed::CollectiveBatchStats;
 use beit_train::{
     build_param_groups, fit, named_vars, Position, ScheduleKind, StepContext, StepOutput, TrainRng,
     TrainTask,
@@ -142,6 +145,10 @@ pub struct SegHeadSection {
     pub auxiliary_concat_input: bool,
     /// Label ignored by the loss and the metric (255).
     pub ignore_index: u8,
+    /// Under `mpirun`, compute the BatchNorm training statistics over every process's samples
+    /// (mmseg's `SyncBN`: the run is one process's with the global batch); false normalises with
+    /// each process's share. No effect on a single process (true).
+    pub sync_batch_norm: bool,
 }
 
 impl Default for SegHeadSection {
@@ -156,6 +163,7 @@ impl Default for SegHeadSection {
             auxiliary_num_convs: s.auxiliary_num_convs,
             auxiliary_concat_input: s.auxiliary_concat_input,
             ignore_index: IGNORE_INDEX,
+            sync_batch_norm: true,
         }
     }
 }
@@ -396,8 +404,9 @@ impl TrainTask for SegTask<'_> {
     fn train_step(&mut self, batch: SegBatch, ctx: &mut StepContext<'_>) -> Result<StepOutput> {
         ctx.reseed_stochastic(self.model.backbone().rng(), batch.pixels.dim(0)?);
         let out = self.model.forward(&batch.pixels, ForwardOptions::train())?;
-        // The forward pass moved the BatchNorm running statistics by this rank's batch: every
-        // rank takes rank 0's (PyTorch DDP's buffer broadcast), so the ranks stay identical.
+        // The forward pass moved the BatchNorm running statistics (by the global batch's
+        // statistics when synchronised, else by this rank's): every rank takes rank 0's
+        // (PyTorch DDP's buffer broadcast), so the ranks stay bitwise identical.
         beit_train::distributed::broadcast_vars_where(&*self.world, &self.varmap, is_buffer)?;
         let loss = self.model.loss(&out, &batch.labels)?;
         // Both losses are means over the labelled pixels: ranks are weighted by their count.
@@ -474,13 +483,25 @@ fn load_source(job: &FinetuneSegJob) -> Result<Source> {
     Ok((Some(loaded.checkpoint.config), w))
 }
 
-/// Warn that a data-parallel run's BatchNorm statistics are per rank.
-fn warn_if_data_parallel(world: &World) {
-    if world.size() > 1 && world.rank() == 0 {
+/// In a data-parallel run, synchronise the model's BatchNorms over the ranks (`sync`: mmseg's
+/// `SyncBN`), or warn (rank 0) that each rank normalises with its own share of the batch.
+fn synchronise_batch_norms(model: &mut BeitForSemanticSegmentation, world: &World, sync: bool) {
+    if world.size() == 1 {
+        return;
+    }
+    if sync {
+        model.synchronise_batch_norms(Some(CollectiveBatchStats::shared(world.collective())));
+        if world.is_primary() {
+            tracing::info!(
+                "BatchNorm statistics synchronised over {} processes (SyncBN)",
+                world.size()
+            );
+        }
+    } else if world.is_primary() {
         tracing::warn!(
-            "data-parallel run on {} processes: the decode head's BatchNorm normalises with each \
-             rank's batch statistics (no SyncBatchNorm), so the run is statistically, not \
-             bitwise, the same as one process",
+            "data-parallel run on {} processes with segmentation.sync_batch_norm = false: each \
+             rank's BatchNorm normalises with its own share of the batch, so the run is \
+             statistically, not bitwise, the same as one process",
             world.size()
         );
     }
@@ -547,7 +568,6 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let device = runner::start(cfg.device, world, &cfg.output, job.resume.is_some())?;
     let micro = t.micro_batch()?;
     world.rank_micro_batch(micro)?;
-    warn_if_data_parallel(world);
     let transform = cfg.aug.train_transform()?;
     let processor = cfg.aug.processor()?;
     let (train, val, classes, description) = load_data(&cfg.data)?;
@@ -556,7 +576,8 @@ pub fn finetune_seg(job: &FinetuneSegJob) -> Result<FinetuneSegOutcome> {
     let (source_cfg, weights) = load_source(job)?;
     let from_weights = weights.is_some();
     let (model_cfg, seg) = segmentation_config(cfg, source_cfg.as_ref(), &classes)?;
-    let (varmap, model, report) = build_model(&model_cfg, weights, &device, t.seed)?;
+    let (varmap, mut model, report) = build_model(&model_cfg, weights, &device, t.seed)?;
+    synchronise_batch_norms(&mut model, world, cfg.segmentation.sync_batch_norm);
     if job.resume.is_none() && from_weights {
         log_load_report(&report);
     }

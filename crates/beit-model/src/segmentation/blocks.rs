@@ -2,8 +2,12 @@
 //! transposed) and the Conv-BN-ReLU block (`BeitConvModule` in `transformers`, mmseg's
 //! `ConvModule`).
 
+use std::sync::Arc;
+
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+
+use super::sync_bn::{global_stats, local_stats, BatchStatsSync};
 
 /// PyTorch's default `BatchNorm2d` epsilon.
 pub const BN_EPS: f64 = 1e-5;
@@ -27,6 +31,11 @@ fn conv_init(std: f64) -> Init {
 ///
 /// The running statistics are variables (so that a `VarMap` saves them) that never receive a
 /// gradient; [`is_buffer`] tells an optimiser to leave them alone.
+///
+/// Synchronised ([`BatchNorm2d::synchronise`], mmseg's `SyncBN`), training computes the batch
+/// statistics over the samples of every process of a data-parallel run
+/// ([`super::sync_bn`]): the output, the gradients and the running statistics are those of one
+/// process holding the whole batch.
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
     weight: Tensor,
@@ -36,6 +45,7 @@ pub struct BatchNorm2d {
     num_batches_tracked: Var,
     eps: f64,
     momentum: f64,
+    sync: Option<Arc<dyn BatchStatsSync>>,
 }
 
 /// Whether a parameter name is a BatchNorm buffer (running statistics, batch counter): state
@@ -63,6 +73,7 @@ impl BatchNorm2d {
             num_batches_tracked: Var::from_tensor(&tracked)?,
             eps: BN_EPS,
             momentum: BN_MOMENTUM,
+            sync: None,
         })
     }
 
@@ -76,9 +87,20 @@ impl BatchNorm2d {
         self.running_var.as_detached_tensor()
     }
 
+    /// Compute the training statistics over every process of `sync` (`Some`), or over this
+    /// process's batch alone (`None`, the default). Evaluation is unaffected.
+    pub fn synchronise(&mut self, sync: Option<Arc<dyn BatchStatsSync>>) {
+        self.sync = sync;
+    }
+
+    /// Whether the training statistics are synchronised across processes.
+    pub fn is_synchronised(&self) -> bool {
+        self.sync.is_some()
+    }
+
     /// Normalise `x` `(B, C, H, W)`; `train` selects batch statistics (and updates the running ones).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let c = x.dims4()?.1;
         let shape = (1, c, 1, 1);
         let weight = self.weight.reshape(shape)?;
         let bias = self.bias.reshape(shape)?;
@@ -91,21 +113,30 @@ impl BatchNorm2d {
                 .broadcast_mul(&inv_std.broadcast_mul(&weight)?)?
                 .broadcast_add(&bias);
         }
-        let n = b * h * w;
+        let stats = match &self.sync {
+            None => local_stats(x)?,
+            Some(sync) => global_stats(x, sync)?,
+        };
+        let n = stats.count;
         if n < 2 {
             candle::bail!(
-                "BatchNorm2d in training mode needs more than one value per channel, got input {:?}",
-                x.dims()
+                "BatchNorm2d in training mode needs more than one value per channel, got input {:?}{}",
+                x.dims(),
+                if self.sync.is_some() { " (over all processes)" } else { "" }
             );
         }
-        let mean = x.mean_keepdim((0, 2, 3))?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
-        let y = centred
-            .broadcast_div(&(&var + self.eps)?.sqrt()?)?
+        let y = stats
+            .centred
+            .broadcast_div(&(&stats.var + self.eps)?.sqrt()?)?
             .broadcast_mul(&weight)?
             .broadcast_add(&bias)?;
-        // Running averages, outside the graph.
+        self.update_running_stats(&stats.mean, &stats.var, n)?;
+        Ok(y)
+    }
+
+    /// The running averages (outside the graph) after a training batch of `n` values per channel
+    /// with `mean` and biased `var`; one more batch tracked.
+    fn update_running_stats(&self, mean: &Tensor, var: &Tensor, n: usize) -> Result<()> {
         let m = self.momentum;
         let batch_mean = mean.detach().flatten_all()?.to_dtype(DType::F32)?;
         let unbiased = (var.detach().flatten_all()? * (n as f64 / (n - 1) as f64))?;
@@ -118,7 +149,7 @@ impl BatchNorm2d {
         self.running_var.set(&new_var.to_dtype(rv.dtype())?)?;
         let t = self.num_batches_tracked.as_detached_tensor();
         self.num_batches_tracked.set(&(t + 1.0)?)?;
-        Ok(y)
+        Ok(())
     }
 }
 
@@ -255,6 +286,11 @@ impl ConvBnRelu {
     /// The BatchNorm of the block.
     pub fn bn(&self) -> &BatchNorm2d {
         &self.bn
+    }
+
+    /// The BatchNorm of the block, to change.
+    pub fn bn_mut(&mut self) -> &mut BatchNorm2d {
+        &mut self.bn
     }
 
     /// Apply to `x` `(B, in, H, W)`.

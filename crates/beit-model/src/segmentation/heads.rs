@@ -33,6 +33,11 @@ impl Neck {
         vec![&self.fpn1_bn]
     }
 
+    /// The BatchNorm of `fpn1`, to change.
+    pub fn batch_norms_mut(&mut self) -> Vec<&mut BatchNorm2d> {
+        vec![&mut self.fpn1_bn]
+    }
+
     /// `fpn1`: ConvT -> BN -> GELU -> ConvT; `fpn2`: ConvT; `fpn3`: identity; `fpn4`: MaxPool 2x2
     /// ([`max_pool_2x2`]: PyTorch's gradient).
     pub fn forward(&self, features: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
@@ -106,6 +111,18 @@ impl UperHead {
             .chain(&self.fpn)
             .chain([&self.fpn_bottleneck])
             .map(ConvBnRelu::bn)
+            .collect()
+    }
+
+    /// Every BatchNorm of the head, to change.
+    pub fn batch_norms_mut(&mut self) -> Vec<&mut BatchNorm2d> {
+        self.psp
+            .iter_mut()
+            .chain([&mut self.bottleneck])
+            .chain(&mut self.lateral)
+            .chain(&mut self.fpn)
+            .chain([&mut self.fpn_bottleneck])
+            .map(ConvBnRelu::bn_mut)
             .collect()
     }
 
@@ -200,6 +217,15 @@ impl FcnHead {
             .iter()
             .chain(&self.conv_cat)
             .map(ConvBnRelu::bn)
+            .collect()
+    }
+
+    /// Every BatchNorm of the head, to change.
+    pub fn batch_norms_mut(&mut self) -> Vec<&mut BatchNorm2d> {
+        self.convs
+            .iter_mut()
+            .chain(&mut self.conv_cat)
+            .map(ConvBnRelu::bn_mut)
             .collect()
     }
 

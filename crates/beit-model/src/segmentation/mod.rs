@@ -1,7 +1,8 @@
 //! Semantic segmentation: `BeitForSemanticSegmentation` (BEiT backbone, four-scale neck, UperNet
 //! decode head, optional FCN auxiliary head) exactly as `transformers` computes it, with the
 //! operations candle lacks (differentiable bilinear resizing and adaptive average pooling,
-//! BatchNorm with running statistics) and the checkpoint layouts of the hub and of unilm/mmseg.
+//! BatchNorm with running statistics, synchronised across processes in data-parallel training)
+//! and the checkpoint layouts of the hub and of unilm/mmseg.
 //!
 //! See `docs/segmentation.md` for the architecture, the layer-indexing difference with unilm and
 //! the key names.
@@ -13,6 +14,7 @@ pub mod load;
 pub mod model;
 pub mod postprocess;
 pub mod resize;
+pub mod sync_bn;
 
 pub use blocks::{is_buffer, BatchNorm2d};
 pub use config::SegmentationConfig;
@@ -23,3 +25,4 @@ pub use load::{
 pub use model::{upsampled_cross_entropy, BeitForSemanticSegmentation, SegmentationOutput};
 pub use postprocess::{label_map, sliding_windows};
 pub use resize::{adaptive_avg_pool2d, resize_bilinear};
+pub use sync_bn::BatchStatsSync;

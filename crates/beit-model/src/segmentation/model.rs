@@ -1,5 +1,7 @@
 //! [`BeitForSemanticSegmentation`]: backbone features -> neck -> UperNet (+ FCN auxiliary head).
 
+use std::sync::Arc;
+
 use candle::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -7,6 +9,7 @@ use super::blocks::BatchNorm2d;
 use super::config::SegmentationConfig;
 use super::heads::{FcnHead, Neck, UperHead};
 use super::resize::resize_bilinear;
+use super::sync_bn::BatchStatsSync;
 use crate::config::BeitConfig;
 use crate::model::{BeitModel, BeitOutput, ForwardOptions};
 
@@ -99,6 +102,19 @@ impl BeitForSemanticSegmentation {
             all.extend(aux.batch_norms());
         }
         all
+    }
+
+    /// Synchronise the training statistics of every BatchNorm across the processes of `sync`
+    /// (mmseg's `SyncBN`; see [`BatchNorm2d::synchronise`]), or stop synchronising (`None`).
+    pub fn synchronise_batch_norms(&mut self, sync: Option<Arc<dyn BatchStatsSync>>) {
+        let mut all = self.neck.batch_norms_mut();
+        all.extend(self.decode_head.batch_norms_mut());
+        if let Some(aux) = &mut self.auxiliary_head {
+            all.extend(aux.batch_norms_mut());
+        }
+        for bn in all {
+            bn.synchronise(sync.clone());
+        }
     }
 
     /// The four backbone feature maps `(B, C, H/p, W/p)`: `hidden_states[k - 1]` for each `k` of

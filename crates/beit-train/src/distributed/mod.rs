@@ -12,6 +12,9 @@
 //!   when built with `mpi`, choosing the transport with [`transport_from_env`]) and hands it to
 //!   the engine ([`crate::TrainLoop::open_in`] and siblings) and to whatever else needs it. The
 //!   plain constructors use [`SingleProcess`]: the single-process path, at no cost.
+//! * [`CollectiveBatchStats`]: the collective as the transport of synchronised BatchNorm
+//!   (`beit_model::segmentation::sync_bn`, mmseg's `SyncBN`), which segmentation training
+//!   installs in a data-parallel run.
 //! * Helpers the engine uses: [`all_reduce_grads`] (one flattened buffer per optimizer step,
 //!   averaged), [`broadcast_vars`] (rank 0's initial weights), [`weights_checksum`] and
 //!   [`check_in_sync`] (compared at every checkpoint).
@@ -24,6 +27,7 @@
 //! `BEIT_DIST_TIMEOUT_S`, default 600 s) ends the whole job with a message naming the collective
 //! and the rank (the MPI world's watchdog), never a silent hang.
 
+mod batch_stats;
 #[cfg(feature = "mpi")]
 mod mpi_world;
 #[cfg(feature = "nccl")]
@@ -39,6 +43,7 @@ use candle_nn::VarMap;
 
 use crate::error::{Result, TrainError};
 
+pub use batch_stats::CollectiveBatchStats;
 #[cfg(feature = "mpi")]
 pub use mpi_world::{MpiGuard, MpiWorld};
 #[cfg(feature = "nccl")]
