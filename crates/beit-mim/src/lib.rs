@@ -39,12 +39,14 @@ mod target;
 pub use config::MaskingSpec;
 pub use error::{MimError, Result};
 pub use loss::{
-    check_finite, gather_masked_labels, gather_masked_rows, gather_rows, masked_flat_indices,
-    mim_cross_entropy, mlm_accuracy, mlm_accuracy_on_device,
+    check_finite, gather_masked_labels, gather_masked_rows, gather_rows, mask_reads,
+    masked_flat_indices, mim_cross_entropy, mlm_accuracy, mlm_accuracy_on_device,
 };
 pub use masking::{MaskingGenerator, MAX_ATTEMPTS_PER_BLOCK};
 pub use masking_config::{MaskStrategy, MaskingConfig};
-pub use objective::{masked_token_loss, mim_loss, MimInputs, MimLossOutput};
+pub use objective::{
+    masked_token_loss, masked_token_loss_at, mim_loss, mim_loss_at, MimInputs, MimLossOutput,
+};
 pub use pixel::{
     normalize_patches, patchify, pixel_mse, PixelRegressionHead, PATCH_NORM_EPS, PIXEL_HEAD_NAME,
 };

@@ -5,9 +5,22 @@ use candle::{DType, Tensor, D};
 
 use crate::error::{bad_input, MimError, Result};
 
+thread_local! {
+    static MASK_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread has read a mask tensor back ([`masked_flat_indices`], and the
+/// losses that call it). A training step passes the masked positions from the host
+/// ([`crate::mim_loss_at`], [`crate::masked_token_loss_at`]); tests pin this count to show that
+/// it reads nothing.
+pub fn mask_reads() -> u64 {
+    MASK_READS.with(std::cell::Cell::get)
+}
+
 /// Host-side indices `b * N + n` of the masked positions of a `(B, N)` mask tensor (any dtype;
-/// non-zero = masked), in row-major order.
+/// non-zero = masked), in row-major order. Reads the mask back from its device.
 pub fn masked_flat_indices(mask: &Tensor) -> Result<Vec<u32>> {
+    MASK_READS.with(|r| r.set(r.get() + 1));
     if mask.rank() != 2 {
         return Err(bad_input(
             "mask",

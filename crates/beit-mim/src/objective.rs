@@ -40,39 +40,44 @@ pub struct MimLossOutput {
 ///   measured on the masked rows so it compares with the default target.
 /// - `pixel-regression`: `pixel_head` on the masked rows, MSE against the per-patch normalised
 ///   pixels of those patches.
+///
+/// Reads the mask back to find the masked positions; a training step that knows them on the
+/// host calls [`mim_loss_at`] instead.
 pub fn mim_loss(
     target: MimTarget,
     inputs: &MimInputs<'_>,
     lm_head: &dyn Module,
     pixel_head: Option<&PixelRegressionHead>,
 ) -> Result<MimLossOutput> {
-    let (b, n, _c) = inputs.features.dims3().map_err(|_| {
-        bad_input(
-            "features",
-            format!("expected (B, N, C), got {:?}", inputs.features.dims()),
-        )
-    })?;
-    if inputs.mask.dims() != [b, n] {
-        return Err(bad_input(
-            "mask",
-            format!(
-                "expected ({b}, {n}) to match the features, got {:?}",
-                inputs.mask.dims()
-            ),
-        ));
-    }
+    check_mask_shape(inputs)?;
     let idx = masked_flat_indices(inputs.mask)?;
+    mim_loss_at(target, inputs, &idx, lm_head, pixel_head)
+}
+
+/// [`mim_loss`] with the masked positions given on the host, so the mask is not read back:
+/// `masked` holds the flat indices `b * N + n` of the positions `inputs.mask` masks, in
+/// row-major order (e.g. [`crate::MaskBatch::masked_flat_indices`] of the batch the mask was
+/// made from).
+pub fn mim_loss_at(
+    target: MimTarget,
+    inputs: &MimInputs<'_>,
+    masked: &[u32],
+    lm_head: &dyn Module,
+    pixel_head: Option<&PixelRegressionHead>,
+) -> Result<MimLossOutput> {
+    let (b, n) = check_mask_shape(inputs)?;
+    check_flat_indices(masked, b, n)?;
+    let idx = masked;
     if idx.is_empty() {
         return Err(MimError::NoMaskedPositions);
     }
     let device = inputs.features.device();
-    let idx_t = Tensor::from_slice(&idx, idx.len(), device)?;
+    let idx_t = Tensor::from_slice(idx, idx.len(), device)?;
     let token_ids = || flat_token_ids(target, inputs.token_ids, b, n);
-
     match target {
         MimTarget::VisualTokens => {
-            let logits = lm_head.forward(&gather_rows(inputs.features, &idx)?)?;
-            loss_on_masked_rows(&logits, &idx, &token_ids()?)
+            let logits = lm_head.forward(&gather_rows(inputs.features, idx)?)?;
+            loss_on_masked_rows(&logits, idx, &token_ids()?)
         }
         MimTarget::AllTokens => {
             let ids = token_ids()?;
@@ -107,9 +112,9 @@ pub fn mim_loss(
                     ),
                 ));
             }
-            let target_px = gather_rows(&normalize_patches(&patches)?, &idx)?;
+            let target_px = gather_rows(&normalize_patches(&patches)?, idx)?;
             let pred = head
-                .forward(&gather_rows(inputs.features, &idx)?)?
+                .forward(&gather_rows(inputs.features, idx)?)?
                 .to_dtype(DType::F32)?;
             Ok(MimLossOutput {
                 loss: pixel_mse(&pred, &target_px.detach())?,
@@ -123,17 +128,32 @@ pub fn mim_loss(
 /// The `visual-tokens` loss from logits already computed for the masked positions only, `(M, V)`
 /// in row-major (image, patch) order (e.g. `BeitForMaskedImageModeling::forward_masked`, which
 /// runs the last block and `lm_head` on those rows alone): cross-entropy against the token ids of
-/// the masked positions of `mask` `(B, N)`, and `mlm_acc`.
+/// the masked positions of `mask` `(B, N)`, and `mlm_acc`. Reads the mask back; a training step
+/// calls [`masked_token_loss_at`] instead.
 pub fn masked_token_loss(
     masked_logits: &Tensor,
     mask: &Tensor,
     token_ids: Option<&Tensor>,
 ) -> Result<MimLossOutput> {
     let idx = masked_flat_indices(mask)?;
+    masked_token_loss_at(masked_logits, mask.dims2()?, &idx, token_ids)
+}
+
+/// [`masked_token_loss`] with the masked positions given on the host, so nothing is read back:
+/// `masked` holds the flat indices `b * N + n` of the masked positions of the `grid` `(B, N)`,
+/// in row-major order.
+pub fn masked_token_loss_at(
+    masked_logits: &Tensor,
+    grid: (usize, usize),
+    masked: &[u32],
+    token_ids: Option<&Tensor>,
+) -> Result<MimLossOutput> {
+    let (b, n) = grid;
+    check_flat_indices(masked, b, n)?;
+    let idx = masked;
     if idx.is_empty() {
         return Err(MimError::NoMaskedPositions);
     }
-    let (b, n) = mask.dims2()?;
     let ids = flat_token_ids(MimTarget::VisualTokens, token_ids, b, n)?;
     if masked_logits.dims().first() != Some(&idx.len()) {
         return Err(bad_input(
@@ -145,7 +165,44 @@ pub fn masked_token_loss(
             ),
         ));
     }
-    loss_on_masked_rows(masked_logits, &idx, &ids)
+    loss_on_masked_rows(masked_logits, idx, &ids)
+}
+
+/// The `(B, N)` of the features, checked against the mask's shape.
+fn check_mask_shape(inputs: &MimInputs<'_>) -> Result<(usize, usize)> {
+    let (b, n, _c) = inputs.features.dims3().map_err(|_| {
+        bad_input(
+            "features",
+            format!("expected (B, N, C), got {:?}", inputs.features.dims()),
+        )
+    })?;
+    if inputs.mask.dims() != [b, n] {
+        return Err(bad_input(
+            "mask",
+            format!(
+                "expected ({b}, {n}) to match the features, got {:?}",
+                inputs.mask.dims()
+            ),
+        ));
+    }
+    Ok((b, n))
+}
+
+/// Fails unless `masked` is strictly increasing and below `b * n`.
+fn check_flat_indices(masked: &[u32], b: usize, n: usize) -> Result<()> {
+    if masked.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(bad_input(
+            "masked",
+            "indices are not strictly increasing".to_string(),
+        ));
+    }
+    match masked.last() {
+        Some(&last) if last as usize >= b * n => Err(bad_input(
+            "masked",
+            format!("index {last} is outside the {b}x{n} positions"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The `(B, N)` visual-token ids that `target` needs, checked and flattened to `(B*N,)` `u32`.

@@ -115,6 +115,21 @@ impl MaskBatch {
             .collect()
     }
 
+    /// The masked cells of each sample, increasing, each plus `offset` (1 gives the token rows
+    /// of the masked patches after a CLS token).
+    pub fn masked_positions(&self, offset: u32) -> Vec<Vec<u32>> {
+        self.masks
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .enumerate()
+                    .filter(|(_, &x)| x)
+                    .map(|(i, _)| i as u32 + offset)
+                    .collect()
+            })
+            .collect()
+    }
+
     /// The masks as a `(B, N)` `u8` tensor on `device`, like `bool_masked_pos` in `transformers`.
     pub fn to_tensor(&self, device: &Device) -> candle::Result<Tensor> {
         Tensor::from_vec(
@@ -158,6 +173,7 @@ mod tests {
         assert_eq!(batch.counts(), vec![2, 1]);
         assert_eq!(batch.to_u8(), vec![1, 0, 0, 1, 0, 1, 0, 0]);
         assert_eq!(batch.masked_flat_indices(), vec![0, 3, 5]);
+        assert_eq!(batch.masked_positions(1), vec![vec![1, 4], vec![2]]);
         let t = batch.to_tensor(&Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[2, 4]);
         assert_eq!(

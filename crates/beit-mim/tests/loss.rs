@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use beit_mim::{
-    check_finite, gather_masked_labels, gather_masked_rows, mim_cross_entropy, mim_loss,
+    check_finite, gather_masked_labels, gather_masked_rows, mask_reads, masked_flat_indices,
+    masked_token_loss, masked_token_loss_at, mim_cross_entropy, mim_loss, mim_loss_at,
     mlm_accuracy, normalize_patches, patchify, MaskingConfig, MimError, MimInputs, MimTarget,
     PixelRegressionHead,
 };
@@ -339,5 +340,49 @@ fn missing_inputs_are_named() -> Result<()> {
         mim_loss(MimTarget::VisualTokens, &inputs, &s.lm_head, None),
         Err(MimError::NoMaskedPositions)
     ));
+    Ok(())
+}
+
+/// The training step's form: the masked positions come from the host, the mask is not read back,
+/// and every target gives the same loss and accuracy, bit for bit.
+#[test]
+fn host_masked_positions_give_the_same_loss_without_reading_the_mask() -> Result<()> {
+    let s = setup()?;
+    let inputs = MimInputs {
+        features: s.features.as_tensor(),
+        mask: &s.mask,
+        token_ids: Some(&s.ids),
+        pixels: Some(&s.pixels),
+    };
+    let idx = masked_flat_indices(&s.mask)?;
+    let value = |t: &Tensor| t.to_scalar::<f32>().map(f32::to_bits);
+    for target in MimTarget::ALL {
+        let read = mim_loss(target, &inputs, &s.lm_head, Some(&s.pixel_head))?;
+        let before = mask_reads();
+        let host = mim_loss_at(target, &inputs, &idx, &s.lm_head, Some(&s.pixel_head))?;
+        assert_eq!(mask_reads(), before, "{target} read the mask");
+        assert_eq!(value(&host.loss)?, value(&read.loss)?, "{target}");
+        assert_eq!(host.num_masked, read.num_masked);
+        if let (Some(a), Some(b)) = (&host.mlm_acc, &read.mlm_acc) {
+            assert_eq!(value(a)?, value(b)?, "{target}");
+        }
+    }
+    let logits = s
+        .lm_head
+        .forward(&gather_masked_rows(s.features.as_tensor(), &s.mask)?)?;
+    let read = masked_token_loss(&logits, &s.mask, Some(&s.ids))?;
+    let before = mask_reads();
+    let host = masked_token_loss_at(&logits, s.mask.dims2()?, &idx, Some(&s.ids))?;
+    assert_eq!(mask_reads(), before);
+    assert_eq!(value(&host.loss)?, value(&read.loss)?);
+    let unordered = [idx[1], idx[0]];
+    assert!(mim_loss_at(
+        MimTarget::VisualTokens,
+        &inputs,
+        &unordered,
+        &s.lm_head,
+        None
+    )
+    .is_err());
     Ok(())
 }

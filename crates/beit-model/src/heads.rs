@@ -119,16 +119,32 @@ impl BeitForMaskedImageModeling {
     }
 
     /// Logits `(M, vocab)` of the masked patches only, in row-major (batch, patch) order: the
-    /// efficient form for the MIM loss (`lm_head` on ~40% of the tokens).
+    /// efficient form for the MIM loss (`lm_head` on ~40% of the tokens). Reads the mask back to
+    /// find the masked patches; a training step that knows them on the host calls
+    /// [`Self::forward_masked_rows`] instead.
     pub fn forward_masked(
         &self,
         pixels: &Tensor,
         bool_masked_pos: &Tensor,
         opts: ForwardOptions,
     ) -> Result<MimOutput> {
+        let queries = masked_queries(bool_masked_pos)?;
+        self.forward_masked_rows(pixels, bool_masked_pos, &queries, opts)
+    }
+
+    /// [`Self::forward_masked`] with the masked patches given on the host, so nothing is read
+    /// back from the device: `queries` holds, per image, the token rows (patch index + 1, after
+    /// the CLS token) of the patches that `bool_masked_pos` masks, increasing.
+    pub fn forward_masked_rows(
+        &self,
+        pixels: &Tensor,
+        bool_masked_pos: &Tensor,
+        queries: &QueryRows,
+        opts: ForwardOptions,
+    ) -> Result<MimOutput> {
         if opts.output_hidden_states || opts.output_attentions {
             let (features, backbone) = self.features(pixels, Some(bool_masked_pos), opts)?;
-            let rows = masked_rows(&features, bool_masked_pos)?;
+            let rows = patch_rows(&features, queries)?;
             return Ok(MimOutput {
                 logits: self.lm_logits(&rows)?,
                 backbone,
@@ -136,10 +152,9 @@ impl BeitForMaskedImageModeling {
         }
         // Only the masked patches reach the loss: the last block, the final LayerNorm and
         // `lm_head` run on those rows alone (token j + 1 is patch j, after the CLS token).
-        let queries = masked_queries(bool_masked_pos)?;
         let hidden = self
             .beit
-            .forward_rows(pixels, Some(bool_masked_pos), opts, &queries)?;
+            .forward_rows(pixels, Some(bool_masked_pos), opts, queries)?;
         let logits = self.lm_logits(&self.layernorm.forward(&hidden)?)?;
         Ok(MimOutput {
             logits,
@@ -153,14 +168,46 @@ impl BeitForMaskedImageModeling {
     }
 }
 
+/// Rows of patch features `(B, N, C)` at the token rows `queries` (patch index + 1), as `(M, C)`.
+fn patch_rows(features: &Tensor, queries: &QueryRows) -> Result<Tensor> {
+    let (b, n, c) = features.dims3()?;
+    if queries.batch() != b
+        || (0..b).any(|i| queries.of(i).iter().any(|&r| r == 0 || r as usize > n))
+    {
+        candle::bail!(
+            "query rows for {} images do not fit {b} x {n} patches",
+            queries.batch()
+        );
+    }
+    let idx: Vec<u32> = (0..b)
+        .flat_map(|i| queries.of(i).iter().map(move |&r| (i * n) as u32 + r - 1))
+        .collect();
+    let m = idx.len();
+    let idx = Tensor::from_vec(idx, m, features.device())?;
+    features.reshape((b * n, c))?.index_select(&idx, 0)
+}
+
 /// The token rows (patch index + 1, after the CLS token) of the masked patches of each image.
 fn masked_queries(mask: &Tensor) -> Result<QueryRows> {
     masked_patches(mask, 1)
 }
 
+thread_local! {
+    static MASK_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread has read a mask back from the device to find the masked patches
+/// ([`BeitForMaskedImageModeling::forward_masked`], [`masked_rows`]). A training step passes
+/// them from the host ([`BeitForMaskedImageModeling::forward_masked_rows`]); tests pin this
+/// count to show that it reads nothing.
+pub fn mask_reads() -> u64 {
+    MASK_READS.with(std::cell::Cell::get)
+}
+
 /// The masked positions of each image of a `(B, N)` mask (non-zero = masked), plus `offset`.
 fn masked_patches(mask: &Tensor, offset: u32) -> Result<QueryRows> {
     let (b, n) = mask.dims2()?;
+    MASK_READS.with(|r| r.set(r.get() + 1));
     let flags = mask.ne(0u32)?.flatten_all()?.to_vec1::<u8>()?;
     let per_image: Vec<Vec<u32>> = (0..b)
         .map(|i| {
@@ -183,4 +230,71 @@ pub fn masked_rows(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = idx.len();
     let idx = Tensor::from_vec(idx, m, &Device::Cpu)?.to_device(x.device())?;
     x.reshape((b * n, c))?.index_select(&idx, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::DType;
+    use candle_nn::VarMap;
+
+    fn tiny() -> Result<BeitForMaskedImageModeling> {
+        let cfg = BeitConfig {
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            image_size: 16,
+            patch_size: 4,
+            vocab_size: 12,
+            use_mask_token: true,
+            use_shared_relative_position_bias: true,
+            ..BeitConfig::default()
+        };
+        let vm = VarMap::new();
+        BeitForMaskedImageModeling::new(
+            &cfg,
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+    }
+
+    #[test]
+    fn host_rows_give_the_logits_of_the_mask_without_reading_it() -> Result<()> {
+        let model = tiny()?;
+        let dev = Device::Cpu;
+        let pixels = Tensor::arange(0f32, 2. * 3. * 256., &dev)?
+            .affine(1e-3, -0.5)?
+            .sin()?
+            .reshape((2, 3, 16, 16))?;
+        let flags: Vec<u8> = (0..32).map(|i| u8::from(i % 3 == 0)).collect();
+        let rows: Vec<Vec<u32>> = (0..2)
+            .map(|b| {
+                (0..16)
+                    .filter(|j| flags[b * 16 + j] != 0)
+                    .map(|j| j as u32 + 1)
+                    .collect()
+            })
+            .collect();
+        let (mask, queries) = (
+            Tensor::from_vec(flags, (2, 16), &dev)?,
+            QueryRows::new(&rows)?,
+        );
+        for opts in [
+            ForwardOptions::default(),
+            ForwardOptions {
+                output_hidden_states: true,
+                ..ForwardOptions::default()
+            },
+        ] {
+            let read = model.forward_masked(&pixels, &mask, opts)?.logits;
+            let before = mask_reads();
+            let host = model
+                .forward_masked_rows(&pixels, &mask, &queries, opts)?
+                .logits;
+            assert_eq!(mask_reads(), before);
+            assert_eq!(read.dims(), [11, 12]);
+            assert_eq!(read.to_vec2::<f32>()?, host.to_vec2::<f32>()?);
+        }
+        Ok(())
+    }
 }

@@ -44,7 +44,7 @@ pub mod segmentation;
 pub use config::BeitConfig;
 pub use error::{BeitError, Result};
 pub use heads::{
-    BeitForImageClassification, BeitForMaskedImageModeling, ClassifierOutput, MimOutput,
+    mask_reads, BeitForImageClassification, BeitForMaskedImageModeling, ClassifierOutput, MimOutput,
 };
 pub use init::{init_beit, init_beit_with, InitConfig, PatchEmbedInit, Truncation};
 pub use model::{BeitModel, BeitOutput, ForwardOptions};

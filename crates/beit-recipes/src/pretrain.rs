@@ -5,7 +5,7 @@
 //! of visual-token ids; the mask sampler (blockwise, or random for the ablation) draws a mask per
 //! image from `(seed, global micro-batch index, sample)`; the model replaces the masked patches
 //! by its mask token and predicts the ids of the masked positions
-//! ([`beit_mim::masked_token_loss`]: the last block, the final LayerNorm and `lm_head` on the
+//! ([`beit_mim::masked_token_loss_at`]: the last block, the final LayerNorm and `lm_head` on the
 //! masked rows only). The engine ([`beit_train::fit`]) owns the optimizer (AdamW, weight decay
 //! 0.05, no layer decay in pre-training), the cosine schedule with warm-up, clipping,
 //! accumulation, checkpoints (resume is exact), `metrics.jsonl`, `curves.png` and the progress
@@ -23,18 +23,17 @@ use beit_data::{
     RandomResizedCrop, TwoViewTransform,
 };
 use beit_mim::{
-    masked_token_loss, mim_loss, MaskBatch, MaskSampler, MaskStrategy, MaskingSpec, MimInputs,
-    MimTarget, PixelRegressionHead,
+    masked_token_loss_at, mim_loss_at, MaskBatch, MaskSampler, MaskStrategy, MaskingSpec,
+    MimInputs, MimLossOutput, MimTarget, PixelRegressionHead,
 };
 use beit_model::init::{init_beit, InitConfig};
 use beit_model::load::{load_into_varmap, Architecture, Checkpoint};
 use beit_model::save::{save_hf, varmap_tensors};
-use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions};
+use beit_model::{BeitConfig, BeitForMaskedImageModeling, ForwardOptions, QueryRows};
 use beit_tokenizer::{Encoder, VisualTokenizer};
 use beit_train::{
     build_param_groups, fit_source, named_vars, FitOptions, StepContext, StepOutput, StepValue,
-    TrainRng,
-    TrainTask,
+    TrainRng, TrainTask,
 };
 use candle::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -365,7 +364,7 @@ impl PretrainOutcome {
     }
 }
 
-/// Wraps the MIM model's `lm_head` as a [`Module`] for [`mim_loss`].
+/// Wraps the MIM model's `lm_head` as a [`Module`] for [`mim_loss_at`].
 struct LmHead<'a>(&'a BeitForMaskedImageModeling);
 
 impl Module for LmHead<'_> {
@@ -415,6 +414,46 @@ pub fn dump_micro_batch(
     candle::safetensors::save(&map, &path).with_context(|| format!("writing {}", path.display()))
 }
 
+impl MimTask {
+    /// The loss of one micro-batch of `images` masked by `masks` (`mask` is the same on the
+    /// device). The masked positions are taken from the host batch: neither the model nor the
+    /// loss reads the mask back from the device.
+    fn loss(
+        &self,
+        images: &Tensor,
+        masks: &MaskBatch,
+        mask: &Tensor,
+        token_ids: Option<&Tensor>,
+    ) -> Result<MimLossOutput> {
+        let masked = masks.masked_flat_indices();
+        let opts = ForwardOptions::train();
+        Ok(if self.target == MimTarget::VisualTokens {
+            // The last block, the final LayerNorm and lm_head on the masked rows only.
+            let rows = QueryRows::new(&masks.masked_positions(1))?;
+            let logits = self
+                .model
+                .forward_masked_rows(images, mask, &rows, opts)?
+                .logits;
+            let grid = (masks.batch_size(), masks.num_patches());
+            masked_token_loss_at(&logits, grid, &masked, token_ids)?
+        } else {
+            let (features, _) = self.model.features(images, Some(mask), opts)?;
+            mim_loss_at(
+                self.target,
+                &MimInputs {
+                    features: &features,
+                    mask,
+                    token_ids,
+                    pixels: Some(images),
+                },
+                &masked,
+                &LmHead(&self.model),
+                self.pixel_head.as_ref(),
+            )?
+        })
+    }
+}
+
 impl TrainTask for MimTask {
     type Batch = Batch;
     type Error = anyhow::Error;
@@ -428,15 +467,15 @@ impl TrainTask for MimTask {
         let micro = pos.epoch * self.batches_per_epoch + pos.batch_in_epoch;
         let positions = ctx.global_positions(b);
         let (height, width) = self.sampler.grid();
-        let mask = MaskBatch {
+        let masks = MaskBatch {
             height,
             width,
             masks: positions
                 .iter()
                 .map(|&p| self.sampler.sample_at(self.seed, micro, p))
                 .collect(),
-        }
-        .to_tensor(&self.device)?;
+        };
+        let mask = masks.to_tensor(&self.device)?;
         let token_ids = match (&self.tokenizer, &batch.tokenizer_images) {
             (Some(t), Some(view)) => Some(t.tokenize(view)?.reshape((b, self.grid * self.grid))?),
             (Some(_), None) => bail!("the loader produced no tokenizer view"),
@@ -448,28 +487,7 @@ impl TrainTask for MimTask {
         // Drop path draws from the model's generator, seeded from the run's checkpointed one and
         // keyed by each image's position in the global micro-batch, as the masks are.
         ctx.reseed_stochastic(self.model.backbone().rng(), b);
-        let opts = ForwardOptions::train();
-        let out = if self.target == MimTarget::VisualTokens {
-            // The last block, the final LayerNorm and lm_head on the masked rows only.
-            let logits = self
-                .model
-                .forward_masked(&batch.images, &mask, opts)?
-                .logits;
-            masked_token_loss(&logits, &mask, token_ids.as_ref())?
-        } else {
-            let (features, _) = self.model.features(&batch.images, Some(&mask), opts)?;
-            mim_loss(
-                self.target,
-                &MimInputs {
-                    features: &features,
-                    mask: &mask,
-                    token_ids: token_ids.as_ref(),
-                    pixels: Some(&batch.images),
-                },
-                &LmHead(&self.model),
-                self.pixel_head.as_ref(),
-            )?
-        };
+        let out = self.loss(&batch.images, &masks, &mask, token_ids.as_ref())?;
         // The loss is a mean over masked patches (all patches for `all-tokens`): data-parallel
         // ranks are weighted by them.
         ctx.loss_weight = Some(match self.target {

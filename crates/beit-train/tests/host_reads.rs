@@ -2,14 +2,17 @@
 //! every `log_every` steps, at an epoch's end and before a checkpoint) and, with clipping on,
 //! the gradient norm of each optimizer step. Every read of the engine goes through
 //! `beit_train::host`, which counts them; a read added inside the step breaks these counts.
+//! The MIM step takes its masked positions from the host, as the pre-training recipe does: the
+//! model and the loss read no mask back (`beit_model::mask_reads`, `beit_mim::mask_reads`).
 //!
 //! Also: the records do not depend on when they are read (the same `metrics.jsonl` whatever
 //! `log_every`), a non-finite loss still stops the run before any checkpoint holds its
 //! weights, and the step's source files read nothing except through the counting function.
 
+use beit_mim::{masked_token_loss_at, MaskBatch};
 use beit_model::init::{init_beit, InitConfig};
 use beit_model::{
-    BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, ForwardOptions,
+    BeitConfig, BeitForImageClassification, BeitForMaskedImageModeling, ForwardOptions, QueryRows,
 };
 use beit_train::{
     build_param_groups, fit, host, label_smoothing_cross_entropy, named_vars, read_jsonl,
@@ -67,23 +70,31 @@ fn allowed_reads(cfg: &TrainConfig) -> u64 {
     logged + if cfg.clip_grad.is_some() { n } else { 0 }
 }
 
-/// A micro-batch of the masked-image-modelling task.
+/// A micro-batch of the masked-image-modelling task: 2 images of 4 x 4 patches, their masks
+/// (on the host and as the device tensor) and the visual-token ids of every patch.
 struct MimBatch {
     pixels: Tensor,
+    masks: MaskBatch,
     mask: Tensor,
-    labels: Tensor,
+    token_ids: Tensor,
 }
 
 fn mim_batch(epoch: u64, index: u64) -> anyhow::Result<MimBatch> {
     let r = &mut TrainRng::derive(7, &[epoch, index]);
     let pixels = r.normal_tensor((2, 3, 16, 16), &Device::Cpu)?;
-    let mask: Vec<u8> = (0..32).map(|i| u8::from(i % 3 == 0)).collect();
-    let m = mask.iter().filter(|&&x| x == 1).count();
-    let labels: Vec<u32> = (0..m).map(|_| r.random_range(0..12)).collect();
+    let masks = MaskBatch {
+        height: 4,
+        width: 4,
+        masks: (0..2)
+            .map(|b| (0..16).map(|j| (b * 16 + j) % 3 == 0).collect())
+            .collect(),
+    };
+    let ids: Vec<u32> = (0..32).map(|_| r.random_range(0..12)).collect();
     Ok(MimBatch {
         pixels,
-        mask: Tensor::from_vec(mask, (2, 16), &Device::Cpu)?,
-        labels: Tensor::from_vec(labels, m, &Device::Cpu)?,
+        mask: masks.to_tensor(&Device::Cpu)?,
+        masks,
+        token_ids: Tensor::from_vec(ids, (2, 16), &Device::Cpu)?,
     })
 }
 
@@ -95,13 +106,15 @@ impl TrainTask for Mim {
 
     fn train_step(&mut self, b: MimBatch, ctx: &mut StepContext<'_>) -> anyhow::Result<StepOutput> {
         ctx.reseed_stochastic(self.0.backbone().rng(), 2);
+        let rows = QueryRows::new(&b.masks.masked_positions(1))?;
         let logits = (self.0)
-            .forward_masked(&b.pixels, &b.mask, ForwardOptions::train())?
+            .forward_masked_rows(&b.pixels, &b.mask, &rows, ForwardOptions::train())?
             .logits;
-        let loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
-        let acc = topk_accuracy_on_device(&logits, &b.labels, &[1])?.remove(0);
+        let masked = b.masks.masked_flat_indices();
+        let out = masked_token_loss_at(&logits, (2, 16), &masked, Some(&b.token_ids))?;
+        let acc = out.mlm_acc.expect("the visual-token loss measures mlm_acc");
         Ok(StepOutput {
-            loss,
+            loss: out.loss,
             batch_size: 2,
             metrics: vec![("mlm_acc".into(), acc.into())],
         })
@@ -195,8 +208,14 @@ fn mim_pretraining_reads_the_logged_values_and_the_clipped_norm_only() -> anyhow
     let per_epoch = cfg.batches_per_epoch;
     let tl = TrainLoop::new(cfg, vm, groups, dir.path(), serde_json::json!({}))?;
     let before = host::reads();
+    let mask_reads = (beit_model::mask_reads(), beit_mim::mask_reads());
     let batches = |e| Ok((0..per_epoch).map(move |i| mim_batch(e, i)));
     fit(tl, &mut Mim(model), batches, &FitOptions::default())?;
+    assert_eq!(
+        (beit_model::mask_reads(), beit_mim::mask_reads()),
+        mask_reads,
+        "the model and the loss read no mask back"
+    );
     // 12 steps, log_every 3, 4 steps per epoch, a checkpoint every 5: steps 1, 3, 4, 5, 6, 8,
     // 9, 10, 12 are read (9), and 12 clipped norms.
     assert_eq!(expected, 21);
