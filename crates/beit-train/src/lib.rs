@@ -127,6 +127,7 @@ pub mod records;
 pub mod rng;
 pub mod schedule;
 pub mod seg_metrics;
+pub mod step_value;
 pub mod train_config;
 pub mod train_loop;
 pub mod update;
@@ -152,12 +153,12 @@ pub use optimizer::{AdamW, AdamWConfig, StepStats};
 pub use param_groups::{
     build_param_groups, build_param_groups_with, layer_id, named_vars, GroupingConfig, ParamGroup,
 };
-pub use pending::StepValue;
 pub use plot::{plot_metrics, PlotOptions};
 pub use precision::Precision;
 pub use progress::TrainProgress;
 pub use records::{StepRecord, METRICS_FILE, PLOT_FILE};
 pub use rng::{RngState, TrainRng};
 pub use schedule::{CosineSchedule, LrSchedule, PolySchedule, ScheduleKind};
+pub use step_value::StepValue;
 pub use train_config::{TrainConfig, POLY_WARMUP_RATIO};
 pub use train_loop::{BestMetric, Position, StepOutput, StepReport, TrainLoop, TrainSummary};

@@ -18,9 +18,10 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{Result, TrainError};
 use crate::metrics::{MetricAverager, MetricsWriter, Throughput};
-use crate::pending::{Pending, ReadMicroBatch, ReadStep, StepValue};
+use crate::pending::{Pending, ReadMicroBatch, ReadStep};
 use crate::plot::{plot_metrics, PlotOptions};
 use crate::progress::TrainProgress;
+use crate::step_value::StepValue;
 use crate::update::Update;
 
 /// File name of the metrics log inside the run directory.

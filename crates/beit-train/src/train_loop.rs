@@ -79,10 +79,10 @@ use crate::error::{Result, TrainError};
 use crate::metrics::MetricsWriter;
 use crate::optimizer::AdamW;
 use crate::param_groups::ParamGroup;
-use crate::pending::StepValue;
 use crate::progress::TrainProgress;
 use crate::records::{Records, StepRecord, METRICS_FILE};
 use crate::rng::TrainRng;
+use crate::step_value::StepValue;
 use crate::train_config::TrainConfig;
 use crate::update::Updater;
 

@@ -16,8 +16,8 @@ use crate::distributed::{self, Collective};
 use crate::error::Result;
 use crate::optimizer::AdamW;
 use crate::param_groups::ParamGroup;
-use crate::pending::{self, StepValue};
 use crate::schedule::{CosineSchedule, LrSchedule};
+use crate::step_value::{self, StepValue};
 use crate::train_config::TrainConfig;
 
 /// The global gradient norm of a step, before clipping.
@@ -137,7 +137,7 @@ impl Updater {
         // The host all-reduce of the transport needs this rank's values on the host: a read per
         // micro-batch that only data-parallel runs make.
         let (names, values): (Vec<String>, Vec<StepValue>) = metrics.into_iter().unzip();
-        let mut local = pending::read_all(std::iter::once(loss).chain(values).collect())?;
+        let mut local = step_value::read_all(std::iter::once(loss).chain(values).collect())?;
         let loss = local.remove(0);
         let w = loss_weight.unwrap_or(batch_size);
         let mut sums = vec![loss * w, w, batch_size];
