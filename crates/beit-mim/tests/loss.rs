@@ -180,6 +180,18 @@ struct Setup {
     unmasked_row: usize,
 }
 
+impl Setup {
+    /// The features, mask, token ids and pixels: what every target needs.
+    fn inputs(&self) -> MimInputs<'_> {
+        MimInputs {
+            features: self.features.as_tensor(),
+            mask: &self.mask,
+            token_ids: Some(&self.ids),
+            pixels: Some(&self.pixels),
+        }
+    }
+}
+
 fn setup() -> Result<Setup> {
     let dev = Device::Cpu;
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
@@ -222,12 +234,7 @@ fn grad_norms(grads: &candle::backprop::GradStore, t: &Tensor) -> Result<f32> {
 #[test]
 fn every_target_backpropagates_to_features_and_heads() -> Result<()> {
     let s = setup()?;
-    let inputs = MimInputs {
-        features: s.features.as_tensor(),
-        mask: &s.mask,
-        token_ids: Some(&s.ids),
-        pixels: Some(&s.pixels),
-    };
+    let inputs = s.inputs();
     for target in MimTarget::ALL {
         let out = mim_loss(target, &inputs, &s.lm_head, Some(&s.pixel_head))?;
         let value = check_finite(&out.loss, 0)?;
@@ -286,10 +293,8 @@ fn every_target_backpropagates_to_features_and_heads() -> Result<()> {
 fn visual_token_loss_equals_cross_entropy_on_masked_rows() -> Result<()> {
     let s = setup()?;
     let inputs = MimInputs {
-        features: s.features.as_tensor(),
-        mask: &s.mask,
-        token_ids: Some(&s.ids),
         pixels: None,
+        ..s.inputs()
     };
     let out = mim_loss(MimTarget::VisualTokens, &inputs, &s.lm_head, None)?;
     // Reference: logits of all positions, then boolean selection (what transformers does).
@@ -315,10 +320,9 @@ fn visual_token_loss_equals_cross_entropy_on_masked_rows() -> Result<()> {
 fn missing_inputs_are_named() -> Result<()> {
     let s = setup()?;
     let inputs = MimInputs {
-        features: s.features.as_tensor(),
-        mask: &s.mask,
         token_ids: None,
         pixels: None,
+        ..s.inputs()
     };
     let err = mim_loss(MimTarget::VisualTokens, &inputs, &s.lm_head, None).unwrap_err();
     assert!(err.to_string().contains("visual-tokens"), "{err}");
@@ -348,12 +352,7 @@ fn missing_inputs_are_named() -> Result<()> {
 #[test]
 fn host_masked_positions_give_the_same_loss_without_reading_the_mask() -> Result<()> {
     let s = setup()?;
-    let inputs = MimInputs {
-        features: s.features.as_tensor(),
-        mask: &s.mask,
-        token_ids: Some(&s.ids),
-        pixels: Some(&s.pixels),
-    };
+    let inputs = s.inputs();
     let idx = masked_flat_indices(&s.mask)?;
     let value = |t: &Tensor| t.to_scalar::<f32>().map(f32::to_bits);
     for target in MimTarget::ALL {
