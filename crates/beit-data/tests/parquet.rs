@@ -10,8 +10,8 @@ use std::sync::Arc;
 use beit_data::shard_dataset::decode_raw;
 use beit_data::{
     decode_file, describe_source, load_splits, open_images, pack_source, DataConfig, Dataset,
-    DecodeOptions, EvalTransform, ImageFolder, Loader, LoaderConfig, PackOptions, RgbImage,
-    ShardSet, ShardStream, TrainTransform,
+    DecodeOptions, EvalTransform, ImageFolder, Loader, LoaderConfig, PackOptions, ShardSet,
+    ShardStream, TrainTransform,
 };
 use candle::Device;
 use parquet::basic::Compression;
@@ -22,39 +22,9 @@ use parquet::schema::parser::parse_message_type;
 mod parquet_writer;
 use parquet_writer::{write_parquet, Layout, Row, HUB};
 
-const CLASSES: [&str; 3] = ["bird", "cat", "dog"];
-
-fn photo(seed: u32) -> RgbImage {
-    RgbImage::from_fn(20, 14, |x, y| {
-        image::Rgb([
-            ((x * 5 + seed * 37) % 256) as u8,
-            ((y * 13 + seed * 41) % 256) as u8,
-            ((x * y + seed * 7) % 256) as u8,
-        ])
-    })
-}
-
-/// `root/{train,val}/{bird,cat,dog}/`: PNGs and JPEGs, all different.
-fn make_folder(root: &Path, train_per_class: u32) {
-    let mut seed = 0;
-    for (split, n) in [("train", train_per_class), ("val", 2)] {
-        for class in CLASSES {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                seed += 1;
-                let (ext, fmt) = if i % 2 == 0 {
-                    ("png", image::ImageFormat::Png)
-                } else {
-                    ("jpg", image::ImageFormat::Jpeg)
-                };
-                photo(seed)
-                    .save_with_format(dir.join(format!("im{i}.{ext}")), fmt)
-                    .unwrap();
-            }
-        }
-    }
-}
+#[path = "common/image_folder.rs"]
+mod image_folder;
+use image_folder::{make_folder, photo, CLASSES};
 
 /// The rows of an ImageFolder split: file bytes and class index.
 fn folder_rows(dir: &Path) -> Vec<Row> {

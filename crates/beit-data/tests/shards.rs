@@ -9,42 +9,14 @@ use std::sync::Arc;
 use beit_data::shard_dataset::decode_raw;
 use beit_data::{
     decode_file, describe_source, load_splits, open_images, pack_image_folder, DataConfig, Dataset,
-    DecodeOptions, EvalTransform, ImageFolder, Loader, LoaderConfig, PackOptions, RgbImage,
-    ShardSet, ShardStream, TrainTransform,
+    DecodeOptions, EvalTransform, ImageFolder, Loader, LoaderConfig, PackOptions, ShardSet,
+    ShardStream, TrainTransform,
 };
 use candle::Device;
 
-fn photo(seed: u32) -> RgbImage {
-    RgbImage::from_fn(20, 14, |x, y| {
-        image::Rgb([
-            ((x * 7 + seed * 31) % 256) as u8,
-            ((y * 11 + seed * 53) % 256) as u8,
-            ((x * y + seed * 3) % 256) as u8,
-        ])
-    })
-}
-
-/// `root/{train,val}/{bird,cat,dog}/`: PNGs and JPEGs, all different.
-fn make_folder(root: &Path, train_per_class: u32) {
-    let mut seed = 0;
-    for (split, n) in [("train", train_per_class), ("val", 2)] {
-        for class in ["bird", "cat", "dog"] {
-            let dir = root.join(split).join(class);
-            std::fs::create_dir_all(&dir).unwrap();
-            for i in 0..n {
-                seed += 1;
-                let (ext, fmt) = if i % 2 == 0 {
-                    ("png", image::ImageFormat::Png)
-                } else {
-                    ("jpg", image::ImageFormat::Jpeg)
-                };
-                photo(seed)
-                    .save_with_format(dir.join(format!("im{i}.{ext}")), fmt)
-                    .unwrap();
-            }
-        }
-    }
-}
+#[path = "common/image_folder.rs"]
+mod image_folder;
+use image_folder::{make_folder, photo};
 
 /// A packed copy of a fresh ImageFolder: (temp dir, ImageFolder root, packed root).
 fn packed(
