@@ -15,9 +15,10 @@
 //! * [`CollectiveBatchStats`]: the collective as the transport of synchronised BatchNorm
 //!   (`beit_model::segmentation::sync_bn`, mmseg's `SyncBN`), which segmentation training
 //!   installs in a data-parallel run.
-//! * Helpers the engine uses: [`all_reduce_grads`] (one flattened buffer per optimizer step,
-//!   averaged), [`broadcast_vars`] (rank 0's initial weights), [`weights_checksum`] and
-//!   [`check_in_sync`] (compared at every checkpoint).
+//! * Helpers the engine uses: [`all_reduce_grads`] (the mean gradient of every optimizer step;
+//!   on the host large gradients are summed where they lie, `host_grads.rs`), [`broadcast_vars`]
+//!   (rank 0's initial weights), [`weights_checksum`] and [`check_in_sync`] (compared at every
+//!   checkpoint).
 //!
 //! [`crate::TrainLoop`] and [`crate::fit`] use the world they were given: a recipe only shards its
 //! data (see the recipes' `distributed` helpers) and shards its evaluation
@@ -28,6 +29,7 @@
 //! and the rank (the MPI world's watchdog), never a silent hang.
 
 mod batch_stats;
+mod host_grads;
 #[cfg(feature = "mpi")]
 mod mpi_world;
 #[cfg(feature = "nccl")]
@@ -73,6 +75,13 @@ pub trait Collective: Send + Sync {
     fn backend(&self) -> &'static str;
     /// Sum `buf` over all ranks, in place.
     fn all_reduce_sum_f32(&self, what: &str, buf: &mut [f32]) -> Result<()>;
+    /// Sum `send` over all ranks into `recv` (of the same length), leaving `send` unchanged.
+    /// The default copies `send` into `recv` and sums that in place; MPI hands both buffers to
+    /// `MPI_Allreduce`, which saves the copy.
+    fn all_reduce_sum_f32_to(&self, what: &str, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        recv.copy_from_slice(send);
+        self.all_reduce_sum_f32(what, recv)
+    }
     /// Sum `buf` over all ranks, in place.
     fn all_reduce_sum_f64(&self, what: &str, buf: &mut [f64]) -> Result<()>;
     /// Replace `buf` by rank 0's.
@@ -186,10 +195,11 @@ fn force_reduce() -> bool {
 }
 
 /// All-reduce the gradients of `vars` in `grads` and divide them by the world size: after it
-/// every rank holds the mean of the ranks' gradients. All gradients travel in one flattened
-/// buffer (per dtype-independent f32 layout, in `vars` order, on the parameters' device: with
-/// NCCL it never leaves the GPU), with one presence flag per parameter, so a parameter that got
-/// no gradient on any rank stays without one (AdamW then skips it, as in a single process).
+/// every rank holds the mean of the ranks' gradients. On a device, all gradients travel in one
+/// flattened buffer (f32, in `vars` order; with NCCL it never leaves the GPU); on the host, large
+/// gradients are summed in their own storage and the rest packed in one buffer (`host_grads.rs`).
+/// Either way one presence flag per parameter travels along, so a parameter that got no
+/// gradient on any rank stays without one (AdamW then skips it, as in a single process).
 /// No-op in a world of 1 (unless [`FORCE_REDUCE_ENV`] is `1`).
 pub fn all_reduce_grads(world: &dyn Collective, grads: &mut GradStore, vars: &[Var]) -> Result<()> {
     let n = world.size();
@@ -197,8 +207,7 @@ pub fn all_reduce_grads(world: &dyn Collective, grads: &mut GradStore, vars: &[V
         return Ok(());
     }
     if vars[0].device().is_cpu() {
-        return HOST_GRADS
-            .with(|buf| all_reduce_grads_host(world, grads, vars, &mut buf.borrow_mut()));
+        return host_grads::all_reduce_grads_host(world, grads, vars);
     }
     let device = vars[0].device().clone();
     let mut parts = Vec::with_capacity(vars.len() + 1);
@@ -231,76 +240,6 @@ pub fn all_reduce_grads(world: &dyn Collective, grads: &mut GradStore, vars: &[V
                 .narrow(0, offset, len)?
                 .reshape(v.shape())?
                 .to_dtype(v.dtype())?;
-            grads.insert(v.as_tensor(), g);
-        } else {
-            grads.remove(v.as_tensor());
-        }
-        offset += len;
-    }
-    Ok(())
-}
-
-thread_local! {
-    /// The flat f32 gradient buffer of [`all_reduce_grads_host`], kept from step to step so that
-    /// its pages are faulted in once, not at every step.
-    static HOST_GRADS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Copy `t` (any dtype, any layout, on the host) into `dst`, flattened, as f32.
-fn copy_into_f32(t: &Tensor, dst: &mut [f32]) -> Result<()> {
-    let t = t.to_dtype(DType::F32)?;
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (candle::Storage::Cpu(cpu), Some((start, end))) => {
-            dst.copy_from_slice(&cpu.as_slice::<f32>()?[start..end]);
-        }
-        _ => {
-            drop(storage);
-            dst.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
-        }
-    }
-    Ok(())
-}
-
-/// [`all_reduce_grads`] for parameters on the host: the gradients are copied once into a
-/// persistent flat buffer (presence flags at its end), summed in it by the collective, and the
-/// means are written straight into the new gradient tensors.
-fn all_reduce_grads_host(
-    world: &dyn Collective,
-    grads: &mut GradStore,
-    vars: &[Var],
-    buf: &mut Vec<f32>,
-) -> Result<()> {
-    let total: usize = vars.iter().map(|v| v.elem_count()).sum();
-    buf.resize(total + vars.len(), 0.0);
-    let mut offset = 0;
-    for (i, v) in vars.iter().enumerate() {
-        let len = v.elem_count();
-        let dst = &mut buf[offset..offset + len];
-        match grads.get(v.as_tensor()) {
-            Some(g) => {
-                copy_into_f32(g, dst)?;
-                buf[total + i] = 1.0;
-            }
-            None => {
-                dst.fill(0.0);
-                buf[total + i] = 0.0;
-            }
-        }
-        offset += len;
-    }
-    world.all_reduce_sum_f32("gradient all-reduce", buf)?;
-    // The same arithmetic as `affine(1/n, 0)` in f32: bit-identical means.
-    let scale = (1.0 / world.size() as f64) as f32;
-    let mut offset = 0;
-    for (i, v) in vars.iter().enumerate() {
-        let len = v.elem_count();
-        if buf[total + i] > 0.0 {
-            let mean: Vec<f32> = buf[offset..offset + len]
-                .iter()
-                .map(|x| x * scale + 0.0)
-                .collect();
-            let g = Tensor::from_vec(mean, v.shape(), v.device())?.to_dtype(v.dtype())?;
             grads.insert(v.as_tensor(), g);
         } else {
             grads.remove(v.as_tensor());

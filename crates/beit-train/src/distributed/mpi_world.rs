@@ -214,6 +214,13 @@ impl Collective for MpiWorld {
             }
         })
     }
+    fn all_reduce_sum_f32_to(&self, what: &str, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.with_comm(what, |c| {
+            for (s, r) in send.chunks(CHUNK).zip(recv.chunks_mut(CHUNK)) {
+                c.all_reduce_into(s, r, SystemOperation::sum());
+            }
+        })
+    }
     fn all_reduce_sum_f64(&self, what: &str, buf: &mut [f64]) -> Result<()> {
         self.with_comm(what, |c| {
             for chunk in buf.chunks_mut(CHUNK) {

@@ -247,6 +247,9 @@ impl Collective for NcclWorld {
     fn all_reduce_sum_f32(&self, what: &str, buf: &mut [f32]) -> Result<()> {
         self.mpi.all_reduce_sum_f32(what, buf)
     }
+    fn all_reduce_sum_f32_to(&self, what: &str, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.mpi.all_reduce_sum_f32_to(what, send, recv)
+    }
     fn all_reduce_sum_f64(&self, what: &str, buf: &mut [f64]) -> Result<()> {
         self.mpi.all_reduce_sum_f64(what, buf)
     }
