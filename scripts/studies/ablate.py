@@ -102,21 +102,27 @@ class Runner:
         with self.lock:
             print(time.strftime("%H:%M:%S"), msg, flush=True)
 
-    def run(self, name, argv):
-        """Run one stage into OUT/name unless it is done; returns its done.json."""
+    def run(self, name, argv, threads=None, resumable=False):
+        """Run one stage into OUT/name unless it is done; returns its done.json.
+
+        An unfinished run is started again, or, when `resumable` and it left a checkpoint,
+        continued with `--resume` (its `seconds` then count only this part)."""
         out = os.path.join(self.args.out, name)
         done = os.path.join(out, "done.json")
         if os.path.exists(done):
             with open(done) as f:
                 return json.load(f)
-        if os.path.exists(out):
+        resume = resumable and any(d.startswith("checkpoint-") for d in listdir(out))
+        if os.path.exists(out) and not resume:
             subprocess.run(["rm", "-rf", out], check=True)
-        env = dict(os.environ, RAYON_NUM_THREADS=str(self.args.threads), BEIT_LOG="warn")
+        threads = threads or self.args.threads
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads), BEIT_LOG="warn")
         cmd = ["nice", "-n", str(self.args.nice), self.args.beit_cli] + argv + ["--output", out]
-        self.log(f"start {name}")
+        cmd += ["--resume"] if resume else []
+        self.log(f"{'resume' if resume else 'start'} {name}")
         t = time.time()
         os.makedirs(os.path.join(self.args.out, "logs"), exist_ok=True)
-        with open(os.path.join(self.args.out, "logs", name + ".log"), "w") as logf:
+        with open(os.path.join(self.args.out, "logs", name + ".log"), "a" if resume else "w") as logf:
             logf.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
             logf.flush()
             r = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
@@ -136,6 +142,10 @@ class Runner:
             json.dump(result, f, indent=1)
         self.log(f"done  {name} in {secs:.0f} s {summary(result)}")
         return result
+
+
+def listdir(path):
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 def read_jsonl(path):
