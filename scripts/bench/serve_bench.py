@@ -17,6 +17,7 @@ Every answer's top-1 is checked against the first answer our server gave for tha
 Soak: --soak requests (10,000) to ours at concurrency 32, 5% hostile (empty, truncated, text,
 oversized dimensions); reports status counts, wrong answers (a good image with another top-1, or
 a hostile one answered 200), transport errors, and the server's peak RSS (VmHWM of --server-pid).
+Both servers' peak RSS after the throughput rounds is reported too (--server-pid, --peer-pid).
 
 Only the Python standard library is needed. Nothing here is run by the test suite.
 """
@@ -118,7 +119,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--soak", type=int, default=10000)
-    p.add_argument("--server-pid", type=int, default=0)
+    p.add_argument("--server-pid", type=int, default=0, help="our server's pid (peak RSS)")
+    p.add_argument("--peer-pid", type=int, default=0, help="the peer's pid (peak RSS)")
     args = p.parse_args()
     names = sorted(f for f in os.listdir(args.images) if f.lower().endswith((".jpg", ".jpeg", ".png")))
     images = [(n, open(os.path.join(args.images, n), "rb").read()) for n in names]
@@ -134,6 +136,10 @@ def main():
             side: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "wrong")}
             for side, rs in rows.items()}
         print(c, json.dumps(report["throughput"][c]), flush=True)
+    report["peak_rss_kib_after_throughput"] = {
+        "ours": peak_rss_kib(args.server_pid) if args.server_pid else None,
+        "peer": peak_rss_kib(args.peer_pid) if args.peer_pid else None}
+    print(json.dumps(report["peak_rss_kib_after_throughput"]), flush=True)
     if args.soak:
         report["soak"] = soak(ours, images, reference, args.soak, args.server_pid)
         print(json.dumps(report["soak"]), flush=True)
