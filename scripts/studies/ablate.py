@@ -92,6 +92,30 @@ def set_key(table, dotted, value):
     table[last] = value
 
 
+def load_recipe(path, overrides):
+    """The recipe TOML at `path` with the `STAGE.KEY=VALUE` strings of `overrides` applied."""
+    with open(path, "rb") as f:
+        recipe = tomllib.load(f)
+    for s in overrides:
+        k, _, v = s.partition("=")
+        set_key(recipe, k.strip(), parse_value(v.strip()))
+    return recipe
+
+
+def config_writer(out):
+    """A function writing a table to `out/configs/NAME.toml` and returning that path."""
+    cfg_dir = os.path.join(out, "configs")
+    os.makedirs(cfg_dir, exist_ok=True)
+
+    def write_cfg(name, table):
+        p = os.path.join(cfg_dir, name + ".toml")
+        with open(p, "w") as f:
+            f.write(to_toml(table))
+        return p
+
+    return write_cfg
+
+
 class Runner:
     def __init__(self, args):
         self.args = args
@@ -189,21 +213,10 @@ def main():
     for v in variants:
         if v not in VARIANTS:
             sys.exit(f"unknown variant {v!r} (known: {', '.join(VARIANTS)})")
-    with open(args.recipe, "rb") as f:
-        recipe = tomllib.load(f)
-    for s in args.set:
-        k, _, v = s.partition("=")
-        set_key(recipe, k.strip(), parse_value(v.strip()))
+    recipe = load_recipe(args.recipe, args.set)
     for stage in ("tokenizer", "pretrain", "finetune"):
         recipe.setdefault(stage, {}).setdefault("data", {})["num_workers"] = 1
-    cfg_dir = os.path.join(args.out, "configs")
-    os.makedirs(cfg_dir, exist_ok=True)
-
-    def write_cfg(name, table):
-        p = os.path.join(cfg_dir, name + ".toml")
-        with open(p, "w") as f:
-            f.write(to_toml(table))
-        return p
+    write_cfg = config_writer(args.out)
 
     if args.report_only:
         results = {}

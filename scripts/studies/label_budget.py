@@ -38,11 +38,10 @@ import math
 import os
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ablate import ROOT, Runner, mean_std, parse_value, read_done, set_key, to_toml  # noqa: E402
+from ablate import ROOT, Runner, config_writer, load_recipe, mean_std, read_done  # noqa: E402
 
 ARMS = [  # (run prefix, label in the table and chart, pretrained weights?)
     ("finetune-pre", "fine-tuned from MIM pre-training", True),
@@ -92,11 +91,7 @@ def main():
     ap.add_argument("--pretrain-only", action="store_true", help="stop after the pre-training")
     ap.add_argument("--report-only", action="store_true", help="write the table and chart from the finished runs")
     args = ap.parse_args()
-    with open(args.recipe, "rb") as f:
-        recipe = tomllib.load(f)
-    for s in args.set:
-        k, _, v = s.partition("=")
-        set_key(recipe, k.strip(), parse_value(v.strip()))
+    recipe = load_recipe(args.recipe, args.set)
     study = recipe["study"]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else study["seeds"]
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else study["labels_per_class"]
@@ -104,15 +99,7 @@ def main():
         write_report(args, budgets, seeds, None)
         return 0
 
-    cfg_dir = os.path.join(args.out, "configs")
-    os.makedirs(cfg_dir, exist_ok=True)
-
-    def write_cfg(name, table):
-        p = os.path.join(cfg_dir, name + ".toml")
-        with open(p, "w") as f:
-            f.write(to_toml(table))
-        return p
-
+    write_cfg = config_writer(args.out)
     runner = Runner(args)
     t0 = time.time()
     pre_argv = ["pretrain", "--config", write_cfg("pretrain", recipe["pretrain"]), "--data", args.data, "--quiet"]
