@@ -340,6 +340,8 @@ def write_report(args, variants, seeds, results, wall):
     with open(os.path.join(args.out, "ablations.md"), "w") as f:
         f.write(text)
     print(text)
+    if not rows:
+        return
     try:
         import matplotlib
 
