@@ -226,18 +226,10 @@ mod tests {
     fn model_gradients_with_and_without_fused_kernels_agree() -> Result<()> {
         for shared in [true, false] {
             let cfg = crate::BeitConfig {
-                hidden_size: 16,
-                num_hidden_layers: 2,
-                num_attention_heads: 2,
-                intermediate_size: 32,
-                image_size: 16,
-                patch_size: 4,
-                vocab_size: 12,
                 drop_path_rate: 0.5,
-                use_mask_token: true,
                 use_shared_relative_position_bias: shared,
                 use_relative_position_bias: !shared,
-                ..crate::BeitConfig::default()
+                ..crate::config::tests::tiny_mim()
             };
             let (lf, gf) = mim_step(&cfg, true)?;
             let (lc, gc) = mim_step(&cfg, false)?;

@@ -711,8 +711,25 @@ mod timm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A two-block MIM model of width 16 on 16 x 16 images (4 x 4 patches, 12 visual tokens,
+    /// shared relative position bias): the unit tests' small model.
+    pub(crate) fn tiny_mim() -> BeitConfig {
+        BeitConfig {
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            image_size: 16,
+            patch_size: 4,
+            vocab_size: 12,
+            use_mask_token: true,
+            use_shared_relative_position_bias: true,
+            ..BeitConfig::default()
+        }
+    }
 
     #[test]
     fn defaults_match_transformers() {

@@ -1,6 +1,6 @@
 //! Task heads: image classification and masked image modeling.
 
-use candle::{Device, Module, Result, Tensor};
+use candle::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::BeitConfig;
@@ -170,7 +170,7 @@ impl BeitForMaskedImageModeling {
 
 /// Rows of patch features `(B, N, C)` at the token rows `queries` (patch index + 1), as `(M, C)`.
 fn patch_rows(features: &Tensor, queries: &QueryRows) -> Result<Tensor> {
-    let (b, n, c) = features.dims3()?;
+    let (b, n, _) = features.dims3()?;
     if queries.batch() != b
         || (0..b).any(|i| queries.of(i).iter().any(|&r| r == 0 || r as usize > n))
     {
@@ -179,12 +179,17 @@ fn patch_rows(features: &Tensor, queries: &QueryRows) -> Result<Tensor> {
             queries.batch()
         );
     }
-    let idx: Vec<u32> = (0..b)
-        .flat_map(|i| queries.of(i).iter().map(move |&r| (i * n) as u32 + r - 1))
-        .collect();
+    // Token row r is patch r - 1 (after the CLS token).
+    let idx = queries.flat_indices(n).into_iter().map(|i| i - 1).collect();
+    rows_at(features, idx)
+}
+
+/// Rows `idx` of `x` `(B, N, C)` seen as `(B*N, C)`, as `(M, C)` (gradients flow to `x`).
+fn rows_at(x: &Tensor, idx: Vec<u32>) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
     let m = idx.len();
-    let idx = Tensor::from_vec(idx, m, features.device())?;
-    features.reshape((b * n, c))?.index_select(&idx, 0)
+    let idx = Tensor::from_vec(idx, m, x.device())?;
+    x.reshape((b * n, c))?.index_select(&idx, 0)
 }
 
 /// The token rows (patch index + 1, after the CLS token) of the masked patches of each image.
@@ -222,35 +227,24 @@ fn masked_patches(mask: &Tensor, offset: u32) -> Result<QueryRows> {
 
 /// Rows of `x` `(B, N, C)` where `mask` `(B, N)` is non-zero, as `(M, C)` (gradients flow to `x`).
 pub fn masked_rows(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, n, c) = x.dims3()?;
+    let (b, n, _) = x.dims3()?;
     if mask.elem_count() != b * n {
         candle::bail!("mask has {} entries, expected {}", mask.elem_count(), b * n);
     }
-    let idx = masked_patches(&mask.reshape((b, n))?, 0)?.flat_indices(n);
-    let m = idx.len();
-    let idx = Tensor::from_vec(idx, m, &Device::Cpu)?.to_device(x.device())?;
-    x.reshape((b * n, c))?.index_select(&idx, 0)
+    rows_at(
+        x,
+        masked_patches(&mask.reshape((b, n))?, 0)?.flat_indices(n),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle::DType;
+    use candle::{DType, Device};
     use candle_nn::VarMap;
 
     fn tiny() -> Result<BeitForMaskedImageModeling> {
-        let cfg = BeitConfig {
-            hidden_size: 16,
-            num_hidden_layers: 2,
-            num_attention_heads: 2,
-            intermediate_size: 32,
-            image_size: 16,
-            patch_size: 4,
-            vocab_size: 12,
-            use_mask_token: true,
-            use_shared_relative_position_bias: true,
-            ..BeitConfig::default()
-        };
+        let cfg = crate::config::tests::tiny_mim();
         let vm = VarMap::new();
         BeitForMaskedImageModeling::new(
             &cfg,
