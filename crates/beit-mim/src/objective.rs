@@ -67,17 +67,16 @@ pub fn mim_loss_at(
 ) -> Result<MimLossOutput> {
     let (b, n) = check_mask_shape(inputs)?;
     check_flat_indices(masked, b, n)?;
-    let idx = masked;
-    if idx.is_empty() {
+    if masked.is_empty() {
         return Err(MimError::NoMaskedPositions);
     }
     let device = inputs.features.device();
-    let idx_t = Tensor::from_slice(idx, idx.len(), device)?;
+    let idx_t = Tensor::from_slice(masked, masked.len(), device)?;
     let token_ids = || flat_token_ids(target, inputs.token_ids, b, n);
     match target {
         MimTarget::VisualTokens => {
-            let logits = lm_head.forward(&gather_rows(inputs.features, idx)?)?;
-            loss_on_masked_rows(&logits, idx, &token_ids()?)
+            let logits = lm_head.forward(&gather_rows(inputs.features, masked)?)?;
+            loss_on_masked_rows(&logits, masked, &token_ids()?)
         }
         MimTarget::AllTokens => {
             let ids = token_ids()?;
@@ -89,7 +88,7 @@ pub fn mim_loss_at(
             Ok(MimLossOutput {
                 loss: mim_cross_entropy(&logits, &ids)?,
                 mlm_acc: Some(mlm_accuracy_on_device(&masked_logits, &masked_ids)?),
-                num_masked: idx.len(),
+                num_masked: masked.len(),
             })
         }
         MimTarget::PixelRegression => {
@@ -112,14 +111,14 @@ pub fn mim_loss_at(
                     ),
                 ));
             }
-            let target_px = gather_rows(&normalize_patches(&patches)?, idx)?;
+            let target_px = gather_rows(&normalize_patches(&patches)?, masked)?;
             let pred = head
-                .forward(&gather_rows(inputs.features, idx)?)?
+                .forward(&gather_rows(inputs.features, masked)?)?
                 .to_dtype(DType::F32)?;
             Ok(MimLossOutput {
                 loss: pixel_mse(&pred, &target_px.detach())?,
                 mlm_acc: None,
-                num_masked: idx.len(),
+                num_masked: masked.len(),
             })
         }
     }
@@ -150,22 +149,21 @@ pub fn masked_token_loss_at(
 ) -> Result<MimLossOutput> {
     let (b, n) = grid;
     check_flat_indices(masked, b, n)?;
-    let idx = masked;
-    if idx.is_empty() {
+    if masked.is_empty() {
         return Err(MimError::NoMaskedPositions);
     }
     let ids = flat_token_ids(MimTarget::VisualTokens, token_ids, b, n)?;
-    if masked_logits.dims().first() != Some(&idx.len()) {
+    if masked_logits.dims().first() != Some(&masked.len()) {
         return Err(bad_input(
             "masked_logits",
             format!(
                 "expected ({}, vocab) for the masked positions, got {:?}",
-                idx.len(),
+                masked.len(),
                 masked_logits.dims()
             ),
         ));
     }
-    loss_on_masked_rows(masked_logits, idx, &ids)
+    loss_on_masked_rows(masked_logits, masked, &ids)
 }
 
 /// The `(B, N)` of the features, checked against the mask's shape.
